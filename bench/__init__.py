@@ -1,0 +1,1 @@
+"""Workloads, the benchmark runner, reports and plots, and the Locust file."""

@@ -1,0 +1,1 @@
+"""The HTTP edge: OpenAI routes, model-name parsing, allowlist, proxy, admin, metrics."""

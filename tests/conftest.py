@@ -1,0 +1,111 @@
+"""Shared fixtures: real services and real processes on free loopback ports.
+
+- ``procs``: start processes (``procs.start(name, argv, ...)``); all are stopped at teardown.
+- ``redis_server``: a real Redis-protocol server (session-wide); ``redis_server.extra['url']``.
+- ``s3_server``: moto's S3 HTTP server (session-wide); ``s3_server.extra['endpoint_url']``.
+- ``tls_ca`` / ``s3_tls_server``: a throwaway CA and an S3 server behind TLS signed by it.
+- ``make_adapter``: write a tiny real PEFT adapter folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loraroute import peft
+from loraroute.procs import Proc, start_process
+from loraroute.services import start_redis, start_s3
+
+# Test credentials for the throwaway S3 server; never real ones.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-access-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+class ProcRegistry:
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[Proc] = []
+
+    def start(self, name: str, argv: list[str], **kwargs: object) -> Proc:
+        kwargs.setdefault("log_dir", self.log_dir)
+        proc = start_process(name, argv, **kwargs)  # type: ignore[arg-type]
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            proc.stop()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[ProcRegistry]:
+    registry = ProcRegistry(tmp_path / "logs")
+    yield registry
+    registry.stop_all()
+
+
+@pytest.fixture(scope="session")
+def session_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("service-logs")
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_log_dir: Path) -> Iterator[Proc]:
+    proc = start_redis(log_dir=session_log_dir)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: Proc) -> Iterator[str]:
+    """The shared Redis, flushed before each test that asks for it."""
+    import redis
+
+    client = redis.Redis.from_url(str(redis_server.extra["url"]))
+    client.flushall()
+    client.close()
+    yield str(redis_server.extra["url"])
+
+
+@pytest.fixture(scope="session")
+def s3_server(session_log_dir: Path) -> Iterator[Proc]:
+    proc = start_s3(log_dir=session_log_dir)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_ca():  # type: ignore[no-untyped-def]
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def s3_tls_server(tls_ca, tmp_path_factory: pytest.TempPathFactory, session_log_dir: Path) -> Iterator[Proc]:  # type: ignore[no-untyped-def]
+    certdir = tmp_path_factory.mktemp("s3-tls")
+    cert = tls_ca.issue_cert("127.0.0.1", "localhost")
+    cert_file, key_file, ca_file = certdir / "cert.pem", certdir / "key.pem", certdir / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(cert_file), append=True)
+    cert.private_key_pem.write_to_path(str(key_file))
+    tls_ca.cert_pem.write_to_path(str(ca_file))
+    proc = start_s3(cert_file=str(cert_file), key_file=str(key_file), log_dir=session_log_dir)
+    proc.extra["ca_file"] = str(ca_file)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def make_adapter(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """``make_adapter(name, rank=8, root=None, **kw) -> Path`` under a per-test folder."""
+
+    def _make(name: str, rank: int = 8, root: Path | None = None, **kwargs: object) -> Path:
+        return peft.make_adapter((root or tmp_path / "adapters") / name, rank=rank, **kwargs)  # type: ignore[arg-type]
+
+    return _make

@@ -1,0 +1,1 @@
+"""One per vLLM pod: scrape, estimate residency, fetch/validate/load adapters, publish PodState."""
