@@ -1,0 +1,480 @@
+"""The gateway's one YAML config: strict pydantic models, environment overrides, secret files.
+
+``load_config(path_or_dict, env=os.environ) -> GatewayConfig`` is the only entry point. Every
+section forbids unknown keys; a validation error names the key path that is wrong
+(``tenants.0.api_key_sha256.1: ...``) and never echoes the offending value (it may be a secret).
+
+Environment overrides: a variable ``LORAROUTE__<SECTION>__<KEY>[__<KEY>...]`` sets the key at that
+path (case-insensitive, ``__`` separates levels, list items by index: ``LORAROUTE__TENANTS__0__NAME``).
+The value is parsed as a YAML scalar or flow collection, so ``8080``, ``true``, ``[a, b]`` and
+``{id: p0, url: "http://..."}`` work. Overrides are applied before validation, so they are checked
+exactly like the file.
+
+Secrets: API keys are never stored in clear. ``api_key_sha256`` holds lowercase hex SHA-256 digests
+(``printf %s "$KEY" | sha256sum``); ``api_key_sha256_file`` names a file (a mounted Kubernetes Secret)
+with one digest per line (blank lines and ``#`` comments ignored). Relative file paths are resolved
+against the config file's folder. Digests are read at load time and on every reload.
+
+See docs/config.md for every key with its default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+ENV_PREFIX = "LORAROUTE__"
+
+#: Adapter names clients may use: a letter or digit first, then letters, digits, ``.``, ``_``, ``-``;
+#: at most 128 characters; never ``..``. The same rule as the sidecar's store layout.
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Base names clients use: like adapter names, plus ``/`` (``meta-llama/Llama-3.1-8B``); no colon.
+BASE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(ValueError):
+    """The config is invalid; ``str(e)`` lists each problem with its key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_adapter_name(name: str) -> str:
+    if not ADAPTER_NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            f"adapter name {name!r} is not safe: use letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, at most 128 characters, no '..'"
+        )
+    return name
+
+
+def _read_digest_file(path_text: str, base_dir: Path | None) -> tuple[str, ...]:
+    path = Path(path_text)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read digest file {path_text!r}: {e.strerror or e}") from None
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if not _SHA256_RE.match(line.lower()):
+            raise ValueError(f"line {lineno} of digest file {path_text!r} is not a 64-hex-digit SHA-256 digest")
+        out.append(line.lower())
+    return tuple(out)
+
+
+def _check_digests(values: list[str]) -> list[str]:
+    out = []
+    for i, value in enumerate(values):
+        v = value.strip().lower()
+        if not _SHA256_RE.match(v):
+            raise ValueError(
+                f"item {i} is not a SHA-256 hex digest (64 hex digits); store digests, never keys: "
+                'printf %s "$KEY" | sha256sum'
+            )
+        out.append(v)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# server
+# --------------------------------------------------------------------------------------------
+class Timeouts(_Strict):
+    """Upstream timeouts in seconds. ``first_byte_s`` covers connect + headers + the first body
+    chunk (the window in which a retry on another pod is still possible); ``total_s`` the whole
+    upstream exchange."""
+
+    connect_s: float = Field(2.0, gt=0)
+    first_byte_s: float = Field(120.0, gt=0)
+    total_s: float = Field(900.0, gt=0)
+    ensure_s: float = Field(60.0, gt=0)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    timeouts: Timeouts = Timeouts()
+    #: extra attempts on the next-best pod after a connect error or a 5xx before the first byte
+    retries: int = Field(2, ge=0, le=10)
+    #: keep-alive connections kept per pod
+    pool_per_pod: int = Field(256, ge=1)
+    #: seconds between config-file mtime checks; 0 turns file watching off
+    reload_poll_s: float = Field(1.0, ge=0)
+    #: request header whose value binds a session to a pod (session-affinity scorer)
+    session_header: str = "x-session-id"
+    #: recent decisions kept for GET /admin/decisions
+    decisions_kept: int = Field(256, ge=0, le=100_000)
+    #: characters per prompt block for the approximate prefix index
+    prefix_block_chars: int = Field(256, ge=16)
+    #: prompt characters looked at for prefix hashing (longer prompts are truncated for hashing only)
+    prefix_max_chars: int = Field(262_144, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+# --------------------------------------------------------------------------------------------
+# bases and adapters (the allowlist)
+# --------------------------------------------------------------------------------------------
+class AdapterConfig(_Strict):
+    """One adapter a base may use. ``served_name`` is the name vLLM knows (default: ``name``)."""
+
+    name: str
+    rank: int | None = Field(None, ge=1, le=1024)
+    served_name: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_adapter_name(v)
+
+    @property
+    def vllm_name(self) -> str:
+        return self.served_name or self.name
+
+
+class BaseConfig(_Strict):
+    """A base model. ``name`` is what clients write before the colon; ``served_name`` what vLLM
+    serves (``--served-model-name``, default ``name``); ``aliases`` other names clients may use.
+    ``adapters`` lists the allowed adapters: plain names or ``{name, rank, served_name}``."""
+
+    name: str
+    served_name: str | None = None
+    aliases: tuple[str, ...] = ()
+    adapters: tuple[AdapterConfig, ...] = ()
+
+    @field_validator("name", "aliases")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        for n in (v,) if isinstance(v, str) else v:
+            if not BASE_NAME_RE.match(n) or ".." in n:
+                raise ValueError(f"base name {n!r} is not safe: letters, digits, '.', '_', '-', '/'; no ':' or '..'")
+        return v
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _plain_names(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            return [{"name": a} if isinstance(a, str) else a for a in v]
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> BaseConfig:
+        seen: set[str] = set()
+        for a in self.adapters:
+            if a.name in seen:
+                raise ValueError(f"adapter {a.name!r} listed twice")
+            seen.add(a.name)
+        return self
+
+    @property
+    def vllm_name(self) -> str:
+        return self.served_name or self.name
+
+
+# --------------------------------------------------------------------------------------------
+# tenants and admin
+# --------------------------------------------------------------------------------------------
+class TenantConfig(_Strict):
+    """A tenant: its API-key digests and the models it may call.
+
+    ``adapters`` are glob patterns (``fnmatch``): a pattern with a colon matches the full client
+    name ``<base>:<adapter>``, a pattern without one matches the adapter name under any base.
+    ``base_models`` lets the tenant call bare base names (no adapter).
+    """
+
+    name: str = Field(min_length=1, max_length=128)
+    api_key_sha256: tuple[str, ...] = ()
+    api_key_sha256_file: str | None = None
+    adapters: tuple[str, ...] = ("*",)
+    base_models: bool = True
+
+    @field_validator("api_key_sha256", mode="before")
+    @classmethod
+    def _digests(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list | tuple):
+            return _check_digests([str(x) for x in v])
+        return v
+
+    @model_validator(mode="after")
+    def _files(self, info: ValidationInfo) -> TenantConfig:
+        if self.api_key_sha256_file:
+            base_dir = (info.context or {}).get("base_dir")
+            extra = _read_digest_file(self.api_key_sha256_file, base_dir)
+            object.__setattr__(self, "api_key_sha256", tuple(dict.fromkeys(self.api_key_sha256 + extra)))
+        return self
+
+
+class AdminConfig(_Strict):
+    """The admin key (digest) that unlocks /admin/* and the x-loraroute-explain header.
+    Without one, admin endpoints answer 403."""
+
+    api_key_sha256: tuple[str, ...] = ()
+    api_key_sha256_file: str | None = None
+
+    @field_validator("api_key_sha256", mode="before")
+    @classmethod
+    def _digests(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list | tuple):
+            return _check_digests([str(x) for x in v])
+        return v
+
+    @model_validator(mode="after")
+    def _files(self, info: ValidationInfo) -> AdminConfig:
+        if self.api_key_sha256_file:
+            base_dir = (info.context or {}).get("base_dir")
+            extra = _read_digest_file(self.api_key_sha256_file, base_dir)
+            object.__setattr__(self, "api_key_sha256", tuple(dict.fromkeys(self.api_key_sha256 + extra)))
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# discovery and state
+# --------------------------------------------------------------------------------------------
+class StaticPod(_Strict):
+    id: str = Field(min_length=1, max_length=253)
+    url: str
+    sidecar_url: str | None = None
+
+    @field_validator("url", "sidecar_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+
+class KubernetesDiscoveryConfig(_Strict):
+    """Pods found through the Kubernetes API (``gateway/discovery_k8s.py``)."""
+
+    namespace: str | None = None  # default: the gateway's own namespace
+    label_selector: str = "app.kubernetes.io/component=vllm"
+    port: int = Field(8000, ge=1, le=65535)
+    sidecar_port: int | None = Field(None, ge=1, le=65535)
+    scheme: Literal["http", "https"] = "http"
+    resync_s: float = Field(30.0, gt=0)
+
+
+class DiscoveryConfig(_Strict):
+    """Where the pod list comes from.
+
+    - ``static``: a fixed list. ``kubernetes``: the Kubernetes API. Neither: every pod that has a
+      PodState in the store (sidecars registering themselves).
+    - When a list (static or Kubernetes) and the store are both in play, a pod needs both a list
+      entry and a fresh PodState to receive traffic.
+    - ``monitor``: ``auto`` runs an in-process monitor for each static pod without ``sidecar_url``
+      (the embedded default); ``always`` for every static pod; ``never`` relies on sidecars.
+    """
+
+    static: tuple[StaticPod, ...] = ()
+    kubernetes: KubernetesDiscoveryConfig | None = None
+    monitor: Literal["auto", "always", "never"] = "auto"
+    monitor_interval_s: float = Field(0.05, gt=0)
+    #: seconds a monitor-published PodState lives without a refresh
+    monitor_ttl_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DiscoveryConfig:
+        if self.static and self.kubernetes is not None:
+            raise ValueError("choose one of 'static' and 'kubernetes'")
+        ids = [p.id for p in self.static]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"duplicate static pod ids: {sorted(dup)}")
+        return self
+
+
+class StoreConfig(_Strict):
+    """The pod-state store: ``memory://`` (one process) or ``redis://host:port/db``."""
+
+    url: str = "memory://"
+    key_prefix: str = "loraroute"
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("memory:", "redis://", "rediss://", "unix://")):
+            raise ValueError("use memory:// or redis://host:port/db (rediss:// for TLS)")
+        return v
+
+
+class EnsureConfig(_Strict):
+    """Ask a pod's sidecar to materialise an adapter before forwarding, when the pod's PodState
+    does not list it on GPU, in CPU, on disk or loading."""
+
+    enabled: bool = True
+    timeout_s: float = Field(60.0, gt=0)
+    #: seconds a successful ensure is trusted before PodState must confirm it
+    remember_s: float = Field(10.0, ge=0)
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = True
+    #: histogram buckets (seconds) for TTFT and end-to-end latency measured at the gateway
+    latency_buckets: tuple[float, ...] = (
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the whole file
+# --------------------------------------------------------------------------------------------
+class GatewayConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    bases: tuple[BaseConfig, ...] = ()
+    tenants: tuple[TenantConfig, ...] = ()
+    admin: AdminConfig = AdminConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    store: StoreConfig = StoreConfig()
+    #: a preset name (``default``, ``llm-d``, ``round-robin``, ``random``, ``least-loaded``) or a
+    #: full pipeline dict; passed unchanged to ``scorer.pipeline.build_pipeline``
+    pipeline: str | dict[str, Any] = "default"
+    ensure: EnsureConfig = EnsureConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> GatewayConfig:
+        names: dict[str, str] = {}
+        for b in self.bases:
+            for n in (b.name, *b.aliases):
+                if n in names:
+                    raise ValueError(f"base name {n!r} is used by two bases ({names[n]!r} and {b.name!r})")
+                names[n] = b.name
+        tnames = [t.name for t in self.tenants]
+        dup = {t for t in tnames if tnames.count(t) > 1}
+        if dup:
+            raise ValueError(f"duplicate tenant names: {sorted(dup)}")
+        digests: dict[str, str] = {}
+        for t in self.tenants:
+            for d in t.api_key_sha256:
+                if d in digests and digests[d] != t.name:
+                    raise ValueError(f"one API key digest belongs to two tenants ({digests[d]!r} and {t.name!r})")
+                digests[d] = t.name
+        return self
+
+    @property
+    def keys_configured(self) -> bool:
+        return any(t.api_key_sha256 for t in self.tenants)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def _set_path(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise ConfigError(f"environment override: {'.'.join(parts[:i])} is a list; use an index, not {part!r}")
+            idx = int(part)
+            while len(node) <= idx:
+                node.append({})
+            if last:
+                node[idx] = value
+            else:
+                if not isinstance(node[idx], dict | list):
+                    node[idx] = {}
+                node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"environment override: {'.'.join(parts[:i])} is not a section")
+        if last:
+            node[part] = value
+        else:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict | list):
+                nxt = [] if parts[i + 1].isdigit() else {}
+                node[part] = nxt
+            elif isinstance(nxt, tuple):
+                nxt = list(nxt)
+                node[part] = nxt
+            node = nxt
+
+
+def apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
+    """Apply ``LORAROUTE__A__B=value`` overrides in place; returns the dotted paths set."""
+    applied = []
+    for key in sorted(env):
+        if not key.upper().startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        if not parts:
+            continue
+        raw = env[key]
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(data, parts, value)
+        applied.append(".".join(parts))
+    return applied
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: ``key.path: message``; input values are never echoed."""
+    lines = []
+    for e in err.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in e.get("loc", ())) or "(top level)"
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown key (not allowed here; check the spelling against docs/config.md)"
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def load_config(
+    path_or_dict: str | os.PathLike[str] | Mapping[str, Any] | None,
+    env: Mapping[str, str] | None = None,
+) -> GatewayConfig:
+    """Read, override from the environment, validate. Raises ``ConfigError`` naming the key path.
+
+    ``path_or_dict`` may be a YAML file path, an already-parsed mapping or ``None`` (all defaults).
+    ``env`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
+    """
+    env = os.environ if env is None else env
+    base_dir: Path | None = None
+    if path_or_dict is None:
+        data: Any = {}
+    elif isinstance(path_or_dict, Mapping):
+        import copy
+
+        data = copy.deepcopy(dict(path_or_dict))
+    else:
+        path = Path(path_or_dict)
+        base_dir = path.resolve().parent
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {path.name} is not valid YAML{where}") from None
+        if data is None:
+            data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a mapping of sections (server, bases, tenants, ...)")
+    apply_env_overrides(data, env)
+    try:
+        return GatewayConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
