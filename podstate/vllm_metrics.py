@@ -1,0 +1,206 @@
+"""Parse what a vLLM pod says about itself: ``/metrics`` text and ``/v1/models`` JSON.
+
+Pure functions from text/JSON to plain dataclasses; no I/O. Tolerant of the differences between
+vLLM versions (see the shared vLLM reference):
+
+- KV usage: ``vllm:kv_cache_usage_perc`` (>= 0.9.2) or the older ``vllm:gpu_cache_usage_perc``.
+- Prefix cache: ``vllm:prefix_cache_{queries,hits}_total`` or the older
+  ``vllm:gpu_prefix_cache_{queries,hits}[_total]``; counted in tokens.
+- ``vllm:lora_requests_info``: one series per label combination, stale series stay; the series
+  with the **largest value** (a Unix timestamp) is the current one. Its lists are comma-joined
+  adapter names; since 0.11 running and waiting carry the same list.
+- ``vllm:cache_config_info``: label sets differ between versions, so ``block_size`` and
+  ``num_gpu_blocks`` are looked up by name and the string ``"None"`` means unknown.
+- ``vllm:lora_adapter_loaded{adapter_name,level="gpu"|"cpu",...}`` (proposed upstream, emitted
+  by the simulator on request): exact residency; a value > 0 means loaded. When the value is
+  larger than 1 it is read as a last-used timestamp and orders the tier (LRU first).
+
+Gauges summed over engines (``engine`` label): running, waiting, deferred, prefix counters;
+``kv_cache_usage`` is the mean over engines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+class MetricsParseError(ValueError):
+    """The text is not Prometheus exposition format, or the JSON is not a model list."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoraRequestsInfo:
+    """The current ``vllm:lora_requests_info`` series (largest timestamp wins)."""
+
+    running: tuple[str, ...]
+    waiting: tuple[str, ...]
+    max_lora: int | None
+    timestamp: float
+
+
+@dataclass(frozen=True, slots=True)
+class VllmMetrics:
+    """The parts of vLLM's ``/metrics`` the router uses. ``None`` means "not exposed"."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_deferred: int = 0
+    kv_cache_usage: float | None = None
+    prefix_cache_queries: float = 0.0
+    prefix_cache_hits: float = 0.0
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    lora: LoraRequestsInfo | None = None
+    # exact residency (lora_adapter_loaded); None when the series is absent
+    exact_gpu: tuple[str, ...] | None = None
+    exact_cpu: tuple[str, ...] | None = None
+    exact_ranks: dict[str, int] = field(default_factory=dict)
+    model_names: tuple[str, ...] = ()
+    process_start_time: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VllmModels:
+    """``/v1/models``: base model ids and adapter id -> root (the path it was loaded from)."""
+
+    base_models: tuple[str, ...]
+    adapters: dict[str, str]
+
+
+def _split_names(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    return tuple(n for n in (part.strip() for part in value.split(",")) if n)
+
+
+def _int_label(value: str | None) -> int | None:
+    if value is None or value in ("", "None", "none", "null"):
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
+def parse_metrics(text: str) -> VllmMetrics:
+    """Parse vLLM's Prometheus text into ``VllmMetrics``.
+
+    Raises ``MetricsParseError`` when the text is not valid exposition format.
+    """
+    try:
+        families = list(text_string_to_metric_families(text))
+    except Exception as exc:  # the parser raises ValueError/IndexError/TypeError on bad input
+        raise MetricsParseError(f"not Prometheus text format: {exc}") from None
+
+    sums: dict[str, float] = defaultdict(float)
+    seen: set[str] = set()
+    kv_values: dict[str, list[float]] = defaultdict(list)
+    lora_best: LoraRequestsInfo | None = None
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    exact: dict[str, list[tuple[float, str]]] = {"gpu": [], "cpu": []}
+    exact_seen = False
+    exact_ranks: dict[str, int] = {}
+    model_names: set[str] = set()
+    start_time: float | None = None
+
+    for family in families:
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, float(sample.value)
+            if "model_name" in labels:
+                model_names.add(labels["model_name"])
+            if name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+                sums[name] += value
+                seen.add(name)
+            elif name == "vllm:num_requests_waiting_by_reason":
+                if labels.get("reason") == "deferred":
+                    sums["deferred"] += value
+            elif name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+                kv_values[name].append(value)
+            elif name in (
+                "vllm:prefix_cache_queries_total",
+                "vllm:prefix_cache_hits_total",
+                "vllm:gpu_prefix_cache_queries_total",
+                "vllm:gpu_prefix_cache_hits_total",
+                "vllm:gpu_prefix_cache_queries",
+                "vllm:gpu_prefix_cache_hits",
+            ):
+                key = name.removesuffix("_total").replace("vllm:gpu_", "vllm:old_")
+                sums[key] += value
+                seen.add(key)
+            elif name == "vllm:lora_requests_info":
+                info = LoraRequestsInfo(
+                    running=_split_names(labels.get("running_lora_adapters")),
+                    waiting=_split_names(labels.get("waiting_lora_adapters")),
+                    max_lora=_int_label(labels.get("max_lora")),
+                    timestamp=value,
+                )
+                if lora_best is None or info.timestamp >= lora_best.timestamp:
+                    lora_best = info
+            elif name == "vllm:cache_config_info":
+                block_size = _int_label(labels.get("block_size")) or block_size
+                num_gpu_blocks = _int_label(labels.get("num_gpu_blocks")) or num_gpu_blocks
+            elif name == "vllm:lora_adapter_loaded":
+                exact_seen = True
+                adapter = labels.get("adapter_name") or labels.get("lora_name")
+                level = (labels.get("level") or "gpu").lower()
+                if adapter and value > 0 and level in exact:
+                    exact[level].append((value, adapter))
+                rank = _int_label(labels.get("rank"))
+                if adapter and rank:
+                    exact_ranks[adapter] = rank
+            elif name == "process_start_time_seconds":
+                start_time = value
+
+    def ordered(entries: list[tuple[float, str]]) -> tuple[str, ...]:
+        # value is 1 (plain flag) or a last-used timestamp: sort ascending = LRU first
+        return tuple(name for _, name in sorted(entries, key=lambda e: (e[0], e[1])))
+
+    kv_list = kv_values.get("vllm:kv_cache_usage_perc") or kv_values.get("vllm:gpu_cache_usage_perc")
+    new_prefix = "vllm:prefix_cache_queries" in seen or "vllm:prefix_cache_hits" in seen
+    return VllmMetrics(
+        num_running=int(sums["vllm:num_requests_running"]),
+        num_waiting=int(sums["vllm:num_requests_waiting"]),
+        num_deferred=int(sums["deferred"]),
+        kv_cache_usage=(sum(kv_list) / len(kv_list)) if kv_list else None,
+        prefix_cache_queries=sums["vllm:prefix_cache_queries" if new_prefix else "vllm:old_prefix_cache_queries"],
+        prefix_cache_hits=sums["vllm:prefix_cache_hits" if new_prefix else "vllm:old_prefix_cache_hits"],
+        block_size=block_size,
+        num_gpu_blocks=num_gpu_blocks,
+        lora=lora_best,
+        exact_gpu=ordered(exact["gpu"]) if exact_seen else None,
+        exact_cpu=ordered(exact["cpu"]) if exact_seen else None,
+        exact_ranks=exact_ranks,
+        model_names=tuple(sorted(model_names)),
+        process_start_time=start_time,
+    )
+
+
+def parse_models(payload: str | bytes | dict[str, Any]) -> VllmModels:
+    """Parse ``/v1/models``: cards with a ``parent`` are adapters, the others base models.
+
+    Old servers without ``parent``: a card whose ``root`` differs from its ``id`` and that is not
+    the first card is still a base model (we cannot tell), so only ``parent`` marks adapters.
+    """
+    try:
+        data = json.loads(payload) if isinstance(payload, (str, bytes)) else payload
+        cards = data["data"]
+        if not isinstance(cards, list):
+            raise TypeError("'data' is not a list")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MetricsParseError(f"not a /v1/models list: {exc}") from None
+    bases: list[str] = []
+    adapters: dict[str, str] = {}
+    for card in cards:
+        if not isinstance(card, dict) or "id" not in card:
+            continue
+        if card.get("parent"):
+            adapters[str(card["id"])] = str(card.get("root") or "")
+        else:
+            bases.append(str(card["id"]))
+    return VllmModels(base_models=tuple(bases), adapters=adapters)
