@@ -1,0 +1,140 @@
+"""`loraroute bench workload|run|report|overhead|peers ...`.
+
+    loraroute bench workload SPEC --rate R [--requests N] [--out trace.jsonl]
+    loraroute bench run SPEC (--policy NAME | --peer NAME | --direct) [--load 0.6 ...]
+                         [--requests N] [--time-scale X] [--capacity R] [--remeasure]
+    loraroute bench run SPEC --all [--load ...]       every preset and every installed peer
+    loraroute bench report RESULTS... [--out DIR]
+    loraroute bench overhead [--requests 300] [--peers all|none|NAME,...] [--out FILE]
+    loraroute bench peers setup [NAME ...] | loraroute bench peers list
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PRESETS = ("default", "llm-d", "round-robin", "random", "least-loaded")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loraroute bench", description="workloads, benchmark runs and reports")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    w = sub.add_parser("workload", help="expand a workload spec into a JSONL trace")
+    w.add_argument("spec", type=Path)
+    w.add_argument("--rate", type=float, required=True, help="mean arrival rate, requests per second")
+    w.add_argument("--requests", type=int, default=None)
+    w.add_argument("--duration", type=float, default=None, help="seconds of arrivals instead of a count")
+    w.add_argument("--out", type=Path, default=None, help="trace file (default: print a summary only)")
+
+    r = sub.add_parser("run", help="run one target (or all) over the spec's load levels")
+    r.add_argument("spec", type=Path)
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--policy", choices=PRESETS)
+    g.add_argument("--peer")
+    g.add_argument("--direct", action="store_true", help="no router: every request to pod 0")
+    g.add_argument("--all", action="store_true", help="every preset, then every installed peer")
+    r.add_argument("--load", type=float, action="append", default=None,
+                   help="fraction of capacity (repeatable); default: the spec's loads")
+    r.add_argument("--requests", type=int, default=None, help="requests per load point (default: spec)")
+    r.add_argument("--time-scale", type=float, default=5.0,
+                   help="simulated clock factor, > 1 slows it (default 5: leaves CPU headroom)")
+    r.add_argument("--capacity", type=float, default=None, help="requests per simulated second; skips measuring")
+    r.add_argument("--remeasure", action="store_true", help="measure capacity again")
+    r.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    r.add_argument("--no-sidecars", action="store_true", help="gateway monitors pods itself (embedded mode)")
+    r.add_argument("--keep-logs", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    rp = sub.add_parser("report", help="Markdown tables and PNG plots from result files")
+    rp.add_argument("results", nargs="+", type=Path)
+    rp.add_argument("--out", type=Path, default=None)
+
+    o = sub.add_parser("overhead", help="added latency and max rate of each router on zero-delay pods")
+    o.add_argument("--requests", type=int, default=300, help="sequential requests per mode (default 300)")
+    o.add_argument("--peers", default="all", help="all, none, or a comma-separated list")
+    o.add_argument("--p99-bound-ms", type=float, default=50.0)
+    o.add_argument("--rates", default="100,200,400,800,1200,1600",
+                   help="offered rates (req/s) tried for throughput, ascending")
+    o.add_argument("--rate-duration", type=float, default=5.0, help="seconds per offered rate")
+    o.add_argument("--out", type=Path, default=Path("bench/results/overhead/overhead.json"))
+
+    pe = sub.add_parser("peers", help="install or list the peer routers")
+    pe_sub = pe.add_subparsers(dest="peers_cmd", required=True)
+    ps = pe_sub.add_parser("setup", help="create .bench-venvs/<peer> and pip-install each peer")
+    ps.add_argument("names", nargs="*")
+    pe_sub.add_parser("list", help="which peers are usable")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "workload":
+        from bench.workload import generate, load_spec, summarize, write_trace
+
+        spec = load_spec(args.spec)
+        trace = generate(spec, args.rate, args.requests, args.duration)
+        if args.out:
+            write_trace(args.out, trace, {"spec": spec.name, "seed": spec.seed, "rate": args.rate})
+            print(f"wrote {len(trace)} requests to {args.out}")
+        for k, v in summarize(trace).items():
+            print(f"{k:>26}: {v}")
+        return 0
+    if args.cmd == "run":
+        from bench import peers
+        from bench.cluster import Target
+        from bench.runner import RunOptions, run
+
+        if args.all:
+            targets = [Target("policy", p) for p in PRESETS]
+            for name in peers.PEERS:
+                ok, reason = peers.peer_available(name)
+                if ok:
+                    targets.append(Target("peer", name))
+                else:
+                    print(f"skipping peer {name}: {reason}", file=sys.stderr)
+        elif args.policy:
+            targets = [Target("policy", args.policy)]
+        elif args.peer:
+            targets = [Target("peer", args.peer)]
+        else:
+            targets = [Target("direct", "direct")]
+        written = []
+        for target in targets:
+            opts = RunOptions(
+                spec_path=args.spec, target=target, loads=args.load, requests=args.requests,
+                time_scale=args.time_scale, capacity=args.capacity, remeasure=args.remeasure,
+                out_dir=args.out_dir, progress=not args.quiet, keep_logs=args.keep_logs,
+                sidecars=False if args.no_sidecars else None,
+            )
+            written += run(opts)
+        for path in written:
+            print(path)
+        return 0 if written else 1
+    if args.cmd == "report":
+        from bench.report import build_report
+
+        print(build_report(args.results, args.out))
+        return 0
+    if args.cmd == "overhead":
+        from bench.overhead import OverheadOptions, run_overhead
+
+        rates = [float(x) for x in args.rates.split(",") if x.strip()]
+        path = run_overhead(OverheadOptions(
+            requests=args.requests, peers=args.peers, p99_bound_ms=args.p99_bound_ms, rates=rates,
+            rate_duration_s=args.rate_duration, out=args.out))
+        print(path)
+        return 0
+    if args.cmd == "peers":
+        from bench import peers
+
+        if args.peers_cmd == "setup":
+            results = peers.setup(args.names or list(peers.PEERS))
+            return 0 if all(not v.startswith("failed") for v in results.values()) else 1
+        for name, spec in peers.PEERS.items():
+            ok, reason = peers.peer_available(name)
+            print(f"{name:<17} {'ok' if ok else 'missing':<8} {spec.description}" + ("" if ok else f" — {reason}"))
+        return 0
+    return 2

@@ -1,0 +1,232 @@
+"""The simulated production set-up a benchmark runs against, started as real processes.
+
+``BenchCluster`` starts, in this order, each on free loopback ports:
+
+1. one shared adapter folder with a tiny real PEFT adapter per workload adapter (every pod's
+   "disk": the simulator's ``--adapter-dir``, vLLM's filesystem resolver folder);
+2. ``loraroute sim cluster`` with the spec's pods, profile and LoRA limits (one process);
+3. Redis (``loraroute.services.start_redis``) and one ``loraroute sidecar`` per pod publishing
+   PodState to it, as in production; when the sidecar command is not available the gateway's
+   in-process monitors with the in-memory store are used instead (recorded as ``state_plane``);
+4. the router under test: ``loraroute gateway --config FILE`` with a preset, a peer router from
+   its own venv (``bench.peers``), or nothing (``direct``: requests go to pod 0).
+
+Simulated time: every simulator duration is multiplied by ``time_scale`` (> 1 slows the clock,
+which leaves the CPU headroom so that client and router costs stay small against model time).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench import peers as peers_mod
+from bench.workload import WorkloadSpec
+from loraroute import peft
+from loraroute.procs import Proc, consecutive_free_ports, free_port, http_ready, loraroute_cmd, start_process
+from loraroute.services import start_redis
+
+
+@dataclass
+class Pod:
+    id: str
+    url: str
+    sidecar_url: str | None = None
+
+
+@dataclass
+class Target:
+    """What routes the requests: ``policy`` (our gateway preset), ``peer`` or ``direct``."""
+
+    kind: str
+    name: str
+
+    @property
+    def label(self) -> str:
+        return self.name if self.kind == "policy" else f"{self.kind}:{self.name}"
+
+    @classmethod
+    def parse(cls, label: str) -> Target:
+        if label.startswith("peer:"):
+            return cls("peer", label[5:])
+        if label == "direct":
+            return cls("direct", "direct")
+        return cls("policy", label.removeprefix("policy:"))
+
+
+def make_adapters(spec: WorkloadSpec, root: Path) -> Path:
+    """One tiny real adapter folder per spec adapter (idempotent)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (name, rank) in enumerate(spec.adapters.all()):
+        if not (root / name / "adapter_model.safetensors").exists():
+            peft.make_adapter(root / name, base_model=spec.cluster.base_model, rank=rank, seed=i)
+    return root
+
+
+def get_json(url: str, timeout: float = 10.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+        return json.loads(resp.read())
+
+
+def module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass
+class BenchCluster:
+    spec: WorkloadSpec
+    work_dir: Path
+    time_scale: float = 1.0
+    sidecars: bool | None = None        # None: use them when the sidecar command exists
+    zero_delay: bool = False            # simulator --time-scale 0 (overhead benchmark)
+    pods_override: int | None = None
+    procs: list[Proc] = field(default_factory=list)
+    pods: list[Pod] = field(default_factory=list)
+    redis_url: str | None = None
+    state_plane: str = "none"
+    sim_proc: Proc | None = None
+
+    @property
+    def log_dir(self) -> Path:
+        return self.work_dir / "logs"
+
+    # ------------------------------------------------------------------ simulated pods
+    def start(self) -> BenchCluster:
+        adapter_dir = make_adapters(self.spec, self.work_dir / "adapters")
+        c = self.spec.cluster
+        n = self.pods_override or c.pods
+        base_port = consecutive_free_ports(n)
+        scale = "0" if self.zero_delay else repr(self.time_scale)
+        argv = loraroute_cmd(
+            "sim", "cluster", "--pods", str(n), "--base-port", str(base_port),
+            "--model", c.base_model, "--profile", c.profile, "--enable-lora",
+            "--max-loras", str(c.max_loras), "--max-cpu-loras", str(c.max_cpu_loras),
+            "--max-lora-rank", str(c.max_lora_rank), "--adapter-dir", str(adapter_dir),
+            "--time-scale", scale, "--seed", str(self.spec.seed), *c.sim_args,
+        )
+        last = f"http://127.0.0.1:{base_port + n - 1}/health"
+        self.sim_proc = start_process("sim", argv, ready_url=last, timeout=90, log_dir=self.log_dir)
+        self.procs.append(self.sim_proc)
+        deadline = time.monotonic() + 60
+        self.pods = [Pod(f"pod-{i}", f"http://127.0.0.1:{base_port + i}") for i in range(n)]
+        while not all(http_ready(p.url + "/health") for p in self.pods):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"simulated pods not healthy:\n{self.sim_proc.log_tail()}")
+            time.sleep(0.1)
+        use_sidecars = self.sidecars if self.sidecars is not None else module_available("vllm_sidecar.cli")
+        if use_sidecars:
+            self._start_state_plane()
+        return self
+
+    def _start_state_plane(self) -> None:
+        redis = start_redis(log_dir=self.log_dir)
+        self.procs.append(redis)
+        self.redis_url = str(redis.extra["url"])
+        c = self.spec.cluster
+        for pod in self.pods:
+            port = free_port()
+            argv = loraroute_cmd(
+                "sidecar", "--vllm-url", pod.url, "--pod-id", pod.id, "--store-url", self.redis_url,
+                "--host", "127.0.0.1", "--port", str(port),
+                "--adapter-dir", str(self.work_dir / "adapters"),
+                "--max-loras", str(c.max_loras), "--max-cpu-loras", str(c.max_cpu_loras),
+                "--max-lora-rank", str(c.max_lora_rank), "--base-model", c.base_model,
+            )
+            proc = start_process(f"sidecar-{pod.id}", argv, port=port,
+                                 ready_url=f"http://127.0.0.1:{port}/healthz", timeout=60,
+                                 log_dir=self.log_dir)
+            self.procs.append(proc)
+            pod.sidecar_url = proc.url
+        self.state_plane = "sidecars+redis"
+
+    # ------------------------------------------------------------------ routers
+    def gateway_config(self, policy: str, port: int) -> dict[str, Any]:
+        c = self.spec.cluster
+        static = []
+        for pod in self.pods:
+            entry: dict[str, Any] = {"id": pod.id, "url": pod.url}
+            if pod.sidecar_url:
+                entry["sidecar_url"] = pod.sidecar_url
+            static.append(entry)
+        return {
+            "server": {"host": "127.0.0.1", "port": port, "reload_poll_s": 0, "log_level": "warning",
+                       "timeouts": {"first_byte_s": 600.0, "total_s": 3600.0}},
+            "bases": [{"name": c.base_model, "served_name": c.base_model, "aliases": ["base"],
+                       "adapters": [{"name": n, "rank": r} for n, r in self.spec.adapters.all()]}],
+            "discovery": {"static": static, "monitor": "never" if self.redis_url else "auto"},
+            "store": {"url": self.redis_url or "memory://"},
+            "pipeline": policy,
+            "ensure": {"enabled": False},
+            "metrics": {"enabled": True},
+        }
+
+    def start_gateway(self, policy: str) -> Proc:
+        port = free_port()
+        cfg_path = self.work_dir / f"gateway-{policy}.yaml"
+        cfg_path.write_text(yaml.safe_dump(self.gateway_config(policy, port), sort_keys=False))
+        argv = loraroute_cmd("gateway", "--config", str(cfg_path))
+        proc = start_process(f"gateway-{policy}", argv, port=port,
+                             ready_url=f"http://127.0.0.1:{port}/health", timeout=60, log_dir=self.log_dir)
+        self.procs.append(proc)
+        if self.state_plane == "none":
+            self.state_plane = "gateway-monitors+memory"
+        self._wait_gateway_ready(proc)
+        return proc
+
+    def _wait_gateway_ready(self, proc: Proc, timeout: float = 30.0) -> None:
+        """Until /ready answers 200 (every pod known), bounded."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(proc.url + "/ready", timeout=2) as resp:  # noqa: S310
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+
+    def start_peer(self, name: str) -> Proc:
+        names = [n for n, _ in self.spec.adapters.all()] + [self.spec.cluster.base_model]
+        proc = peers_mod.start_peer(name, [p.url for p in self.pods], names, log_dir=self.log_dir)
+        self.procs.append(proc)
+        if self.state_plane == "none":
+            self.state_plane = "peer's own"
+        return proc
+
+    # ------------------------------------------------------------------ ground truth
+    def sim_state(self, pod: Pod) -> dict[str, Any]:
+        return get_json(pod.url + "/sim/state")
+
+    def pids(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.procs:
+            key = "sidecars" if p.name.startswith("sidecar-") else p.name
+            if key == "sidecars":
+                out[f"sidecar:{p.name[8:]}"] = p.popen.pid
+            else:
+                out[key] = p.popen.pid
+        return out
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            try:
+                p.stop(timeout=5)
+            except Exception:  # noqa: BLE001 - best effort teardown
+                p.kill()
+        self.procs.clear()
+
+    def __enter__(self) -> BenchCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

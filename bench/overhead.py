@@ -1,0 +1,268 @@
+"""`loraroute bench overhead`: what a router adds on top of the pod, on these cores.
+
+Set-up: two simulated pods with zero delay (``--time-scale 0``: every engine step takes no wall
+time), four rank-8 adapters, all on the pods' disk. Targets: ``direct`` (the client talks to pod
+0), our gateway (``default`` preset, in-process monitors: the embedded mode) and every installed
+peer (``bench.peers``). Requests: a short chat prompt (about 60 tokens) for adapter ``ad000`` with
+``max_tokens`` 16.
+
+1. Latency at concurrency 1: ``requests`` sequential requests per target and mode after 20
+   warm-up requests, on one keep-alive connection. Targets are interleaved in 5 rounds (each
+   round sends requests/5 per target and mode) so that machine noise hits every target alike.
+   Modes: ``non-streaming`` (time to the full JSON body), ``streaming-ttft`` (time to the first
+   content chunk) and ``streaming`` (time to ``data: [DONE]``). ``added`` = target percentile −
+   direct percentile, same mode.
+2. Throughput: non-streaming requests open-loop (Poisson) at each offered rate in ``rates`` for
+   ``rate_duration_s`` seconds; a rate is sustained when every request succeeds, the achieved
+   completion rate is ≥ 90 % of the offered one (Poisson counts vary) and p99 latency ≤ ``p99_bound_ms``. Stops at the
+   first rate that fails. The client, the simulator and the router share the same 2 cores, so the
+   ``direct`` row is the ceiling of this set-up.
+
+Results: one JSON document (``meta.kind = "overhead"``) that ``loraroute bench report`` renders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import peers as peers_mod
+from bench.cluster import BenchCluster
+from bench.procstats import CpuMeter
+from bench.stats import percentile
+from bench.workload import AdapterSpec, ClusterSpec, WorkloadSpec
+
+MODES = ("non-streaming", "streaming-ttft", "streaming")
+ROUNDS = 5
+WARMUP = 20
+
+
+@dataclass
+class OverheadOptions:
+    requests: int = 300
+    peers: str = "all"
+    p99_bound_ms: float = 50.0
+    rates: list[float] = field(default_factory=lambda: [100, 200, 400, 800, 1200, 1600])
+    rate_duration_s: float = 5.0
+    out: Path = Path("bench/results/overhead/overhead.json")
+    progress: bool = True
+
+
+@dataclass
+class TargetEndpoint:
+    name: str
+    url: str
+    model: str
+    api_key: str | None = None
+    pid: int | None = None
+
+
+def overhead_spec() -> WorkloadSpec:
+    return WorkloadSpec(
+        name="overhead",
+        cluster=ClusterSpec(pods=2, max_loras=4, max_cpu_loras=4, max_lora_rank=64),
+        adapters=AdapterSpec(count=4, ranks=(8,)),
+    )
+
+
+def _body(model: str, stream: bool) -> bytes:
+    body: dict[str, Any] = {
+        "model": model, "max_tokens": 16, "temperature": 0,
+        "messages": [{"role": "user", "content": "Summarise the benefits of adapter-aware routing. " * 4}],
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+async def _one(session: aiohttp.ClientSession, t: TargetEndpoint, stream: bool) -> tuple[float, float | None, bool]:
+    """(total seconds, first-content seconds or None, ok)."""
+    headers = {"Content-Type": "application/json"}
+    if t.api_key:
+        headers["Authorization"] = f"Bearer {t.api_key}"
+    data = _body(t.model, stream)
+    t0 = time.perf_counter()
+    first = None
+    try:
+        async with session.post(t.url + "/v1/chat/completions", data=data, headers=headers) as resp:
+            if not stream:
+                await resp.read()
+                return time.perf_counter() - t0, None, resp.status == 200
+            async for line in resp.content:
+                if first is None and line.startswith(b"data:") and b'"content":"' in line and b'"content":""' not in line:
+                    first = time.perf_counter() - t0
+                if line.startswith(b"data: [DONE]"):
+                    break
+            return time.perf_counter() - t0, first, resp.status == 200 and first is not None
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return time.perf_counter() - t0, None, False
+
+
+async def sequential(targets: list[TargetEndpoint], requests: int, progress: bool) -> dict[str, dict[str, list[float]]]:
+    """Interleaved sequential latency samples: target -> mode -> seconds."""
+    samples: dict[str, dict[str, list[float]]] = {t.name: {m: [] for m in MODES} for t in targets}
+    errors: dict[str, int] = {t.name: 0 for t in targets}
+    per_round = max(1, requests // ROUNDS)
+    timeout = aiohttp.ClientTimeout(total=60)
+    sessions = {t.name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), timeout=timeout)
+                for t in targets}
+    try:
+        for t in targets:
+            for _ in range(WARMUP):
+                await _one(sessions[t.name], t, False)
+                await _one(sessions[t.name], t, True)
+        for rnd in range(ROUNDS):
+            for t in targets:
+                s = sessions[t.name]
+                for _ in range(per_round):
+                    total, _, ok = await _one(s, t, False)
+                    if ok:
+                        samples[t.name]["non-streaming"].append(total)
+                    else:
+                        errors[t.name] += 1
+                for _ in range(per_round):
+                    total, first, ok = await _one(s, t, True)
+                    if ok and first is not None:
+                        samples[t.name]["streaming"].append(total)
+                        samples[t.name]["streaming-ttft"].append(first)
+                    else:
+                        errors[t.name] += 1
+            if progress:
+                print(f"overhead latency: round {rnd + 1}/{ROUNDS} done", file=sys.stderr, flush=True)
+    finally:
+        for s in sessions.values():
+            await s.close()
+    for name, n in errors.items():
+        if n:
+            samples[name]["errors"] = [float(n)]
+    return samples
+
+
+async def open_loop(t: TargetEndpoint, rate: float, duration_s: float, seed: int = 0) -> dict[str, Any]:
+    """Non-streaming Poisson arrivals at ``rate`` for ``duration_s``; latency and achieved rate."""
+    rng = random.Random(seed)
+    lat: list[float] = []
+    failures = 0
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        tasks = []
+
+        async def go() -> None:
+            nonlocal failures
+            total, _, ok = await _one(session, t, False)
+            if ok:
+                lat.append(total)
+            else:
+                failures += 1
+
+        start = time.monotonic()
+        nxt = 0.0
+        while nxt < duration_s:
+            delay = start + nxt - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(go()))
+            nxt += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - start
+    sent = len(tasks)
+    return {"rate": rate, "sent": sent, "failures": failures,
+            "achieved_rps": round(len(lat) / elapsed, 1) if elapsed > 0 else 0.0,
+            "p50_ms": 1000 * (percentile(lat, 50) or 0.0), "p99_ms": 1000 * (percentile(lat, 99) or 0.0)}
+
+
+def throughput(t: TargetEndpoint, opts: OverheadOptions) -> dict[str, Any]:
+    steps = []
+    sustained = None
+    p99_at = None
+    for rate in opts.rates:
+        step = asyncio.run(open_loop(t, rate, opts.rate_duration_s))
+        step["ok"] = (step["failures"] == 0 and step["achieved_rps"] >= 0.9 * rate
+                      and step["p99_ms"] <= opts.p99_bound_ms)
+        steps.append(step)
+        if opts.progress:
+            print(f"overhead throughput {t.name}: {rate:.0f} req/s offered -> {step['achieved_rps']} achieved, "
+                  f"p99 {step['p99_ms']:.1f} ms {'ok' if step['ok'] else 'FAIL'}", file=sys.stderr, flush=True)
+        if not step["ok"]:
+            break
+        sustained, p99_at = rate, step["p99_ms"]
+    return {"sustained_rps": sustained, "p99_ms_at_sustained": p99_at, "steps": steps}
+
+
+def _peer_names(sel: str) -> list[str]:
+    if sel == "none":
+        return []
+    if sel == "all":
+        return list(peers_mod.PEERS)
+    return [s.strip() for s in sel.split(",") if s.strip()]
+
+
+def run_overhead(opts: OverheadOptions) -> Path:
+    spec = overhead_spec()
+    work = Path(tempfile.mkdtemp(prefix="loraroute-overhead-"))
+    doc: dict[str, Any] = {"meta": {"kind": "overhead", "spec": "zero-delay pods", "sequential": opts.requests,
+                                    "p99_bound_ms": opts.p99_bound_ms, "rates": opts.rates,
+                                    "rate_duration_s": opts.rate_duration_s,
+                                    "cores": __import__("os").cpu_count()}, "targets": []}
+    skipped: list[dict[str, Any]] = []
+    try:
+        with BenchCluster(spec, work, zero_delay=True, sidecars=False) as cl:
+            adapter = spec.adapters.name(0)
+            targets = [TargetEndpoint("direct", cl.pods[0].url, adapter)]
+            gw = cl.start_gateway("default")
+            targets.append(TargetEndpoint("loraroute (default)", gw.url, f"{spec.cluster.base_model}:{adapter}",
+                                          pid=gw.popen.pid))
+            for name in _peer_names(opts.peers):
+                ok, reason = peers_mod.peer_available(name)
+                if not ok:
+                    skipped.append({"target": f"peer:{name}", "skipped": reason})
+                    print(f"skipping peer {name}: {reason}", file=sys.stderr)
+                    continue
+                try:
+                    proc = cl.start_peer(name)
+                except Exception as e:  # noqa: BLE001 - a peer that fails to start is reported
+                    skipped.append({"target": f"peer:{name}", "skipped": f"failed to start: {str(e)[:300]}"})
+                    continue
+                key = proc.extra.get("api_key")
+                targets.append(TargetEndpoint(f"peer:{name}", proc.url, adapter, str(key) if key else None,
+                                              proc.popen.pid))
+            meter = CpuMeter({t.name: t.pid for t in targets if t.pid})
+            meter.start()
+            samples = asyncio.run(sequential(targets, opts.requests, opts.progress))
+            cpu = meter.stop()
+            direct = samples["direct"]
+            for t in targets:
+                lat = {}
+                for mode in MODES:
+                    xs = samples[t.name][mode]
+                    if not xs:
+                        continue
+                    p50, p99 = 1000 * percentile(xs, 50), 1000 * percentile(xs, 99)
+                    d50 = percentile(direct[mode], 50)
+                    d99 = percentile(direct[mode], 99)
+                    lat[mode] = {"n": len(xs), "p50_ms": p50, "p99_ms": p99,
+                                 "added_p50_ms": None if t.name == "direct" or d50 is None else p50 - 1000 * d50,
+                                 "added_p99_ms": None if t.name == "direct" or d99 is None else p99 - 1000 * d99,
+                                 "router_cpu_pct": (cpu.get(t.name) or {}).get("cpu_pct")}
+                entry = {"target": t.name, "latency": lat,
+                         "errors": int(samples[t.name].get("errors", [0])[0])}
+                doc["targets"].append(entry)
+            doc["meta"]["machine_busy_pct"] = cpu["machine"]["busy_pct"]
+            for t, entry in zip(targets, doc["targets"]):
+                entry["throughput"] = throughput(t, opts)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    doc["targets"] += skipped
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(doc, indent=2))
+    return opts.out

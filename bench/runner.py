@@ -1,0 +1,354 @@
+"""`loraroute bench run SPEC --policy NAME | --peer NAME [--load F ...]`: one target, one or more loads.
+
+For each load level the runner starts a *fresh* simulated cluster (cold caches, every adapter only
+on disk), the state plane and the router under test (``bench.cluster``), replays the spec's trace
+open-loop at ``load × capacity`` requests per simulated second (``bench.client``), then joins each
+request with the simulator's ground truth (``GET /sim/state`` of every pod, by ``X-Request-Id``)
+and computes its lower bound. One JSON document per (target, load) goes to
+``bench/results/<spec>/<target>-load<NN>.json``::
+
+    {"meta": {spec, target, load, rate_rps, capacity_rps, time_scale, requests, pods, state_plane,
+              cpu: {process: {cpu_s, cpu_pct}, machine: {busy_pct, cores, wall_s}}, ...},
+     "requests": [{id, adapter, rank, turn, scheduled_s, sent_s, ttft_s, e2e_s, status, error, pod,
+                   output_tokens, prompt_tokens, cached_tokens, gt_adapter_tier, gt_cached_tokens,
+                   gt_prompt_tokens, gt_load_s, gt_queue_s, ideal_ttft_s}, ...],
+     "summary": {... bench.stats.summarize ...}}
+
+Client-side times (``ttft_s``, ``e2e_s``, ``sent_s``) are wall seconds; divide by ``time_scale``
+for simulated seconds (``bench.stats`` does). Ground-truth and ideal times are simulated seconds.
+
+Capacity (requests per simulated second), measured once per spec and cached in
+``bench/results/<spec>/capacity.json`` (``--capacity R`` overrides, ``--remeasure`` refreshes):
+a fresh cluster behind our gateway with the ``least-loaded`` preset (adapter-unaware, evenly
+balanced: what the cluster does without adapter-aware routing) serves the spec's requests
+closed-loop with ``32 × pods`` requests always in flight; capacity = requests completed between
+the 20 % and the 80 % completion marks / the simulated time between them (the steady state,
+without ramp-up and drain).
+
+Lower bound per request: ``vllm_sim.costs.ideal_ttft(profile, prompt_tokens, cached)`` where
+``cached`` is the block-aligned token length of the request's shareable prefix (its system prompt
+and earlier turns, rendered with the simulator's chat template), i.e. the TTFT if it ran alone on
+an idle pod with its adapter on GPU and its shareable prefix in the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import peers as peers_mod
+from bench.client import ReplayConfig, RequestResult, closed_loop, replay
+from bench.cluster import BenchCluster, Target
+from bench.procstats import CpuMeter
+from bench.stats import summarize
+from bench.workload import TraceRequest, WorkloadSpec, generate, load_spec
+
+RESULTS_ROOT = Path("bench/results")
+CAPACITY_POLICY = "least-loaded"
+CAPACITY_INFLIGHT_PER_POD = 32
+BLOCK_TOKENS = 16
+
+
+@dataclass
+class RunOptions:
+    spec_path: Path
+    target: Target
+    loads: list[float] | None = None
+    requests: int | None = None
+    time_scale: float = 5.0
+    capacity: float | None = None
+    remeasure: bool = False
+    out_dir: Path = RESULTS_ROOT
+    progress: bool = True
+    max_inflight: int = 4096
+    keep_logs: bool = False
+    sidecars: bool | None = None
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def model_name(target: Target, spec: WorkloadSpec, req: TraceRequest) -> str:
+    """What the client sends as ``model``: ``<base>:<adapter>`` to our gateway, the adapter name
+    vLLM knows to peers (which do not rewrite names) and to a pod directly."""
+    if target.kind == "policy":
+        return f"{spec.cluster.base_model}:{req.adapter}"
+    return req.adapter
+
+
+def _profile(name: str) -> Any:
+    from vllm_sim import costs
+
+    for attr in ("profile", "get_profile", "load_profile"):
+        fn = getattr(costs, attr, None)
+        if callable(fn):
+            try:
+                return fn(name)
+            except Exception:  # noqa: BLE001 - fall back to the default profile
+                break
+    profiles = getattr(costs, "PROFILES", None)
+    if isinstance(profiles, dict) and name in profiles:
+        return profiles[name]
+    return costs.CostProfile()
+
+
+def shareable_tokens(req: TraceRequest) -> int:
+    """Block-aligned simulator tokens of the request's shareable prefix."""
+    from vllm_sim.tokenizer import BEGIN, apply_chat_template
+
+    shared = req.messages[: req.shared_prefix_messages]
+    text = apply_chat_template(shared, add_generation_prompt=False) if shared else BEGIN
+    n_bytes = len(text.encode())
+    return (n_bytes // (4 * BLOCK_TOKENS)) * BLOCK_TOKENS
+
+
+def prompt_tokens_of(req: TraceRequest) -> int:
+    from vllm_sim.tokenizer import apply_chat_template, count_tokens
+
+    return count_tokens(apply_chat_template(req.messages))
+
+
+def ideal_ttft_s(profile: Any, req: TraceRequest, prompt_tokens: int | None = None) -> float:
+    from vllm_sim.costs import ideal_ttft
+
+    p = prompt_tokens if prompt_tokens is not None else prompt_tokens_of(req)
+    return float(ideal_ttft(profile, p, shareable_tokens(req)))
+
+
+# ------------------------------------------------------------------------------------ ground truth
+_ID_KEYS = ("request_id", "id", "x_request_id", "external_id")
+_LIST_KEYS = ("requests", "recent_requests", "recent", "finished")
+
+
+def _records(state: dict[str, Any]) -> list[dict[str, Any]]:
+    for key in _LIST_KEYS:
+        value = state.get(key)
+        if isinstance(value, list):
+            return [v for v in value if isinstance(v, dict)]
+        if isinstance(value, dict):
+            return [dict(v, request_id=k) if isinstance(v, dict) else {} for k, v in value.items()]
+    return []
+
+
+def _first(d: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if k in d and d[k] is not None:
+            return d[k]
+    return None
+
+
+def _tier(rec: dict[str, Any]) -> str | None:
+    tier = _first(rec, "adapter_tier", "adapter_tier_at_admission", "lora_tier", "tier")
+    if isinstance(tier, str):
+        t = tier.lower()
+        return "gpu" if t.startswith("gpu") else "cpu" if t.startswith("cpu") else (
+            "none" if t in ("none", "base", "") else "disk")
+    on_gpu = _first(rec, "adapter_on_gpu", "adapter_was_on_gpu", "lora_on_gpu")
+    if on_gpu is not None:
+        return "gpu" if on_gpu else "cpu_or_disk"
+    return None
+
+
+def join_ground_truth(rows: list[dict[str, Any]], states: dict[str, dict[str, Any]]) -> int:
+    """Add ``gt_*`` fields (and ``pod`` when missing) to ``rows`` from each pod's /sim/state.
+
+    Returns how many rows found their record."""
+    by_id: dict[str, tuple[str, dict[str, Any]]] = {}
+    for pod_id, state in states.items():
+        for rec in _records(state):
+            rid = _first(rec, *_ID_KEYS)
+            if rid is not None:
+                by_id[str(rid)] = (pod_id, rec)
+    found = 0
+    for row in rows:
+        hit = by_id.get(row["id"])
+        if hit is None:
+            continue
+        found += 1
+        pod_id, rec = hit
+        row["gt_pod"] = pod_id
+        if not row.get("pod"):
+            row["pod"] = pod_id
+        row["gt_adapter_tier"] = _tier(rec)
+        row["gt_cached_tokens"] = _first(rec, "cached_tokens", "num_cached_tokens")
+        row["gt_prompt_tokens"] = _first(rec, "prompt_tokens", "num_prompt_tokens")
+        row["gt_load_s"] = _first(rec, "adapter_load", "adapter_load_s", "load_s")
+        row["gt_queue_s"] = _first(rec, "queue_wait", "queue_s")
+        row["gt_ttft_s"] = _first(rec, "ttft", "ttft_s")
+    return found
+
+
+# ------------------------------------------------------------------------------------ one run
+def _replay_cfg(router_url: str, target: Target, spec: WorkloadSpec, opts: RunOptions, label: str,
+                api_key: str | None) -> ReplayConfig:
+    return ReplayConfig(
+        url=router_url, model_for=lambda r: model_name(target, spec, r), time_scale=opts.time_scale,
+        api_key=api_key, max_inflight=opts.max_inflight, progress_label=label, progress=opts.progress,
+    )
+
+
+def _start_router(cluster: BenchCluster, target: Target) -> tuple[str, str | None, int | None]:
+    """(url, api key, pid) of the router under test."""
+    if target.kind == "policy":
+        proc = cluster.start_gateway(target.name)
+        proc.name = "router"
+        return proc.url, None, proc.popen.pid
+    if target.kind == "peer":
+        proc = cluster.start_peer(target.name)
+        proc.name = "router"
+        key = proc.extra.get("api_key")
+        return proc.url, (str(key) if key else None), proc.popen.pid
+    return cluster.pods[0].url, None, None
+
+
+def measure_capacity(spec: WorkloadSpec, opts: RunOptions, work_dir: Path) -> dict[str, Any]:
+    """Closed-loop steady-state throughput (requests per simulated second); see module docstring."""
+    n_pods = spec.cluster.pods
+    concurrency = CAPACITY_INFLIGHT_PER_POD * n_pods
+    n = max(4 * concurrency, min(spec.requests or 2000, 2000))
+    trace = generate(spec, rate=1.0, requests=n)
+    target = Target("policy", CAPACITY_POLICY)
+    with BenchCluster(spec, work_dir / "capacity", time_scale=opts.time_scale, sidecars=opts.sidecars) as cl:
+        url, key, _ = _start_router(cl, target)
+        cfg = _replay_cfg(url, target, spec, opts, f"capacity {spec.name}", key)
+        results = asyncio.run(closed_loop(trace, cfg, concurrency))
+    done = sorted(r.sent_s + (r.e2e_s or 0.0) for r in results if r.error is None and r.ttft_s is not None)
+    if len(done) < 10:
+        errors = [r.error for r in results if r.error][:3]
+        raise RuntimeError(f"capacity run failed: {len(done)} ok of {len(results)}; e.g. {errors}")
+    i0, i1 = int(0.2 * len(done)), int(0.8 * len(done))
+    span_sim = (done[i1] - done[i0]) / opts.time_scale
+    capacity = (i1 - i0) / span_sim
+    return {"capacity_rps": round(capacity, 3), "policy": CAPACITY_POLICY, "inflight": concurrency,
+            "requests": n, "ok": len(done), "time_scale": opts.time_scale,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def get_capacity(spec: WorkloadSpec, opts: RunOptions, work_dir: Path) -> dict[str, Any]:
+    if opts.capacity:
+        return {"capacity_rps": opts.capacity, "policy": "given on the command line"}
+    path = opts.out_dir / spec.name / "capacity.json"
+    if path.exists() and not opts.remeasure:
+        return json.loads(path.read_text())
+    print(f"measuring capacity of {spec.name} ({CAPACITY_POLICY}, closed loop) ...", file=sys.stderr)
+    cap = measure_capacity(spec, opts, work_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cap, indent=2))
+    print(f"capacity: {cap['capacity_rps']:.1f} requests per simulated second", file=sys.stderr)
+    return cap
+
+
+def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[str, Any],
+              work_dir: Path) -> dict[str, Any]:
+    """One target at one load level on a fresh cluster; returns the result document."""
+    rate = load * float(capacity["capacity_rps"])
+    n = opts.requests or spec.requests
+    trace = generate(spec, rate=rate, requests=n, duration_s=None if n else spec.duration_s)
+    target = opts.target
+    label = f"{target.label} @{int(round(load * 100))}%"
+    with BenchCluster(spec, work_dir / f"{target.label.replace(':', '-')}-{load}",
+                      time_scale=opts.time_scale, sidecars=opts.sidecars) as cl:
+        url, key, _ = _start_router(cl, target)
+        meter = CpuMeter({**cl.pids(), "client": __import__("os").getpid()})
+        meter.start()
+        t0 = time.monotonic()
+        results: list[RequestResult] = asyncio.run(replay(trace, _replay_cfg(url, target, spec, opts, label, key)))
+        wall = time.monotonic() - t0
+        cpu = meter.stop()
+        states = {}
+        for pod in cl.pods:
+            try:
+                states[pod.id] = cl.sim_state(pod)
+            except Exception as e:  # noqa: BLE001 - recorded, the run still reports client data
+                states[pod.id] = {"error": str(e)[:200]}
+        state_plane = cl.state_plane
+        pods = [p.id for p in cl.pods]
+    profile = _profile(spec.cluster.profile)
+    rows = []
+    for req, res in zip(trace, results):
+        row = res.to_dict()
+        row.update(rank=req.rank, turn=req.turn, conversation=req.conversation)
+        rows.append(row)
+    found = join_ground_truth(rows, states)
+    for req, row in zip(trace, rows):
+        row["ideal_ttft_s"] = round(ideal_ttft_s(profile, req, row.get("gt_prompt_tokens")), 6)
+    cpu_grouped = _group_cpu(cpu)
+    doc = {
+        "meta": {
+            "spec": spec.name, "spec_path": str(opts.spec_path), "target": target.label,
+            "target_kind": target.kind, "load": load, "rate_rps": round(rate, 3),
+            "capacity": capacity, "capacity_rps": capacity["capacity_rps"], "time_scale": opts.time_scale,
+            "requests": len(rows), "pods": pods, "state_plane": state_plane,
+            "ground_truth_joined": found, "wall_s": round(wall, 2), "cpu": cpu_grouped,
+            "cluster": spec.to_dict()["cluster"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **opts.extra_meta,
+        },
+        "requests": rows,
+    }
+    doc["summary"] = summarize(doc)
+    return doc
+
+
+def _group_cpu(cpu: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    side_s = side_pct = 0.0
+    n_side = 0
+    for name, v in cpu.items():
+        if name.startswith("sidecar:"):
+            side_s += v["cpu_s"]
+            side_pct += v["cpu_pct"]
+            n_side += 1
+        else:
+            out[name] = v
+    if n_side:
+        out["sidecars"] = {"cpu_s": round(side_s, 3), "cpu_pct": round(side_pct, 1), "count": float(n_side)}
+    return out
+
+
+def result_path(out_dir: Path, spec: WorkloadSpec, target: Target, load: float) -> Path:
+    return out_dir / spec.name / f"{target.label.replace(':', '-')}-load{int(round(load * 100)):02d}.json"
+
+
+def run(opts: RunOptions) -> list[Path]:
+    """Run every requested load for one target; returns the result files written."""
+    spec = load_spec(opts.spec_path)
+    if opts.target.kind == "peer":
+        ok, reason = peers_mod.peer_available(opts.target.name)
+        if not ok:
+            print(f"skipping peer {opts.target.name}: {reason}", file=sys.stderr)
+            return []
+    work_dir = Path(tempfile.mkdtemp(prefix=f"loraroute-bench-{spec.name}-"))
+    written = []
+    try:
+        capacity = get_capacity(spec, opts, work_dir)
+        for load in opts.loads or list(spec.loads):
+            doc = run_point(spec, opts, load, capacity, work_dir)
+            path = result_path(opts.out_dir, spec, opts.target, load)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(doc))
+            s = doc["summary"]
+            print(_one_line(s), file=sys.stderr)
+            written.append(path)
+    finally:
+        if opts.keep_logs:
+            print(f"logs kept in {work_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return written
+
+
+def _fmt(v: Any, unit: str = "", nd: int = 3) -> str:
+    return "-" if v is None else f"{v:.{nd}f}{unit}"
+
+
+def _one_line(s: dict[str, Any]) -> str:
+    return (f"{s['target']} load {s['load']}: ok {s['ok']}/{s['requests']} TTFT p50 {_fmt(s['ttft_p50'], 's')} "
+            f"p99 {_fmt(s['ttft_p99'], 's')} gpu-hit {_fmt(s['adapter_gpu_hit'], nd=2)} "
+            f"prefix-hit {_fmt(s['prefix_hit'], nd=2)} ideal-ratio {_fmt(s['ideal_ratio_p50'], nd=2)} "
+            f"router CPU {_fmt(s['router_cpu_pct'], '%', 0)} machine {_fmt(s['machine_busy_pct'], '%', 0)}")
