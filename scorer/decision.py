@@ -1,0 +1,109 @@
+"""A ``Decision`` whose explanation is built only when someone reads it.
+
+Building one ``Candidate`` (with its per-scorer dict) per pod would cost more than the whole
+scoring pass, and most decisions are never explained nor fall back. ``LazyDecision`` is a
+``Decision`` (same fields, same ``explain()``) that keeps the raw columns and materialises
+``ranked`` and ``reason`` on first access.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scorer.model import Candidate, Decision
+from scorer.view import PickContext, PodView, code_name
+
+_RANKED = Decision.__dict__["ranked"]
+_REASON = Decision.__dict__["reason"]
+
+
+class LazyDecision(Decision):
+    """``ranked`` (picked first, then by total, best first) and ``reason`` are computed lazily."""
+
+    __slots__ = ("_views", "_totals", "_cols", "_names", "_picked", "_ctx")
+
+    def __init__(
+        self,
+        views: list[PodView],
+        totals: list[float],
+        cols: list[list[float]],
+        names: list[str],
+        picked: int,
+        filtered: dict[str, str],
+        policy: str,
+        ctx: PickContext,
+    ) -> None:
+        self.pod_id = views[picked].pod_id
+        self.filtered = filtered
+        self.policy = policy
+        self.elapsed_us = 0.0
+        self._views = views
+        self._totals = totals
+        self._cols = cols
+        self._names = names
+        self._picked = picked
+        self._ctx = ctx
+
+    # --- lazily materialised fields ------------------------------------------------------
+    def _order(self) -> list[int]:
+        totals = self._totals
+        rest = sorted((i for i in range(len(totals)) if i != self._picked), key=lambda i: -totals[i])
+        return [self._picked, *rest]
+
+    @property  # type: ignore[override]
+    def ranked(self) -> list[Candidate]:
+        try:
+            return _RANKED.__get__(self, LazyDecision)
+        except AttributeError:
+            pass
+        views, totals, cols, names = self._views, self._totals, self._cols, self._names
+        out = [
+            Candidate(views[i].pod_id, totals[i], {n: col[i] for n, col in zip(names, cols)})
+            for i in self._order()
+        ]
+        _RANKED.__set__(self, out)
+        return out
+
+    @ranked.setter
+    def ranked(self, value: list[Candidate]) -> None:
+        _RANKED.__set__(self, value)
+
+    @property  # type: ignore[override]
+    def reason(self) -> str:
+        try:
+            return _REASON.__get__(self, LazyDecision)
+        except AttributeError:
+            pass
+        ctx = self._ctx
+        view = self._views[self._picked]
+        parts = [f"{len(self._views)} candidates, {len(self.filtered)} filtered"]
+        # Only what the scorers computed at pick time: recomputing now would see the state
+        # as changed by the dispatch that followed the decision.
+        codes = ctx.computed_codes()
+        if ctx.adapter is not None and codes is not None:
+            parts.append(f"adapter {ctx.adapter}: {code_name(codes[self._picked])}")
+        match = ctx.computed_match()
+        blocks = len(ctx.request.prefix_hashes)
+        if blocks and match is not None:
+            parts.append(f"prefix {match.get(view.pod_id, 0)}/{blocks} blocks")
+        text = "; ".join(parts)
+        _REASON.__set__(self, text)
+        return text
+
+    @reason.setter
+    def reason(self, value: str) -> None:
+        _REASON.__set__(self, value)
+
+    def pod_ids(self) -> list[str]:
+        """Pod ids best first (the fallback order) without building the explanation."""
+        views = self._views
+        return [views[i].pod_id for i in self._order()]
+
+    def totals(self) -> dict[str, float]:
+        return {v.pod_id: t for v, t in zip(self._views, self._totals)}
+
+    def __repr__(self) -> str:
+        return f"LazyDecision(pod_id={self.pod_id!r}, policy={self.policy!r}, candidates={len(self._views)})"
+
+    def __getstate__(self) -> Any:  # pickling materialises a plain Decision
+        raise TypeError("convert with Decision(**...) or explain() before pickling")

@@ -1,0 +1,332 @@
+"""The scoring pipeline: filters → weighted scorers → one picker, built from configuration.
+
+    total(pod) = Σᵢ weightᵢ × clamp(scoreᵢ(pod), 0, 1)      (weights not normalised; missing → 1.0)
+
+``build_pipeline(spec)`` accepts a preset name or a mapping (the YAML ``pipeline:`` section):
+
+    preset: default            # optional starting point (see scorer.presets)
+    name: my-policy            # optional policy name shown in decisions
+    filters:                   # replaces the preset's filters
+      - healthy-fresh          # a bare type name, or
+      - {type: healthy-fresh, parameters: {max_age_s: 1.0}}
+    scorers:                   # replaces the preset's scorers
+      - {type: estimated-ttft, weight: 3, parameters: {scale_s: 0.5}}
+      - {type: inflight, name: inflight-tokens, weight: 1, parameters: {metric: tokens, capacity: 1e6}}
+    weights: {prefix-cache: 5} # re-weights scorers by name (after the above)
+    picker: {type: max-score, parameters: {seed: 1}}
+    state:                     # the pipeline's own state
+      block_chars: 256         # prompt characters per prefix block (≈ 64 tokens)
+      incoming_ttl_s: 5.0      # how long an optimistic "adapter is arriving there" lasts
+      max_sessions: 100000     # session-affinity bindings kept (LRU)
+
+Every key is validated strictly; a ``ConfigError`` names the offending path
+(``pipeline.scorers[2].parameters.wieght: unknown key ...``).
+
+The ``Pipeline`` owns its mutable state (``scorer.state.LocalState``): the prefix index,
+in-flight counts, optimistic incoming adapters, session bindings. ``adopt_state_from`` hands that
+state to a pipeline rebuilt on config reload.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from time import perf_counter
+from typing import Any
+
+from scorer.decision import LazyDecision
+from scorer.errors import ConfigError
+from scorer.model import Decision, PodState, RoutingRequest
+from scorer.params import Param, unknown_key, validate_params
+from scorer.plugin import Filter, Picker, Scorer
+from scorer.prefix import DEFAULT_BLOCK_CHARS, prompt_block_hashes
+from scorer.presets import PRESETS
+from scorer.registry import lookup
+from scorer.state import DEFAULT_PREFILL_S_PER_TOKEN, LocalState
+from scorer.view import PickContext
+
+__all__ = ["PRESETS", "Pipeline", "build_pipeline", "ConfigError"]
+
+_TOP_KEYS = ("preset", "name", "filters", "scorers", "weights", "picker", "state")
+_PLUGIN_KEYS = ("type", "name", "parameters")
+_SCORER_KEYS = ("type", "name", "weight", "parameters")
+STATE_PARAMS: dict[str, Param] = {
+    "block_chars": Param(DEFAULT_BLOCK_CHARS, int, min=16, max=65536, doc="prompt characters per prefix block"),
+    "incoming_ttl_s": Param(5.0, float, min=0.0, doc="lifetime of an optimistic incoming adapter"),
+    "max_sessions": Param(100_000, int, min=0, doc="session bindings kept (LRU)"),
+}
+
+
+class Pipeline:
+    """One configured routing policy plus the mutable state it learns. Not thread-safe:
+    call it from one thread (the gateway's event loop)."""
+
+    def __init__(
+        self,
+        name: str,
+        filters: list[tuple[str, Filter]],
+        scorers: list[tuple[str, Scorer, float]],
+        picker: Picker,
+        state: Mapping[str, Any] | None = None,
+        spec: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.filters = list(filters)
+        self.scorers = list(scorers)
+        self.picker = picker
+        self.state_config = validate_params(state, STATE_PARAMS, "pipeline.state")
+        self.spec: dict[str, Any] = copy.deepcopy(dict(spec)) if spec is not None else {}
+        self._names = [n for n, _, _ in self.scorers]
+        self._prefill_s_per_token = DEFAULT_PREFILL_S_PER_TOKEN
+        for _, sc, _ in self.scorers:
+            pst = getattr(sc, "params", {}).get("prefill_s_per_token")
+            if isinstance(pst, float):
+                self._prefill_s_per_token = pst
+                break
+        self._local = LocalState(
+            block_chars=self.state_config["block_chars"],
+            incoming_ttl_s=self.state_config["incoming_ttl_s"],
+            max_sessions=self.state_config["max_sessions"],
+            prefill_s_per_token=self._prefill_s_per_token,
+        )
+
+    # --- configuration -------------------------------------------------------------------
+    @property
+    def block_chars(self) -> int:
+        """Characters per prefix block; build ``RoutingRequest.prefix_hashes`` with it."""
+        return self._local.block_chars
+
+    @property
+    def local(self) -> LocalState:
+        return self._local
+
+    def hash_prompt(self, base: str, adapter: str | None, text: str) -> tuple[int, ...]:
+        """``prompt_block_hashes`` with this pipeline's block size."""
+        return prompt_block_hashes(base, adapter, text, self._local.block_chars)
+
+    def describe(self) -> dict[str, Any]:
+        """The effective configuration (every parameter, defaults filled in)."""
+        return {
+            "name": self.name,
+            "filters": [{"name": n, **f.describe()} for n, f in self.filters],
+            "scorers": [{"name": n, "weight": w, **s.describe()} for n, s, w in self.scorers],
+            "picker": self.picker.describe(),
+            "state": dict(self.state_config),
+        }
+
+    def adopt_state_from(self, old: Pipeline) -> None:
+        """Take over ``old``'s learned state (prefix index, in-flight counts, sessions, …).
+
+        Both pipelines then share one state object, so requests dispatched under ``old`` and
+        completed through either pipeline keep the counts right. A changed ``block_chars``
+        resets the prefix index (old hashes no longer match new prompts).
+        """
+        local = old._local
+        local.configure(
+            block_chars=self.state_config["block_chars"],
+            incoming_ttl_s=self.state_config["incoming_ttl_s"],
+            max_sessions=self.state_config["max_sessions"],
+            prefill_s_per_token=self._prefill_s_per_token,
+        )
+        self._local = local
+
+    # --- the hot path --------------------------------------------------------------------
+    def pick(self, request: RoutingRequest, pods: Mapping[str, PodState], now: float) -> Decision:
+        """Choose a pod for ``request`` among ``pods``; never raises for an empty view.
+
+        Returns a Decision with ``pod_id`` None (and ``reason``) when no pod survives the
+        filters. ``now`` is the caller's clock (``time.time()``), used for freshness and the
+        local state's timers.
+        """
+        t0 = perf_counter()
+        local = self._local
+        views = local.views_of(pods)
+        ctx = PickContext(request, now, local)
+        filtered: dict[str, str] = {}
+        for fname, flt in self.filters:
+            if not views:
+                break
+            kept = flt.filter(views, ctx)
+            if kept is not views:
+                keep = {v.pod_id for v in kept}
+                for v in views:
+                    if v.pod_id not in keep:
+                        filtered[v.pod_id] = fname
+                views = kept
+        if not views:
+            why = "no pods in view" if not pods else "every pod was filtered out"
+            return Decision(
+                None, [], filtered, self.name, (perf_counter() - t0) * 1e6, reason=why,
+            )
+        cols: list[list[float]] = []
+        totals: list[float] | None = None
+        for _, sc, w in self.scorers:
+            col = sc.score(views, ctx)
+            if not sc.BOUNDED:
+                col = [x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0) for x in col]
+            cols.append(col)
+            if totals is None:
+                totals = col if w == 1.0 else [w * x for x in col]
+            elif w == 1.0:
+                totals = [t + x for t, x in zip(totals, col)]
+            elif w != 0.0:
+                totals = [t + w * x for t, x in zip(totals, col)]
+        if totals is None:
+            totals = [0.0] * len(views)
+        elif totals is cols[0]:
+            totals = list(totals)
+        picked = self.picker.pick(totals, views, ctx)
+        d = LazyDecision(views, totals, cols, self._names, picked, filtered, self.name, ctx)
+        d.elapsed_us = (perf_counter() - t0) * 1e6
+        return d
+
+    def on_dispatch(self, pod_id: str, request: RoutingRequest, now: float) -> None:
+        """Record that ``request`` was sent to ``pod_id`` (optimistic update).
+
+        In-flight +1 request and + (prompt + max_tokens) tokens; the prompt's blocks are
+        recorded in the prefix index for that pod; the adapter counts as incoming there for
+        ``state.incoming_ttl_s`` seconds (or until the pod's state shows it); the uncached
+        prompt tokens join the pod's pending-prefill queue; the session key binds to the pod.
+        """
+        self._local.dispatch(pod_id, request, now)
+
+    def on_complete(self, pod_id: str, request: RoutingRequest, now: float, ok: bool) -> None:
+        """The request sent to ``pod_id`` finished (``ok`` False: failed or cancelled)."""
+        self._local.complete(pod_id, request, ok)
+
+    def forget_pod(self, pod_id: str) -> None:
+        """The pod left the view: drop its index entries, counters and cached view."""
+        self._local.forget(pod_id)
+
+    def inflight(self, pod_id: str) -> tuple[int, int]:
+        """(requests, tokens) this router has in flight on ``pod_id``."""
+        loc = self._local.pods.get(pod_id)
+        return (loc.inflight, loc.inflight_tokens) if loc is not None else (0, 0)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Per-pod local state for metrics and the admin API (not for the hot path)."""
+        out: dict[str, dict[str, Any]] = {}
+        for pod_id, loc in self._local.pods.items():
+            out[pod_id] = {
+                "inflight": loc.inflight,
+                "inflight_tokens": loc.inflight_tokens,
+                "dispatched": loc.dispatched,
+                "incoming_adapters": sorted(loc.incoming),
+                "prefix_blocks": self._local.prefix.blocks_on(pod_id),
+            }
+        return out
+
+
+# --- building from configuration -------------------------------------------------------------
+def _plugin_entry(entry: Any, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    if isinstance(entry, str):
+        return {"type": entry}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(path, f"expected a type name or a mapping, got {type(entry).__name__}")
+    for k in entry:
+        if k not in keys:
+            raise unknown_key(path, k, list(keys))
+    if "type" not in entry:
+        raise ConfigError(f"{path}.type", "missing")
+    return dict(entry)
+
+
+def _entry_name(entry: Mapping[str, Any], path: str) -> str:
+    name = entry.get("name", entry["type"])
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path}.name", f"expected a non-empty string, got {name!r}")
+    return name
+
+
+def build_pipeline(spec: str | Mapping[str, Any] | None, *, path: str = "pipeline") -> Pipeline:
+    """Build a ``Pipeline`` from a preset name or a config mapping (see the module docstring)."""
+    if spec is None:
+        spec = "default"
+    if isinstance(spec, str):
+        spec = {"preset": spec}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(path, f"expected a preset name or a mapping, got {type(spec).__name__}")
+    for k in spec:
+        if k not in _TOP_KEYS:
+            raise unknown_key(path, k, list(_TOP_KEYS))
+    base: dict[str, Any] = {"filters": [], "scorers": [], "picker": {"type": "max-score"}}
+    name = "custom"
+    if "preset" in spec:
+        pname = spec["preset"]
+        if not isinstance(pname, str) or pname not in PRESETS:
+            raise ConfigError(
+                f"{path}.preset", f"unknown preset {pname!r}; known: {', '.join(sorted(PRESETS))}"
+            )
+        base = copy.deepcopy(PRESETS[pname])
+        overridden = any(k in spec for k in ("filters", "scorers", "weights", "picker"))
+        name = pname if not overridden else f"{pname}+custom"
+    if "name" in spec:
+        if not isinstance(spec["name"], str) or not spec["name"]:
+            raise ConfigError(f"{path}.name", f"expected a non-empty string, got {spec['name']!r}")
+        name = spec["name"]
+    effective: dict[str, Any] = {**base}
+    for k in ("filters", "scorers", "picker", "state"):
+        if k in spec:
+            effective[k] = copy.deepcopy(spec[k])
+
+    # filters
+    raw_filters = effective.get("filters") or []
+    if not isinstance(raw_filters, list):
+        raise ConfigError(f"{path}.filters", "expected a list")
+    filters: list[tuple[str, Filter]] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_filters):
+        p = f"{path}.filters[{i}]"
+        entry = _plugin_entry(raw, p, _PLUGIN_KEYS)
+        cls = lookup("filter", entry["type"], f"{p}.type")
+        fname = _entry_name(entry, p)
+        if fname in seen:
+            raise ConfigError(f"{p}.name", f"duplicate filter name {fname!r}; give one a distinct 'name'")
+        seen.add(fname)
+        filters.append((fname, cls(entry.get("parameters"), f"{p}.parameters")))  # type: ignore[arg-type]
+
+    # scorers
+    raw_scorers = effective.get("scorers") or []
+    if not isinstance(raw_scorers, list):
+        raise ConfigError(f"{path}.scorers", "expected a list")
+    scorers: list[tuple[str, Scorer, float]] = []
+    seen = set()
+    for i, raw in enumerate(raw_scorers):
+        p = f"{path}.scorers[{i}]"
+        entry = _plugin_entry(raw, p, _SCORER_KEYS)
+        cls = lookup("scorer", entry["type"], f"{p}.type")
+        sname = _entry_name(entry, p)
+        if sname in seen:
+            raise ConfigError(f"{p}.name", f"duplicate scorer name {sname!r}; give one a distinct 'name'")
+        seen.add(sname)
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0.0:
+            raise ConfigError(f"{p}.weight", f"expected a number >= 0, got {weight!r}")
+        scorers.append((sname, cls(entry.get("parameters"), f"{p}.parameters"), float(weight)))  # type: ignore[arg-type]
+
+    # weights override
+    if "weights" in spec:
+        wmap = spec["weights"]
+        if not isinstance(wmap, Mapping):
+            raise ConfigError(f"{path}.weights", "expected a mapping of scorer name to weight")
+        names = [n for n, _, _ in scorers]
+        for sname, weight in wmap.items():
+            if sname not in names:
+                raise unknown_key(f"{path}.weights", sname, names)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0.0:
+                raise ConfigError(f"{path}.weights.{sname}", f"expected a number >= 0, got {weight!r}")
+            j = names.index(sname)
+            scorers[j] = (sname, scorers[j][1], float(weight))
+        effective["weights"] = dict(wmap)
+
+    # picker
+    raw_picker = effective.get("picker") or {"type": "max-score"}
+    entry = _plugin_entry(raw_picker, f"{path}.picker", _PLUGIN_KEYS)
+    pcls = lookup("picker", entry["type"], f"{path}.picker.type")
+    picker = pcls(entry.get("parameters"), f"{path}.picker.parameters")
+
+    state = effective.get("state")
+    if state is not None and not isinstance(state, Mapping):
+        raise ConfigError(f"{path}.state", "expected a mapping")
+    validate_params(state, STATE_PARAMS, f"{path}.state")
+    return Pipeline(name, filters, scorers, picker, state, effective)  # type: ignore[arg-type]

@@ -1,0 +1,64 @@
+"""The plugin protocols: ``Filter``, ``Scorer``, ``Picker``.
+
+Plugins are vectorised: each call receives the whole candidate list (``PodView`` objects, see
+``scorer.view``) and the per-pick ``PickContext``, and returns a list, so a pick costs one Python
+call per plugin rather than one per plugin per pod.
+
+- ``Filter.filter(views, ctx) -> list[PodView]``: the views that pass (return ``views`` itself
+  when every one passes).
+- ``Scorer.score(views, ctx) -> list[float]``: one score per view, each in [0, 1].
+- ``Picker.pick(totals, views, ctx) -> int``: the index of the chosen view.
+
+Parameters are validated strictly at construction from ``PARAMS`` (see ``scorer.params``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from scorer.params import Param, validate_params
+from scorer.view import PickContext, PodView
+
+
+class Plugin:
+    """Common parts: type name, parameter schema, validated parameters."""
+
+    TYPE: ClassVar[str] = ""
+    KIND: ClassVar[str] = ""
+    PARAMS: ClassVar[dict[str, Param]] = {}
+
+    def __init__(self, params: Mapping[str, Any] | None = None, path: str = "parameters") -> None:
+        self.params: dict[str, Any] = validate_params(params, self.PARAMS, path)
+        self.setup()
+
+    def setup(self) -> None:
+        """Derive fast-path constants from ``self.params`` (override as needed)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "parameters": dict(self.params)}
+
+
+class Filter(Plugin):
+    KIND = "filter"
+
+    def filter(self, views: list[PodView], ctx: PickContext) -> list[PodView]:
+        raise NotImplementedError
+
+
+class Scorer(Plugin):
+    """``BOUNDED = True`` promises every score is already in [0, 1] (the pipeline then skips
+    the clamp); third-party scorers that may leave the range keep the default False."""
+
+    KIND = "scorer"
+    BOUNDED: ClassVar[bool] = False
+
+    def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
+        raise NotImplementedError
+
+
+class Picker(Plugin):
+    KIND = "picker"
+
+    def pick(self, totals: list[float], views: list[PodView], ctx: PickContext) -> int:
+        raise NotImplementedError

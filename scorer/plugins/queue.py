@@ -1,0 +1,34 @@
+"""Scorer ``queue``: llm-d's queue scorer, min-max over the candidates of the waiting queue.
+
+Formula, q = ``num_waiting`` (vLLM ``vllm:num_requests_waiting``):
+  score = (max_q − q) / (max_q − min_q) over the candidates; 1.0 for every pod when all equal.
+
+Parameters: none.
+
+YAML:
+  scorers:
+    - type: queue
+      weight: 2
+"""
+
+from __future__ import annotations
+
+from scorer.plugin import Scorer
+from scorer.registry import register
+from scorer.view import PickContext, PodView
+
+
+@register
+class Queue(Scorer):
+    TYPE = "queue"
+    BOUNDED = True
+    PARAMS = {}
+
+    def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
+        qs = [v.num_waiting for v in views]
+        hi = max(qs)
+        lo = min(qs)
+        if hi == lo:
+            return [1.0] * len(qs)
+        inv = 1.0 / (hi - lo)
+        return [(hi - q) * inv for q in qs]

@@ -1,0 +1,30 @@
+"""Picker ``round-robin``: cycle through the candidates, ignoring scores (a baseline).
+
+Formula: candidates ordered by pod id; pick index = counter mod n, counter += 1 per pick. The
+counter lives in the pipeline's local state, so it survives a config reload.
+
+Parameters: none.
+
+YAML:
+  picker: {type: round-robin}
+"""
+
+from __future__ import annotations
+
+from scorer.plugin import Picker
+from scorer.registry import register
+from scorer.view import PickContext, PodView
+
+
+@register
+class RoundRobin(Picker):
+    TYPE = "round-robin"
+    PARAMS = {}
+
+    def pick(self, totals: list[float], views: list[PodView], ctx: PickContext) -> int:
+        local = ctx.local
+        n = len(views)
+        k = local.rr_counter % n
+        local.rr_counter += 1
+        order = sorted(range(n), key=lambda i: views[i].pod_id)
+        return order[k]

@@ -1,0 +1,152 @@
+"""The pipeline's own mutable state: in-flight counts, optimistic adapters, prefix index.
+
+Owned by one ``Pipeline`` instance (no globals). ``Pipeline.adopt_state_from`` hands the same
+``LocalState`` to a pipeline rebuilt on config reload, so nothing learned is lost and requests
+dispatched under the old pipeline complete against the same counters.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+
+from scorer.model import PodState, RoutingRequest
+from scorer.prefix import DEFAULT_BLOCK_CHARS, PrefixIndex, pod_capacity_blocks
+from scorer.view import PodView
+
+DEFAULT_PREFILL_S_PER_TOKEN = 0.000031  # h100-calibration.md: ≈ 0.031 ms/token from 2k tokens up
+
+
+class PodLocal:
+    """What this router itself knows about one pod, exactly and instantly.
+
+    ``inflight`` / ``inflight_tokens``: requests dispatched and not completed, and their
+    prompt + max_tokens. ``pending_until``: when the pod will have prefilled the uncached prompt
+    tokens this router sent it (a fluid queue drained at the prefill rate). ``incoming``: adapter
+    → expiry time of the optimistic belief that it is being loaded there.
+    """
+
+    __slots__ = ("inflight", "inflight_tokens", "pending_until", "incoming", "dispatched")
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.inflight_tokens = 0
+        self.pending_until = 0.0
+        self.incoming: dict[str, float] = {}
+        self.dispatched = 0
+
+
+class LocalState:
+    """All mutable state of a pipeline; see the module docstring."""
+
+    def __init__(
+        self,
+        block_chars: int = DEFAULT_BLOCK_CHARS,
+        incoming_ttl_s: float = 5.0,
+        max_sessions: int = 100_000,
+        prefill_s_per_token: float = DEFAULT_PREFILL_S_PER_TOKEN,
+    ) -> None:
+        self.block_chars = block_chars
+        self.incoming_ttl_s = incoming_ttl_s
+        self.max_sessions = max_sessions
+        self.prefill_s_per_token = prefill_s_per_token
+        self.prefix = PrefixIndex(block_chars)
+        self.pods: dict[str, PodLocal] = {}
+        self.views: dict[str, PodView] = {}
+        self.sessions: OrderedDict[str, str] = OrderedDict()
+        self.rr_counter = 0
+
+    def configure(
+        self, block_chars: int, incoming_ttl_s: float, max_sessions: int, prefill_s_per_token: float
+    ) -> None:
+        """Apply new settings (config reload). A new block size invalidates the prefix index."""
+        if block_chars != self.block_chars:
+            self.prefix = PrefixIndex(block_chars)
+            self.views.clear()
+        self.block_chars = block_chars
+        self.incoming_ttl_s = incoming_ttl_s
+        self.max_sessions = max_sessions
+        self.prefill_s_per_token = prefill_s_per_token
+        while len(self.sessions) > max_sessions:
+            self.sessions.popitem(last=False)
+
+    # --- views ---------------------------------------------------------------------------
+    def pod(self, pod_id: str) -> PodLocal:
+        loc = self.pods.get(pod_id)
+        if loc is None:
+            loc = self.pods[pod_id] = PodLocal()
+        return loc
+
+    def make_view(self, pod_id: str, state: PodState) -> PodView:
+        """Build (and cache) the view of a new PodState; drop incoming beliefs it confirms."""
+        loc = self.pod(pod_id)
+        cap = pod_capacity_blocks(state.num_gpu_blocks, state.block_size, self.block_chars)
+        view = PodView(pod_id, state, loc, cap)
+        if loc.incoming:
+            for name in [n for n in loc.incoming if n in view.gpu or n in view.loading]:
+                del loc.incoming[name]
+        self.views[pod_id] = view
+        return view
+
+    def views_of(self, pods: Mapping[str, PodState]) -> list[PodView]:
+        cache = self.views
+        out: list[PodView] = []
+        app = out.append
+        for pid, st in pods.items():
+            v = cache.get(pid)
+            if v is None or v.state is not st:
+                v = self.make_view(pid, st)
+            app(v)
+        return out
+
+    # --- updates ---------------------------------------------------------------------------
+    def dispatch(self, pod_id: str, request: RoutingRequest, now: float) -> None:
+        loc = self.pod(pod_id)
+        loc.inflight += 1
+        loc.dispatched += 1
+        loc.inflight_tokens += max(0, request.prompt_tokens) + max(0, request.max_tokens)
+        hashes = request.prefix_hashes
+        view = self.views.get(pod_id)
+        cap = view.capacity_blocks if view is not None else pod_capacity_blocks(0, 0, self.block_chars)
+        if hashes:
+            matched = self.prefix.match_one(pod_id, hashes)
+            uncached = max(0, request.prompt_tokens) * (1.0 - matched / len(hashes))
+            self.prefix.record(pod_id, hashes, cap)
+        else:
+            uncached = float(max(0, request.prompt_tokens))
+        start = loc.pending_until if loc.pending_until > now else now
+        loc.pending_until = start + uncached * self.prefill_s_per_token
+        name = request.adapter.name
+        if loc.incoming:
+            for n in [n for n, until in loc.incoming.items() if until <= now]:
+                del loc.incoming[n]
+        if name is not None and (view is None or name not in view.gpu):
+            loc.incoming[name] = now + self.incoming_ttl_s
+        key = request.session_key
+        if key:
+            sessions = self.sessions
+            sessions[key] = pod_id
+            sessions.move_to_end(key)
+            if len(sessions) > self.max_sessions:
+                sessions.popitem(last=False)
+
+    def complete(self, pod_id: str, request: RoutingRequest, ok: bool) -> None:
+        loc = self.pods.get(pod_id)
+        if loc is None:
+            return
+        loc.inflight = max(0, loc.inflight - 1)
+        loc.inflight_tokens = max(0, loc.inflight_tokens - max(0, request.prompt_tokens) - max(0, request.max_tokens))
+        if not ok and request.adapter.name is not None:
+            # The optimistic belief that the adapter is arriving there is no longer supported.
+            loc.incoming.pop(request.adapter.name, None)
+
+    def forget(self, pod_id: str) -> None:
+        self.pods.pop(pod_id, None)
+        self.views.pop(pod_id, None)
+        self.prefix.forget(pod_id)
+        stale = [k for k, p in self.sessions.items() if p == pod_id]
+        for k in stale:
+            del self.sessions[k]
+
+    def known_pods(self) -> Iterable[str]:
+        return self.pods.keys()
