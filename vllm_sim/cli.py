@@ -1,0 +1,185 @@
+"""``loraroute sim ...`` (one pod) and ``loraroute sim cluster --pods K --base-port P ...``.
+
+Flags keep vLLM's names and defaults where vLLM has them (``--max-loras`` 1, ``--max-cpu-loras``
+= max_loras, ``--max-lora-rank`` 16 from vLLM's allowed set, ``--max-num-batched-tokens`` 8192,
+``--max-num-seqs`` 1024, ``--block-size`` 16). A cluster runs K independent engines in one
+process on consecutive ports sharing one adapter directory; pod ``i`` uses seed ``seed + i``.
+
+Runtime LoRA updating (load/unload routes, resolver) is on with ``--allow-runtime-lora-updating``
+or ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1|true``. ``--adapter-dir`` (or
+``VLLM_LORA_RESOLVER_CACHE_DIR``) plays vLLM's filesystem resolver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from dataclasses import replace
+
+from aiohttp import web
+
+from .adapters import AdapterInvalid, AdapterNotFound
+from .costs import CostProfile
+from .engine import Engine, EngineConfig
+from .server import Pod, PodConfig, create_app, runtime_updating_from_env
+
+MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _lora_module(value: str) -> tuple[str, str]:
+    value = value.strip()
+    if value.startswith("{"):
+        try:
+            data = json.loads(value)
+            return str(data["name"]), str(data["path"])
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f"invalid --lora-modules JSON: {value}") from None
+    if "=" not in value:
+        raise argparse.ArgumentTypeError(f"--lora-modules expects name=path or JSON, got {value!r}")
+    name, path = value.split("=", 1)
+    return name, path
+
+
+def build_parser(cluster: bool) -> argparse.ArgumentParser:
+    prog = "loraroute sim cluster" if cluster else "loraroute sim"
+    p = argparse.ArgumentParser(prog=prog, description="Simulated vLLM 0.33 OpenAI server(s) with multi-LoRA.")
+    if cluster:
+        p.add_argument("--pods", type=int, required=True, help="number of pods (independent engines)")
+        p.add_argument("--base-port", type=int, required=True, help="port of pod 0; pod i listens on base+i")
+    else:
+        p.add_argument("--port", type=int, default=8000)
+        p.add_argument("--pod-name", default=None, help="name in /sim/state (default host:port)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--model", default="meta-llama/Llama-3.1-8B-Instruct")
+    p.add_argument("--served-model-name", nargs="+", default=None)
+    p.add_argument("--max-model-len", type=int, default=131072)
+    p.add_argument("--enable-lora", action="store_true")
+    p.add_argument("--max-loras", type=int, default=1)
+    p.add_argument("--max-cpu-loras", type=int, default=None)
+    p.add_argument("--max-lora-rank", type=int, default=16, choices=MAX_LORA_RANKS)
+    p.add_argument("--lora-modules", nargs="+", type=_lora_module, default=[])
+    p.add_argument("--adapter-dir", default=None, help="filesystem resolver directory (VLLM_LORA_RESOLVER_CACHE_DIR)")
+    p.add_argument("--allow-runtime-lora-updating", action="store_true")
+    p.add_argument("--emit-residency-metrics", action="store_true",
+                   help="also emit vllm:lora_adapter_loaded{adapter_name,level,rank}")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=1024)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-gpu-blocks", "--num-gpu-blocks-override", dest="num_gpu_blocks", type=int, default=26592)
+    p.add_argument("--time-scale", type=float, default=1.0, help="wall = simulated x this (0: no delays)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state-ring-size", type=int, default=5000, help="requests kept for /sim/state")
+    p.add_argument("--step-overhead-ms", type=float, default=None, help="override CostProfile.step_overhead_s")
+    p.add_argument("--prefill-token-us", type=float, default=None, help="override CostProfile.prefill_token_s")
+    return p
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    if args.max_loras < 1:
+        return "--max-loras must be >= 1"
+    if args.max_cpu_loras is not None and args.max_cpu_loras < args.max_loras:
+        return f"max_cpu_loras ({args.max_cpu_loras}) must be >= max_loras ({args.max_loras})"
+    if args.lora_modules and not args.enable_lora:
+        return "--lora-modules requires --enable-lora"
+    if args.time_scale < 0:
+        return "--time-scale must be >= 0"
+    for name in ("max_num_batched_tokens", "max_num_seqs", "block_size", "num_gpu_blocks", "max_model_len"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1"
+    if args.adapter_dir and not os.path.isdir(args.adapter_dir):
+        return f"adapter dir {args.adapter_dir} does not exist"
+    return None
+
+
+def make_pods(args: argparse.Namespace, ports: list[int], names: list[str], loop: asyncio.AbstractEventLoop) -> list[Pod]:
+    profile = CostProfile()
+    if args.step_overhead_ms is not None:
+        profile = replace(profile, step_overhead_s=args.step_overhead_ms / 1000)
+    if args.prefill_token_us is not None:
+        profile = replace(profile, prefill_token_s=args.prefill_token_us / 1e6)
+    base = EngineConfig(
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks, max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras or args.max_loras, max_lora_rank=args.max_lora_rank,
+        max_model_len=args.max_model_len, time_scale=args.time_scale, seed=args.seed,
+        ring_size=args.state_ring_size,
+    )
+    adapter_dir = args.adapter_dir or os.environ.get("VLLM_LORA_RESOLVER_CACHE_DIR") or None
+    runtime = bool(args.allow_runtime_lora_updating or runtime_updating_from_env())
+    pods = []
+    for i, (_port, name) in enumerate(zip(ports, names)):
+        engine = Engine(replace(base, seed=args.seed + i), profile, loop)
+        config = PodConfig(
+            model=args.model, served_model_names=list(args.served_model_name or []),
+            enable_lora=args.enable_lora, runtime_lora_updating=runtime, adapter_dir=adapter_dir,
+            emit_residency_metrics=args.emit_residency_metrics, pod_name=name,
+            static_loras=list(args.lora_modules),
+        )
+        pod = Pod(config, engine)
+        pod.load_static()
+        pods.append(pod)
+    return pods
+
+
+async def _serve(args: argparse.Namespace, ports: list[int], names: list[str]) -> int:
+    loop = asyncio.get_running_loop()
+    try:
+        pods = make_pods(args, ports, names, loop)
+    except (AdapterInvalid, AdapterNotFound) as e:
+        print(f"vllm_sim: failed to load a --lora-modules adapter: {e}", file=sys.stderr)
+        return 1
+    runners = []
+    for pod, port in zip(pods, ports):
+        runner = web.AppRunner(create_app(pod), access_log=None, handle_signals=False,
+                               handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, args.host, port, backlog=1024)
+        await site.start()
+        runners.append(runner)
+        print(f"vllm_sim: pod {pod.config.pod_name} serving {pod.config.served[0]} on http://{args.host}:{port}"
+              f" (max_loras={pod.engine.config.max_loras}, max_cpu_loras={pod.engine.config.max_cpu_loras},"
+              f" time_scale={args.time_scale})", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"vllm_sim: ready ({len(pods)} pod{'s' if len(pods) != 1 else ''})", flush=True)
+    await stop.wait()
+    for runner in runners:
+        await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    argv = list(argv)
+    cluster = bool(argv) and argv[0] == "cluster"
+    if cluster:
+        argv = argv[1:]
+    args = build_parser(cluster).parse_args(argv)
+    problem = _check(args)
+    if problem:
+        print(f"loraroute sim: error: {problem}", file=sys.stderr)
+        return 2
+    if cluster:
+        if args.pods < 1:
+            print("loraroute sim: error: --pods must be >= 1", file=sys.stderr)
+            return 2
+        ports = [args.base_port + i for i in range(args.pods)]
+        names = [f"{args.host}:{p}" for p in ports]
+    else:
+        ports = [args.port]
+        names = [args.pod_name or f"{args.host}:{args.port}"]
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    try:
+        return int(runner(_serve(args, ports, names)))
+    except OSError as e:
+        print(f"loraroute sim: error: {e}", file=sys.stderr)
+        return 1
