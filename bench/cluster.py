@@ -109,7 +109,7 @@ class BenchCluster:
         scale = "0" if self.zero_delay else repr(self.time_scale)
         argv = loraroute_cmd(
             "sim", "cluster", "--pods", str(n), "--base-port", str(base_port),
-            "--model", c.base_model, "--profile", c.profile, "--enable-lora",
+            "--model", c.base_model, "--enable-lora", "--allow-runtime-lora-updating",
             "--max-loras", str(c.max_loras), "--max-cpu-loras", str(c.max_cpu_loras),
             "--max-lora-rank", str(c.max_lora_rank), "--adapter-dir", str(adapter_dir),
             "--time-scale", scale, "--seed", str(self.spec.seed), *c.sim_args,

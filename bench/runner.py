@@ -64,6 +64,7 @@ class RunOptions:
     requests: int | None = None
     time_scale: float = 5.0
     capacity: float | None = None
+    capacity_requests: int | None = None   # requests of the capacity run (default: see module doc)
     remeasure: bool = False
     out_dir: Path = RESULTS_ROOT
     progress: bool = True
@@ -211,7 +212,7 @@ def measure_capacity(spec: WorkloadSpec, opts: RunOptions, work_dir: Path) -> di
     """Closed-loop steady-state throughput (requests per simulated second); see module docstring."""
     n_pods = spec.cluster.pods
     concurrency = CAPACITY_INFLIGHT_PER_POD * n_pods
-    n = max(4 * concurrency, min(spec.requests or 2000, 2000))
+    n = opts.capacity_requests or max(4 * concurrency, min(spec.requests or 2000, 2000))
     trace = generate(spec, rate=1.0, requests=n)
     target = Target("policy", CAPACITY_POLICY)
     with BenchCluster(spec, work_dir / "capacity", time_scale=opts.time_scale, sidecars=opts.sidecars) as cl:
