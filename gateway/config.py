@@ -117,9 +117,8 @@ class ServerConfig(_Strict):
     session_header: str = "x-session-id"
     #: recent decisions kept for GET /admin/decisions
     decisions_kept: int = Field(256, ge=0, le=100_000)
-    #: characters per prompt block for the approximate prefix index
-    prefix_block_chars: int = Field(256, ge=16)
-    #: prompt characters looked at for prefix hashing (longer prompts are truncated for hashing only)
+    #: prompt characters looked at for prefix hashing (longer prompts are truncated for hashing only;
+    #: the block size is the pipeline's ``state.block_chars``)
     prefix_max_chars: int = Field(262_144, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -250,6 +249,9 @@ class StaticPod(_Strict):
     id: str = Field(min_length=1, max_length=253)
     url: str
     sidecar_url: str | None = None
+    #: engine limits vLLM does not expose, used by the in-process monitor (sidecars know their own)
+    max_lora_rank: int = Field(16, ge=1, le=1024)
+    max_cpu_loras: int | None = Field(None, ge=0)
 
     @field_validator("url", "sidecar_url")
     @classmethod

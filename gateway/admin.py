@@ -1,0 +1,78 @@
+"""Admin API: recent decisions, the pod view, config reload. Every route needs the admin key.
+
+- ``GET /admin/decisions?limit=N`` — newest first: picked pod, each candidate's total and
+  per-scorer scores, filtered pods with the filter that removed them, attempts, status.
+- ``GET /admin/pods`` — every discovered pod: endpoint, routable or not, in-flight count, PodState.
+- ``POST /admin/reload`` — re-read the config file; 200 ``{"status": "reloaded", "generation",
+  "restart_required"}`` or 400 with the reason (the previous config keeps serving).
+
+Auth: ``Authorization: Bearer <admin key>`` or ``x-loraroute-admin-key: <admin key>``; 401 without
+a valid key, 403 when the config has no admin key at all.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from gateway.config import ConfigError
+from gateway.errors import APIError
+from gateway.service import Gateway
+
+
+def _require_admin(gw: Gateway, request: Request) -> None:
+    policy = gw.runtime.policy
+    if not policy.admin_configured:
+        raise APIError(403, "the admin API is off: set admin.api_key_sha256 (or admin.api_key_sha256_file)",
+                       code="admin_disabled")
+    header = request.headers.get("x-loraroute-admin-key")
+    if policy.is_admin(request.headers.get("authorization")) or (header and policy.is_admin("Bearer " + header)):
+        return
+    raise APIError(401, "admin key missing or wrong: send 'Authorization: Bearer <admin key>'", code="invalid_admin_key")
+
+
+def admin_router(gw: Gateway) -> APIRouter:
+    router = APIRouter(prefix="/admin")
+
+    @router.get("/decisions")
+    async def decisions(request: Request, limit: int = 50) -> dict[str, Any]:
+        _require_admin(gw, request)
+        limit = max(1, min(limit, 10_000))
+        recent = list(gw.decisions)[-limit:]
+        recent.reverse()
+        return {"object": "list", "data": [r.to_dict() for r in recent]}
+
+    @router.get("/pods")
+    async def pods(request: Request) -> dict[str, Any]:
+        _require_admin(gw, request)
+        now = time.time()
+        view = gw.store.view()
+        ids = sorted(set(gw.endpoints) | set(gw.pods))
+        data = []
+        for pod_id in ids:
+            ep = gw.endpoint(pod_id)
+            state = gw.pods.get(pod_id) or view.get(pod_id)
+            data.append({
+                "pod_id": pod_id,
+                "url": ep.url if ep else None,
+                "sidecar_url": ep.sidecar_url if ep else None,
+                "routable": pod_id in gw.pods,
+                "inflight": gw.inflight.get(pod_id, 0),
+                "state_age_s": round(state.age(now), 3) if state else None,
+                "state": state.to_dict() if state else None,
+            })
+        return {"object": "list", "data": data}
+
+    @router.post("/reload")
+    async def reload(request: Request) -> dict[str, Any]:
+        _require_admin(gw, request)
+        try:
+            restart = gw.reload()
+        except ConfigError as e:
+            gw.metrics.reload("invalid")
+            raise APIError(400, f"config refused, the previous one keeps serving: {e}", code="invalid_config") from None
+        return {"status": "reloaded", "generation": gw.runtime.generation, "restart_required": restart}
+
+    return router

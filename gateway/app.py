@@ -1,0 +1,159 @@
+"""The ASGI application: ``create_app(gateway) -> ASGI app``.
+
+The two completion routes are served by ``gateway.proxy.CompletionsEndpoint`` directly (a raw
+ASGI handler: no routing table walk, no middleware, no request object — measured cheaper,
+docs/gateway.md); everything else goes to a small FastAPI app:
+
+- ``GET /v1/models`` — the bases and ``<base>:<adapter>`` names the caller may use.
+- ``GET /health`` (the process is up), ``GET /ready`` (started, with at least one routable pod),
+  ``GET /metrics`` (Prometheus).
+- ``GET /admin/decisions``, ``GET /admin/pods``, ``POST /admin/reload`` — admin key required
+  (``Authorization: Bearer <admin key>`` or ``x-loraroute-admin-key: <admin key>``).
+
+Every error, including unknown routes and unexpected exceptions, is in OpenAI's shape; a stack
+trace goes to the log (never to the client).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.admin import admin_router
+from gateway.errors import APIError
+from gateway.metrics import CONTENT_TYPE
+from gateway.proxy import CompletionsEndpoint, Receive, Scope, Send
+from gateway.service import Gateway
+
+log = logging.getLogger("loraroute.gateway")
+
+
+def error_response(err: APIError) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
+
+
+def _fastapi(gw: Gateway, manage_lifecycle: bool) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            await gw.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await gw.close()
+
+    api = FastAPI(title="loraroute gateway", openapi_url=None, docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    @api.exception_handler(APIError)
+    async def _api_error(_r: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_r: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(APIError(404, "no such route; the OpenAI routes are /v1/chat/completions, "
+                                                "/v1/completions and /v1/models", code="route_not_found"))
+        if exc.status_code == 405:
+            return error_response(APIError(405, "method not allowed on this route", code="method_not_allowed"))
+        return error_response(APIError(exc.status_code, str(exc.detail)))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
+        return error_response(APIError(400, f"{loc or 'request'}: {first.get('msg', 'invalid')}", param=loc or None))
+
+    @api.exception_handler(Exception)
+    async def _unexpected(_r: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)
+        return error_response(APIError(500, "internal error in the gateway; see its log", code="internal_error"))
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        rt = gw.runtime
+        auth = request.headers.get("authorization")
+        tenant = None if rt.policy.is_admin(auth) else rt.policy.authenticate(auth)
+        created = int(gw.started_at or time.time())
+        data = []
+        for name in rt.policy.visible_models(tenant):
+            base_name, _, adapter = name.partition(":")
+            base = rt.policy.bases[base_name]
+            data.append({
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "loraroute",
+                "root": base.vllm_name if not adapter else next(a.vllm_name for a in base.adapters if a.name == adapter),
+                "parent": base.name if adapter else None,
+            })
+        return JSONResponse({"object": "list", "data": data})
+
+    @api.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready() -> JSONResponse:
+        healthy = [p for p, s in gw.pods.items() if s.healthy]
+        if not gw.ready:
+            return error_response(APIError(503, "the gateway is starting", code="not_ready"))
+        if not healthy:
+            return error_response(APIError(503, "no healthy pod with a fresh state yet; see GET /admin/pods",
+                                           code="no_pod_available"))
+        return JSONResponse({"status": "ready", "pods": len(gw.pods), "healthy_pods": len(healthy),
+                             "config_generation": gw.runtime.generation})
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        if not gw.runtime.config.metrics.enabled:
+            raise APIError(404, "metrics are turned off (metrics.enabled: false)", code="route_not_found")
+        return Response(gw.metrics.render(), media_type=CONTENT_TYPE)
+
+    api.include_router(admin_router(gw))
+    return api
+
+
+def create_app(gw: Gateway, *, manage_lifecycle: bool = True) -> Any:
+    """The gateway's ASGI app. With ``manage_lifecycle`` the ASGI lifespan starts and closes ``gw``."""
+    api = _fastapi(gw, manage_lifecycle)
+    chat = CompletionsEndpoint(gw, "/v1/chat/completions")
+    completions = CompletionsEndpoint(gw, "/v1/completions")
+    hot = {"/v1/chat/completions": chat, "/v1/completions": completions}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            handler = hot.get(scope["path"])
+            if handler is not None:
+                started = False
+
+                async def tracking_send(message: Any) -> None:
+                    nonlocal started
+                    if message["type"] == "http.response.start":
+                        started = True
+                    await send(message)
+
+                try:
+                    await handler(scope, receive, tracking_send)
+                except Exception as exc:  # never a stack trace to the client
+                    log.error("unexpected error on %s: %s", scope["path"], type(exc).__name__, exc_info=exc)
+                    if not started:
+                        body = APIError(500, "internal error in the gateway; see its log", code="internal_error").body()
+                        await send({"type": "http.response.start", "status": 500,
+                                    "headers": [(b"content-type", b"application/json"),
+                                                (b"content-length", str(len(body)).encode())]})
+                        await send({"type": "http.response.body", "body": body})
+                return
+        await api(scope, receive, send)
+
+    app.gateway = gw  # type: ignore[attr-defined]
+    return app

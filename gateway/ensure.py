@@ -1,0 +1,107 @@
+"""Adapter materialisation through a pod's sidecar: ``POST {sidecar}/adapters/{name}/ensure``.
+
+Concurrent requests for the same (pod, adapter) share one call: the first creates a task, the
+others await it (shielded, so one client going away does not cancel it for the rest). A success is
+remembered for ``ensure.remember_s`` seconds, enough for the pod's PodState to show the adapter.
+
+Outcome -> what the request sees:
+
+- 200 -> forward to the pod.
+- 404 / 422 from the sidecar (the adapter is missing from the store or invalid — the same on every
+  pod) -> ``EnsureError(permanent=True)``: a 502 carrying the sidecar's message, no other pod tried.
+- 502 / 503 / connection error / timeout (this pod's trouble) -> ``EnsureError(permanent=False)``:
+  the next-best pod is tried; when none is left, a 503 with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+
+import aiohttp
+import orjson
+
+from gateway.metrics import GatewayMetrics
+from gateway.upstream import Upstream
+
+
+class EnsureError(Exception):
+    def __init__(self, message: str, *, permanent: bool, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
+        self.status = status
+
+
+def _sidecar_message(body: bytes) -> str:
+    try:
+        data = orjson.loads(body)
+        err = data.get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+        if isinstance(data, dict) and isinstance(data.get("detail"), str):
+            return data["detail"]
+    except orjson.JSONDecodeError:
+        pass
+    return body[:300].decode("utf-8", "replace")
+
+
+class Ensurer:
+    def __init__(self, upstream: Upstream, metrics: GatewayMetrics) -> None:
+        self._upstream = upstream
+        self._metrics = metrics
+        self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._done: dict[tuple[str, str], float] = {}
+
+    def recently_ensured(self, pod_id: str, adapter: str, remember_s: float) -> bool:
+        at = self._done.get((pod_id, adapter))
+        return at is not None and time.monotonic() - at < remember_s
+
+    async def ensure(self, pod_id: str, sidecar_url: str, adapter: str) -> None:
+        """Make sure ``adapter`` is on ``pod_id``'s disk. Raises ``EnsureError``."""
+        key = (pod_id, adapter)
+        task = self._pending.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._call(pod_id, sidecar_url, adapter))
+            self._pending[key] = task
+            task.add_done_callback(lambda _t, k=key: self._pending.pop(k, None))
+        await asyncio.shield(task)
+
+    async def _call(self, pod_id: str, sidecar_url: str, adapter: str) -> None:
+        session = self._upstream.session
+        assert session is not None
+        url = f"{sidecar_url}/adapters/{urllib.parse.quote(adapter, safe='')}/ensure"
+        started = time.perf_counter()
+        try:
+            async with session.post(url, timeout=self._upstream.ensure_timeout) as resp:
+                body = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            self._metrics.ensure(pod_id, "unreachable")
+            raise EnsureError(
+                f"the sidecar of pod {pod_id!r} did not answer the ensure of adapter {adapter!r} "
+                f"({type(e).__name__})",
+                permanent=False,
+                status=503,
+            ) from None
+        finally:
+            self._metrics.ensure_seconds.observe(time.perf_counter() - started)
+        if status == 200:
+            self._metrics.ensure(pod_id, "ok")
+            self._done[(pod_id, adapter)] = time.monotonic()
+            if len(self._done) > 50_000:
+                self._done.clear()
+            return
+        message = _sidecar_message(body)
+        if status in (404, 422, 400):
+            self._metrics.ensure(pod_id, "rejected")
+            raise EnsureError(
+                f"adapter {adapter!r} cannot be materialised: {message}", permanent=True, status=502
+            )
+        self._metrics.ensure(pod_id, "failed")
+        raise EnsureError(
+            f"pod {pod_id!r} could not materialise adapter {adapter!r} (sidecar status {status}): {message}",
+            permanent=False,
+            status=503,
+        )

@@ -1,0 +1,58 @@
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}`` with a status.
+
+Every rejection the gateway makes is an ``APIError``; the ASGI edge turns it into a JSON response.
+Messages say what is wrong and what to do next; they never carry a stack trace or a secret.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+# OpenAI error ``type`` values by status (the ones clients switch on).
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "client_closed_request",
+    500: "internal_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    """A client-visible error. ``code`` is a short machine-readable string (e.g. ``model_not_found``)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_ or _TYPES.get(status, "invalid_request_error")
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    def sse_event(self) -> bytes:
+        """The same error as one SSE event followed by ``[DONE]`` (vLLM's mid-stream error form)."""
+        return b"data: " + self.body() + b"\n\ndata: [DONE]\n\n"

@@ -1,0 +1,127 @@
+"""Prometheus metrics of one gateway (``loraroute_`` names), in a registry of its own.
+
+Series (labels in braces):
+
+- ``loraroute_requests_total{status,base,adapter,pod}`` — finished requests; ``status`` is the HTTP
+  status sent (499 when the client went away); rejected requests have ``pod=""`` and, when the
+  name was not accepted, ``base=""``/``adapter=""`` (arbitrary names never become labels).
+- ``loraroute_ttft_seconds{pod}`` — gateway-measured time to first token: request arrival to the
+  first body chunk sent to the client (streaming requests).
+- ``loraroute_e2e_seconds{pod}`` — request arrival to the last byte sent.
+- ``loraroute_decision_seconds`` — time inside ``pipeline.pick``.
+- ``loraroute_routed_residency_total{pod,tier}`` — for each routed request, where the chosen pod
+  held the adapter according to the gateway's view (``gpu``, ``cpu``, ``disk``, ``loading``,
+  ``none``; ``base`` for base-model requests): the predicted residency hit rate.
+- ``loraroute_prefix_blocks_total{pod}`` / ``loraroute_prefix_matched_blocks_total{pod}`` — prompt
+  blocks routed and blocks the prefix index predicted cached on the chosen pod.
+- ``loraroute_retries_total{reason}`` — attempts moved to the next-best pod.
+- ``loraroute_ensures_total{pod,outcome}`` and ``loraroute_ensure_seconds`` — sidecar ensures.
+- ``loraroute_config_reloads_total{outcome}``.
+- Per-pod gauges collected at scrape time: ``loraroute_pod_inflight{pod}``,
+  ``loraroute_pod_adapters{pod,tier}``, ``loraroute_pod_state_age_seconds{pod}``,
+  ``loraroute_pod_healthy{pod}``, ``loraroute_pods_routable``.
+
+Label children are cached in dicts, so the hot path pays a dict lookup and an ``inc``/``observe``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from scorer.model import PodState
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_DECISION_BUCKETS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
+_ENSURE_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _PodCollector(Collector):
+    def __init__(self, pods: Callable[[], Mapping[str, PodState]], inflight: Callable[[], Mapping[str, int]]) -> None:
+        self._pods = pods
+        self._inflight = inflight
+
+    def collect(self) -> Iterable[Metric]:
+        pods = self._pods()
+        now = time.time()
+        inflight = GaugeMetricFamily("loraroute_pod_inflight", "Requests in flight per pod, counted by this gateway", labels=["pod"])
+        for pod, n in sorted(self._inflight().items()):
+            inflight.add_metric([pod], n)
+        adapters = GaugeMetricFamily("loraroute_pod_adapters", "Adapters per pod and tier in the gateway's view", labels=["pod", "tier"])
+        age = GaugeMetricFamily("loraroute_pod_state_age_seconds", "Seconds since the pod was last observed", labels=["pod"])
+        healthy = GaugeMetricFamily("loraroute_pod_healthy", "1 when the pod's state says healthy", labels=["pod"])
+        for pod, s in sorted(pods.items()):
+            adapters.add_metric([pod, "gpu"], len(s.gpu_adapters))
+            adapters.add_metric([pod, "cpu"], len(s.cpu_adapters))
+            adapters.add_metric([pod, "disk"], len(s.disk_adapters))
+            adapters.add_metric([pod, "loading"], len(s.loading_adapters))
+            age.add_metric([pod], max(0.0, now - s.observed_at))
+            healthy.add_metric([pod], 1.0 if s.healthy else 0.0)
+        routable = GaugeMetricFamily("loraroute_pods_routable", "Pods with a discovery entry and a PodState")
+        routable.add_metric([], len(pods))
+        return [inflight, adapters, age, healthy, routable]
+
+
+class GatewayMetrics:
+    def __init__(
+        self,
+        latency_buckets: tuple[float, ...],
+        pods: Callable[[], Mapping[str, PodState]],
+        inflight: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._requests = Counter("loraroute_requests", "Finished requests", ["status", "base", "adapter", "pod"], registry=r)
+        self._ttft = Histogram("loraroute_ttft_seconds", "Time to first token measured at the gateway", ["pod"], buckets=latency_buckets, registry=r)
+        self._e2e = Histogram("loraroute_e2e_seconds", "End-to-end latency measured at the gateway", ["pod"], buckets=latency_buckets, registry=r)
+        self.decision = Histogram("loraroute_decision_seconds", "Time spent in pipeline.pick", buckets=_DECISION_BUCKETS, registry=r)
+        self._residency = Counter("loraroute_routed_residency", "Predicted adapter residency on the chosen pod", ["pod", "tier"], registry=r)
+        self._prefix_blocks = Counter("loraroute_prefix_blocks", "Prompt blocks routed", ["pod"], registry=r)
+        self._prefix_matched = Counter("loraroute_prefix_matched_blocks", "Prompt blocks predicted cached on the chosen pod", ["pod"], registry=r)
+        self._retries = Counter("loraroute_retries", "Attempts moved to the next-best pod", ["reason"], registry=r)
+        self._ensures = Counter("loraroute_ensures", "Sidecar ensure calls", ["pod", "outcome"], registry=r)
+        self.ensure_seconds = Histogram("loraroute_ensure_seconds", "Sidecar ensure duration", buckets=_ENSURE_BUCKETS, registry=r)
+        self._reloads = Counter("loraroute_config_reloads", "Config reloads", ["outcome"], registry=r)
+        r.register(_PodCollector(pods, inflight))
+        self._children: dict[tuple[object, ...], object] = {}
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> object:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels)
+            self._children[key] = child
+        return child
+
+    def request(self, status: int, base: str, adapter: str, pod: str) -> None:
+        self._child(self._requests, str(status), base, adapter, pod).inc()  # type: ignore[attr-defined]
+
+    def ttft(self, pod: str, seconds: float) -> None:
+        self._child(self._ttft, pod).observe(seconds)  # type: ignore[attr-defined]
+
+    def e2e(self, pod: str, seconds: float) -> None:
+        self._child(self._e2e, pod).observe(seconds)  # type: ignore[attr-defined]
+
+    def residency(self, pod: str, tier: str) -> None:
+        self._child(self._residency, pod, tier).inc()  # type: ignore[attr-defined]
+
+    def prefix(self, pod: str, blocks: int, matched: float) -> None:
+        self._child(self._prefix_blocks, pod).inc(blocks)  # type: ignore[attr-defined]
+        if matched:
+            self._child(self._prefix_matched, pod).inc(matched)  # type: ignore[attr-defined]
+
+    def retry(self, reason: str) -> None:
+        self._child(self._retries, reason).inc()  # type: ignore[attr-defined]
+
+    def ensure(self, pod: str, outcome: str) -> None:
+        self._child(self._ensures, pod, outcome).inc()  # type: ignore[attr-defined]
+
+    def reload(self, outcome: str) -> None:
+        self._child(self._reloads, outcome).inc()  # type: ignore[attr-defined]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

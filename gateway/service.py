@@ -1,0 +1,295 @@
+"""The gateway's wiring: store, discovery, monitors, pipeline, upstream pool, metrics, reload.
+
+``Gateway(config, config_path=None)`` owns every long-lived object; ``await gw.start()`` /
+``await gw.close()`` bracket its life (the app's lifespan calls them). Request handlers read
+``gw.runtime`` once per request: an immutable snapshot of the config-derived objects (policy,
+pipeline, config) that a reload replaces in one assignment, so requests in flight finish on the
+snapshot they started with and nothing is locked.
+
+The routable set ``gw.pods`` (pod id -> PodState) holds the pods that have a discovery entry and a
+PodState in the store. It is maintained by listeners (store changes, discovery changes), never
+recomputed per request, and read without I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import podstate
+from gateway.config import ConfigError, GatewayConfig, StaticPod, load_config
+from gateway.discovery import Discovery, Endpoint, StaticDiscovery, StoreDiscovery
+from gateway.ensure import Ensurer
+from gateway.metrics import GatewayMetrics
+from gateway.policy import AccessPolicy
+from gateway.upstream import Upstream
+from podstate.store import PodStateStore
+from scorer.model import Decision, PodState
+
+log = logging.getLogger("loraroute.gateway")
+
+
+def build_pipeline(spec: str | dict[str, Any]) -> Any:
+    """``scorer.pipeline.build_pipeline`` with its ConfigError turned into ours (key path kept)."""
+    from scorer.pipeline import build_pipeline as _build
+
+    try:
+        return _build(spec)
+    except Exception as e:  # scorer.errors.ConfigError and friends
+        raise ConfigError(str(e) if str(e).startswith("pipeline") else f"pipeline: {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Everything a request needs that a reload may change. Replaced whole, never mutated."""
+
+    config: GatewayConfig
+    policy: AccessPolicy
+    pipeline: Any
+    generation: int
+
+
+@dataclass(slots=True)
+class DecisionRecord:
+    at: float
+    request_id: str
+    model: str
+    tenant: str | None
+    decision: Decision
+    attempts: list[str]
+    status: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.decision.explain()
+        out.update(
+            at=round(self.at, 3),
+            request_id=self.request_id,
+            model=self.model,
+            tenant=self.tenant,
+            attempts=list(self.attempts),
+            status=self.status,
+        )
+        return out
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        config_path: str | os.PathLike[str] | None = None,
+        *,
+        store: PodStateStore | None = None,
+        discovery: Discovery | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """``store`` / ``discovery`` may be given (e.g. the demo shares its MemoryStore); otherwise
+        they are built from the config. A given store is started and closed by its owner."""
+        self.config_path = Path(config_path) if config_path else None
+        self._env = env
+        self._own_store = store is None
+        self.store: PodStateStore = store if store is not None else _open_store(config)
+        self._static: StaticDiscovery | None = None
+        if discovery is not None:
+            self.discovery: Discovery = discovery
+        elif config.discovery.static:
+            self._static = StaticDiscovery((p.id, p.url, p.sidecar_url) for p in config.discovery.static)
+            self.discovery = self._static
+        elif config.discovery.kubernetes is not None:
+            from gateway.discovery_k8s import KubernetesDiscovery
+
+            self.discovery = KubernetesDiscovery.from_config(config.discovery.kubernetes)
+        else:
+            self.discovery = StoreDiscovery(self.store)
+        self._store_is_discovery = isinstance(self.discovery, StoreDiscovery)
+        self.runtime = Runtime(config, AccessPolicy(config), build_pipeline(config.pipeline), 1)
+        self.pods: dict[str, PodState] = {}
+        self.endpoints: Mapping[str, Endpoint] = {}
+        self.inflight: collections.Counter[str] = collections.Counter()
+        self.decisions: collections.deque[DecisionRecord] = collections.deque(maxlen=config.server.decisions_kept)
+        self.metrics = GatewayMetrics(config.metrics.latency_buckets, lambda: self.pods, lambda: self.inflight)
+        self.upstream = Upstream(config.server)
+        self.ensurer = Ensurer(self.upstream, self.metrics)
+        self._monitors: dict[str, Any] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+        self._mtime = self._config_mtime()
+        self.started_at = 0.0
+        self.ready = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.started_at = time.time()
+        if self._own_store:
+            await self.store.start()
+        self.store.add_listener(self._on_state)
+        self.discovery.add_listener(self._on_endpoints)
+        await self.discovery.start()
+        self._on_endpoints(self.discovery.endpoints())
+        await self.upstream.start()
+        await self._sync_monitors()
+        if self.config_path is not None and self.runtime.config.server.reload_poll_s > 0:
+            self._watch_task = asyncio.create_task(self._watch_config(), name="config-watch")
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
+        for pod_id in list(self._monitors):
+            await self._stop_monitor(pod_id)
+        with contextlib.suppress(Exception):
+            await self.discovery.close()
+        await self.upstream.close()
+        if self._own_store:
+            await self.store.close()
+
+    # --- the routable set -----------------------------------------------------------------------
+    def _on_state(self, pod_id: str, state: PodState | None) -> None:
+        if state is None:
+            if self.pods.pop(pod_id, None) is not None:
+                self.runtime.pipeline.forget_pod(pod_id)
+            return
+        if self._store_is_discovery or pod_id in self.endpoints:
+            self.pods[pod_id] = state
+
+    def _on_endpoints(self, endpoints: Mapping[str, Endpoint]) -> None:
+        self.endpoints = endpoints
+        view = self.store.view()
+        for pod_id in [p for p in self.pods if p not in endpoints]:
+            del self.pods[pod_id]
+            self.runtime.pipeline.forget_pod(pod_id)
+        for pod_id in endpoints:
+            state = view.get(pod_id)
+            if state is not None:
+                self.pods[pod_id] = state
+        if self.ready:
+            asyncio.get_running_loop().create_task(self._sync_monitors())
+
+    def endpoint(self, pod_id: str) -> Endpoint | None:
+        """Where to send a request for ``pod_id``: the discovery entry, else the PodState's URLs."""
+        ep = self.endpoints.get(pod_id)
+        state = self.pods.get(pod_id)
+        if ep is not None:
+            if ep.sidecar_url is None and state is not None and state.sidecar_url:
+                return Endpoint(ep.url, state.sidecar_url)
+            return ep
+        if state is not None:
+            return Endpoint(state.url, state.sidecar_url)
+        return None
+
+    # --- embedded monitors ------------------------------------------------------------------------
+    def _wanted_monitors(self) -> dict[str, StaticPod]:
+        cfg = self.runtime.config.discovery
+        if self._static is None or cfg.monitor == "never":
+            return {}
+        return {p.id: p for p in cfg.static if cfg.monitor == "always" or p.sidecar_url is None}
+
+    async def _sync_monitors(self) -> None:
+        wanted = self._wanted_monitors()
+        for pod_id in [p for p in self._monitors if p not in wanted]:
+            await self._stop_monitor(pod_id)
+        for pod_id, pod in wanted.items():
+            if pod_id in self._monitors:
+                continue
+            from podstate.monitor import PodMonitor
+
+            cfg = self.runtime.config.discovery
+            monitor = PodMonitor(
+                pod_id, pod.url, self.store, interval_s=cfg.monitor_interval_s, ttl_s=cfg.monitor_ttl_s,
+                sidecar_url=pod.sidecar_url, max_lora_rank=pod.max_lora_rank, max_cpu_loras=pod.max_cpu_loras,
+            )
+            self._monitors[pod_id] = monitor
+            await monitor.start()
+
+    async def _stop_monitor(self, pod_id: str) -> None:
+        monitor = self._monitors.pop(pod_id, None)
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                await monitor.close()
+
+    # --- reload ---------------------------------------------------------------------------------
+    def _config_mtime(self) -> float | None:
+        if self.config_path is None:
+            return None
+        try:
+            return self.config_path.stat().st_mtime_ns / 1e9
+        except OSError:
+            return None
+
+    def reload(self, source: str | os.PathLike[str] | Mapping[str, Any] | None = None) -> list[str]:
+        """Load and validate a new config, then swap it in. Raises ``ConfigError`` and keeps the
+        old config when the new one is invalid. Returns keys that need a restart to take effect."""
+        src = source if source is not None else self.config_path
+        if src is None:
+            raise ConfigError("this gateway was started without a config file; nothing to reload")
+        new = load_config(src, env=self._env)
+        old = self.runtime
+        pipeline = build_pipeline(new.pipeline)
+        if hasattr(pipeline, "adopt_state_from"):
+            pipeline.adopt_state_from(old.pipeline)
+        restart = [
+            key
+            for key, a, b in (
+                ("server.host", old.config.server.host, new.server.host),
+                ("server.port", old.config.server.port, new.server.port),
+                ("store", old.config.store, new.store),
+                ("discovery.kubernetes", old.config.discovery.kubernetes, new.discovery.kubernetes),
+                ("metrics.latency_buckets", old.config.metrics.latency_buckets, new.metrics.latency_buckets),
+                ("server.pool_per_pod", old.config.server.pool_per_pod, new.server.pool_per_pod),
+                ("server.timeouts.connect_s", old.config.server.timeouts.connect_s, new.server.timeouts.connect_s),
+            )
+            if a != b
+        ]
+        if bool(old.config.discovery.static) != bool(new.discovery.static):
+            restart.append("discovery.static (switching discovery kinds)")
+        self.runtime = Runtime(new, AccessPolicy(new), pipeline, old.generation + 1)
+        self.upstream.configure(new.server)
+        if self.decisions.maxlen != new.server.decisions_kept:
+            self.decisions = collections.deque(self.decisions, maxlen=new.server.decisions_kept)
+        if self._static is not None and new.discovery.static:
+            self._static.update((p.id, p.url, p.sidecar_url) for p in new.discovery.static)
+        if self.ready:
+            asyncio.get_running_loop().create_task(self._sync_monitors())
+        self._mtime = self._config_mtime()
+        self.metrics.reload("ok")
+        log.info("config reloaded (generation %d)%s", self.runtime.generation,
+                 f"; restart needed for: {', '.join(restart)}" if restart else "")
+        return restart
+
+    async def _watch_config(self) -> None:
+        while True:
+            await asyncio.sleep(self.runtime.config.server.reload_poll_s or 1.0)
+            mtime = self._config_mtime()
+            if mtime is None or mtime == self._mtime:
+                continue
+            self._mtime = mtime
+            try:
+                self.reload()
+            except ConfigError as e:
+                self.metrics.reload("invalid")
+                log.error("config file changed but is invalid; still serving the previous config: %s", e)
+
+    # --- bookkeeping used by the request path ---------------------------------------------------
+    def record(self, rec: DecisionRecord) -> None:
+        if self.decisions.maxlen:
+            self.decisions.append(rec)
+
+
+def _open_store(config: GatewayConfig) -> PodStateStore:
+    url = config.store.url
+    if url.startswith("memory:"):
+        return podstate.open_store(url)
+    try:
+        return podstate.open_store(url, key_prefix=config.store.key_prefix)
+    except TypeError:
+        return podstate.open_store(url)
