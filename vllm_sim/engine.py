@@ -89,7 +89,7 @@ class Request:
         "num_computed", "blocks", "status", "deferred", "aborted", "arrival", "first_sched",
         "first_token", "last_token", "finish_time", "load_felt", "tier", "cached_tokens",
         "finish_reason", "stop_reason", "preemptions", "waiter", "resolved_load", "natural",
-        "stream",
+        "stream", "final_piece", "max_itl",
     )
 
     def __init__(self, request_id: str, lora: LoraRef | None, model_name: str, prompt: bytes,
@@ -130,6 +130,8 @@ class Request:
         self.preemptions = 0
         self.waiter: asyncio.Future[None] | None = None
         self.stream = False
+        self.final_piece = ""
+        self.max_itl = 0.0
 
     @property
     def finished(self) -> bool:
@@ -160,6 +162,7 @@ class Request:
             "adapter_tier": self.tier,
             "finish_reason": self.finish_reason,
             "preemptions": self.preemptions,
+            "max_itl": self.max_itl,
         }
 
 
@@ -343,7 +346,7 @@ class Engine:
                 n = min(num_tokens - cached, budget)
                 new_blocks = -(-(cached + n) // bs) - hits
                 hit_hashes = hashes[:hits]
-                evictable = sum(1 for h in hit_hashes if pool._ref[pool._cached[h]] == 0)
+                evictable = pool.evictable_hits(hit_hashes)
                 if new_blocks > pool.free_blocks - evictable:
                     stop = True
                     req.deferred = False
@@ -433,7 +436,10 @@ class Engine:
                 stats.prompt_cached += req.cached_tokens
                 stats.prompt_computed += req.num_prompt - req.cached_tokens
             else:
-                stats.itl.observe(now - req.last_token)
+                gap = now - req.last_token
+                stats.itl.observe(gap)
+                if gap > req.max_itl:
+                    req.max_itl = gap
             req.last_token = now
             reason = self._emit(req)
             if reason is not None:
@@ -448,34 +454,38 @@ class Engine:
         self._begin_step()
 
     def _emit(self, req: Request) -> str | None:
-        """Append the sampled token's text; return a finish reason or None."""
+        """Add the sampled token's text; return a finish reason or None.
+
+        Text of non-final tokens goes to ``req.pieces``; the final token's text to
+        ``req.final_piece`` (vLLM sends it in the chunk that carries ``finish_reason``). With stop
+        strings, up to ``len(longest stop) - 1`` characters are held back until they cannot start
+        a match, and the text is cut before the stop string (not included in the output).
+        """
         last = req.num_output >= req.max_tokens
         if last and req.natural:
             piece = ""  # EOS: counted as a token, no text
         else:
             piece = req.gen.next_piece()
         if not req.stop:
-            if piece:
-                req.pieces.append(piece)
             if last:
+                req.final_piece = piece
                 return "stop" if req.natural else "length"
+            req.pieces.append(piece)
             return None
-        req.text += piece
-        text = req.text
-        window_start = max(0, len(text) - len(piece) - req.stop_hold)
+        text = req.text + piece
+        window_start = max(0, len(req.text) - req.stop_hold)
         for s in req.stop:
             idx = text.find(s, window_start)
             if idx >= 0:
                 req.text = text[:idx]
-                if idx > req.emitted:
-                    req.pieces.append(req.text[req.emitted:])
-                    req.emitted = idx
+                req.final_piece = req.text[req.emitted:]
+                req.emitted = len(req.text)
                 req.stop_reason = s
                 return "stop"
+        req.text = text
         if last:
-            if len(text) > req.emitted:
-                req.pieces.append(text[req.emitted:])
-                req.emitted = len(text)
+            req.final_piece = text[req.emitted:]
+            req.emitted = len(text)
             return "stop" if req.natural else "length"
         safe = len(text) - req.stop_hold
         if safe > req.emitted:

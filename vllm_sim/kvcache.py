@@ -76,6 +76,11 @@ class BlockPool:
             n += 1
         return n
 
+    def evictable_hits(self, hashes: list[int]) -> int:
+        """How many of these (hit) blocks sit in the free queue (they stop counting as free)."""
+        ref, cached = self._ref, self._cached
+        return sum(1 for h in hashes if ref[cached[h]] == 0)
+
     def take_cached(self, hashes: list[int]) -> list[int]:
         """Reference the cached blocks for ``hashes`` (all must hit); returns their ids."""
         ids = []

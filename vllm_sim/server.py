@@ -219,7 +219,7 @@ class Pod:
                 while not req.finished:
                     req.waiter = self.engine.loop.create_future()
                     await req.waiter
-                text = req.text if req.stop else "".join(req.pieces)
+                text = req.text if req.stop else "".join(req.pieces) + req.final_piece
                 builder = P.chat_body if chat else P.completion_body
                 payload = builder(rid, created, model_name, text, req.finish_reason or "stop", req.stop_reason,
                                   num_prompt, req.num_output)
@@ -245,9 +245,8 @@ class Pod:
                 await req.waiter
             pieces = req.take_pieces()
             if req.finished:
-                last = pieces.pop() if pieces and req.finish_reason == "length" else ""
                 out = [w.content(p) for p in pieces]
-                out.append(w.finish(last, req.finish_reason or "stop", req.stop_reason, not include_usage))
+                out.append(w.finish(req.final_piece, req.finish_reason or "stop", req.stop_reason, not include_usage))
                 if include_usage:
                     out.append(w.usage(req.num_prompt, req.num_output))
                 out.append(P.DONE)
