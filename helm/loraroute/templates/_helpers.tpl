@@ -118,13 +118,22 @@ app.kubernetes.io/component: vllm
 {{- define "loraroute.redisPasswordEnv" -}}
 {{- $s := include "loraroute.redisPasswordSecret" . -}}
 {{- if $s -}}
-{{- $parts := splitList " " $s }}
+{{- $parts := splitList " " $s -}}
 - name: LORAROUTE_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ index $parts 0 }}
       key: {{ index $parts 1 }}
 {{- end -}}
+{{- end -}}
+
+{{/* Redis URL carrying the password from the environment, for LORAROUTE__STORE__URL-style
+overrides: <scheme>://:$(LORAROUTE_REDIS_PASSWORD)@<host...>. Kubernetes expands $(VAR) from the
+variables defined before it, so the password never appears in a manifest. */}}
+{{- define "loraroute.redisUrlWithPassword" -}}
+{{- $url := include "loraroute.redisUrl" . -}}
+{{- $parts := splitn "://" 2 $url -}}
+{{- printf "%s://:$(LORAROUTE_REDIS_PASSWORD)@%s" $parts._0 $parts._1 -}}
 {{- end -}}
 
 {{- define "loraroute.imagePullSecrets" -}}
@@ -246,7 +255,7 @@ imagePullSecrets:
     - name: AWS_SECRET_ACCESS_KEY
       valueFrom:
         secretKeyRef: {name: {{ .Values.sidecar.s3.existingSecret }}, key: {{ .Values.sidecar.s3.secretAccessKeyKey }}}
-{{- include "loraroute.redisPasswordEnv" . | indent 4 }}
+    {{- include "loraroute.redisPasswordEnv" . | nindent 4 }}
 {{- if $ca }}
     - name: SSL_CERT_FILE
       value: {{ $ca | quote }}
