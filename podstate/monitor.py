@@ -17,6 +17,9 @@ Residency: when the server exposes ``vllm:lora_adapter_loaded`` the tiers are ex
 ``lora_requests_info`` series (in use), and the caller's own ``note_loaded`` calls. A change
 of ``process_start_time_seconds`` (vLLM restarted) resets the estimate.
 
+``vllm_url`` is what this process polls; ``advertise_url`` (default: the same) is the URL
+published in PodState for the gateway (they differ when the sidecar reaches vLLM over loopback).
+
 Engine limits vLLM does not expose (``max_cpu_loras``, ``max_lora_rank``) come from the
 constructor; ``max_loras`` falls back to the ``max_lora`` label of ``lora_requests_info``.
 """
@@ -62,9 +65,11 @@ class PodMonitor:
         request_timeout_s: float = 0.4,
         unhealthy_after_s: float = 0.4,
         withdraw_on_close: bool = True,
+        advertise_url: str | None = None,
     ) -> None:
         self.pod_id = pod_id
         self.vllm_url = vllm_url.rstrip("/")
+        self.advertise_url = (advertise_url or vllm_url).rstrip("/")
         self.store = store
         self.interval_s = interval_s
         self.ttl_s = ttl_s
@@ -140,6 +145,11 @@ class PodMonitor:
         self.estimator.observe_load(name)
         if self._known_models is not None:
             self._known_models.add(name)
+        self._wake.set()
+
+    def note_not_loading(self, name: str) -> None:
+        """A fetch or load of ``name`` ended without loading it (nothing else changes)."""
+        self._loading.discard(name)
         self._wake.set()
 
     def note_unloaded(self, name: str) -> None:
@@ -256,7 +266,7 @@ class PodMonitor:
         bases = self.models.base_models if self.models and self.models.base_models else (m.model_names if m else ())
         state = PodState(
             pod_id=self.pod_id,
-            url=self.vllm_url,
+            url=self.advertise_url,
             sidecar_url=self.sidecar_url,
             base_models=tuple(bases),
             healthy=self._healthy,

@@ -1,0 +1,288 @@
+"""Sidecar settings: one YAML file, environment overrides, command-line flags (in that order).
+
+Strict: an unknown key is an error that names itself. Example (every key, with its default;
+``pod_id`` and ``vllm_url`` have none)::
+
+    pod_id: vllm-0                      # the pod's id in PodState
+    vllm_url: http://127.0.0.1:8000     # where this sidecar reaches vLLM
+    advertise_url: null                 # the vLLM URL the gateway should use (default: vllm_url)
+    sidecar_url: null                   # this sidecar's URL for the gateway (default: from listen)
+    listen: {host: 127.0.0.1, port: 8081}
+    store: {type: null, url: "memory://", key_prefix: loraroute, password_env: null}
+    base_model: null                    # vLLM's --model; adapters must name it in base_model_name_or_path
+    served_model_name: null             # vLLM's --served-model-name ({base} in layouts, default base_model)
+    max_lora_rank: 16                   # vLLM's --max-lora-rank
+    max_loras: null                     # vLLM's --max-loras (default: read from lora_requests_info)
+    max_cpu_loras: null                 # vLLM's --max-cpu-loras (default: max_loras)
+    adapter_dir: adapters               # VLLM_LORA_RESOLVER_CACHE_DIR as this sidecar sees it
+    vllm_adapter_dir: null              # the same folder as vLLM sees it (default: adapter_dir)
+    disk_budget_bytes: 10737418240      # LRU eviction of unused adapters beyond this
+    max_adapter_bytes: 2147483648       # refuse bigger adapters
+    poll_interval_s: 0.05
+    ttl_s: 3.0
+    heartbeat_s: 1.0
+    load_on_ensure: true                # POST /adapters/{name}/ensure also loads into vLLM
+    log_level: info
+    source:
+      type: local                       # local | s3
+      local: {path: adapter-source, layout: "{adapter}/"}
+      s3:
+        endpoint_url: null              # e.g. https://minio.internal:9000
+        bucket: adapters
+        layout: "adapters/{adapter}/"   # or "adapters/{base}/{adapter}/"
+        region: us-east-1
+        ca_bundle: null                 # PEM file of a corporate / self-signed CA
+        verify_tls: true
+        access_key_id_file: null        # else AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the env
+        secret_access_key_file: null
+        session_token_file: null
+        connect_timeout_s: 2.0
+        read_timeout_s: 30.0
+        max_attempts: 2
+
+Environment: ``LORAROUTE_SIDECAR_<KEY>``, nested keys joined by ``__``
+(``LORAROUTE_SIDECAR_SOURCE__S3__BUCKET=adapters``); values are read as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "LORAROUTE_SIDECAR_"
+
+
+class SettingsError(ValueError):
+    """Invalid settings; the message names every offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=0, le=65535)
+
+
+class StoreSettings(_Strict):
+    type: Literal["memory", "redis"] | None = None
+    url: str = "memory://"
+    key_prefix: str = "loraroute"
+    #: name of an environment variable holding the Redis password (never the password itself)
+    password_env: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StoreSettings:
+        if not self.url.startswith(("memory:", "redis://", "rediss://", "unix://")):
+            raise ValueError("store.url: use memory:// or redis://host:port/db (rediss:// for TLS)")
+        if self.type == "redis" and self.url.startswith("memory:"):
+            raise ValueError("store.type is redis but store.url is memory://; set store.url to redis://host:port/db")
+        return self
+
+
+class LocalSourceSettings(_Strict):
+    path: str = "adapter-source"
+    layout: str = "{adapter}/"
+
+
+class S3Settings(_Strict):
+    endpoint_url: str | None = None
+    bucket: str = "adapters"
+    layout: str = "adapters/{adapter}/"
+    region: str = "us-east-1"
+    ca_bundle: str | None = None
+    verify_tls: bool = True
+    access_key_id_file: str | None = None
+    secret_access_key_file: str | None = None
+    session_token_file: str | None = None
+    connect_timeout_s: float = Field(2.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)
+    max_attempts: int = Field(2, ge=1, le=10)
+
+
+class SourceSettings(_Strict):
+    type: Literal["local", "s3"] = "local"
+    local: LocalSourceSettings = LocalSourceSettings()
+    s3: S3Settings = S3Settings()
+
+
+def _check_layout(layout: str, where: str) -> str:
+    if "{adapter}" not in layout:
+        raise ValueError(f"{where}: layout {layout!r} must contain {{adapter}}")
+    try:
+        layout.format(adapter="a", base="b")
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"{where}: layout {layout!r} may only use {{adapter}} and {{base}}") from None
+    if layout.startswith("/") or ".." in layout:
+        raise ValueError(f"{where}: layout {layout!r} must be relative and must not contain '..'")
+    return layout
+
+
+class SidecarSettings(_Strict):
+    pod_id: str = Field(min_length=1)
+    vllm_url: str = Field(min_length=1)
+    advertise_url: str | None = None
+    sidecar_url: str | None = None
+    listen: ListenSettings = ListenSettings()
+    store: StoreSettings = StoreSettings()
+    base_model: str | None = None
+    served_model_name: str | None = None
+    max_lora_rank: int = Field(16, ge=1)
+    max_loras: int | None = Field(None, ge=1)
+    max_cpu_loras: int | None = Field(None, ge=1)
+    adapter_dir: str = "adapters"
+    vllm_adapter_dir: str | None = None
+    disk_budget_bytes: int = Field(10 * 1024**3, gt=0)
+    max_adapter_bytes: int = Field(2 * 1024**3, gt=0)
+    poll_interval_s: float = Field(0.05, gt=0)
+    ttl_s: float = Field(3.0, gt=0)
+    heartbeat_s: float = Field(1.0, gt=0)
+    load_on_ensure: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    source: SourceSettings = SourceSettings()
+
+    @field_validator("vllm_url", "advertise_url", "sidecar_url")
+    @classmethod
+    def _http(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+    @model_validator(mode="after")
+    def _checks(self) -> SidecarSettings:
+        _check_layout(self.source.local.layout, "source.local.layout")
+        _check_layout(self.source.s3.layout, "source.s3.layout")
+        if self.max_loras and self.max_cpu_loras and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras (as vLLM requires)")
+        if self.heartbeat_s >= self.ttl_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be shorter than ttl_s ({self.ttl_s})")
+        return self
+
+    # --- derived values -------------------------------------------------------------------------
+    @property
+    def base_key(self) -> str:
+        """What ``{base}`` means in a layout: the served name (or --model), last path segment."""
+        base = self.served_model_name or self.base_model or ""
+        return base.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def public_sidecar_url(self) -> str:
+        if self.sidecar_url:
+            return self.sidecar_url
+        host = self.listen.host if self.listen.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return f"http://{host}:{self.listen.port}"
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings for logs and ``--check-config``: no secrets are ever in them, only file names."""
+        return self.model_dump(mode="json")
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key")
+        elif err["type"] == "missing":
+            lines.append(f"{loc}: required (set it in the file, LORAROUTE_SIDECAR_{loc.upper().replace('.', '__')} "
+                         f"or --{loc.replace('_', '-').replace('.', '-')})")
+        else:
+            lines.append(f"{loc}: {err['msg']}")
+    return "invalid sidecar settings:\n  " + "\n  ".join(lines)
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """``LORAROUTE_SIDECAR_A__B=v`` -> ``{"a": {"b": v}}`` (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(d, "source.s3.bucket", "x")``."""
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SettingsError(f"cannot read sidecar settings file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"sidecar settings file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"sidecar settings file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_settings(
+    source: str | Path | Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> SidecarSettings:
+    """Validate settings from a YAML file path or a dict, then ``env`` overrides (only when given,
+    e.g. ``os.environ``), then ``overrides`` (dotted keys, e.g. from flags). Raises
+    ``SettingsError`` naming every bad key."""
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        data = read_file(source)
+    if env is not None:
+        data = _deep_merge(data, env_overrides(env))
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, dotted, value)
+    try:
+        return SidecarSettings.model_validate(data)
+    except ValidationError as exc:
+        raise SettingsError(_format_errors(exc)) from None
+
+
+def store_password(settings: SidecarSettings, env: Mapping[str, str] | None = None) -> str | None:
+    """The Redis password from the environment variable ``store.password_env`` names."""
+    if not settings.store.password_env:
+        return None
+    return (env if env is not None else os.environ).get(settings.store.password_env) or None
