@@ -15,7 +15,8 @@
    least recently used adapter not in use (``in_use()``: on GPU, running, loading, being
    ensured) is removed — after ``before_evict(name)`` (the sidecar unloads it from vLLM).
 
-Concurrent ensures of one name share one task (one download). ``last_used`` is the time of the
+Concurrent ensures of one name share one task (one download; ``on_download(seconds, bytes)``
+is called once per download). ``last_used`` is the time of the
 last ensure or ``touch`` (initially the folder's mtime).
 """
 
@@ -87,6 +88,7 @@ class AdapterStore:
         disk_budget_bytes: int = 10 * 1024**3,
         in_use: Callable[[], Iterable[str]] | None = None,
         before_evict: Callable[[str], Awaitable[None]] | None = None,
+        on_download: Callable[[float, int], None] | None = None,
     ) -> None:
         self.dir = Path(adapter_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +101,8 @@ class AdapterStore:
         self.disk_budget_bytes = disk_budget_bytes
         self._in_use = in_use or (lambda: ())
         self._before_evict = before_evict
+        self._on_download = on_download
+        self.fetched_bytes = 0
         self._inflight: dict[str, asyncio.Task[EnsureResult]] = {}
         self._adapters: dict[str, LocalAdapter] = {}
         self.evictions = 0
@@ -177,6 +181,9 @@ class AdapterStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.downloads += 1
+        self.fetched_bytes += fetched
+        if self._on_download is not None:
+            self._on_download(time.monotonic() - started, fetched)
         self._adapters[name] = self._describe(final, time.time())
         await self.enforce_budget(keep=name)
         return EnsureResult(name, final, "downloaded", time.monotonic() - started, info, fetched)

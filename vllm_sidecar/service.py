@@ -74,7 +74,7 @@ class Sidecar:
         self.adapter_store = AdapterStore(
             s.adapter_dir, source, layout=layout, base_key=s.base_key, max_lora_rank=s.max_lora_rank,
             base_model=s.base_model, max_adapter_bytes=s.max_adapter_bytes, disk_budget_bytes=s.disk_budget_bytes,
-            in_use=self._in_use, before_evict=self._before_evict,
+            in_use=self._in_use, before_evict=self._before_evict, on_download=self._on_download,
         )
         adapter_store = self.adapter_store
         self.monitor = PodMonitor(
@@ -113,6 +113,11 @@ class Sidecar:
             return set()
         return set(state.gpu_adapters) | set(state.running_adapters) | set(state.loading_adapters)
 
+    def _on_download(self, seconds: float, nbytes: int) -> None:
+        assert self.adapter_store is not None
+        self.metrics.fetch_seconds.labels(self.adapter_store.source.kind).observe(seconds)
+        self.metrics.fetched_bytes.inc(nbytes)
+
     async def _before_evict(self, name: str) -> None:
         """An adapter leaving the disk must not stay registered in vLLM under a dead path."""
         monitor = self.monitor
@@ -140,9 +145,6 @@ class Sidecar:
             noted = True
             result = await self.adapter_store.ensure(name)
             self.metrics.ensure_total.labels(result.source).inc()
-            if result.source == "downloaded":
-                self.metrics.fetch_seconds.labels(self.adapter_store.source.kind).observe(result.seconds)
-                self.metrics.fetched_bytes.inc(result.fetched_bytes)
             loaded = False
             if load:
                 registered = monitor.models is not None and name in monitor.models.adapters
