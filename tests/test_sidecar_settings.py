@@ -1,0 +1,101 @@
+"""Sidecar settings (strict YAML, env, flags) and the not-found diagnostics as pure functions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vllm_sidecar import cli
+from vllm_sidecar.diagnostics import diagnose
+from vllm_sidecar.settings import SettingsError, load_settings
+from vllm_sidecar.sources import ObjectInfo
+
+# the shape the Helm chart renders (pod id and URLs come from flags there)
+HELM_LIKE = {
+    "listen": {"host": "0.0.0.0", "port": 8081},
+    "base_model": "/mnt/models/Llama-3.1-8B-Instruct",
+    "served_model_name": "llama-3.1-8b",
+    "max_lora_rank": 64,
+    "adapter_dir": "/var/lib/loraroute/adapters",
+    "disk_budget_bytes": 16000000000,
+    "poll_interval_s": 0.05,
+    "source": {"type": "s3", "s3": {"bucket": "adapters", "region": "us-east-1", "layout": "adapters/{base}/{adapter}/",
+                                    "endpoint_url": "https://minio.internal:9000", "ca_bundle": "/etc/loraroute/ca/ca.crt"}},
+    "store": {"type": "redis", "url": "redis://redis:6379/0", "password_env": "LORAROUTE_REDIS_PASSWORD"},
+}
+
+
+def test_helm_rendered_file_validates(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(HELM_LIKE))
+    s = load_settings(path, overrides={"pod_id": "vllm-0", "vllm_url": "http://127.0.0.1:8000"})
+    assert s.source.s3.ca_bundle == "/etc/loraroute/ca/ca.crt" and s.store.password_env == "LORAROUTE_REDIS_PASSWORD"
+    assert s.base_key == "llama-3.1-8b" and s.public_sidecar_url == "http://127.0.0.1:8081"
+
+
+@pytest.mark.parametrize(("patch", "needle"), [
+    ({"bucket_name": "x"}, "bucket_name: unknown key"),
+    ({"source": {"s3": {"bukket": "x"}}}, "source.s3.bukket: unknown key"),
+    ({"source": {"type": "gcs"}}, "source.type"),
+    ({"source": {"s3": {"layout": "adapters/{name}/"}}}, "must contain {adapter}"),
+    ({"store": {"url": "postgres://x"}}, "use memory:// or redis://"),
+    ({"max_loras": 4, "max_cpu_loras": 2}, "max_cpu_loras must be >= max_loras"),
+    ({"ttl_s": 1.0, "heartbeat_s": 2.0}, "heartbeat_s"),
+])
+def test_strict_errors_name_the_key(patch: dict[str, object], needle: str) -> None:
+    data = json.loads(json.dumps({"pod_id": "p", "vllm_url": "http://v:1", **HELM_LIKE}))
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            for k2, v2 in value.items():
+                if isinstance(v2, dict):
+                    data[key].setdefault(k2, {}).update(v2)
+                else:
+                    data[key][k2] = v2
+        else:
+            data[key] = value
+    with pytest.raises(SettingsError, match=None) as info:
+        load_settings(data)
+    assert needle in str(info.value)
+
+
+def test_missing_required_keys_say_how_to_set_them() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({})
+    text = str(info.value)
+    assert "pod_id: required" in text and "LORAROUTE_SIDECAR_POD_ID" in text and "--pod-id" in text
+
+
+def test_precedence_file_then_env_then_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"pod_id": "from-file", "vllm_url": "http://v:1", "max_lora_rank": 8}))
+    env = {"LORAROUTE_SIDECAR_MAX_LORA_RANK": "32", "LORAROUTE_SIDECAR_SOURCE__S3__BUCKET": "env-bucket",
+           "LORAROUTE_SIDECAR_POD_ID": "from-env"}
+    args = cli.build_parser().parse_args(["--config", str(path), "--pod-id", "from-flag", "--set", "ttl_s=5"])
+    s = cli.settings_from_args(args, env=env)
+    assert (s.pod_id, s.max_lora_rank, s.source.s3.bucket, s.ttl_s) == ("from-flag", 32, "env-bucket", 5.0)
+    with pytest.raises(SettingsError, match="no_such_key: unknown key"):
+        cli.settings_from_args(cli.build_parser().parse_args(["--config", str(path)]),
+                               env={"LORAROUTE_SIDECAR_NO_SUCH_KEY": "1"})
+    assert cli.main(["--config", str(path), "--check-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["pod_id"] in ("from-file", "from-env")
+    assert cli.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_diagnose_covers_each_path_mistake() -> None:
+    listing = [ObjectInfo(k, 1) for k in (
+        "adapters/adapter_config.json", "adapters/adapter_model.safetensors",  # synced without the folder
+        "adapters/sql-lora",                                                    # object, no trailing slash
+        "adapters/SQL-LoRA/adapter_config.json",                                # case
+        "team/x/sql-lora/adapter_config.json",                                  # other depth
+        "adapters/sql-lora2/adapter_config.json",                               # close name
+    )]
+    msg = diagnose("sql-lora", "adapters/sql-lora/", listing, describe="s3://b/adapters/sql-lora/")
+    assert msg.startswith("adapter 'sql-lora' not found: looked for s3://b/adapters/sql-lora/adapter_config.json")
+    for needle in ("without a trailing slash", "copied straight into 'adapters/'", "differ only in letter case",
+                   "found adapter_config.json in 'team/x/sql-lora/'", "close names in 'adapters/': sql-lora2"):
+        assert needle in msg, needle
+    empty = diagnose("x", "adapters/x/", [], describe="s3://b/adapters/x/")
+    assert "nothing exists under 'adapters/'" in empty
