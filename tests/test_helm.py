@@ -359,6 +359,7 @@ BAD_VALUES = [
     (["--set-json", 'gateway.config.tenants=[{"name": "acme", "keys": ["x"]}]'], "keys"),
     (["--set-json", 'gateway.auth.adminKeyDigests=["not-a-digest"]'], "gateway.auth.adminKeyDigests.0"),
     (["--set", "route.tls.termination=passthrough"], "route.tls.termination"),
+    (["--set", "vllm.kserve.deploymentMode=Serverless"], "vllm.kserve.deploymentMode"),
     (["--set", "route.tls.termination=reencrypt"], "route.tls.termination"),
     (["--set", "ingress.enabled=true", "--set", "route.enabled=true"], "either ingress or route"),
 ]
@@ -537,7 +538,7 @@ def test_rendered_sidecar_settings_are_accepted_by_the_sidecar(value_set: str, t
 
     docs, values = rendered(value_set), load_values(value_set)
     args, env = sidecar_invocation(docs, tmp_path)
-    assert args[0] == "sidecar"
+    assert container(vllm_pod_spec(docs), "sidecar")["command"] == ["loraroute"] and args[0] == "sidecar"
     settings = settings_from_args(build_parser().parse_args(args[1:]), env=env)
     vllm = values["vllm"]
     assert settings.pod_id == "vllm-pod-0"

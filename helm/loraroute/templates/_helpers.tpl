@@ -237,6 +237,7 @@ imagePullSecrets:
 - name: sidecar
   image: {{ include "loraroute.image" (list . .Values.image) }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: [loraroute]
   args:
     - sidecar
     - --config=/etc/loraroute/sidecar.yaml
