@@ -224,7 +224,7 @@ class Engine:
                                       req.num_prompt // self.config.block_size)
         self.waiting.append(req)
         self.ring.append(req)
-        self._kick()
+        self._kick(req.arrival)
 
     def abort(self, req: Request) -> None:
         """Client went away: drop the request (finish reason ``abort``)."""
@@ -247,9 +247,11 @@ class Engine:
         return fut
 
     # -- loop ----------------------------------------------------------------------------------
-    def _kick(self) -> None:
+    def _kick(self, start: float | None = None) -> None:
+        """Wake an idle engine; its next step starts at ``start`` (default now, simulated)."""
         if not self._busy:
-            self._t = self.now()
+            now = self.now()
+            self._t = now if start is None else max(self._t, min(start, now))
             self._anchor = self.loop.time()
             self._busy = True
             self._step_end = self._t
@@ -276,6 +278,9 @@ class Engine:
                 self.loop.call_soon(self._begin_step)
                 return
             self._scheduled = []
+            for req in self.running:  # the engine loop is blocked: prefills in flight feel it
+                if req.first_token is None:
+                    req.load_felt += self._utility_result
             self._arm(self._utility_result)
             return
         if not self.running and not self.waiting:
@@ -369,6 +374,11 @@ class Engine:
                     batch_loras[lora.lora_id] = lora
             self.waiting = remaining
         self.num_deferred = deferred
+        if not scheduled and not running and self.waiting:
+            # the head request cannot fit in the whole KV cache even alone: fail it, never spin
+            self._finish(self.waiting.pop(0), "error", self._t)
+            self.loop.call_soon(self._begin_step)
+            return
         stall = 0.0
         self.loading = []
         if batch_loras:
