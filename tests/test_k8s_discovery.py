@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -167,7 +168,8 @@ class ReplayApiServer:
 
     ``lists`` are served in order for LIST requests (the last repeats); ``watches`` in order
     for watch requests: each is a list of events, an int (answer with that HTTP status and a
-    Status body) or ``"hold"`` (send nothing and keep the stream open until closed or 20 s).
+    Status body), ``"hold"`` (send nothing and keep the stream open until closed or 20 s) or
+    ``"queue"`` (stream whatever ``push()`` is given, until closed or 60 s).
     """
 
     def __init__(self, lists: list[Any], watches: list[Any], token: str = "t0ken") -> None:
@@ -230,6 +232,14 @@ class ReplayApiServer:
                         deadline = time.monotonic() + 20
                         while time.monotonic() < deadline and not server.closing.is_set():
                             time.sleep(0.05)
+                    elif script == "queue":
+                        deadline = time.monotonic() + 60
+                        while time.monotonic() < deadline and not server.closing.is_set():
+                            try:
+                                ev = server.pushed.get(timeout=0.05)
+                            except queue.Empty:
+                                continue
+                            chunk(json.dumps(ev).encode() + b"\n")
                     else:
                         for ev in script:
                             line = json.dumps(ev).encode() + b"\n"
@@ -242,6 +252,7 @@ class ReplayApiServer:
                     pass
 
         self.closing = threading.Event()
+        self.pushed: queue.Queue[dict[str, Any]] = queue.Queue()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -267,6 +278,10 @@ class ReplayApiServer:
             return client.CoreV1Api(client.ApiClient(cfg))
 
         return make
+
+    def push(self, event: dict[str, Any]) -> None:
+        """Send one event on the open ``"queue"`` watch."""
+        self.pushed.put(event)
 
     def watch_requests(self) -> list[dict[str, str]]:
         with self.lock:
@@ -364,3 +379,99 @@ def test_start_fails_loudly_without_permission() -> None:
                 assert getattr(info2.value, "status", None) == 401
 
     asyncio.run(run())
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: a real gateway process discovering a real (simulated) vLLM pod through the API
+# --------------------------------------------------------------------------------------------
+def local_pod(pod: dict[str, Any], ready: bool, rv: str) -> dict[str, Any]:
+    """A fixture pod moved to 127.0.0.1 so the gateway can reach the simulated vLLM behind it."""
+    out = json.loads(json.dumps(pod))
+    out["status"]["podIP"] = "127.0.0.1"
+    out["status"]["podIPs"] = [{"ip": "127.0.0.1"}]
+    out["metadata"]["resourceVersion"] = rv
+    for cond in out["status"]["conditions"]:
+        if cond["type"] in ("Ready", "ContainersReady"):
+            cond["status"] = "True" if ready else "False"
+    return out
+
+
+def test_gateway_process_routes_only_to_ready_discovered_pods(procs: Any, tmp_path: Path, make_adapter: Any, redis_url: str) -> None:
+    """kubeconfig -> real client -> KubernetesDiscovery inside `loraroute gateway`; the pod needs
+    both its Kubernetes readiness and its sidecar's PodState; a readiness loss removes it at once."""
+    import httpx
+    import yaml
+
+    from loraroute.procs import free_ports, http_ready, loraroute_cmd
+
+    pod_a = load("pod-list.json")["items"][0]
+    name = pod_a["metadata"]["name"]
+    sim_port, side_port, gw_port = free_ports(3)
+    source, cache = tmp_path / "source", tmp_path / "cache"
+    cache.mkdir()
+    make_adapter("sql", rank=8, root=source, base_model="base")
+    pod_list = {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "5000"},
+                "items": [local_pod(pod_a, True, "4999")]}
+    with ReplayApiServer([pod_list], ["queue"]) as api:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "replay",
+            "clusters": [{"name": "replay", "cluster": {"server": f"http://127.0.0.1:{api.port}"}}],
+            "users": [{"name": "gw", "user": {"token": api.token}}],
+            "contexts": [{"name": "replay", "context": {"cluster": "replay", "user": "gw", "namespace": "llm"}}],
+        }))
+        procs.start("sim", loraroute_cmd("sim", "--port", str(sim_port), "--model", "base", "--enable-lora", "--max-loras", "2",
+                                         "--max-lora-rank", "16", "--adapter-dir", str(cache), "--allow-runtime-lora-updating",
+                                         "--time-scale", "0.05"),
+                    ready_url=f"http://127.0.0.1:{sim_port}/health", timeout=60)
+        procs.start("sidecar", loraroute_cmd("sidecar", "--pod-id", name, "--vllm-url", f"http://127.0.0.1:{sim_port}",
+                                             "--advertise-url", f"http://127.0.0.1:{sim_port}", "--port", str(side_port),
+                                             "--store-url", redis_url, "--adapter-dir", str(cache), "--source-type", "local",
+                                             "--source-path", str(source), "--base-model", "base", "--max-lora-rank", "16"),
+                    ready_url=f"http://127.0.0.1:{side_port}/healthz", timeout=60)
+        cfg = tmp_path / "gateway.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "server": {"host": "127.0.0.1", "port": gw_port, "reload_poll_s": 0},
+            "bases": [{"name": "base", "adapters": ["sql"]}],
+            "discovery": {"kubernetes": {"namespace": "llm", "label_selector": SELECTOR, "port": sim_port,
+                                         "sidecar_port": side_port, "resync_s": 30}, "monitor": "never"},
+            "store": {"url": redis_url},
+        }))
+        gw = f"http://127.0.0.1:{gw_port}"
+        procs.start("gateway", loraroute_cmd("gateway", "--config", str(cfg)), ready_url=f"{gw}/health", timeout=60,
+                    env={"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": ""})
+
+        def ask() -> httpx.Response:
+            return httpx.post(f"{gw}/v1/chat/completions", timeout=30, json={
+                "model": "base:sql", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+
+        def poll(pred: Any, what: str, timeout: float = 20.0) -> httpx.Response:
+            deadline = time.monotonic() + timeout
+            last = None
+            while time.monotonic() < deadline:
+                last = ask()
+                if pred(last):
+                    return last
+                time.sleep(0.1)
+            raise AssertionError(f"{what}: last answer {last.status_code if last else None} {last.text[:200] if last else ''}")
+
+        ok = poll(lambda r: r.status_code == 200, "routed to the discovered pod")
+        assert ok.headers["x-loraroute-pod"] == name
+        assert http_ready(f"{gw}/ready")
+        reqs = api.watch_requests()
+        assert reqs and reqs[0]["resourceVersion"] == "5000" and reqs[0]["labelSelector"] == SELECTOR
+        # readiness lost (e.g. vLLM's /health failing): out of rotation at once, though the sidecar still publishes
+        t0 = time.monotonic()
+        api.push({"type": "MODIFIED", "object": local_pod(pod_a, False, "5001")})
+        gone = poll(lambda r: r.status_code == 503, "pod removed after readiness loss")
+        removal_s = time.monotonic() - t0
+        assert gone.json()["error"]["message"]
+        # ready again: back in rotation
+        api.push({"type": "MODIFIED", "object": local_pod(pod_a, True, "5002")})
+        back = poll(lambda r: r.status_code == 200, "pod back after readiness")
+        assert back.headers["x-loraroute-pod"] == name
+        # deleted: gone for good
+        api.push({"type": "DELETED", "object": local_pod(pod_a, False, "5003")})
+        poll(lambda r: r.status_code == 503, "pod removed after deletion")
+        print(f"readiness loss -> out of rotation in {removal_s * 1000:.0f} ms (polling every 100 ms)")
+        assert removal_s < 10.0
