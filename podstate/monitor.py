@@ -13,8 +13,10 @@ time of the last good scrape.
 
 Residency: when the server exposes ``vllm:lora_adapter_loaded`` the tiers are exact
 (``residency_source="exact"``); otherwise they are estimated from adapters newly listed in
-``/v1/models`` (a load), names dropped from it (an unload), names in a new
-``lora_requests_info`` series (in use), and the caller's own ``note_loaded`` calls. A change
+``/v1/models`` (a load), names dropped from it (an unload), names in every
+``lora_requests_info`` series whose timestamp is newer than the previous scrape's newest (each
+was the in-flight set at some moment since then, so requests shorter than the poll interval still
+count), and the caller's own ``note_loaded`` calls. A change
 of ``process_start_time_seconds`` (vLLM restarted) resets the estimate.
 
 ``vllm_url`` is what this process polls; ``advertise_url`` (default: the same) is the URL
@@ -237,8 +239,15 @@ class PodMonitor:
                     est.observe_unload(name)
             self._known_models = current
             if metrics.lora is not None and metrics.lora.timestamp != self._last_lora_ts:
+                # every series updated since the last scrape was the in-flight set at some moment
+                # since then (oldest first), so short requests between two scrapes still count
+                since = self._last_lora_ts
+                for info in metrics.lora_history:
+                    if since is None and info is not metrics.lora:
+                        continue  # first scrape: only the current set is known to be recent
+                    if since is None or info.timestamp > since:
+                        est.observe_running(info.running)
                 self._last_lora_ts = metrics.lora.timestamp
-                est.observe_running(metrics.lora.running)
         self._loading -= set(models.adapters) & set(est.gpu)
         if not self._healthy:
             log.info("pod %s: vLLM at %s answering", self.pod_id, self.vllm_url)

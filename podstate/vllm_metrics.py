@@ -56,6 +56,9 @@ class VllmMetrics:
     block_size: int | None = None
     num_gpu_blocks: int | None = None
     lora: LoraRequestsInfo | None = None
+    #: every lora_requests_info series, oldest timestamp first (those newer than the previous
+    #: scrape's newest are the in-flight sets seen since then, even short-lived ones)
+    lora_history: tuple[LoraRequestsInfo, ...] = ()
     # exact residency (lora_adapter_loaded); None when the series is absent
     exact_gpu: tuple[str, ...] | None = None
     exact_cpu: tuple[str, ...] | None = None
@@ -87,13 +90,34 @@ def _int_label(value: str | None) -> int | None:
         return None
 
 
+#: metric-name prefixes this module reads; other lines are dropped before parsing (vLLM's
+#: /metrics is ~700 lines of histograms; parsing only these keeps a scrape under a millisecond)
+WANTED = (
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
+    "vllm:gpu_prefix_cache_queries", "vllm:gpu_prefix_cache_hits", "vllm:lora_requests_info",
+    "vllm:cache_config_info", "vllm:lora_adapter_loaded", "process_start_time_seconds",
+)
+_WANTED_COMMENTS = tuple(f"# {kind} {name}" for kind in ("TYPE", "HELP") for name in WANTED)
+
+
+def select_lines(text: str) -> str:
+    """Only the samples and TYPE/HELP lines of the ``WANTED`` families."""
+    keep = [line for line in text.splitlines() if line.startswith(WANTED) or line.startswith(_WANTED_COMMENTS)]
+    keep.append("")
+    return "\n".join(keep)
+
+
 def parse_metrics(text: str) -> VllmMetrics:
-    """Parse vLLM's Prometheus text into ``VllmMetrics``.
+    """Parse vLLM's Prometheus text into ``VllmMetrics`` (only the ``WANTED`` families are read).
 
     Raises ``MetricsParseError`` when the text is not valid exposition format.
     """
+    selected = select_lines(text)
+    if "vllm:" not in selected:
+        raise MetricsParseError("no vllm:* series in /metrics: is this a vLLM server (and its metrics port)?")
     try:
-        families = list(text_string_to_metric_families(text))
+        families = list(text_string_to_metric_families(selected))
     except Exception as exc:  # the parser raises ValueError/IndexError/TypeError on bad input
         raise MetricsParseError(f"not Prometheus text format: {exc}") from None
 
@@ -101,6 +125,7 @@ def parse_metrics(text: str) -> VllmMetrics:
     seen: set[str] = set()
     kv_values: dict[str, list[float]] = defaultdict(list)
     lora_best: LoraRequestsInfo | None = None
+    lora_all: list[LoraRequestsInfo] = []
     block_size: int | None = None
     num_gpu_blocks: int | None = None
     exact: dict[str, list[tuple[float, str]]] = {"gpu": [], "cpu": []}
@@ -140,6 +165,7 @@ def parse_metrics(text: str) -> VllmMetrics:
                     max_lora=_int_label(labels.get("max_lora")),
                     timestamp=value,
                 )
+                lora_all.append(info)
                 if lora_best is None or info.timestamp >= lora_best.timestamp:
                     lora_best = info
             elif name == "vllm:cache_config_info":
@@ -173,6 +199,7 @@ def parse_metrics(text: str) -> VllmMetrics:
         block_size=block_size,
         num_gpu_blocks=num_gpu_blocks,
         lora=lora_best,
+        lora_history=tuple(sorted(lora_all, key=lambda i: i.timestamp)),
         exact_gpu=ordered(exact["gpu"]) if exact_seen else None,
         exact_cpu=ordered(exact["cpu"]) if exact_seen else None,
         exact_ranks=exact_ranks,

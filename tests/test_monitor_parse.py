@@ -82,6 +82,8 @@ def test_engines_summed_new_name_preferred_and_exact_residency() -> None:
 def test_bad_payloads_raise() -> None:
     with pytest.raises(MetricsParseError):
         parse_metrics("vllm:num_requests_running{engine=0 1.0\n")
+    with pytest.raises(MetricsParseError, match="is this a vLLM server"):
+        parse_metrics("<html>not metrics</html>\n")
     with pytest.raises(MetricsParseError):
         parse_models('{"data": 3}')
 
