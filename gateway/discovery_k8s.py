@@ -32,6 +32,8 @@ Watch protocol handled (see the Kubernetes API concepts page, "Efficient detecti
   watch request means "re-LIST": the mapping is replaced by the new list, not merged;
 - the server ends a watch after ``timeoutSeconds`` (``resync_s`` here); we re-watch from the last
   version without re-listing;
+- a watch that ends within ``EMPTY_WATCH_S`` (1 s) without any event is treated like an error
+  for the backoff (no tight re-watch loop), but without a re-LIST;
 - any other error (connection refused, 5xx, 401/403, a malformed line) is retried after a bounded
   exponential backoff: ``min(backoff_max_s, backoff_base_s * 2**(n-1))`` for the n-th consecutive
   failure (defaults 0.5 s and 30 s), followed by a fresh LIST. While the API server is
@@ -58,6 +60,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -67,6 +70,9 @@ from typing import Any
 from gateway.discovery import Endpoint, _Listeners
 
 log = logging.getLogger("loraroute.discovery.k8s")
+
+#: a watch that ends sooner than this without a single event counts as a failure (backoff)
+EMPTY_WATCH_S = 1.0
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -286,7 +292,7 @@ class KubernetesDiscovery(_Listeners):
         self._resp: Any = None
         self._resp_lock = threading.Lock()
         #: counters for /metrics and tests: lists done, watch streams opened, failures seen
-        self.stats = {"lists": 0, "watches": 0, "failures": 0, "events": 0}
+        self.stats = {"lists": 0, "watches": 0, "failures": 0, "events": 0, "empty_watches": 0}
 
     @classmethod
     def from_config(cls, cfg: Any, **kwargs: Any) -> KubernetesDiscovery:
@@ -354,7 +360,18 @@ class KubernetesDiscovery(_Listeners):
                     self._list()
                     self._publish()
                     need_list = False
+                started = time.monotonic()
+                events_before = self.stats["events"]
                 outcome = self._watch_once()
+                if outcome is WatchOutcome.UNCHANGED and self.stats["events"] == events_before and (
+                    time.monotonic() - started < EMPTY_WATCH_S
+                ):
+                    # a watch that ends at once with nothing in it (a proxy cutting streams, an
+                    # overloaded server): back off instead of re-watching in a tight loop
+                    failures += 1
+                    self.stats["empty_watches"] += 1
+                    self._stop.wait(backoff_delay(failures, self.backoff_base_s, self.backoff_max_s))
+                    continue
                 failures = 0
                 if outcome is WatchOutcome.RELIST:
                     log.info("pod watch expired (410); re-listing")

@@ -326,7 +326,8 @@ def test_client_lists_watches_relists_on_410(lists_and_watches: tuple[list[Any],
             await disc.start()
             # start() returns with the first LIST applied
             assert set(disc.endpoints()) == {A}
-            await wait_for(lambda: set(disc.endpoints()) == {A, D} and disc.stats["lists"] >= 2)
+            await wait_for(lambda: set(disc.endpoints()) == {A, D} and disc.stats["lists"] >= 2
+                           and len(server.watch_requests()) >= 3)
             # every change reached the listeners, in order, ending with the re-listed set
             assert seen[0] == {A} and seen[1] == {A, B} and seen[-1] == {A, D}
             assert {A, B, C} in seen and {A, C, D} in seen
@@ -361,6 +362,23 @@ def test_client_backs_off_and_relists_after_errors() -> None:
             await wait_for(lambda: set(disc.endpoints()) == {A, D})
             assert disc.stats["failures"] == 2 and server.list_count() == 3
             await disc.close()
+
+    asyncio.run(run())
+
+
+def test_empty_watches_back_off_instead_of_spinning() -> None:
+    async def run() -> None:
+        # the server ends every watch at once with no event; the loop must slow down
+        with ReplayApiServer([load("pod-list.json")], [[] for _ in range(50)]) as server:
+            disc = make_discovery(server)  # backoff 0.05 s doubling to 0.2 s
+            await disc.start()
+            await asyncio.sleep(1.5)
+            watches = len(server.watch_requests())
+            await disc.close()
+            # without backoff this would be hundreds of requests; with it about 1.5 / 0.2 + 3
+            assert 3 <= watches <= 15, watches
+            assert disc.stats["empty_watches"] >= 3 and server.list_count() == 1
+            assert set(disc.endpoints()) == {A}
 
     asyncio.run(run())
 
