@@ -520,3 +520,74 @@ def test_every_default_value_is_allowed_by_the_schema_and_documented() -> None:
         if not (text[i - 1].strip().startswith("#") or "#" in line.split(":", 1)[1]):
             undocumented.append(line.strip())
     assert not undocumented, undocumented
+
+
+# --------------------------------------------------------------------------------------------
+# the rendered sidecar settings are what the sidecar accepts
+# --------------------------------------------------------------------------------------------
+def sidecar_invocation(docs: tuple[dict[str, Any], ...], tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """The sidecar's argv (after ``loraroute``) and environment as the kubelet would produce
+    them for a pod named vllm-pod-0 with IP 10.1.2.3, with the settings file under ``tmp``."""
+    side = container(vllm_pod_spec(docs), "sidecar")
+    settings = tmp / "sidecar.yaml"
+    settings.write_text(configmap_file(docs, "-sidecar", "sidecar.yaml"))
+    env = {"POD_NAME": "vllm-pod-0", "POD_IP": "10.1.2.3"}
+    for e in side["env"]:
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            env[e["name"]] = "from-secret"
+    args = []
+    for a in side["args"]:
+        for k in ("POD_NAME", "POD_IP"):
+            a = a.replace(f"$({k})", env[k])
+        args.append(a.replace("/etc/loraroute/sidecar.yaml", str(settings)))
+    return args, env
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_rendered_sidecar_settings_are_accepted_by_the_sidecar(value_set: str, tmp_path: Path) -> None:
+    from vllm_sidecar.cli import build_parser, settings_from_args
+
+    docs, values = rendered(value_set), load_values(value_set)
+    args, env = sidecar_invocation(docs, tmp_path)
+    assert container(vllm_pod_spec(docs), "sidecar")["command"] == ["loraroute"] and args[0] == "sidecar"
+    settings = settings_from_args(build_parser().parse_args(args[1:]), env=env)
+    vllm = values["vllm"]
+    assert settings.pod_id == "vllm-pod-0"
+    assert settings.vllm_url == f"http://127.0.0.1:{vllm['port']}"
+    assert settings.advertise_url == f"http://10.1.2.3:{vllm['port']}"
+    assert settings.sidecar_url == f"http://10.1.2.3:{values['sidecar']['port']}"
+    assert settings.listen.host == "0.0.0.0" and settings.listen.port == values["sidecar"]["port"]
+    assert (settings.max_lora_rank, settings.max_loras, settings.max_cpu_loras) == (
+        vllm["lora"]["maxLoraRank"], vllm["lora"]["maxLoras"], vllm["lora"]["maxCpuLoras"])
+    vllm_args = container(vllm_pod_spec(docs), "kserve-container" if vllm["mode"] == "kserve" else "vllm")["args"]
+    assert f"--model={settings.base_model}" in vllm_args  # the resolver compares these exactly
+    assert f"--served-model-name={settings.served_model_name}" in vllm_args
+    assert settings.adapter_dir == values["sidecar"]["adapterDir"]
+    s3 = settings.source.s3
+    assert settings.source.type == "s3" and s3.bucket == values["sidecar"]["s3"]["bucket"]
+    assert s3.layout == values["sidecar"]["s3"]["layout"]
+    assert (s3.endpoint_url or "") == values["sidecar"]["s3"]["endpoint"]
+    if values["sidecar"]["caBundle"]["enabled"]:
+        assert s3.ca_bundle == env["AWS_CA_BUNDLE"] == env["SSL_CERT_FILE"]
+    assert settings.store.type == "redis" and settings.store.password_env == "LORAROUTE_REDIS_PASSWORD"
+    assert env.get("LORAROUTE_REDIS_PASSWORD") == "from-secret"
+    # sidecar and gateway share one store: same URL and key prefix
+    gw_cfg, gw_env = materialise_gateway(docs, tmp_path / "gw", {"admin.sha256": "", "tenant-analytics.sha256": "", "tenant-writers.sha256": ""})
+    from gateway.config import load_config
+
+    gw = load_config(gw_cfg, env={})
+    assert gw.store.url == settings.store.url and gw.store.key_prefix == settings.store.key_prefix
+
+
+def test_rendered_sidecar_passes_the_sidecar_check_command(tmp_path: Path) -> None:
+    from loraroute.procs import loraroute_cmd
+
+    args, env = sidecar_invocation(rendered("production"), tmp_path)
+    res = subprocess.run([*loraroute_cmd(*args, "--check-config")], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **env}, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    effective = json.loads(res.stdout)
+    assert effective["source"]["s3"]["endpoint_url"] == "https://minio.example.internal:9000"
+    assert "from-secret" not in res.stdout  # credentials never printed
