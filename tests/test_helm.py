@@ -363,6 +363,7 @@ BAD_VALUES = [
     (["--set", "vllm.kserve.deploymentMode=Serverless"], "vllm.kserve.deploymentMode"),
     (["--set", "route.tls.termination=reencrypt"], "route.tls.termination"),
     (["--set", "ingress.enabled=true", "--set", "route.enabled=true"], "either ingress or route"),
+    (["--set", "vllm.enabled=false"], "set discovery.labelSelector"),
 ]
 
 
@@ -591,3 +592,52 @@ def test_rendered_sidecar_passes_the_sidecar_check_command(tmp_path: Path) -> No
     effective = json.loads(res.stdout)
     assert effective["source"]["s3"]["endpoint_url"] == "https://minio.example.internal:9000"
     assert "from-secret" not in res.stdout  # credentials never printed
+
+
+def render_with(*args: str) -> tuple[dict[str, Any], ...]:
+    res = run_helm("template", "lr", str(CHART), "--namespace", NAMESPACE, *args)
+    assert res.returncode == 0, res.stderr
+    return tuple(d for d in yaml.safe_load_all(res.stdout) if d)
+
+
+def test_redis_only_discovery_needs_no_kubernetes_api(tmp_path: Path) -> None:
+    from gateway.config import load_config
+
+    docs = render_with("--set", "discovery.mode=redis", "--set", "rbac.create=false")
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    cfg_path, env = materialise_gateway(docs, tmp_path)
+    cfg = load_config(cfg_path, env=env)
+    assert cfg.discovery.kubernetes is None and not cfg.discovery.static  # pods = sidecar registrations
+
+
+def test_gateway_only_install_for_vllm_pods_run_elsewhere(tmp_path: Path) -> None:
+    import kubernetes_validate
+    from gateway.config import load_config
+
+    docs = render_with("--set", "vllm.enabled=false", "--set", "discovery.labelSelector=app=my-vllm")
+    kinds = {d["kind"] for d in docs}
+    assert not any(d["metadata"]["name"].endswith("-vllm") for d in docs), kinds
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    cfg_path, env = materialise_gateway(docs, tmp_path)
+    cfg = load_config(cfg_path, env=env)
+    assert cfg.discovery.kubernetes is not None and cfg.discovery.kubernetes.label_selector == "app=my-vllm"
+
+
+def test_image_dockerfile_copies_what_exists() -> None:
+    """helm/image/Dockerfile (not built here: no container runtime) names only real paths and
+    installs the extra that Kubernetes discovery needs."""
+    text = (ROOT / "helm" / "image" / "Dockerfile").read_text()
+    sources = [line.split()[1:-1] for line in text.splitlines() if line.startswith("COPY ")]
+    assert sources
+    for group in sources:
+        for src in group:
+            assert (ROOT / src).exists(), src
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert 'pip install ".[k8s]"' in text and "k8s" in project["project"]["optional-dependencies"]
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = {src for group in sources for src in group}
+    assert packages <= copied, packages - copied
+    assert "USER 10001" in text  # numeric, so runAsNonRoot can verify it
