@@ -13,7 +13,8 @@ wrong and what to do. The checks, in order:
   out of memory); ``base_model_name_or_path`` equal to the served base (exact, as vLLM's
   filesystem resolver compares); no DoRA, no bias, ``modules_to_save`` None/classifier/score;
 - weights: the safetensors header readable (8-byte little-endian length, JSON header, offsets
-  inside the file); at least one ``lora_A``/``lora_B`` tensor; every LoRA tensor's module in
+  inside the file); every tensor a LoRA weight (``lora_A``/``lora_B``; vLLM refuses others), at
+  least one of them; every LoRA tensor's module in
   ``target_modules`` (a list, or a regex string as PEFT allows); lora_A's first dimension equal
   to the configured rank.
 """
@@ -214,7 +215,11 @@ def check_weights(path: Path, config: AdapterConfig, *, where: str) -> int:
                         f"file (bytes {begin}-{end} of {data_len}); the file is truncated, re-upload it")
         module = _module_of(name)
         if module is None:
-            continue
+            if "modules_to_save" in name:
+                continue
+            raise _fail("tensor_mismatch", f"{where}/{WEIGHTS_FILE} holds tensor {name!r}, which is not a LoRA "
+                        f"weight (no lora_A/lora_B in its name); vLLM refuses it ('{name} is unsupported LoRA "
+                        "weight'): re-export the adapter with PEFT's save_pretrained")
         lora_tensors.append(name)
         leaf = module.rsplit(".", 1)[-1]
         ok = (re.fullmatch(targets, module) is not None or re.fullmatch(targets, leaf) is not None) \
