@@ -34,9 +34,9 @@ from loraroute.procs import Proc, free_port, loraroute_cmd, start_process
 from loraroute.services import start_s3
 
 
-def _timed(proc: Proc, name: str, load: bool) -> tuple[float, dict[str, object]]:
+def _timed(client: httpx.Client, proc: Proc, name: str, load: bool) -> tuple[float, dict[str, object]]:
     t0 = time.perf_counter()
-    resp = httpx.post(f"{proc.url}/adapters/{name}/ensure", json={"load": load}, timeout=300)
+    resp = client.post(f"{proc.url}/adapters/{name}/ensure", json={"load": load}, timeout=300)
     elapsed = time.perf_counter() - t0
     if resp.status_code != 200:
         raise RuntimeError(f"ensure {name} failed: {resp.status_code} {resp.text}")
@@ -95,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
                 port=sport, ready_url=f"http://127.0.0.1:{sport}/healthz", timeout=60, log_dir=logs)
             procs.append(sidecar)
             sidecars[kind] = sidecar
+        client = httpx.Client()  # one keep-alive client: per-call client set-up would dominate
         for kind, sidecar in sidecars.items():
             r: dict[str, list[float]] = {"cold": [], "cached": [], "cold+load": []}
             for i in range(args.repeats):
-                cold, body = _timed(sidecar, names[i], False)
+                cold, body = _timed(client, sidecar, names[i], False)
                 assert body["source"] == "downloaded"
-                cached, body = _timed(sidecar, names[i], False)
+                cached, body = _timed(client, sidecar, names[i], False)
                 assert body["source"] == "cached"
-                loaded, body = _timed(sidecar, names[args.repeats + i], True)
+                loaded, body = _timed(client, sidecar, names[args.repeats + i], True)
                 assert body["source"] == "downloaded" and body["loaded"] is True
                 r["cold"].append(cold)
                 r["cached"].append(cached)
