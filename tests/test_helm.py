@@ -641,3 +641,14 @@ def test_image_dockerfile_copies_what_exists() -> None:
     copied = {src for group in sources for src in group}
     assert packages <= copied, packages - copied
     assert "USER 10001" in text  # numeric, so runAsNonRoot can verify it
+
+
+def test_gateway_config_hot_reload_or_rollout() -> None:
+    """By default a config change is hot-reloaded (no pod-template checksum); opt in to rollouts.
+    A change of the chart-made auth Secret always rolls the pods (digests are read on reload)."""
+    default = one(render_with(), "Deployment", "-gateway")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/config" not in default and "checksum/auth" in default
+    rolled = one(render_with("--set", "gateway.rolloutOnConfigChange=true"), "Deployment", "-gateway")
+    assert "checksum/config" in rolled["spec"]["template"]["metadata"]["annotations"]
+    a = one(render_with("--set-json", 'gateway.auth.adminKeyDigests=["' + "a" * 64 + '"]'), "Deployment", "-gateway")
+    assert a["spec"]["template"]["metadata"]["annotations"]["checksum/auth"] != default["checksum/auth"]
