@@ -29,8 +29,12 @@ own engine step of the load's duration, like vLLM's utility calls in the engine-
 Clock: simulated seconds. Wall time = simulated time x ``time_scale`` (0 = no delays at all:
 steps follow each other as fast as the event loop allows and simulated time only advances by
 steps). Each step ends exactly ``duration`` simulated seconds after it started, however late
-the wall-clock timer fires, so CPU contention stretches wall time but never the simulated
-latencies. While idle, simulated time follows the wall clock (divided by ``time_scale``).
+the wall-clock timer fires, so CPU contention never changes simulated latencies. Step timers
+are armed on the ideal wall timeline (start of the busy period + simulated time x scale), so
+timer lateness up to ``MAX_DEBT_S`` is caught up by the following steps instead of stretching
+wall time; beyond that the debt is dropped (wall time stretches). While idle, simulated time
+follows the wall clock (divided by ``time_scale``); while busy it never passes the end of the
+step in flight.
 
 Ground truth per request (``Request.record``), simulated seconds::
 
@@ -60,6 +64,7 @@ from .tokenizer import BYTES_PER_TOKEN
 __all__ = ["CostProfile", "Engine", "EngineConfig", "LoraRef", "Request", "ideal_ttft"]
 
 WAITING, RUNNING, FINISHED = 0, 1, 2
+MAX_DEBT_S = 0.5  # wall seconds of timer lateness the engine catches up before it gives up
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class Request:
         "num_computed", "blocks", "status", "deferred", "aborted", "arrival", "first_sched",
         "first_token", "last_token", "finish_time", "load_felt", "tier", "cached_tokens",
         "finish_reason", "stop_reason", "preemptions", "waiter", "resolved_load", "natural",
-        "stream", "final_piece", "max_itl",
+        "stream", "final_piece", "max_itl", "sink",
     )
 
     def __init__(self, request_id: str, lora: LoraRef | None, model_name: str, prompt: bytes,
@@ -132,6 +137,8 @@ class Request:
         self.stream = False
         self.final_piece = ""
         self.max_itl = 0.0
+        # streaming: called with the request after each non-final token (writes its chunks)
+        self.sink: Callable[[Request], None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -143,7 +150,7 @@ class Request:
 
     def record(self) -> dict[str, Any]:
         ttft = None if self.first_token is None else self.first_token - self.arrival
-        queue = None if self.first_sched is None else self.first_sched - self.arrival - self.resolved_load
+        queue = None if self.first_sched is None else max(0.0, self.first_sched - self.arrival - self.resolved_load)
         load = self.load_felt + self.resolved_load
         prefill = None if ttft is None or queue is None else ttft - queue - load
         return {
@@ -185,11 +192,14 @@ class Engine:
         self.ring: deque[Request] = deque(maxlen=config.ring_size)
         self._seq = 0
         self._inflight_loras: OrderedDict[str, int] = OrderedDict()
+        self._lora_names = ""
+        self._lora_names_dirty = False
         self._utilities: deque[tuple[Callable[[], float], asyncio.Future[float]]] = deque()
         self._busy = False
         self._t = 0.0
         self._anchor = self.loop.time()
         self._step_end = 0.0
+        self._step_start = 0.0
         self._scheduled: list[tuple[Request, int]] = []
         self._utility_future: asyncio.Future[float] | None = None
         self._utility_result = 0.0
@@ -218,7 +228,10 @@ class Engine:
             req.hashes = block_hashes(req.prompt or b"", self._block_bytes,
                                       chain_seed(req.lora.name, req.lora.path), req.num_prompt // self.config.block_size)
             name = req.lora.name
-            self._inflight_loras[name] = self._inflight_loras.get(name, 0) + 1
+            count = self._inflight_loras.get(name, 0)
+            self._inflight_loras[name] = count + 1
+            if not count:
+                self._lora_names_dirty = True
         else:
             req.hashes = block_hashes(req.prompt or b"", self._block_bytes, chain_seed(None, None),
                                       req.num_prompt // self.config.block_size)
@@ -252,12 +265,13 @@ class Engine:
         if not self._busy:
             now = self.now()
             self._t = now if start is None else max(self._t, min(start, now))
-            self._anchor = self.loop.time()
+            self._anchor = self.loop.time() - (now - self._t) * max(self.config.time_scale, 0.0)
             self._busy = True
             self._step_end = self._t
             self.loop.call_soon(self._begin_step)
 
     def _arm(self, duration: float) -> None:
+        self._step_start = self._t
         self._step_end = self._t + duration
         delay = self._wall_delay(duration)
         if delay > 0:
@@ -409,7 +423,12 @@ class Engine:
 
     def _end_step(self) -> None:
         self._t = self._step_end
-        self._anchor = self.loop.time()
+        ideal = self._anchor + self._wall_delay(self._step_end - self._step_start)
+        # Keep the wall timeline of the steps, not of the timers: a timer that fires late (timer
+        # granularity, a busy loop) is caught up by the next steps instead of stretching wall
+        # time. Beyond MAX_DEBT_S of lag (an overloaded process) the debt is dropped: wall time
+        # stretches, simulated durations never do.
+        self._anchor = ideal if self.loop.time() - ideal <= MAX_DEBT_S else self.loop.time()
         now = self._t
         if self._utility_future is not None:
             fut, self._utility_future = self._utility_future, None
@@ -428,13 +447,14 @@ class Engine:
                 finished = True
                 continue
             req.num_computed += n
-            upto = min(req.num_computed, req.num_prompt) // bs
-            if upto > req.cached_upto:
-                hashes = req.hashes
-                blocks = req.blocks
-                for j in range(req.cached_upto, min(upto, len(hashes))):
-                    pool.cache_block(blocks[j], hashes[j])
-                req.cached_upto = upto
+            if req.cached_upto < len(req.hashes):
+                upto = min(req.num_computed // bs, len(req.hashes))
+                if upto > req.cached_upto:
+                    hashes = req.hashes
+                    blocks = req.blocks
+                    for j in range(req.cached_upto, upto):
+                        pool.cache_block(blocks[j], hashes[j])
+                    req.cached_upto = upto
             if req.num_computed < req.num_prompt + req.num_output:
                 continue
             req.num_output += 1
@@ -455,8 +475,8 @@ class Engine:
             if reason is not None:
                 self._finish(req, reason, now)
                 finished = True
-            elif req.stream and req.waiter is not None and not req.waiter.done():
-                req.waiter.set_result(None)
+            elif req.sink is not None:
+                req.sink(req)
         if finished:
             self.running = [r for r in self.running if r.status == RUNNING]
         self._scheduled = []
@@ -521,6 +541,7 @@ class Engine:
                 self._inflight_loras[name] = left
             else:
                 self._inflight_loras.pop(name, None)
+                self._lora_names_dirty = True
         st = self.stats
         st.success[reason] = st.success.get(reason, 0) + 1
         st.e2e.observe(now - req.arrival)
@@ -543,7 +564,10 @@ class Engine:
             req.waiter.set_result(None)
 
     def _update_lora_info(self) -> None:
-        self.stats.set_lora_info(",".join(self._inflight_loras), self.wall_clock())
+        if self._lora_names_dirty:
+            self._lora_names = ",".join(self._inflight_loras)
+            self._lora_names_dirty = False
+        self.stats.set_lora_info(self._lora_names, self.wall_clock())
 
     # -- views -----------------------------------------------------------------------------------
     @property

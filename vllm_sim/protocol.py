@@ -72,6 +72,19 @@ def _j(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+_PIECE_JSON: dict[str, str] = {}
+
+
+def _jp(piece: str) -> str:
+    """JSON string of a generated piece (memoised: pieces come from a small vocabulary)."""
+    out = _PIECE_JSON.get(piece)
+    if out is None:
+        out = orjson.dumps(piece).decode()
+        if len(_PIECE_JSON) < 4096:
+            _PIECE_JSON[piece] = out
+    return out
+
+
 # -- non-streaming bodies ------------------------------------------------------------------------
 def chat_body(rid: str, created: int, model: str, text: str, finish: str, stop_reason: str | None,
               prompt: int, completion: int) -> bytes:
@@ -100,24 +113,27 @@ def completion_body(rid: str, created: int, model: str, text: str, finish: str, 
 class ChunkWriter:
     """Builds the SSE frames of one streamed chat or completion response."""
 
-    __slots__ = ("chat", "_head", "_usage_head")
+    __slots__ = ("chat", "_head", "_content_pre", "_content_post")
 
     def __init__(self, chat: bool, rid: str, created: int, model: str) -> None:
         self.chat = chat
         obj = "chat.completion.chunk" if chat else "text_completion"
         self._head = f'data: {{"id":{_j(rid)},"object":"{obj}","created":{created},"model":{_j(model)},"choices":['
+        if chat:
+            self._content_pre = self._head + '{"index":0,"delta":{"content":'
+            self._content_post = ('},"logprobs":null,"finish_reason":null,"token_ids":null}],'
+                                  '"kv_transfer_params":null}\n\n')
+        else:
+            self._content_pre = self._head + '{"index":0,"text":'
+            self._content_post = (',"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
+                                  '"token_ids":null,"weight_versions":null}],"kv_transfer_params":null}\n\n')
 
     def role(self) -> str:
         return (self._head + '{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
                 '"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}\n\n')
 
     def content(self, piece: str) -> str:
-        if self.chat:
-            return (self._head + f'{{"index":0,"delta":{{"content":{_j(piece)}}},"logprobs":null,'
-                    '"finish_reason":null,"token_ids":null}],"kv_transfer_params":null}\n\n')
-        return (self._head + f'{{"index":0,"text":{_j(piece)},"logprobs":null,"finish_reason":null,'
-                '"stop_reason":null,"prompt_token_ids":null,"token_ids":null,"weight_versions":null}],'
-                '"kv_transfer_params":null}\n\n')
+        return self._content_pre + _jp(piece) + self._content_post
 
     def finish(self, piece: str, reason: str, stop_reason: str | None, fingerprint: bool) -> str:
         fp = f',"system_fingerprint":"{SYSTEM_FINGERPRINT}"' if fingerprint else ""

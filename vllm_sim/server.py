@@ -233,27 +233,41 @@ class Pod:
 
     async def _stream(self, request: web.Request, req: Request, chat: bool, rid: str, created: int,
                       model_name: str, include_usage: bool) -> web.StreamResponse:
+        """SSE response. Token chunks are written by the engine itself at the end of each step
+        (``req.sink``: straight to the transport, in HTTP/1.1 chunked framing), so a token costs
+        no task switch; this coroutine only sends the role chunk and, at the end, the finish
+        chunk, the usage chunk and ``[DONE]``."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
+        chunked = resp.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        transport = request.transport
         w = P.ChunkWriter(chat, rid, created, model_name)
-        if chat:
-            await resp.write(w.role().encode())
-        loop = self.engine.loop
-        while True:
-            if not req.finished:
-                req.waiter = loop.create_future()
-                await req.waiter
-            pieces = req.take_pieces()
-            if req.finished:
-                out = [w.content(p) for p in pieces]
-                out.append(w.finish(req.final_piece, req.finish_reason or "stop", req.stop_reason, not include_usage))
-                if include_usage:
-                    out.append(w.usage(req.num_prompt, req.num_output))
-                out.append(P.DONE)
-                await resp.write("".join(out).encode())
-                break
+
+        def send(text: str) -> None:
+            if transport is None or transport.is_closing():
+                return
+            data = text.encode()
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+
+        def sink(r: Request) -> None:
+            pieces = r.take_pieces()
             if pieces:
-                await resp.write("".join(w.content(p) for p in pieces).encode())
+                send("".join([w.content(p) for p in pieces]))
+
+        if chat:
+            send(w.role())
+        req.sink = sink
+        sink(req)
+        while not req.finished:
+            req.waiter = self.engine.loop.create_future()
+            await req.waiter
+        req.sink = None
+        out = [w.content(p) for p in req.take_pieces()]
+        out.append(w.finish(req.final_piece, req.finish_reason or "stop", req.stop_reason, not include_usage))
+        if include_usage:
+            out.append(w.usage(req.num_prompt, req.num_output))
+        out.append(P.DONE)
+        send("".join(out))
         await resp.write_eof()
         return resp
 

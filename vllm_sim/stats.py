@@ -86,11 +86,16 @@ class EngineStats:
         # lora_requests_info: (running, waiting) label values -> unix timestamp; stale ones kept
         self.lora_info: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.lora_info_max_series = lora_info_max_series
+        self._last_key: tuple[str, str] | None = None
 
     def set_lora_info(self, names: str, now: float) -> None:
         key = (names, names)
         info = self.lora_info
+        last = self._last_key
         info[key] = now
+        if key == last:
+            return
+        self._last_key = key
         info.move_to_end(key)
         while len(info) > self.lora_info_max_series:
             info.popitem(last=False)

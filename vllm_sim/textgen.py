@@ -1,6 +1,6 @@
 """Deterministic generated text.
 
-Each request gets a ``random.Random`` seeded with ``xxh3_64(f"{seed}:{model}:{prompt}")`` (the
+Each request gets a pseudo-random generator seeded with ``xxh3_64(f"{seed}:{model}:{prompt}")`` (the
 pod's ``--seed``, the adapter or base name, the prompt bytes), so the same request on the same
 seed always gets the same answer. Each output token is one word from a fixed vocabulary with a
 leading space (about 4-6 bytes, in line with the tokenizer's 4 bytes per token).
@@ -11,8 +11,6 @@ EOS after a deterministic 16-256 tokens (``finish_reason="stop"``).
 """
 
 from __future__ import annotations
-
-import random
 
 import xxhash
 
@@ -30,15 +28,24 @@ WORDS = tuple(
 PIECES = tuple(" " + w for w in WORDS)
 
 
-class TextGen:
-    """Yields the output pieces of one request."""
+_MASK = (1 << 64) - 1
+_MUL = 6364136223846793005
+_INC = 1442695040888963407
+_N = len(PIECES)
 
-    __slots__ = ("_rng", "natural_len")
+
+class TextGen:
+    """Yields the output pieces of one request (a 64-bit LCG seeded as above; cheap per token)."""
+
+    __slots__ = ("_state", "natural_len")
 
     def __init__(self, seed: int, model: str, prompt: bytes) -> None:
-        h = xxhash.xxh3_64_intdigest(prompt, seed=xxhash.xxh3_64_intdigest(f"{seed}:{model}".encode()))
-        self._rng = random.Random(h)
-        self.natural_len = 16 + self._rng.randrange(241)
+        self._state = xxhash.xxh3_64_intdigest(prompt, seed=xxhash.xxh3_64_intdigest(f"{seed}:{model}".encode()))
+        self.natural_len = 16 + (self._next() % 241)
+
+    def _next(self) -> int:
+        self._state = (self._state * _MUL + _INC) & _MASK
+        return self._state >> 33
 
     def next_piece(self) -> str:
-        return PIECES[self._rng.randrange(len(PIECES))]
+        return PIECES[self._next() % _N]
