@@ -100,7 +100,7 @@ def test_every_manifest_validates(value_set: str) -> None:
 
     docs = rendered(value_set)
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "ConfigMap", "NetworkPolicy", "ServiceAccount", "Role"} <= kinds
+    assert {"Deployment", "Service", "ConfigMap", "NetworkPolicy", "ServiceAccount", "Role", "PodDisruptionBudget", "Pod"} <= kinds
     native = 0
     for doc in docs:
         if doc["kind"] in CRD_KINDS:
@@ -652,3 +652,19 @@ def test_gateway_config_hot_reload_or_rollout() -> None:
     assert "checksum/config" in rolled["spec"]["template"]["metadata"]["annotations"]
     a = one(render_with("--set-json", 'gateway.auth.adminKeyDigests=["' + "a" * 64 + '"]'), "Deployment", "-gateway")
     assert a["spec"]["template"]["metadata"]["annotations"]["checksum/auth"] != default["checksum/auth"]
+
+
+def test_helm_test_pod_checks_the_gateway_service() -> None:
+    docs = rendered("production")
+    (pod,) = [d for d in by_kind(docs, "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    svc = one(docs, "Service", "-gateway")
+    script = pod["spec"]["containers"][0]["args"][0]
+    assert f"http://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}" in script
+    assert pod["spec"]["containers"][0]["image"].startswith("mirror.example.internal/hub/loraroute/loraroute:")
+    compile(script, "helm-test", "exec")  # the check itself is valid Python
+    # the restricted gateway NetworkPolicy still lets the test pod in
+    gw_pol = one(docs, "NetworkPolicy", "-gateway")["spec"]["ingress"][0]["from"]
+    assert any(p.get("podSelector", {}).get("matchLabels", {}).items() <= pod["metadata"]["labels"].items() for p in gw_pol if "podSelector" in p)
+    pdb = one(docs, "PodDisruptionBudget", "-vllm")["spec"]
+    assert pdb["maxUnavailable"] == 1
+    assert pdb["selector"]["matchLabels"].items() <= one(docs, "Deployment", "-vllm")["spec"]["template"]["metadata"]["labels"].items()
