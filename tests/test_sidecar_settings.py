@@ -11,7 +11,9 @@ import yaml
 from vllm_sidecar import cli
 from vllm_sidecar.diagnostics import diagnose
 from vllm_sidecar.settings import SettingsError, load_settings
-from vllm_sidecar.sources import ObjectInfo
+from vllm_sidecar.errors import StoreUnreachable
+from vllm_sidecar.settings import S3Settings
+from vllm_sidecar.sources import ObjectInfo, S3Source
 
 # the shape the Helm chart renders (pod id and URLs come from flags there)
 HELM_LIKE = {
@@ -44,6 +46,7 @@ def test_helm_rendered_file_validates(tmp_path: Path) -> None:
     ({"store": {"url": "postgres://x"}}, "use memory:// or redis://"),
     ({"max_loras": 4, "max_cpu_loras": 2}, "max_cpu_loras must be >= max_loras"),
     ({"ttl_s": 1.0, "heartbeat_s": 2.0}, "heartbeat_s"),
+    ({"served_model_name": None, "base_model": None}, "layout uses {base}"),
 ])
 def test_strict_errors_name_the_key(patch: dict[str, object], needle: str) -> None:
     data = json.loads(json.dumps({"pod_id": "p", "vllm_url": "http://v:1", **HELM_LIKE}))
@@ -99,3 +102,16 @@ def test_diagnose_covers_each_path_mistake() -> None:
         assert needle in msg, needle
     empty = diagnose("x", "adapters/x/", [], describe="s3://b/adapters/x/")
     assert "nothing exists under 'adapters/'" in empty
+
+
+def test_s3_secret_files_and_ca_bundle_problems_are_503_not_crashes(tmp_path: Path) -> None:
+    source = S3Source(S3Settings(endpoint_url="https://user:pw@minio.internal:9000/",
+                                 access_key_id_file=str(tmp_path / "absent")))
+    with pytest.raises(StoreUnreachable) as info:
+        source.list("adapters/x/")
+    assert info.value.code == "s3_credentials" and "source.s3.access_key_id_file" in info.value.message
+    assert source.endpoint == "https://minio.internal:9000/" and "pw" not in source.endpoint
+    source = S3Source(S3Settings(ca_bundle=str(tmp_path / "ca.pem")))
+    with pytest.raises(StoreUnreachable, match="does not exist") as info:
+        source.list("adapters/x/")
+    assert info.value.layer == "tls"

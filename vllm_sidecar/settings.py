@@ -160,6 +160,9 @@ class SidecarSettings(_Strict):
         _check_layout(self.source.s3.layout, "source.s3.layout")
         if self.max_loras and self.max_cpu_loras and self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras (as vLLM requires)")
+        layout = self.source.s3.layout if self.source.type == "s3" else self.source.local.layout
+        if "{base}" in layout and not (self.served_model_name or self.base_model):
+            raise ValueError("the source layout uses {base}: set served_model_name or base_model")
         if self.heartbeat_s >= self.ttl_s:
             raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be shorter than ttl_s ({self.ttl_s})")
         return self

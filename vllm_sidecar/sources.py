@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from vllm_sidecar.errors import AdapterInvalid, AdapterNotFound, StoreUnreachable
 
@@ -88,6 +89,15 @@ class LocalSource:
         return size
 
 
+def _redact(url: str) -> str:
+    """The URL without user info, query or fragment (safe for messages)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 def _ssl_reason(exc: BaseException) -> str:
     text = str(exc)
     match = re.search(r"\[SSL: [A-Z_]+\][^(\]]*", text)
@@ -103,41 +113,51 @@ class S3Source:
     kind = "s3"
 
     def __init__(self, settings: S3Settings) -> None:
-        import boto3
-        from botocore.config import Config
-
         self.settings = settings
         self.bucket = settings.bucket
-        credentials: dict[str, str] = {}
-        for field_name, arg in (("access_key_id_file", "aws_access_key_id"),
-                                ("secret_access_key_file", "aws_secret_access_key"),
-                                ("session_token_file", "aws_session_token")):
-            path = getattr(settings, field_name)
-            if path:
-                try:
-                    credentials[arg] = Path(path).read_text().strip()
-                except OSError as exc:
-                    raise StoreUnreachable(f"cannot read S3 credential file given as source.s3.{field_name} "
-                                           f"({type(exc).__name__}); check the mounted Secret",
-                                           layer="credentials") from None
-        verify: bool | str = settings.verify_tls
-        if settings.ca_bundle and settings.verify_tls:
-            verify = settings.ca_bundle
-        session = boto3.session.Session()
-        self._client: Any = session.client(
-            "s3",
-            endpoint_url=settings.endpoint_url or None,
-            region_name=settings.region,
-            verify=verify,
-            config=Config(
-                connect_timeout=settings.connect_timeout_s,
-                read_timeout=settings.read_timeout_s,
-                retries={"max_attempts": settings.max_attempts, "mode": "standard"},
-                s3={"addressing_style": "path"},
-            ),
-            **credentials,
-        )
-        self.endpoint = settings.endpoint_url or "the AWS S3 endpoint"
+        self.endpoint = _redact(settings.endpoint_url) if settings.endpoint_url else "the AWS S3 endpoint"
+        self._client_obj: Any = None
+
+    @property
+    def _client(self) -> Any:
+        """The boto3 client, built on first use (a missing Secret file is a 503, not a crash)."""
+        if self._client_obj is None:
+            import boto3
+            from botocore.config import Config
+
+            settings = self.settings
+            credentials: dict[str, str] = {}
+            for field_name, arg in (("access_key_id_file", "aws_access_key_id"),
+                                    ("secret_access_key_file", "aws_secret_access_key"),
+                                    ("session_token_file", "aws_session_token")):
+                path = getattr(settings, field_name)
+                if path:
+                    try:
+                        credentials[arg] = Path(path).read_text().strip()
+                    except OSError as exc:
+                        raise StoreUnreachable(f"cannot read the S3 credential file given as source.s3.{field_name} "
+                                               f"({type(exc).__name__}); check the mounted Secret",
+                                               layer="credentials", code="s3_credentials") from None
+            verify: bool | str = settings.verify_tls
+            if settings.ca_bundle and settings.verify_tls:
+                if not Path(settings.ca_bundle).is_file():
+                    raise StoreUnreachable(f"the CA bundle {settings.ca_bundle} (source.s3.ca_bundle) does not exist; "
+                                           "check the mounted ConfigMap/Secret", layer="tls", code="tls_certificate")
+                verify = settings.ca_bundle
+            self._client_obj = boto3.session.Session().client(
+                "s3",
+                endpoint_url=settings.endpoint_url or None,
+                region_name=settings.region,
+                verify=verify,
+                config=Config(
+                    connect_timeout=settings.connect_timeout_s,
+                    read_timeout=settings.read_timeout_s,
+                    retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+                    s3={"addressing_style": "path"},
+                ),
+                **credentials,
+            )
+        return self._client_obj
 
     def describe(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{key}"
