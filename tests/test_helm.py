@@ -526,6 +526,11 @@ def test_every_default_value_is_allowed_by_the_schema_and_documented() -> None:
 # --------------------------------------------------------------------------------------------
 # the rendered sidecar settings are what the sidecar accepts
 # --------------------------------------------------------------------------------------------
+# what an OpenShift AI data connection Secret holds (besides the two keys)
+DATA_CONNECTION = {"AWS_S3_ENDPOINT": "https://minio-api.minio.svc:443", "AWS_S3_BUCKET": "dc-adapters",
+                   "AWS_DEFAULT_REGION": "eu-west-1"}
+
+
 def sidecar_invocation(docs: tuple[dict[str, Any], ...], tmp: Path) -> tuple[list[str], dict[str, str]]:
     """The sidecar's argv (after ``loraroute``) and environment as the kubelet would produce
     them for a pod named vllm-pod-0 with IP 10.1.2.3, with the settings file under ``tmp``."""
@@ -537,7 +542,7 @@ def sidecar_invocation(docs: tuple[dict[str, Any], ...], tmp: Path) -> tuple[lis
         if "value" in e:
             env[e["name"]] = e["value"]
         elif "secretKeyRef" in e.get("valueFrom", {}):
-            env[e["name"]] = "from-secret"
+            env[e["name"]] = DATA_CONNECTION.get(e["valueFrom"]["secretKeyRef"]["key"], "from-secret")
     args = []
     for a in side["args"]:
         for k in ("POD_NAME", "POD_IP"):
@@ -567,9 +572,13 @@ def test_rendered_sidecar_settings_are_accepted_by_the_sidecar(value_set: str, t
     assert f"--served-model-name={settings.served_model_name}" in vllm_args
     assert settings.adapter_dir == values["sidecar"]["adapterDir"]
     s3 = settings.source.s3
-    assert settings.source.type == "s3" and s3.bucket == values["sidecar"]["s3"]["bucket"]
-    assert s3.layout == values["sidecar"]["s3"]["layout"]
-    assert (s3.endpoint_url or "") == values["sidecar"]["s3"]["endpoint"]
+    assert settings.source.type == "s3" and s3.layout == values["sidecar"]["s3"]["layout"]
+    if values["sidecar"]["s3"]["fromDataConnection"]:
+        assert (s3.endpoint_url, s3.bucket, s3.region) == (
+            DATA_CONNECTION["AWS_S3_ENDPOINT"], DATA_CONNECTION["AWS_S3_BUCKET"], DATA_CONNECTION["AWS_DEFAULT_REGION"])
+    else:
+        assert (s3.endpoint_url or "") == values["sidecar"]["s3"]["endpoint"]
+        assert s3.bucket == values["sidecar"]["s3"]["bucket"] and s3.region == values["sidecar"]["s3"]["region"]
     if values["sidecar"]["caBundle"]["enabled"]:
         assert s3.ca_bundle == env["AWS_CA_BUNDLE"] == env["SSL_CERT_FILE"]
     assert settings.store.type == "redis" and settings.store.password_env == "LORAROUTE_REDIS_PASSWORD"

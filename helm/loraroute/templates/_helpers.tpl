@@ -256,6 +256,18 @@ imagePullSecrets:
     - name: AWS_SECRET_ACCESS_KEY
       valueFrom:
         secretKeyRef: {name: {{ .Values.sidecar.s3.existingSecret }}, key: {{ .Values.sidecar.s3.secretAccessKeyKey }}}
+{{- if .Values.sidecar.s3.fromDataConnection }}
+    # endpoint, bucket and region from the data connection (environment overrides the settings file)
+    - name: LORAROUTE_SIDECAR_SOURCE__S3__ENDPOINT_URL
+      valueFrom:
+        secretKeyRef: {name: {{ .Values.sidecar.s3.existingSecret }}, key: AWS_S3_ENDPOINT}
+    - name: LORAROUTE_SIDECAR_SOURCE__S3__BUCKET
+      valueFrom:
+        secretKeyRef: {name: {{ .Values.sidecar.s3.existingSecret }}, key: AWS_S3_BUCKET}
+    - name: LORAROUTE_SIDECAR_SOURCE__S3__REGION
+      valueFrom:
+        secretKeyRef: {name: {{ .Values.sidecar.s3.existingSecret }}, key: AWS_DEFAULT_REGION, optional: true}
+{{- end }}
     {{- include "loraroute.redisPasswordEnv" . | nindent 4 }}
 {{- if $ca }}
     - name: SSL_CERT_FILE
