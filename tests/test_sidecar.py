@@ -399,3 +399,49 @@ def test_sidecar_publishes_to_redis_and_a_killed_sidecar_leaves_the_view(redis_u
     finally:
         sidecar.stop()
         sim.stop()
+
+
+def test_sidecar_survives_a_redis_restart_and_the_view_heals(tmp_path: Path) -> None:
+    from loraroute.services import restart_redis, start_redis
+    from podstate.redis_store import RedisStore
+
+    redis_proc = start_redis(log_dir=tmp_path / "logs")
+    url = str(redis_proc.extra["url"])
+    adapter_dir = tmp_path / "adapters"
+    adapter_dir.mkdir()
+    sim = start_sim(tmp_path / "logs", adapter_dir)
+    sidecar = start_sidecar("sidecar-redis-restart", tmp_path / "logs", "--vllm-url", sim.url, "--adapter-dir",
+                            str(adapter_dir), "--source-path", str(tmp_path), "--store-url", url,
+                            "--ttl-s", "2", "--heartbeat-s", "0.3")
+    pod_id = f"pod-{sidecar.port}"
+
+    async def go() -> None:
+        nonlocal redis_proc
+        reader = RedisStore(url, resync_interval_s=0.3)
+        await reader.start()
+        try:
+            deadline = time.monotonic() + 10
+            while pod_id not in reader.view() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert pod_id in reader.view()
+            redis_proc = await asyncio.to_thread(restart_redis, redis_proc, log_dir=tmp_path / "logs")
+            restarted = time.time()
+            # the sidecar's next heartbeat re-creates its key; the reader reconnects and resyncs
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                st = reader.view().get(pod_id)
+                if st is not None and st.published_at > restarted and reader.connected:
+                    break
+                await asyncio.sleep(0.05)
+            st = reader.view().get(pod_id)
+            assert st is not None and st.published_at > restarted, st
+            assert sidecar.alive() and httpx.get(f"{sidecar.url}/healthz", timeout=5).status_code == 200
+        finally:
+            await reader.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        sidecar.stop()
+        sim.stop()
+        redis_proc.stop()
