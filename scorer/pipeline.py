@@ -77,6 +77,8 @@ class Pipeline:
         self.state_config = validate_params(state, STATE_PARAMS, "pipeline.state")
         self.spec: dict[str, Any] = copy.deepcopy(dict(spec)) if spec is not None else {}
         self._names = [n for n, _, _ in self.scorers]
+        self._bounded = all(sc.BOUNDED for _, sc, _ in self.scorers)
+        self._sum = _weighted_sum([float(w) for _, _, w in self.scorers])
         self._prefill_s_per_token = DEFAULT_PREFILL_S_PER_TOKEN
         for _, sc, _ in self.scorers:
             pst = getattr(sc, "params", {}).get("prefill_s_per_token")
@@ -158,23 +160,13 @@ class Pipeline:
             return Decision(
                 None, [], filtered, self.name, (perf_counter() - t0) * 1e6, reason=why,
             )
-        cols: list[list[float]] = []
-        totals: list[float] | None = None
-        for _, sc, w in self.scorers:
-            col = sc.score(views, ctx)
-            if not sc.BOUNDED:
-                col = [x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0) for x in col]
-            cols.append(col)
-            if totals is None:
-                totals = col if w == 1.0 else [w * x for x in col]
-            elif w == 1.0:
-                totals = [t + x for t, x in zip(totals, col)]
-            elif w != 0.0:
-                totals = [t + w * x for t, x in zip(totals, col)]
-        if totals is None:
-            totals = [0.0] * len(views)
-        elif totals is cols[0]:
-            totals = list(totals)
+        cols = [sc.score(views, ctx) for _, sc, _ in self.scorers]
+        if not self._bounded:
+            cols = [
+                col if sc.BOUNDED else [x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0) for x in col]
+                for col, (_, sc, _) in zip(cols, self.scorers)
+            ]
+        totals = self._sum(cols) if cols else [0.0] * len(views)
         picked = self.picker.pick(totals, views, ctx)
         d = LazyDecision(views, totals, cols, self._names, picked, filtered, self.name, ctx)
         d.elapsed_us = (perf_counter() - t0) * 1e6
@@ -215,6 +207,26 @@ class Pipeline:
                 "prefix_blocks": self._local.prefix.blocks_on(pod_id),
             }
         return out
+
+
+def _weighted_sum(weights: list[float]) -> Any:
+    """A function cols -> [Σ wᵢ·colᵢ[k] for each k], fused into one comprehension.
+
+    Generated once per pipeline from the (validated, finite, float) weights, so a pick walks
+    the candidates once instead of once per scorer. Zero weights are left out of the sum.
+    """
+    if not weights:
+        return lambda cols: []
+    terms = [f"{w!r}*x{i}" if w != 1.0 else f"x{i}" for i, w in enumerate(weights) if w != 0.0] or ["0.0"]
+    if len(weights) == 1:
+        src = f"lambda cols: [{terms[0]} for x0 in cols[0]]"
+    else:
+        xs = ", ".join(f"x{i}" for i in range(len(weights)))
+        src = f"lambda cols: [{' + '.join(terms)} for {xs} in zip(*cols)]"
+    for w in weights:  # defence in depth: only plain finite floats reach the generated source
+        if not isinstance(w, float) or w != w or w in (float("inf"), float("-inf")):
+            raise ValueError(f"invalid weight {w!r}")
+    return eval(src, {"__builtins__": {"zip": zip}})  # noqa: S307 - numeric literals only
 
 
 # --- building from configuration -------------------------------------------------------------
@@ -300,8 +312,8 @@ def build_pipeline(spec: str | Mapping[str, Any] | None, *, path: str = "pipelin
             raise ConfigError(f"{p}.name", f"duplicate scorer name {sname!r}; give one a distinct 'name'")
         seen.add(sname)
         weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0.0:
-            raise ConfigError(f"{p}.weight", f"expected a number >= 0, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < float("inf"):
+            raise ConfigError(f"{p}.weight", f"expected a finite number >= 0, got {weight!r}")
         scorers.append((sname, cls(entry.get("parameters"), f"{p}.parameters"), float(weight)))  # type: ignore[arg-type]
 
     # weights override
@@ -313,8 +325,8 @@ def build_pipeline(spec: str | Mapping[str, Any] | None, *, path: str = "pipelin
         for sname, weight in wmap.items():
             if sname not in names:
                 raise unknown_key(f"{path}.weights", sname, names)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0.0:
-                raise ConfigError(f"{path}.weights.{sname}", f"expected a number >= 0, got {weight!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < float("inf"):
+                raise ConfigError(f"{path}.weights.{sname}", f"expected a finite number >= 0, got {weight!r}")
             j = names.index(sname)
             scorers[j] = (sname, scorers[j][1], float(weight))
         effective["weights"] = dict(wmap)

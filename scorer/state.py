@@ -12,7 +12,9 @@ from collections.abc import Iterable, Mapping
 
 from scorer.model import PodState, RoutingRequest
 from scorer.prefix import DEFAULT_BLOCK_CHARS, PrefixIndex, pod_capacity_blocks
-from scorer.view import PodView
+from scorer.view import PodView, slot_state
+
+MAX_INCOMING = 16  # optimistic adapters remembered per pod (oldest dropped)
 
 DEFAULT_PREFILL_S_PER_TOKEN = 0.000031  # h100-calibration.md: ≈ 0.031 ms/token from 2k tokens up
 
@@ -26,7 +28,9 @@ class PodLocal:
     → expiry time of the optimistic belief that it is being loaded there.
     """
 
-    __slots__ = ("inflight", "inflight_tokens", "pending_until", "incoming", "dispatched")
+    __slots__ = (
+        "inflight", "inflight_tokens", "pending_until", "incoming", "dispatched", "inc_check_at", "inc_slot",
+    )
 
     def __init__(self) -> None:
         self.inflight = 0
@@ -34,6 +38,19 @@ class PodLocal:
         self.pending_until = 0.0
         self.incoming: dict[str, float] = {}
         self.dispatched = 0
+        # Cached slot state of the pod counting incoming adapters as occupying slots, valid
+        # until ``inc_check_at`` (the earliest expiry; 0 forces a refresh).
+        self.inc_check_at = 0.0
+        self.inc_slot = 0
+
+    def refresh_incoming(self, view: PodView, now: float) -> None:
+        """Drop expired or confirmed incoming adapters; recompute the effective slot state."""
+        inc = self.incoming
+        for name in [n for n, until in inc.items() if until <= now or n in view.gpu or n in view.loading]:
+            del inc[name]
+        extra = len(inc)
+        self.inc_slot = slot_state(view.n_gpu + extra, view.n_running + extra, view.max_loras)
+        self.inc_check_at = min(inc.values()) if inc else float("inf")
 
 
 class LocalState:
@@ -82,9 +99,7 @@ class LocalState:
         loc = self.pod(pod_id)
         cap = pod_capacity_blocks(state.num_gpu_blocks, state.block_size, self.block_chars)
         view = PodView(pod_id, state, loc, cap)
-        if loc.incoming:
-            for name in [n for n in loc.incoming if n in view.gpu or n in view.loading]:
-                del loc.incoming[name]
+        loc.inc_check_at = 0.0  # re-derive the incoming slot state against the new view
         self.views[pod_id] = view
         return view
 
@@ -117,11 +132,13 @@ class LocalState:
         start = loc.pending_until if loc.pending_until > now else now
         loc.pending_until = start + uncached * self.prefill_s_per_token
         name = request.adapter.name
-        if loc.incoming:
-            for n in [n for n, until in loc.incoming.items() if until <= now]:
-                del loc.incoming[n]
-        if name is not None and (view is None or name not in view.gpu):
-            loc.incoming[name] = now + self.incoming_ttl_s
+        if name is not None and (view is None or name not in view.gpu) and self.incoming_ttl_s > 0:
+            inc = loc.incoming
+            inc.pop(name, None)
+            inc[name] = now + self.incoming_ttl_s
+            while len(inc) > MAX_INCOMING:
+                del inc[next(iter(inc))]
+            loc.inc_check_at = 0.0
         key = request.session_key
         if key:
             sessions = self.sessions
@@ -138,7 +155,8 @@ class LocalState:
         loc.inflight_tokens = max(0, loc.inflight_tokens - max(0, request.prompt_tokens) - max(0, request.max_tokens))
         if not ok and request.adapter.name is not None:
             # The optimistic belief that the adapter is arriving there is no longer supported.
-            loc.incoming.pop(request.adapter.name, None)
+            if loc.incoming.pop(request.adapter.name, None) is not None:
+                loc.inc_check_at = 0.0
 
     def forget(self, pod_id: str) -> None:
         self.pods.pop(pod_id, None)

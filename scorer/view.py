@@ -40,6 +40,7 @@ class PodView:
         "pod_id", "state", "local", "healthy", "observed_at", "bases", "gpu", "cpu", "disk",
         "loading", "running", "n_gpu", "n_running", "max_loras", "max_lora_rank", "ranks",
         "kv", "num_running", "num_waiting", "num_deferred", "capacity_blocks", "slot", "memo",
+        "tier3", "load", "defer_factor",
     )
 
     def __init__(self, pod_id: str, state: PodState, local: PodLocal, capacity_blocks: int) -> None:
@@ -67,6 +68,14 @@ class PodView:
         self.num_deferred = max(0, state.num_deferred)
         self.capacity_blocks = capacity_blocks
         self.slot = slot_state(self.n_gpu, self.n_running, self.max_loras)
+        # adapter name -> tier * 3 (the placement code without the slot), best tier wins
+        tier3: dict[str, int] = {}
+        for tier, names in ((T_DISK, self.disk), (T_CPU, self.cpu), (T_LOADING, self.loading), (T_GPU, self.gpu)):
+            for name in names:
+                tier3[name] = tier * 3
+        self.tier3 = tier3
+        self.load = self.num_running + self.num_waiting
+        self.defer_factor = 1.0 + self.num_deferred / self.max_loras
         # Per-plugin values that depend only on this state and the plugin's parameters.
         self.memo: dict[int, object] = {}
 
@@ -130,39 +139,27 @@ class PickContext:
         return c
 
 
+_REMOTE3 = T_REMOTE * 3
+
+
 def tier_codes(adapter: str | None, views: list[PodView], now: float) -> list[int]:
     """See the module docstring; optimistic incoming adapters count as occupying a slot."""
     if adapter is None:
         return [T_BASE * 3 + v.slot for v in views]
-    out: list[int] = []
-    app = out.append
-    for v in views:
-        slot = v.slot
-        inc = v.local.incoming
-        if inc:
-            extra = 0
-            mine = False
-            for name, until in inc.items():
-                if until > now and name not in v.gpu:
-                    extra += 1
-                    if name == adapter:
-                        mine = True
-            if extra:
-                slot = slot_state(v.n_gpu + extra, v.n_running + extra, v.max_loras)
-            if mine:
-                app(T_INCOMING * 3 + slot)
-                continue
-        if adapter in v.gpu:
-            app(T_GPU * 3 + slot)
-        elif adapter in v.loading:
-            app(T_LOADING * 3 + slot)
-        elif adapter in v.cpu:
-            app(T_CPU * 3 + slot)
-        elif adapter in v.disk:
-            app(T_DISK * 3 + slot)
-        else:
-            app(T_REMOTE * 3 + slot)
-    return out
+    r3 = _REMOTE3
+    return [
+        v.tier3.get(adapter, r3) + v.slot if not v.local.incoming else _code_with_incoming(v, adapter, now)
+        for v in views
+    ]
+
+
+def _code_with_incoming(v: PodView, adapter: str, now: float) -> int:
+    loc = v.local
+    if now >= loc.inc_check_at:
+        loc.refresh_incoming(v, now)
+    if adapter in loc.incoming:
+        return T_INCOMING * 3 + loc.inc_slot
+    return v.tier3.get(adapter, _REMOTE3) + loc.inc_slot
 
 
 def code_name(code: int) -> str:

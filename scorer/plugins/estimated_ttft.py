@@ -194,20 +194,18 @@ class EstimatedTTFT(Scorer):
         defer = self.params["deferred_wait_s"]
         out: list[float] = []
         app = out.append
+        deferred = _DEFERRED_CODES
+        get = match.get if match else None
         for v, c in zip(views, codes):
             loc = v.local
             q = loc.pending_until - now
             w = v.num_waiting * per_waiting
-            if w > q:
-                q = w
-            n = v.num_running + v.num_waiting
-            if loc.inflight > n:
-                n = loc.inflight
-            t = base + q + n * per_running + table[c]
-            if c in _DEFERRED_CODES:
-                t += defer * (1.0 + v.num_deferred / v.max_loras)
-            if match:
-                m = match.get(v.pod_id)
+            n = v.load
+            t = base + (q if q > w else w) + (loc.inflight if loc.inflight > n else n) * per_running + table[c]
+            if c in deferred:
+                t += defer * v.defer_factor
+            if get is not None:
+                m = get(v.pod_id)
                 if m:
                     t -= m * per_block
             app(t)

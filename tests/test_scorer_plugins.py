@@ -1,0 +1,300 @@
+"""Every plugin's formula on crafted PodStates (pure, no processes)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from scorer.model import AdapterRef, PodState, RoutingRequest
+from scorer.pipeline import Pipeline, build_pipeline
+from scorer.plugins.estimated_ttft import EstimatedTTFT, interpolate_load
+from scorer.prefix import prompt_block_hashes
+
+NOW = 1_800_000_000.0
+BASE = "llama"
+
+
+def pod(pid: str, **kw: object) -> PodState:
+    kw.setdefault("base_models", (BASE,))
+    kw.setdefault("observed_at", NOW)
+    kw.setdefault("max_loras", 4)
+    return PodState(pod_id=pid, url=f"http://{pid}", **kw)  # type: ignore[arg-type]
+
+
+def req(adapter: str | None = "a", rank: int | None = 16, **kw: object) -> RoutingRequest:
+    return RoutingRequest(AdapterRef(BASE, adapter, rank), **kw)  # type: ignore[arg-type]
+
+
+def one(scorer: dict, pods: list[PodState], request: RoutingRequest, **spec: object) -> dict[str, float]:
+    """Scores of a single scorer for every pod (no filters)."""
+    pl = build_pipeline({"filters": [], "scorers": [scorer], **spec})
+    return scores_of(pl, pods, request)
+
+
+def scores_of(pl: Pipeline, pods: list[PodState], request: RoutingRequest, now: float = NOW) -> dict[str, float]:
+    d = pl.pick(request, {p.pod_id: p for p in pods}, now)
+    name = pl.scorers[0][0]
+    return {c.pod_id: c.scores[name] for c in d.ranked}
+
+
+# --- filters ---------------------------------------------------------------------------------
+def filtered(spec: object, pods: list[PodState], request: RoutingRequest, now: float = NOW) -> dict[str, str]:
+    pl = build_pipeline({"filters": [spec], "scorers": []})
+    return pl.pick(request, {p.pod_id: p for p in pods}, now).filtered
+
+
+def test_healthy_fresh_drops_unhealthy_and_stale() -> None:
+    pods = [pod("ok"), pod("sick", healthy=False), pod("stale", observed_at=NOW - 2.5), pod("edge", observed_at=NOW - 1.9)]
+    assert filtered("healthy-fresh", pods, req()) == {"sick": "healthy-fresh", "stale": "healthy-fresh"}
+    spec = {"type": "healthy-fresh", "parameters": {"max_age_s": 1.0}}
+    assert set(filtered(spec, pods, req())) == {"sick", "stale", "edge"}
+
+
+def test_serves_base() -> None:
+    pods = [pod("yes"), pod("no", base_models=("other",)), pod("unknown", base_models=())]
+    assert set(filtered("serves-base", pods, req())) == {"no", "unknown"}
+    spec = {"type": "serves-base", "parameters": {"allow_unknown": True}}
+    assert set(filtered(spec, pods, req())) == {"no"}
+
+
+def test_rank_fits() -> None:
+    pods = [pod("small", max_lora_rank=16), pod("big", max_lora_rank=64)]
+    assert filtered("rank-fits", pods, req(rank=32)) == {"small": "rank-fits"}
+    assert filtered("rank-fits", pods, req(rank=16)) == {}
+    assert filtered("rank-fits", pods, req(adapter=None, rank=None)) == {}
+    # rank unknown to the request: the pod's own record of the adapter's rank decides
+    pods = [pod("small", max_lora_rank=16, adapter_ranks={"a": 32}), pod("big", max_lora_rank=64, adapter_ranks={"a": 32})]
+    assert filtered("rank-fits", pods, req(rank=None)) == {"small": "rank-fits"}
+    assert filtered("rank-fits", [pod("x", max_lora_rank=8)], req(rank=None)) == {}
+
+
+# --- adapter-residency -------------------------------------------------------------------------
+def residency_pods() -> list[PodState]:
+    return [
+        pod("gpu", gpu_adapters=("a", "b")),
+        pod("running", running_adapters=("a",)),  # running implies on GPU
+        pod("loading", loading_adapters=("a",)),
+        pod("cpu", cpu_adapters=("a",), gpu_adapters=("b",)),
+        pod("disk", disk_adapters=("a",)),
+        pod("free", gpu_adapters=("b", "c")),
+        pod("freeable", gpu_adapters=("b", "c", "d", "e"), running_adapters=("b",)),
+        pod("saturated", gpu_adapters=("b", "c", "d", "e"), running_adapters=("b", "c", "d", "e")),
+        pod("cpu-saturated", cpu_adapters=("a",), running_adapters=("b", "c", "d", "e")),
+    ]
+
+
+def test_adapter_residency_tiers() -> None:
+    s = one({"type": "adapter-residency"}, residency_pods(), req())
+    assert s == {
+        "gpu": 1.0, "running": 1.0, "loading": 0.85, "cpu": 0.7, "disk": 0.5, "free": 0.4, "freeable": 0.3,
+        "saturated": 0.0, "cpu-saturated": 0.0,
+    }
+    custom = {"type": "adapter-residency", "parameters": {"cpu": 0.95, "disk": 0.1, "saturated": 0.05}}
+    s = one(custom, residency_pods(), req())
+    assert (s["cpu"], s["disk"], s["saturated"], s["cpu-saturated"]) == (0.95, 0.1, 0.05, 0.05)
+    assert set(one({"type": "adapter-residency"}, residency_pods(), req(adapter=None)).values()) == {1.0}
+
+
+def test_adapter_residency_counts_optimistic_incoming() -> None:
+    pl = build_pipeline({"filters": [], "scorers": ["adapter-residency"]})
+    pods = [pod("p1"), pod("p2")]
+    assert set(scores_of(pl, pods, req()).values()) == {0.4}
+    pl.on_dispatch("p1", req(), NOW)
+    assert scores_of(pl, pods, req(), NOW + 0.1) == {"p1": 0.9, "p2": 0.4}
+    # incoming adapters take slots: three other new adapters on a 4-slot pod + this one = full
+    for name in ("x", "y", "z"):
+        pl.on_dispatch("p2", req(adapter=name), NOW)
+    pods2 = [pod("p1"), pod("p2", gpu_adapters=("w",), running_adapters=("w",))]
+    assert scores_of(pl, pods2, req(adapter="q"), NOW + 0.1)["p2"] == 0.0  # saturated by incoming
+    # the belief expires after state.incoming_ttl_s (default 5 s)
+    assert scores_of(pl, pods, req(), NOW + 6.0) == {"p1": 0.4, "p2": 0.4}
+
+
+def test_incoming_cleared_when_state_confirms_and_on_failure() -> None:
+    pl = build_pipeline({"filters": [], "scorers": ["adapter-residency"]})
+    pl.on_dispatch("p1", req(), NOW)
+    assert pl.snapshot()["p1"]["incoming_adapters"] == ["a"]
+    scores_of(pl, [pod("p1", gpu_adapters=("a",))], req(), NOW + 0.1)
+    assert pl.snapshot()["p1"]["incoming_adapters"] == []
+    pl.on_dispatch("p1", req(adapter="b"), NOW)
+    pl.on_complete("p1", req(adapter="b"), NOW, ok=False)
+    assert pl.snapshot()["p1"]["incoming_adapters"] == []
+
+
+# --- lora-affinity (llm-d's formula) ---------------------------------------------------------
+def test_lora_affinity_llmd_formula() -> None:
+    pods = [
+        pod("running", running_adapters=("a", "b")),
+        pod("free-slot", running_adapters=("b",)),
+        pod("full", running_adapters=("b", "c", "d", "e")),
+        pod("idle-loaded", gpu_adapters=("a",), running_adapters=("b", "c", "d", "e")),  # residency ignored
+    ]
+    assert one({"type": "lora-affinity"}, pods, req()) == {"running": 1.0, "free-slot": 0.8, "full": 0.0, "idle-loaded": 0.0}
+
+
+# --- prefix-cache ------------------------------------------------------------------------------
+def test_prefix_cache_share_of_leading_blocks() -> None:
+    pl = build_pipeline({"filters": [], "scorers": ["prefix-cache"]})
+    text = "".join(f"block {i:03d} " + "x" * 246 for i in range(6))  # 6 blocks of 256 chars
+    h6 = prompt_block_hashes(BASE, "a", text)
+    assert len(h6) == 6
+    pl.on_dispatch("p1", req(prefix_hashes=h6[:3], prompt_tokens=192), NOW)
+    pods = [pod("p1"), pod("p2")]
+    assert scores_of(pl, pods, req(prefix_hashes=h6, prompt_tokens=384)) == {"p1": 0.5, "p2": 0.0}
+    # the same text under another adapter shares nothing
+    other = prompt_block_hashes(BASE, "b", text)
+    assert scores_of(pl, pods, req(adapter="b", prefix_hashes=other)) == {"p1": 0.0, "p2": 0.0}
+    # only consecutive leading blocks count
+    broken = (h6[0], 12345, h6[2])
+    assert scores_of(pl, pods, req(prefix_hashes=broken))["p1"] == pytest.approx(1 / 3)
+
+
+def test_prefix_index_lru_capacity_from_gpu_blocks() -> None:
+    pl = build_pipeline({"filters": [], "scorers": ["prefix-cache"]})
+    # 16 GPU blocks x 16 tokens = 256 tokens = 4 blocks of 256 chars (64 pseudo-tokens)
+    small = pod("p1", num_gpu_blocks=16, block_size=16)
+    scores_of(pl, [small], req())  # the view (and its capacity) is known before dispatch
+    first = prompt_block_hashes(BASE, "a", "A" * 1024)
+    second = prompt_block_hashes(BASE, "a", "B" * 1024)
+    pl.on_dispatch("p1", req(prefix_hashes=first), NOW)
+    assert scores_of(pl, [small], req(prefix_hashes=first))["p1"] == 1.0
+    pl.on_dispatch("p1", req(prefix_hashes=second), NOW)
+    assert pl.snapshot()["p1"]["prefix_blocks"] == 4
+    assert scores_of(pl, [small], req(prefix_hashes=first))["p1"] == 0.0
+    assert scores_of(pl, [small], req(prefix_hashes=second))["p1"] == 1.0
+
+
+# --- load scorers ------------------------------------------------------------------------------
+def test_kv_usage_and_queue() -> None:
+    pods = [pod("p1", kv_cache_usage=0.25, num_waiting=2), pod("p2", kv_cache_usage=0.9, num_waiting=10),
+            pod("p3", kv_cache_usage=0.0, num_waiting=6)]
+    assert one({"type": "kv-usage"}, pods, req()) == pytest.approx({"p1": 0.75, "p2": 0.1, "p3": 1.0})
+    assert one({"type": "queue"}, pods, req()) == pytest.approx({"p1": 1.0, "p2": 0.0, "p3": 0.5})
+    same = [pod("p1", num_waiting=3), pod("p2", num_waiting=3)]
+    assert one({"type": "queue"}, same, req()) == {"p1": 1.0, "p2": 1.0}
+
+
+def test_inflight_capacity_minmax_tokens() -> None:
+    pods = [pod("p1"), pod("p2"), pod("p3")]
+    specs = {
+        "cap": {"type": "inflight", "parameters": {"capacity": 4}},
+        "mm": {"type": "inflight", "parameters": {"normalize": "minmax"}},
+        "tok": {"type": "inflight", "parameters": {"metric": "tokens", "capacity": 1000}},
+    }
+    for name, spec in specs.items():
+        pl = build_pipeline({"filters": [], "scorers": [spec]})
+        for _ in range(2):
+            pl.on_dispatch("p1", req(prompt_tokens=100, max_tokens=50), NOW)
+        for _ in range(6):
+            pl.on_dispatch("p2", req(prompt_tokens=100, max_tokens=50), NOW)
+        got = scores_of(pl, pods, req())
+        expected = {
+            "cap": {"p1": 0.5, "p2": 0.0, "p3": 1.0},
+            "mm": {"p1": 4 / 6, "p2": 0.0, "p3": 1.0},
+            "tok": {"p1": 0.7, "p2": 0.1, "p3": 1.0},
+        }[name]
+        assert got == pytest.approx(expected), name
+        pl.on_complete("p2", req(prompt_tokens=100, max_tokens=50), NOW, ok=True)
+        assert pl.inflight("p2") == (5, 750)
+
+
+def test_session_affinity() -> None:
+    pl = build_pipeline({"filters": [], "scorers": ["session-affinity"]})
+    pods = [pod("p1"), pod("p2")]
+    assert scores_of(pl, pods, req(session_key="s1")) == {"p1": 0.0, "p2": 0.0}
+    pl.on_dispatch("p2", req(session_key="s1"), NOW)
+    assert scores_of(pl, pods, req(session_key="s1")) == {"p1": 0.0, "p2": 1.0}
+    assert scores_of(pl, pods, req(session_key="s2")) == {"p1": 0.0, "p2": 0.0}
+    pl.forget_pod("p2")
+    assert scores_of(pl, pods, req(session_key="s1")) == {"p1": 0.0, "p2": 0.0}
+
+
+# --- estimated-ttft ----------------------------------------------------------------------------
+def test_interpolate_load() -> None:
+    table = {8: 0.1, 16: 0.26, 32: 0.51, 64: 1.0}
+    assert interpolate_load(table, 8) == 0.1
+    assert interpolate_load(table, 4) == 0.1
+    assert interpolate_load(table, 24) == pytest.approx(0.385)
+    assert interpolate_load(table, 128) == pytest.approx(2.0)
+
+
+def test_estimated_ttft_prediction_terms() -> None:
+    params = {"scale_s": 0.5}
+    pl = build_pipeline({"filters": [], "scorers": [{"type": "estimated-ttft", "parameters": params}]})
+    plugin = pl.scorers[0][1]
+    assert isinstance(plugin, EstimatedTTFT)
+    p = plugin.params
+    pods = [
+        pod("gpu", gpu_adapters=("a",)),
+        pod("cpu", cpu_adapters=("a",)),
+        pod("disk", disk_adapters=("a",)),
+        pod("remote"),
+        pod("busy", gpu_adapters=("a",), num_running=10, num_waiting=3),
+        pod("sat", cpu_adapters=("a",), running_adapters=("b", "c", "d", "e"), num_running=4, num_deferred=2),
+    ]
+    r = req(rank=32, prompt_tokens=1000)
+    s = scores_of(pl, pods, r)
+    t = {k: p["scale_s"] / v - p["scale_s"] for k, v in s.items()}  # back to seconds
+    prefill = 1000 * p["prefill_s_per_token"]
+    disk = 1.05 * 0.51
+    assert t["gpu"] == pytest.approx(p["base_s"] + prefill)
+    assert t["cpu"] - t["gpu"] == pytest.approx(p["cpu_load_s"])
+    assert t["disk"] - t["gpu"] == pytest.approx(disk)
+    assert t["remote"] - t["disk"] == pytest.approx(32 * p["fetch_s_per_rank"])
+    assert t["busy"] - t["gpu"] == pytest.approx(3 * p["per_waiting_s"] + 13 * p["per_running_s"])
+    assert t["sat"] - t["cpu"] == pytest.approx(p["deferred_wait_s"] * (1 + 2 / 4) + 4 * p["per_running_s"])
+    assert s["gpu"] > s["cpu"] > s["disk"] > s["remote"]
+
+
+def test_estimated_ttft_prefix_pending_and_minmax() -> None:
+    pl = build_pipeline({"filters": [], "scorers": ["estimated-ttft"]})
+    p = pl.scorers[0][1].params
+    h = prompt_block_hashes(BASE, "a", "s" * 2560)  # 10 blocks
+    pods = [pod("p1", gpu_adapters=("a",)), pod("p2", gpu_adapters=("a",))]
+    pl.on_dispatch("p1", req(prefix_hashes=h[:5], prompt_tokens=1000), NOW)
+    # p1 now has 1000 tokens of pending prefill; half of the next prompt is cached there
+    r = req(prefix_hashes=h, prompt_tokens=2000)
+    s = scores_of(pl, pods, r, NOW)
+    t = {k: 0.5 / v - 0.5 for k, v in s.items()}
+    pst = p["prefill_s_per_token"]
+    assert t["p2"] - t["p1"] == pytest.approx(-p["per_running_s"], abs=1e-6)  # pending_until is an absolute time: ~2e-7 s resolution
+    # the pending queue drains with time
+    later = scores_of(pl, pods, r, NOW + 1.0)
+    assert 0.5 / later["p2"] - 0.5 / later["p1"] == pytest.approx(1000 * pst - p["per_running_s"], abs=1e-6)  # pending_until is an absolute time: ~2e-7 s resolution
+    mm = build_pipeline({"filters": [], "scorers": [{"type": "estimated-ttft", "parameters": {"normalize": "minmax"}}]})
+    s = scores_of(mm, [pod("g", gpu_adapters=("a",)), pod("c", cpu_adapters=("a",)), pod("r")], req())
+    assert s == {"g": 1.0, "c": pytest.approx(s["c"]), "r": 0.0}
+    assert 0.9 < s["c"] < 1.0
+
+
+# --- pickers -----------------------------------------------------------------------------------
+def picks(spec: dict, totals_pods: list[PodState], n: int, scorer: dict | None = None) -> Counter[str]:
+    pl = build_pipeline({"filters": [], "scorers": [scorer] if scorer else [], "picker": spec})
+    pods = {p.pod_id: p for p in totals_pods}
+    return Counter(pl.pick(req(), pods, NOW).pod_id for _ in range(n))  # type: ignore[misc]
+
+
+def test_max_score_breaks_ties_at_random_and_is_seedable() -> None:
+    pods = [pod("a", kv_cache_usage=0.5), pod("b", kv_cache_usage=0.5), pod("c", kv_cache_usage=0.9)]
+    got = picks({"type": "max-score", "parameters": {"seed": 3}}, pods, 400, {"type": "kv-usage"})
+    assert set(got) == {"a", "b"} and min(got.values()) > 120
+    again = picks({"type": "max-score", "parameters": {"seed": 3}}, pods, 400, {"type": "kv-usage"})
+    assert got == again
+
+
+def test_weighted_random_follows_totals() -> None:
+    pods = [pod("a", kv_cache_usage=0.2), pod("b", kv_cache_usage=0.8)]  # totals 0.8 / 0.2
+    got = picks({"type": "weighted-random", "parameters": {"seed": 5}}, pods, 2000, {"type": "kv-usage"})
+    assert 1450 < got["a"] < 1750
+    sharp = picks({"type": "weighted-random", "parameters": {"seed": 5, "temperature_inv": 4}}, pods, 2000, {"type": "kv-usage"})
+    assert sharp["a"] > got["a"]
+
+
+def test_round_robin_and_random() -> None:
+    pods = [pod("c"), pod("a"), pod("b")]
+    pl = build_pipeline("round-robin")
+    seq = [pl.pick(req(), {p.pod_id: p for p in pods}, NOW).pod_id for _ in range(6)]
+    assert seq == ["a", "b", "c", "a", "b", "c"]
+    got = picks({"type": "random", "parameters": {"seed": 1}}, pods, 600)
+    assert set(got) == {"a", "b", "c"} and min(got.values()) > 120
