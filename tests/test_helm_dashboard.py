@@ -211,11 +211,18 @@ def test_dashboard_configmap_carries_the_json() -> None:
     assert json.loads(cms[0]["data"]["loraroute.json"]) == json.loads(DASHBOARD.read_text())
 
 
-def test_chart_files_do_not_drift() -> None:
-    """The dashboard JSON is valid and every panel has a unique id and a datasource."""
+def test_dashboard_layout_is_sound() -> None:
+    """Unique panel ids, a datasource on every panel, no two panels on the same grid cell."""
     dash = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+    cells: dict[tuple[int, int], str] = {}
     for p in dash["panels"]:
         if p["type"] != "row":
             assert p["datasource"]["uid"] == "${datasource}" and p["targets"]
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, (p["title"], cells[(x, y)])
+                cells[(x, y)] = p["title"]
