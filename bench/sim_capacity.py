@@ -5,8 +5,9 @@
 
 Part 1 (capacity): one ``loraroute sim cluster --pods K`` process at ``--time-scale`` (default 1,
 real time), loaded open-loop (Poisson arrivals, round-robin over pods) from this process with an
-aiohttp client. Requests: 16 adapters resolved from an adapter directory (Zipf-like popularity)
-plus the base model, each with its adapter's ~300-token system prompt and a ~60-token question,
+aiohttp client. Requests: ``--adapters`` (8) adapters resolved from an adapter directory (Zipf-like
+popularity) plus the base model, on pods with ``--max-loras`` (8) GPU slots so that the simulated
+pods themselves do not saturate (this measures the process, not the LoRA gate), each with its adapter's ~300-token system prompt and a ~60-token question,
 ``max_tokens`` uniform in [32, 128], streamed (``--stream-frac``). For each rate it reports the
 achieved rate, the simulator's CPU use (share of one core, from /proc), this client's CPU use,
 and the *lag*: client wall-clock e2e minus the simulator's ground-truth e2e x time-scale (joined
@@ -74,6 +75,7 @@ class RateResult:
     lag_p50_ms: float
     lag_p99_ms: float
     ttft_wall_p50_ms: float
+    cpu_ms_per_request: float
 
     @property
     def sustained(self) -> bool:
@@ -81,11 +83,11 @@ class RateResult:
 
 
 # -- part 1 ------------------------------------------------------------------------------------
-def start_cluster(pods: int, adapter_dir: Path, time_scale: float, log_dir: Path) -> tuple[Proc, list[str]]:
+def start_cluster(pods: int, adapter_dir: Path, time_scale: float, log_dir: Path, max_loras: int) -> tuple[Proc, list[str]]:
     base_port = consecutive_free_ports(pods)
     urls = [f"http://127.0.0.1:{base_port + i}" for i in range(pods)]
     argv = loraroute_cmd("sim", "cluster", "--pods", str(pods), "--base-port", str(base_port), "--enable-lora",
-                         "--max-loras", "4", "--max-cpu-loras", "8", "--max-lora-rank", "16",
+                         "--max-loras", str(max_loras), "--max-cpu-loras", str(2 * max_loras), "--max-lora-rank", "16",
                          "--adapter-dir", str(adapter_dir), "--allow-runtime-lora-updating",
                          "--time-scale", str(time_scale), "--state-ring-size", "20000")
     proc = start_process("sim-cluster", argv, ready=lambda: all(http_ready(u + "/health") for u in urls),
@@ -106,7 +108,7 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict, rid: str, s
             if stream:
                 async for line in resp.content:
                     if first is None and line.startswith(b"data: "):
-                        first = time.monotonic()
+                        first = time.monotonic()  # role + first token arrive together
             else:
                 await resp.read()
                 first = time.monotonic()
@@ -169,10 +171,10 @@ def sim_e2e(urls: list[str], tag: str) -> dict[str, float]:
 
 def capacity(args: argparse.Namespace, work: Path) -> list[RateResult]:
     adapter_dir = work / "adapters"
-    names = [BASE] + [f"lora-{i:02d}" for i in range(16)]
+    names = [BASE] + [f"lora-{i:02d}" for i in range(args.adapters)]
     peft.make_adapter_set(adapter_dir, [(n, 8 if i % 2 else 16) for i, n in enumerate(names[1:])])
     systems = {n: f"You are the assistant of team {n}. Follow the style guide carefully. " * 20 for n in names}
-    proc, urls = start_cluster(args.pods, adapter_dir, args.time_scale, work / "logs")
+    proc, urls = start_cluster(args.pods, adapter_dir, args.time_scale, work / "logs", args.max_loras)
     results = []
     try:
         pid = proc.popen.pid
@@ -191,6 +193,7 @@ def capacity(args: argparse.Namespace, work: Path) -> list[RateResult]:
                 achieved=steady_rate([v[2] - start for v in out.values()], args.duration),
                 sim_cpu=sim_cpu, client_cpu=client_cpu, lag_p50_ms=_pct(lags, 0.5), lag_p99_ms=_pct(lags, 0.99),
                 ttft_wall_p50_ms=_pct([v[0] * 1000 for v in out.values()], 0.5),
+                cpu_ms_per_request=sim_cpu * elapsed / max(1, len(out)) * 1000,
             )
             results.append(res)
             print(f"  rate {rate:>6.0f}/s: ok {res.ok}/{sent}, errors {res.errors}, sim cpu {sim_cpu:.0%}, "
@@ -204,13 +207,17 @@ def capacity(args: argparse.Namespace, work: Path) -> list[RateResult]:
 def print_capacity(results: list[RateResult], args: argparse.Namespace) -> None:
     print(f"\nCapacity: one simulator process, {args.pods} pods, time-scale {args.time_scale}, "
           f"{args.duration:.0f} s per rate, stream fraction {args.stream_frac}, {os.cpu_count()} cores")
-    print("| offered req/s | completed | achieved req/s | errors | sim CPU (1 core) | client CPU | "
+    print("| offered req/s | completed | achieved req/s | errors | sim CPU (1 core) | sim CPU ms/req | client CPU | "
           "lag p50 ms | lag p99 ms | wall TTFT p50 ms | sustained |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r.offered:.0f} | {r.ok}/{r.sent} | {r.achieved:.1f} | {r.errors} | {r.sim_cpu:.0%} | "
-              f"{r.client_cpu:.0%} | {r.lag_p50_ms:.1f} | {r.lag_p99_ms:.1f} | {r.ttft_wall_p50_ms:.1f} | "
-              f"{'yes' if r.sustained else 'no'} |")
+              f"{r.cpu_ms_per_request:.2f} | {r.client_cpu:.0%} | {r.lag_p50_ms:.1f} | {r.lag_p99_ms:.1f} | "
+              f"{r.ttft_wall_p50_ms:.1f} | {'yes' if r.sustained else 'no'} |")
+    costs = [r.cpu_ms_per_request for r in results if r.ok]
+    if costs:
+        print(f"\nSimulator CPU per request: {min(costs):.2f}-{max(costs):.2f} ms "
+              f"(one core's worth: ~{1000 / statistics.median(costs):.0f} req/s)")
     ok = [r.offered for r in results if r.sustained]
     print(f"\nHighest sustained offered rate: {max(ok):.0f} req/s" if ok else "\nNo rate sustained.")
 
@@ -271,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-scale", type=float, default=1.0)
     p.add_argument("--stream-frac", type=float, default=1.0, help="share of streamed requests")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--adapters", type=int, default=8, help="adapters in the workload (plus the base model)")
+    p.add_argument("--max-loras", type=int, default=8, help="GPU slots per pod (CPU cache: twice that)")
     p.add_argument("--skip-capacity", action="store_true")
     p.add_argument("--skip-ttft", action="store_true")
     args = p.parse_args(argv)

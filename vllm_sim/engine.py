@@ -194,7 +194,7 @@ class Engine:
         self._inflight_loras: OrderedDict[str, int] = OrderedDict()
         self._lora_names = ""
         self._lora_names_dirty = False
-        self._utilities: deque[tuple[Callable[[], float], asyncio.Future[float]]] = deque()
+        self._utilities: deque[tuple[Callable[[], float], asyncio.Future[float], str | None]] = deque()
         self._busy = False
         self._t = 0.0
         self._anchor = self.loop.time()
@@ -252,10 +252,12 @@ class Engine:
             self._finish(req, "abort", self.now())
         # running: removed at the end of the step in flight
 
-    def run_utility(self, fn: Callable[[], float]) -> asyncio.Future[float]:
-        """Run ``fn`` between steps; it returns the simulated seconds it takes (e.g. a load)."""
+    def run_utility(self, fn: Callable[[], float], loading: str | None = None) -> asyncio.Future[float]:
+        """Run ``fn`` between steps; it returns the simulated seconds it takes (e.g. a load).
+
+        ``loading`` names the adapter shown in ``state()["loading"]`` while it runs."""
         fut: asyncio.Future[float] = self.loop.create_future()
-        self._utilities.append((fn, fut))
+        self._utilities.append((fn, fut, loading))
         self._kick()
         return fut
 
@@ -281,8 +283,9 @@ class Engine:
 
     def _begin_step(self) -> None:
         if self._utilities:
-            fn, fut = self._utilities.popleft()
+            fn, fut, label = self._utilities.popleft()
             self._utility_future = fut
+            self.loading = [label] if label else []
             try:
                 self._utility_result = float(fn())
             except BaseException as e:  # noqa: BLE001 - handed to the awaiting caller

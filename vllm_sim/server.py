@@ -99,7 +99,7 @@ class Pod:
         old = self.loras.get(name) if inplace else None
         ref = LoraRef(old.lora_id if old else self._new_lora_id(), name, path, info.rank)
         tiers = self.engine.loras
-        seconds = await self.engine.run_utility(lambda: tiers.ensure(ref, reload=True))
+        seconds = await self.engine.run_utility(lambda: tiers.ensure(ref, reload=True), loading=name)
         return ref, seconds
 
     async def _resolve(self, name: str) -> tuple[LoraRef, float] | None:
@@ -220,6 +220,7 @@ class Pod:
                     req.waiter = self.engine.loop.create_future()
                     await req.waiter
                 text = req.text if req.stop else "".join(req.pieces) + req.final_piece
+                req.pieces, req.text = [], ""  # the ring keeps the record, not the text
                 builder = P.chat_body if chat else P.completion_body
                 payload = builder(rid, created, model_name, text, req.finish_reason or "stop", req.stop_reason,
                                   num_prompt, req.num_output)
@@ -233,10 +234,10 @@ class Pod:
 
     async def _stream(self, request: web.Request, req: Request, chat: bool, rid: str, created: int,
                       model_name: str, include_usage: bool) -> web.StreamResponse:
-        """SSE response. Token chunks are written by the engine itself at the end of each step
-        (``req.sink``: straight to the transport, in HTTP/1.1 chunked framing), so a token costs
-        no task switch; this coroutine only sends the role chunk and, at the end, the finish
-        chunk, the usage chunk and ``[DONE]``."""
+        """SSE response. Headers go out at once; chunks are written by the engine itself at the
+        end of each step (``req.sink``: straight to the transport, in HTTP/1.1 chunked framing),
+        so a token costs no task switch. The chat role chunk goes with the first token, as in
+        vLLM; this coroutine sends the finish chunk, the usage chunk and ``[DONE]``."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         chunked = resp.headers.get("Transfer-Encoding", "").lower() == "chunked"
@@ -249,20 +250,24 @@ class Pod:
             data = text.encode()
             transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
 
+        # vLLM sends the chat role chunk with the first engine output, not before
+        role_pending = [chat]
+
         def sink(r: Request) -> None:
             pieces = r.take_pieces()
-            if pieces:
-                send("".join([w.content(p) for p in pieces]))
+            if pieces or (role_pending[0] and r.num_output):
+                head = w.role() if role_pending[0] else ""
+                role_pending[0] = False
+                send(head + "".join([w.content(p) for p in pieces]))
 
-        if chat:
-            send(w.role())
         req.sink = sink
         sink(req)
         while not req.finished:
             req.waiter = self.engine.loop.create_future()
             await req.waiter
         req.sink = None
-        out = [w.content(p) for p in req.take_pieces()]
+        out = [w.role()] if role_pending[0] else []
+        out += [w.content(p) for p in req.take_pieces()]
         out.append(w.finish(req.final_piece, req.finish_reason or "stop", req.stop_reason, not include_usage))
         if include_usage:
             out.append(w.usage(req.num_prompt, req.num_output))
