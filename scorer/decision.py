@@ -22,6 +22,7 @@ class LazyDecision(Decision):
 
     __slots__ = ("_views", "_totals", "_cols", "_names", "_picked", "_ctx")
 
+
     def __init__(
         self,
         views: list[PodView],
@@ -98,6 +99,23 @@ class LazyDecision(Decision):
         """Pod ids best first (the fallback order) without building the explanation."""
         views = self._views
         return [views[i].pod_id for i in self._order()]
+
+    def matched_blocks(self, pod_id: str) -> int | None:
+        """Prompt blocks the prefix index attributed to ``pod_id`` at pick time; None when no
+        scorer looked at the prefix index for this decision."""
+        match = self._ctx.computed_match()
+        return None if match is None else match.get(pod_id, 0)
+
+    def placement(self, pod_id: str) -> str | None:
+        """The requested adapter's placement on ``pod_id`` at pick time (e.g. ``"cpu/free"``);
+        None when no scorer computed placements or the pod was not a candidate."""
+        codes = self._ctx.computed_codes()
+        if codes is None:
+            return None
+        for v, c in zip(self._views, codes):
+            if v.pod_id == pod_id:
+                return code_name(c)
+        return None
 
     def totals(self) -> dict[str, float]:
         return {v.pod_id: t for v, t in zip(self._views, self._totals)}

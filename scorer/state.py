@@ -29,7 +29,7 @@ class PodLocal:
     """
 
     __slots__ = (
-        "inflight", "inflight_tokens", "pending_until", "incoming", "dispatched", "inc_check_at", "inc_slot",
+        "inflight", "inflight_tokens", "pending_until", "incoming", "dispatched", "inc_check_at",
     )
 
     def __init__(self) -> None:
@@ -38,19 +38,8 @@ class PodLocal:
         self.pending_until = 0.0
         self.incoming: dict[str, float] = {}
         self.dispatched = 0
-        # Cached slot state of the pod counting incoming adapters as occupying slots, valid
-        # until ``inc_check_at`` (the earliest expiry; 0 forces a refresh).
-        self.inc_check_at = 0.0
-        self.inc_slot = 0
-
-    def refresh_incoming(self, view: PodView, now: float) -> None:
-        """Drop expired or confirmed incoming adapters; recompute the effective slot state."""
-        inc = self.incoming
-        for name in [n for n, until in inc.items() if until <= now or n in view.gpu or n in view.loading]:
-            del inc[name]
-        extra = len(inc)
-        self.inc_slot = slot_state(view.n_gpu + extra, view.n_running + extra, view.max_loras)
-        self.inc_check_at = min(inc.values()) if inc else float("inf")
+        # The earliest expiry among ``incoming`` (inf when empty).
+        self.inc_check_at = float("inf")
 
 
 class LocalState:
@@ -72,6 +61,9 @@ class LocalState:
         self.views: dict[str, PodView] = {}
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.rr_counter = 0
+        # pods with optimistic incoming adapters, and the earliest time one of them expires
+        self.inc_pods: set[str] = set()
+        self.inc_next_check = float("inf")
 
     def configure(
         self, block_chars: int, incoming_ttl_s: float, max_sessions: int, prefill_s_per_token: float
@@ -99,9 +91,47 @@ class LocalState:
         loc = self.pod(pod_id)
         cap = pod_capacity_blocks(state.num_gpu_blocks, state.block_size, self.block_chars)
         view = PodView(pod_id, state, loc, cap)
-        loc.inc_check_at = 0.0  # re-derive the incoming slot state against the new view
         self.views[pod_id] = view
+        if loc.incoming:
+            self.refresh_incoming(pod_id, loc, float("-inf"))  # expiry is left to expire_incoming
         return view
+
+    # --- optimistic incoming adapters -------------------------------------------------------
+    def refresh_incoming(self, pod_id: str, loc: PodLocal, now: float) -> None:
+        """Drop expired or confirmed incoming adapters of one pod; update its view's slot state."""
+        inc = loc.incoming
+        view = self.views.get(pod_id)
+        if inc:
+            gone = [n for n, until in inc.items() if until <= now]
+            if view is not None:
+                gone += [n for n in inc if n in view.gpu or n in view.loading]
+            for name in gone:
+                inc.pop(name, None)
+        if view is not None:
+            extra = len(inc)
+            view.slot = slot_state(view.n_gpu + extra, view.n_running + extra, view.max_loras)
+        if inc:
+            loc.inc_check_at = min(inc.values())
+            self.inc_pods.add(pod_id)
+            if loc.inc_check_at < self.inc_next_check:
+                self.inc_next_check = loc.inc_check_at
+        else:
+            loc.inc_check_at = float("inf")
+            self.inc_pods.discard(pod_id)
+
+    def expire_incoming(self, now: float) -> None:
+        """Called when the earliest expiry has passed: refresh the pods concerned."""
+        nxt = float("inf")
+        for pod_id in list(self.inc_pods):
+            loc = self.pods.get(pod_id)
+            if loc is None:
+                self.inc_pods.discard(pod_id)
+                continue
+            if loc.inc_check_at <= now:
+                self.refresh_incoming(pod_id, loc, now)
+            if loc.inc_check_at < nxt:
+                nxt = loc.inc_check_at
+        self.inc_next_check = nxt
 
     def views_of(self, pods: Mapping[str, PodState]) -> list[PodView]:
         cache = self.views
@@ -138,7 +168,7 @@ class LocalState:
             inc[name] = now + self.incoming_ttl_s
             while len(inc) > MAX_INCOMING:
                 del inc[next(iter(inc))]
-            loc.inc_check_at = 0.0
+            self.refresh_incoming(pod_id, loc, now)
         key = request.session_key
         if key:
             sessions = self.sessions
@@ -156,10 +186,11 @@ class LocalState:
         if not ok and request.adapter.name is not None:
             # The optimistic belief that the adapter is arriving there is no longer supported.
             if loc.incoming.pop(request.adapter.name, None) is not None:
-                loc.inc_check_at = 0.0
+                self.refresh_incoming(pod_id, loc, float("-inf"))
 
     def forget(self, pod_id: str) -> None:
         self.pods.pop(pod_id, None)
+        self.inc_pods.discard(pod_id)
         self.views.pop(pod_id, None)
         self.prefix.forget(pod_id)
         stale = [k for k, p in self.sessions.items() if p == pod_id]

@@ -40,7 +40,7 @@ class PodView:
         "pod_id", "state", "local", "healthy", "observed_at", "bases", "gpu", "cpu", "disk",
         "loading", "running", "n_gpu", "n_running", "max_loras", "max_lora_rank", "ranks",
         "kv", "num_running", "num_waiting", "num_deferred", "capacity_blocks", "slot", "memo",
-        "tier3", "load", "defer_factor",
+        "tier3", "load", "defer_factor", "base_slot", "incoming", "kv_free",
     )
 
     def __init__(self, pod_id: str, state: PodState, local: PodLocal, capacity_blocks: int) -> None:
@@ -63,11 +63,17 @@ class PodView:
         self.max_lora_rank = state.max_lora_rank
         self.ranks = state.adapter_ranks
         self.kv = min(1.0, max(0.0, float(state.kv_cache_usage)))
+        self.kv_free = 1.0 - self.kv
         self.num_running = max(0, state.num_running)
         self.num_waiting = max(0, state.num_waiting)
         self.num_deferred = max(0, state.num_deferred)
         self.capacity_blocks = capacity_blocks
-        self.slot = slot_state(self.n_gpu, self.n_running, self.max_loras)
+        # ``slot`` counts the router's optimistic incoming adapters as occupying slots; the
+        # local state keeps it up to date (``LocalState.refresh_incoming``). ``base_slot`` is
+        # what the PodState alone says. ``incoming`` is the pod's (long-lived) incoming dict.
+        self.base_slot = slot_state(self.n_gpu, self.n_running, self.max_loras)
+        self.slot = self.base_slot
+        self.incoming = local.incoming
         # adapter name -> tier * 3 (the placement code without the slot), best tier wins
         tier3: dict[str, int] = {}
         for tier, names in ((T_DISK, self.disk), (T_CPU, self.cpu), (T_LOADING, self.loading), (T_GPU, self.gpu)):
@@ -135,31 +141,23 @@ class PickContext:
         """Placement code (tier * 3 + slot) of the requested adapter on each view."""
         c = self._codes
         if c is None:
-            c = self._codes = tier_codes(self.adapter, views, self.now)
+            c = self._codes = tier_codes(self.adapter, views, self.now, self.local)
         return c
 
 
 _REMOTE3 = T_REMOTE * 3
+_INCOMING3 = T_INCOMING * 3
 
 
-def tier_codes(adapter: str | None, views: list[PodView], now: float) -> list[int]:
+def tier_codes(adapter: str | None, views: list[PodView], now: float, local: LocalState) -> list[int]:
     """See the module docstring; optimistic incoming adapters count as occupying a slot."""
+    if now >= local.inc_next_check:
+        local.expire_incoming(now)
     if adapter is None:
         return [T_BASE * 3 + v.slot for v in views]
     r3 = _REMOTE3
-    return [
-        v.tier3.get(adapter, r3) + v.slot if not v.local.incoming else _code_with_incoming(v, adapter, now)
-        for v in views
-    ]
-
-
-def _code_with_incoming(v: PodView, adapter: str, now: float) -> int:
-    loc = v.local
-    if now >= loc.inc_check_at:
-        loc.refresh_incoming(v, now)
-    if adapter in loc.incoming:
-        return T_INCOMING * 3 + loc.inc_slot
-    return v.tier3.get(adapter, _REMOTE3) + loc.inc_slot
+    i3 = _INCOMING3
+    return [i3 + v.slot if adapter in v.incoming else v.tier3.get(adapter, r3) + v.slot for v in views]
 
 
 def code_name(code: int) -> str:

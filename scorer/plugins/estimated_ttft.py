@@ -173,6 +173,8 @@ class EstimatedTTFT(Scorer):
                 s = disk
             else:
                 s = remote
+            if code in _DEFERRED_CODES:
+                s += p["deferred_wait_s"]  # × (1 + num_deferred / max_loras): the rest in predict
             t[code] = s
         self._tables[r] = t
         return t
@@ -194,20 +196,31 @@ class EstimatedTTFT(Scorer):
         defer = self.params["deferred_wait_s"]
         out: list[float] = []
         app = out.append
-        deferred = _DEFERRED_CODES
         get = match.get if match else None
+        if get is None:
+            for v, c in zip(views, codes):
+                loc = v.local
+                q = loc.pending_until - now
+                w = v.num_waiting * per_waiting
+                n = v.load
+                i = loc.inflight
+                t = base + (q if q > w else w) + (i if i > n else n) * per_running + table[c]
+                if v.num_deferred and c in _DEFERRED_CODES:
+                    t += defer * (v.defer_factor - 1.0)
+                app(t)
+            return out
         for v, c in zip(views, codes):
             loc = v.local
             q = loc.pending_until - now
             w = v.num_waiting * per_waiting
             n = v.load
-            t = base + (q if q > w else w) + (loc.inflight if loc.inflight > n else n) * per_running + table[c]
-            if c in deferred:
-                t += defer * v.defer_factor
-            if get is not None:
-                m = get(v.pod_id)
-                if m:
-                    t -= m * per_block
+            i = loc.inflight
+            t = base + (q if q > w else w) + (i if i > n else n) * per_running + table[c]
+            if v.num_deferred and c in _DEFERRED_CODES:
+                t += defer * (v.defer_factor - 1.0)
+            m = get(v.pod_id)
+            if m:
+                t -= m * per_block
             app(t)
         return out
 

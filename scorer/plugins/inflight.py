@@ -50,16 +50,18 @@ class Inflight(Scorer):
         self.inv_cap = 1.0 / self.params["capacity"]
 
     def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
+        if not self.minmax:
+            inv = self.inv_cap
+            if self.tokens:
+                return [1.0 - x if x < 1.0 else 0.0 for x in [v.local.inflight_tokens * inv for v in views]]
+            return [1.0 - x if x < 1.0 else 0.0 for x in [v.local.inflight * inv for v in views]]
         if self.tokens:
             xs = [v.local.inflight_tokens for v in views]
         else:
             xs = [v.local.inflight for v in views]
-        if self.minmax:
-            hi = max(xs)
-            lo = min(xs)
-            if hi == lo:
-                return [1.0] * len(xs)
-            inv = 1.0 / (hi - lo)
-            return [(hi - x) * inv for x in xs]
-        inv = self.inv_cap
-        return [1.0 - x * inv if x * inv < 1.0 else 0.0 for x in xs]
+        hi = max(xs)
+        lo = min(xs)
+        if hi == lo:
+            return [1.0] * len(xs)
+        inv = 1.0 / (hi - lo)
+        return [(hi - x) * inv for x in xs]

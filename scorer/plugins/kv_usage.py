@@ -25,4 +25,4 @@ class KvUsage(Scorer):
     PARAMS = {}
 
     def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
-        return [1.0 - v.kv for v in views]
+        return [v.kv_free for v in views]
