@@ -141,7 +141,7 @@ def test_third_adapter_is_deferred_until_a_slot_frees(procs, make_adapter) -> No
     paths = {name: make_adapter(name, rank=8) for name in ("a-lora", "b-lora", "c-lora")}
     sim = start_sim(procs, "--enable-lora", "--max-loras", "2", "--max-cpu-loras", "3", "--time-scale", "0.2",
                     "--lora-modules", *[f"{k}={v}" for k, v in paths.items()])
-    threads = [send(sim, "a-lora", "a", 600, "A"), send(sim, "b-lora", "b", 1500, "B")]
+    threads = [send(sim, "a-lora", "a", 1200, "A"), send(sim, "b-lora", "b", 3000, "B")]
     wait_for(lambda: state(sim)["running"] == 2, what="A and B running")
     threads.append(send(sim, "c-lora", "c", 5, "C"))
     wait_for(lambda: metric(sim, "vllm:num_requests_waiting_by_reason", reason="deferred") == 1, what="C deferred")

@@ -579,9 +579,12 @@ class Engine:
 
     def state(self, since_seq: int = 0, limit: int | None = None) -> dict[str, Any]:
         """Ground truth (simulated seconds); requests with ``seq > since_seq``, oldest first."""
-        reqs = [r for r in self.ring if r.seq > since_seq] if since_seq else list(self.ring)
-        if limit is not None and len(reqs) > limit:
-            reqs = reqs[:limit]
+        if limit == 0:
+            reqs: list[Request] = []
+        else:
+            reqs = [r for r in self.ring if r.seq > since_seq] if since_seq else list(self.ring)
+            if limit is not None and len(reqs) > limit:
+                reqs = reqs[:limit]
         name = {ref.lora_id: ref.name for ref in self.loras.cpu.values()}
         return {
             "now": self.now(),
