@@ -17,7 +17,8 @@ Residency: when the server exposes ``vllm:lora_adapter_loaded`` the tiers are ex
 ``lora_requests_info`` series whose timestamp is newer than the previous scrape's newest (each
 was the in-flight set at some moment since then, so requests shorter than the poll interval still
 count), and the caller's own ``note_loaded`` calls. A change
-of ``process_start_time_seconds`` (vLLM restarted) resets the estimate.
+of ``process_start_time_seconds``, or a cumulative counter going backwards (vLLM restarted),
+resets the estimate.
 
 ``vllm_url`` is what this process polls; ``advertise_url`` (default: the same) is the URL
 published in PodState for the gateway (they differ when the sidecar reaches vLLM over loopback).
@@ -214,8 +215,11 @@ class PodMonitor:
 
     def _on_success(self, metrics: VllmMetrics, models: VllmModels) -> None:
         est = self.estimator
-        if (self._start_time is not None and metrics.process_start_time is not None
-                and metrics.process_start_time != self._start_time):
+        previous = self.metrics
+        counters_went_back = previous is not None and (
+            metrics.prefix_cache_queries < previous.prefix_cache_queries)
+        if counters_went_back or (self._start_time is not None and metrics.process_start_time is not None
+                                  and metrics.process_start_time != self._start_time):
             log.info("pod %s: vLLM restarted; resetting the residency estimate", self.pod_id)
             est.reset()
             self._known_models = None

@@ -87,6 +87,9 @@ class Sidecar:
         self._touch_task = asyncio.create_task(self._touch_forever(), name="sidecar-touch")
         log.info("sidecar for pod %s watching %s; adapters in %s from %s", s.pod_id, s.vllm_url, s.adapter_dir,
                  source.describe())
+        if s.store.url.startswith("memory:") and not self._store_given:
+            log.info("state store is memory://: PodState stays inside this process; use store.url "
+                     "redis://host:port/db so gateways see this pod")
 
     async def close(self) -> None:
         if self._touch_task is not None:
