@@ -154,7 +154,8 @@ class BenchCluster:
         c = self.spec.cluster
         static = []
         for pod in self.pods:
-            entry: dict[str, Any] = {"id": pod.id, "url": pod.url}
+            entry: dict[str, Any] = {"id": pod.id, "url": pod.url, "max_lora_rank": c.max_lora_rank,
+                                     "max_cpu_loras": c.max_cpu_loras}
             if pod.sidecar_url:
                 entry["sidecar_url"] = pod.sidecar_url
             static.append(entry)

@@ -100,11 +100,18 @@ def _profile(name: str) -> Any:
 
 
 def shareable_tokens(req: TraceRequest) -> int:
-    """Block-aligned simulator tokens of the request's shareable prefix."""
-    from vllm_sim.tokenizer import BEGIN, apply_chat_template
+    """Block-aligned simulator tokens of the request's shareable prefix: its system prompt and
+    earlier turns rendered with the simulator's chat template, plus the header of the next
+    (user) message, which every request continuing that prefix shares."""
+    from vllm_sim.tokenizer import apply_chat_template
 
     shared = req.messages[: req.shared_prefix_messages]
-    text = apply_chat_template(shared, add_generation_prompt=False) if shared else BEGIN
+    text = apply_chat_template(shared, add_generation_prompt=False)
+    nxt = req.messages[req.shared_prefix_messages:req.shared_prefix_messages + 1]
+    if nxt:
+        full = apply_chat_template([*shared, nxt[0]], add_generation_prompt=False)
+        header_end = full.index(nxt[0]["content"], len(text)) if nxt[0]["content"] else len(full)
+        text = full[:header_end]
     n_bytes = len(text.encode())
     return (n_bytes // (4 * BLOCK_TOKENS)) * BLOCK_TOKENS
 
@@ -115,11 +122,15 @@ def prompt_tokens_of(req: TraceRequest) -> int:
     return count_tokens(apply_chat_template(req.messages))
 
 
-def ideal_ttft_s(profile: Any, req: TraceRequest, prompt_tokens: int | None = None) -> float:
+def ideal_ttft_s(profile: Any, req: TraceRequest, prompt_tokens: int | None = None,
+                 cached_tokens: int | None = None) -> float:
+    """Lower bound; the cached part is the shareable prefix, or what the pod actually had cached
+    when that was more (e.g. a few bytes of the user turn shared by chance)."""
     from vllm_sim.costs import ideal_ttft
 
     p = prompt_tokens if prompt_tokens is not None else prompt_tokens_of(req)
-    return float(ideal_ttft(profile, p, shareable_tokens(req)))
+    cached = max(shareable_tokens(req), int(cached_tokens or 0))
+    return float(ideal_ttft(profile, p, cached))
 
 
 # ------------------------------------------------------------------------------------ ground truth
@@ -156,21 +167,42 @@ def _tier(rec: dict[str, Any]) -> str | None:
     return None
 
 
+def _content_key(adapter: Any, prompt_tokens: Any, output_tokens: Any) -> tuple[str, int, int]:
+    return (str(adapter), int(prompt_tokens or 0), int(output_tokens or 0))
+
+
 def join_ground_truth(rows: list[dict[str, Any]], states: dict[str, dict[str, Any]]) -> int:
     """Add ``gt_*`` fields (and ``pod`` when missing) to ``rows`` from each pod's /sim/state.
 
-    Returns how many rows found their record."""
+    Join by ``X-Request-Id`` (the simulator echoes it as ``request_id``). A router that does not
+    forward that header leaves the simulator to invent ids; those records are then joined by
+    content: (pod when known, adapter, prompt tokens, output tokens), in arrival order among equal
+    keys (rows need ``expected_prompt_tokens``). Returns how many rows found their record."""
     by_id: dict[str, tuple[str, dict[str, Any]]] = {}
+    by_content: dict[tuple[str, int, int], list[tuple[float, str, dict[str, Any]]]] = {}
     for pod_id, state in states.items():
         for rec in _records(state):
             rid = _first(rec, *_ID_KEYS)
             if rid is not None:
                 by_id[str(rid)] = (pod_id, rec)
+            key = _content_key(rec.get("adapter"), rec.get("prompt_tokens"), rec.get("output_tokens"))
+            by_content.setdefault(key, []).append((float(rec.get("arrival") or 0.0), pod_id, rec))
+    for recs in by_content.values():
+        recs.sort(key=lambda x: x[0])
+    used: set[int] = set()
     found = 0
-    for row in rows:
+    for row in sorted(rows, key=lambda r: r.get("sent_s") or 0.0):
         hit = by_id.get(row["id"])
+        if hit is None and row.get("status") == 200 and row.get("expected_prompt_tokens") is not None:
+            key = _content_key(row.get("adapter"), row["expected_prompt_tokens"], row.get("output_tokens"))
+            for _, pod_id, rec in by_content.get(key, ()):
+                if id(rec) in used or (row.get("pod") and row["pod"] != pod_id):
+                    continue
+                hit = (pod_id, rec)
+                break
         if hit is None:
             continue
+        used.add(id(hit[1]))
         found += 1
         pod_id, rec = hit
         row["gt_pod"] = pod_id
@@ -274,11 +306,13 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
     rows = []
     for req, res in zip(trace, results):
         row = res.to_dict()
-        row.update(rank=req.rank, turn=req.turn, conversation=req.conversation)
+        row.update(rank=req.rank, turn=req.turn, conversation=req.conversation,
+                   expected_prompt_tokens=prompt_tokens_of(req))
         rows.append(row)
     found = join_ground_truth(rows, states)
     for req, row in zip(trace, rows):
-        row["ideal_ttft_s"] = round(ideal_ttft_s(profile, req, row.get("gt_prompt_tokens")), 6)
+        row["ideal_ttft_s"] = round(ideal_ttft_s(profile, req, row.get("gt_prompt_tokens"),
+                                                     row.get("gt_cached_tokens")), 6)
     cpu_grouped = _group_cpu(cpu)
     doc = {
         "meta": {
