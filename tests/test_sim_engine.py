@@ -215,6 +215,12 @@ def test_client_disconnect_aborts(procs) -> None:  # type: ignore[no-untyped-def
     wait_for(lambda: record(sim, "gone")["finish_reason"] == "abort", what="abort")
     assert record(sim, "gone")["output_tokens"] < 5000
     assert metric(sim, "vllm:request_success_total", finished_reason="abort") == 1
+    # a non-streaming client that gives up is aborted too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(sim.url + "/v1/completions", headers={"X-Request-Id": "impatient"}, timeout=0.5,
+                   json={"model": BASE, "prompt": "x", "max_tokens": 5000})
+    wait_for(lambda: record(sim, "impatient")["finish_reason"] == "abort", what="non-streaming abort")
+    assert metric(sim, "vllm:request_success_total", finished_reason="abort") == 2
     wait_for(lambda: state(sim)["running"] == 0, what="engine idle")
 
 
