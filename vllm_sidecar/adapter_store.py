@@ -113,7 +113,9 @@ class AdapterStore:
     def _scan(self) -> None:
         for entry in self.dir.iterdir():
             if entry.name.startswith(".tmp-") and entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)  # left over from a crash
+                # left over from a crash (an old one: another sidecar may share the folder)
+                if time.time() - entry.stat().st_mtime > 600:
+                    shutil.rmtree(entry, ignore_errors=True)
                 continue
             if entry.is_dir() and (entry / CONFIG_FILE).is_file():
                 self._adapters[entry.name] = self._describe(entry, entry.stat().st_mtime)
