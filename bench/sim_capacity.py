@@ -83,13 +83,15 @@ class RateResult:
 
 
 # -- part 1 ------------------------------------------------------------------------------------
-def start_cluster(pods: int, adapter_dir: Path, time_scale: float, log_dir: Path, max_loras: int) -> tuple[Proc, list[str]]:
+def start_cluster(pods: int, adapter_dir: Path, time_scale: float, log_dir: Path, max_loras: int,
+                  stream_interval: int = 1) -> tuple[Proc, list[str]]:
     base_port = consecutive_free_ports(pods)
     urls = [f"http://127.0.0.1:{base_port + i}" for i in range(pods)]
     argv = loraroute_cmd("sim", "cluster", "--pods", str(pods), "--base-port", str(base_port), "--enable-lora",
                          "--max-loras", str(max_loras), "--max-cpu-loras", str(2 * max_loras), "--max-lora-rank", "16",
                          "--adapter-dir", str(adapter_dir), "--allow-runtime-lora-updating",
-                         "--time-scale", str(time_scale), "--state-ring-size", "20000")
+                         "--time-scale", str(time_scale), "--state-ring-size", "20000",
+                         "--stream-interval", str(stream_interval))
     proc = start_process("sim-cluster", argv, ready=lambda: all(http_ready(u + "/health") for u in urls),
                          timeout=60, log_dir=log_dir)
     return proc, urls
@@ -174,7 +176,8 @@ def capacity(args: argparse.Namespace, work: Path) -> list[RateResult]:
     names = [BASE] + [f"lora-{i:02d}" for i in range(args.adapters)]
     peft.make_adapter_set(adapter_dir, [(n, 8 if i % 2 else 16) for i, n in enumerate(names[1:])])
     systems = {n: f"You are the assistant of team {n}. Follow the style guide carefully. " * 20 for n in names}
-    proc, urls = start_cluster(args.pods, adapter_dir, args.time_scale, work / "logs", args.max_loras)
+    proc, urls = start_cluster(args.pods, adapter_dir, args.time_scale, work / "logs", args.max_loras,
+                               args.stream_interval)
     results = []
     try:
         pid = proc.popen.pid
@@ -206,7 +209,8 @@ def capacity(args: argparse.Namespace, work: Path) -> list[RateResult]:
 
 def print_capacity(results: list[RateResult], args: argparse.Namespace) -> None:
     print(f"\nCapacity: one simulator process, {args.pods} pods, time-scale {args.time_scale}, "
-          f"{args.duration:.0f} s per rate, stream fraction {args.stream_frac}, {os.cpu_count()} cores")
+          f"{args.duration:.0f} s per rate, stream fraction {args.stream_frac}, stream interval "
+          f"{args.stream_interval}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     print("| offered req/s | completed | achieved req/s | errors | sim CPU (1 core) | sim CPU ms/req | client CPU | "
           "lag p50 ms | lag p99 ms | wall TTFT p50 ms | sustained |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -280,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--adapters", type=int, default=8, help="adapters in the workload (plus the base model)")
     p.add_argument("--max-loras", type=int, default=8, help="GPU slots per pod (CPU cache: twice that)")
+    p.add_argument("--stream-interval", type=int, default=1, help="the simulator's --stream-interval")
     p.add_argument("--skip-capacity", action="store_true")
     p.add_argument("--skip-ttft", action="store_true")
     args = p.parse_args(argv)

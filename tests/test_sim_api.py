@@ -112,6 +112,15 @@ def test_stream_frames_match_vllm_fixture(procs, make_adapter) -> None:  # type:
     got = sse_events(httpx.post(sim.url + "/v1/completions", json=body, timeout=30).text)
     want = fixture_stream("completions")
     assert [shape(e) for e in got] == [shape(e) for e in want]
+    whole = httpx.post(sim.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 9}, timeout=30)
+
+    # vLLM's --stream-interval 4: the first token at once, then 4 tokens per chunk, the last with the finish
+    sim4 = start_sim(procs, "--enable-lora", "--lora-modules", f"sql-lora={path}", "--time-scale", "0.05",
+                     "--stream-interval", "4")
+    events = sse_events(httpx.post(sim4.url + "/v1/completions", json={**body, "max_tokens": 9}, timeout=30).text)
+    texts = [e["choices"][0]["text"] for e in events if isinstance(e, dict) and e["choices"]]  # type: ignore[index]
+    assert len(texts) == 4 and events[-3]["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
+    assert "".join(texts) == whole.json()["choices"][0]["text"]
 
 
 def test_models_and_unknown_model(procs, make_adapter) -> None:  # type: ignore[no-untyped-def]

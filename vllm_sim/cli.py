@@ -72,6 +72,8 @@ def build_parser(cluster: bool) -> argparse.ArgumentParser:
     p.add_argument("--num-gpu-blocks", "--num-gpu-blocks-override", dest="num_gpu_blocks", type=int, default=26592)
     p.add_argument("--time-scale", type=float, default=1.0, help="wall = simulated x this (0: no delays)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="vLLM's --stream-interval: streamed tokens are sent every N tokens (the first at once)")
     p.add_argument("--state-ring-size", type=int, default=5000, help="requests kept for /sim/state")
     p.add_argument("--step-overhead-ms", type=float, default=None, help="override CostProfile.step_overhead_s")
     p.add_argument("--prefill-token-us", type=float, default=None, help="override CostProfile.prefill_token_s")
@@ -87,7 +89,8 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--lora-modules requires --enable-lora"
     if args.time_scale < 0:
         return "--time-scale must be >= 0"
-    for name in ("max_num_batched_tokens", "max_num_seqs", "block_size", "num_gpu_blocks", "max_model_len"):
+    for name in ("max_num_batched_tokens", "max_num_seqs", "block_size", "num_gpu_blocks", "max_model_len",
+                 "stream_interval", "state_ring_size"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1"
     if args.adapter_dir and not os.path.isdir(args.adapter_dir):
@@ -106,7 +109,7 @@ def make_pods(args: argparse.Namespace, ports: list[int], names: list[str], loop
         block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks, max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras or args.max_loras, max_lora_rank=args.max_lora_rank,
         max_model_len=args.max_model_len, time_scale=args.time_scale, seed=args.seed,
-        ring_size=args.state_ring_size,
+        ring_size=args.state_ring_size, stream_interval=args.stream_interval,
     )
     adapter_dir = args.adapter_dir or os.environ.get("VLLM_LORA_RESOLVER_CACHE_DIR") or None
     runtime = bool(args.allow_runtime_lora_updating or runtime_updating_from_env())

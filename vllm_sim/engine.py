@@ -83,6 +83,7 @@ class EngineConfig:
     seed: int = 0
     ring_size: int = 5000
     lora_info_max_series: int = 256
+    stream_interval: int = 1
 
 
 class Request:
@@ -441,6 +442,7 @@ class Engine:
         pool = self.pool
         bs = self.config.block_size
         stats = self.stats
+        stream_interval = self.config.stream_interval
         finished = False
         for req, n in self._scheduled:
             if req.status != RUNNING:
@@ -478,7 +480,7 @@ class Engine:
             if reason is not None:
                 self._finish(req, reason, now)
                 finished = True
-            elif req.sink is not None:
+            elif req.sink is not None and (req.num_output - 1) % stream_interval == 0:
                 req.sink(req)
         if finished:
             self.running = [r for r in self.running if r.status == RUNNING]

@@ -258,7 +258,7 @@ class Pod:
             if pieces or (role_pending[0] and r.num_output):
                 head = w.role() if role_pending[0] else ""
                 role_pending[0] = False
-                send(head + "".join([w.content(p) for p in pieces]))
+                send(head + (w.content("".join(pieces)) if pieces else ""))
 
         req.sink = sink
         sink(req)
@@ -267,7 +267,9 @@ class Pod:
             await req.waiter
         req.sink = None
         out = [w.role()] if role_pending[0] else []
-        out += [w.content(p) for p in req.take_pieces()]
+        rest = req.take_pieces()
+        if rest:
+            out.append(w.content("".join(rest)))
         out.append(w.finish(req.final_piece, req.finish_reason or "stop", req.stop_reason, not include_usage))
         if include_usage:
             out.append(w.usage(req.num_prompt, req.num_output))
