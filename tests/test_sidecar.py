@@ -5,9 +5,7 @@ disk budget, loading into vLLM, store outages, and a killed sidecar leaving the 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
