@@ -18,6 +18,7 @@
       block_chars: 256         # prompt characters per prefix block (≈ 64 tokens)
       incoming_ttl_s: 5.0      # how long an optimistic "adapter is arriving there" lasts
       max_sessions: 100000     # session-affinity bindings kept (LRU)
+      max_blocks_per_pod: 0    # cap the prefix index per pod (0: the pod's KV size); ~175 B/block
 
 Every key is validated strictly; a ``ConfigError`` names the offending path
 (``pipeline.scorers[2].parameters.wieght: unknown key ...``).
@@ -54,6 +55,7 @@ STATE_PARAMS: dict[str, Param] = {
     "block_chars": Param(DEFAULT_BLOCK_CHARS, int, min=16, max=65536, doc="prompt characters per prefix block"),
     "incoming_ttl_s": Param(5.0, float, min=0.0, doc="lifetime of an optimistic incoming adapter"),
     "max_sessions": Param(100_000, int, min=0, doc="session bindings kept (LRU)"),
+    "max_blocks_per_pod": Param(0, int, min=0, doc="cap on the prefix index per pod (0: from num_gpu_blocks)"),
 }
 
 
@@ -90,6 +92,7 @@ class Pipeline:
             incoming_ttl_s=self.state_config["incoming_ttl_s"],
             max_sessions=self.state_config["max_sessions"],
             prefill_s_per_token=self._prefill_s_per_token,
+            max_blocks_per_pod=self.state_config["max_blocks_per_pod"],
         )
 
     # --- configuration -------------------------------------------------------------------
@@ -129,6 +132,7 @@ class Pipeline:
             incoming_ttl_s=self.state_config["incoming_ttl_s"],
             max_sessions=self.state_config["max_sessions"],
             prefill_s_per_token=self._prefill_s_per_token,
+            max_blocks_per_pod=self.state_config["max_blocks_per_pod"],
         )
         self._local = local
 

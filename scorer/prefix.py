@@ -20,7 +20,8 @@ exact, and need not be.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import itertools
+import sys
 from collections.abc import Iterable, Sequence
 
 import xxhash
@@ -68,14 +69,19 @@ def pod_capacity_blocks(num_gpu_blocks: int, block_size: int, block_chars: int) 
 
 
 class PrefixIndex:
-    """Block hash → pods, with a per-pod LRU bounded by the pod's estimated KV capacity."""
+    """Block hash → pods, with a per-pod LRU bounded by the pod's estimated KV capacity.
+
+    Memory: a block held by one pod maps to the pod id itself (a shared string), a block held
+    by several to a set; each pod's LRU is an insertion-ordered dict (re-inserted on use). About
+    130 bytes per remembered (block, pod) pair.
+    """
 
     __slots__ = ("block_chars", "_where", "_lru")
 
     def __init__(self, block_chars: int = DEFAULT_BLOCK_CHARS) -> None:
         self.block_chars = block_chars
-        self._where: dict[int, set[str]] = {}
-        self._lru: dict[str, OrderedDict[int, None]] = {}
+        self._where: dict[int, str | set[str]] = {}
+        self._lru: dict[str, dict[int, None]] = {}
 
     def __len__(self) -> int:
         return len(self._where)
@@ -87,6 +93,12 @@ class PrefixIndex:
         lru = self._lru.get(pod_id)
         return len(lru) if lru is not None else 0
 
+    def holders(self, h: int) -> set[str]:
+        got = self._where.get(h)
+        if got is None:
+            return set()
+        return {got} if isinstance(got, str) else set(got)
+
     def record(self, pod_id: str, hashes: Sequence[int], capacity: int) -> None:
         """Remember that ``pod_id`` now holds ``hashes`` (most recently used).
 
@@ -95,55 +107,80 @@ class PrefixIndex:
         """
         if not hashes:
             return
+        pod_id = sys.intern(pod_id)  # one string object per pod, however callers build it
         lru = self._lru.get(pod_id)
         if lru is None:
-            lru = self._lru[pod_id] = OrderedDict()
+            lru = self._lru[pod_id] = {}
         where = self._where
         for h in reversed(hashes):
             if h in lru:
-                lru.move_to_end(h)
-            else:
+                del lru[h]
                 lru[h] = None
-                holders = where.get(h)
-                if holders is None:
-                    where[h] = {pod_id}
-                else:
-                    holders.add(pod_id)
-        while len(lru) > capacity:
-            old, _ = lru.popitem(last=False)
-            holders = where.get(old)
-            if holders is not None:
-                holders.discard(pod_id)
-                if not holders:
-                    del where[old]
+                continue
+            lru[h] = None
+            got = where.get(h)
+            if got is None:
+                where[h] = pod_id
+            elif isinstance(got, str):
+                if got != pod_id:
+                    where[h] = {got, pod_id}
+            else:
+                got.add(pod_id)
+        excess = len(lru) - capacity
+        if excess > 0:
+            old = list(itertools.islice(lru, excess))
+            for h in old:
+                del lru[h]
+                self._drop(h, pod_id)
+
+    def _drop(self, h: int, pod_id: str) -> None:
+        where = self._where
+        got = where.get(h)
+        if got is None:
+            return
+        if isinstance(got, str):
+            if got == pod_id:
+                del where[h]
+        else:
+            got.discard(pod_id)
+            if len(got) == 1:
+                where[h] = next(iter(got))
+            elif not got:
+                del where[h]
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """For every pod holding at least the first block: how many leading blocks it holds."""
-        where = self._where
         if not hashes:
             return {}
-        holders = where.get(hashes[0])
-        if not holders:
+        where = self._where
+        got = where.get(hashes[0])
+        if got is None:
             return {}
-        alive = set(holders)
+        n = len(hashes)
+        if isinstance(got, str):
+            # the common case: one pod holds the beginning; walk its own LRU
+            lru = self._lru[got]
+            i = 1
+            while i < n and hashes[i] in lru:
+                i += 1
+            return {got: i}
+        alive = set(got)
         out: dict[str, int] = {}
-        i = 1
-        for i in range(1, len(hashes)):
-            holders = where.get(hashes[i])
-            if not holders:
+        for i in range(1, n):
+            got = where.get(hashes[i])
+            if got is None:
                 for p in alive:
                     out[p] = i
                 return out
+            holders = {got} if isinstance(got, str) else got
             if not alive <= holders:
                 for p in alive - holders:
                     out[p] = i
                 alive &= holders
                 if not alive:
                     return out
-        else:
-            i = len(hashes)
         for p in alive:
-            out[p] = i
+            out[p] = n
         return out
 
     def match_one(self, pod_id: str, hashes: Sequence[int]) -> int:
@@ -163,13 +200,8 @@ class PrefixIndex:
         lru = self._lru.pop(pod_id, None)
         if not lru:
             return
-        where = self._where
         for h in lru:
-            holders = where.get(h)
-            if holders is not None:
-                holders.discard(pod_id)
-                if not holders:
-                    del where[h]
+            self._drop(h, pod_id)
 
     def clear(self) -> None:
         self._where.clear()

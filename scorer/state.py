@@ -51,8 +51,10 @@ class LocalState:
         incoming_ttl_s: float = 5.0,
         max_sessions: int = 100_000,
         prefill_s_per_token: float = DEFAULT_PREFILL_S_PER_TOKEN,
+        max_blocks_per_pod: int = 0,
     ) -> None:
         self.block_chars = block_chars
+        self.max_blocks_per_pod = max_blocks_per_pod
         self.incoming_ttl_s = incoming_ttl_s
         self.max_sessions = max_sessions
         self.prefill_s_per_token = prefill_s_per_token
@@ -66,12 +68,20 @@ class LocalState:
         self.inc_next_check = float("inf")
 
     def configure(
-        self, block_chars: int, incoming_ttl_s: float, max_sessions: int, prefill_s_per_token: float
+        self,
+        block_chars: int,
+        incoming_ttl_s: float,
+        max_sessions: int,
+        prefill_s_per_token: float,
+        max_blocks_per_pod: int = 0,
     ) -> None:
         """Apply new settings (config reload). A new block size invalidates the prefix index."""
         if block_chars != self.block_chars:
             self.prefix = PrefixIndex(block_chars)
             self.views.clear()
+        if max_blocks_per_pod != self.max_blocks_per_pod:
+            self.views.clear()  # capacities are derived per view
+        self.max_blocks_per_pod = max_blocks_per_pod
         self.block_chars = block_chars
         self.incoming_ttl_s = incoming_ttl_s
         self.max_sessions = max_sessions
@@ -90,6 +100,8 @@ class LocalState:
         """Build (and cache) the view of a new PodState; drop incoming beliefs it confirms."""
         loc = self.pod(pod_id)
         cap = pod_capacity_blocks(state.num_gpu_blocks, state.block_size, self.block_chars)
+        if self.max_blocks_per_pod and cap > self.max_blocks_per_pod:
+            cap = self.max_blocks_per_pod
         view = PodView(pod_id, state, loc, cap)
         self.views[pod_id] = view
         if loc.incoming:
@@ -152,7 +164,12 @@ class LocalState:
         loc.inflight_tokens += max(0, request.prompt_tokens) + max(0, request.max_tokens)
         hashes = request.prefix_hashes
         view = self.views.get(pod_id)
-        cap = view.capacity_blocks if view is not None else pod_capacity_blocks(0, 0, self.block_chars)
+        if view is not None:
+            cap = view.capacity_blocks
+        else:
+            cap = pod_capacity_blocks(0, 0, self.block_chars)
+            if self.max_blocks_per_pod and cap > self.max_blocks_per_pod:
+                cap = self.max_blocks_per_pod
         if hashes:
             matched = self.prefix.match_one(pod_id, hashes)
             uncached = max(0, request.prompt_tokens) * (1.0 - matched / len(hashes))
