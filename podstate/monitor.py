@@ -1,14 +1,15 @@
 """Watch one vLLM pod and publish its PodState: the loop shared by the sidecar and the gateway.
 
 Every ``interval_s`` (default 0.05 s) ``PodMonitor`` fetches ``/metrics`` and ``/v1/models``
-concurrently (each with a ``request_timeout_s`` = 0.4 s limit), parses them
+concurrently (each with a ``request_timeout_s`` = 0.45 s limit), parses them
 (``podstate.vllm_metrics``), feeds the residency estimator (``podstate.residency``) and builds a
 ``PodState``. It publishes to the store when the content changed (at once) and otherwise as a
 heartbeat every ``heartbeat_s`` (default 1 s), always with ``ttl_s`` (default 3 s).
 
 Health: a refused connection marks the pod unhealthy at once; any other failure does when the
-last successful scrape is older than ``unhealthy_after_s`` (0.4 s). With the defaults a pod that
-stops answering is published ``healthy=False`` in well under a second; ``observed_at`` keeps the
+last successful scrape is older than ``unhealthy_after_s`` (0.6 s), so one slow scrape of a busy
+pod is not an outage. With the defaults a pod that stops answering is published
+``healthy=False`` within a second (at once when the connection is refused); ``observed_at`` keeps the
 time of the last good scrape.
 
 Residency: when the server exposes ``vllm:lora_adapter_loaded`` the tiers are exact
@@ -65,8 +66,8 @@ class PodMonitor:
         max_loras: int | None = None,
         max_cpu_loras: int | None = None,
         max_lora_rank: int = 16,
-        request_timeout_s: float = 0.4,
-        unhealthy_after_s: float = 0.4,
+        request_timeout_s: float = 0.45,
+        unhealthy_after_s: float = 0.6,
         withdraw_on_close: bool = True,
         advertise_url: str | None = None,
     ) -> None:

@@ -4,6 +4,7 @@ truth, in-flight adapters, health within a second, and a MonitorGroup over a two
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -115,7 +116,7 @@ def test_monitor_group_watches_every_pod(cluster: list[str]) -> None:
     asyncio.run(go())
 
 
-def test_exact_residency_and_unhealthy_within_a_second(adapter_dir: Path, tmp_path: Path) -> None:
+def test_exact_residency_and_unhealthy_within_a_second_when_hung_or_dead(adapter_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     argv = loraroute_cmd("sim", "--port", str(port), "--enable-lora", "--allow-runtime-lora-updating",
                          "--adapter-dir", str(adapter_dir), "--max-loras", "1", "--max-cpu-loras", "2",
@@ -137,6 +138,15 @@ def test_exact_residency_and_unhealthy_within_a_second(adapter_dir: Path, tmp_pa
             st = store.view()["e0"]
             assert st.residency_source == "exact" and st.adapter_ranks == {"b": 8, "c": 8}
             assert set(st.cpu_adapters) == set(t["cpu_adapters"]) - set(t["gpu_adapters"])
+            # a hung pod (accepts connections, never answers) is unhealthy within a second
+            sim.popen.send_signal(signal.SIGSTOP)
+            try:
+                took = await until(lambda: not store.view()["e0"].healthy, timeout=3)
+                assert took < 1.0, took
+            finally:
+                sim.popen.send_signal(signal.SIGCONT)
+            await until(lambda: store.view()["e0"].healthy, timeout=5)
+            # a dead pod (connection refused) at once
             sim.kill()
             killed, killed_wall = time.monotonic(), time.time()
             took = await until(lambda: not store.view()["e0"].healthy, timeout=3)
