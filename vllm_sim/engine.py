@@ -167,7 +167,7 @@ class Request:
             "prefill": prefill,
             "ttft": ttft,
             "e2e": None if self.finish_time is None else self.finish_time - self.arrival,
-            "adapter_tier": self.tier,
+            "adapter_tier": self.tier if self.first_sched is not None or self.lora is None or self.resolved_load else None,
             "finish_reason": self.finish_reason,
             "preemptions": self.preemptions,
             "max_itl": self.max_itl,
