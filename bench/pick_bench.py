@@ -1,16 +1,23 @@
 """Micro-benchmark of ``Pipeline.pick()``: median and p99 per decision, per preset and pool size.
 
 Set-up per pool size (16 and 256 pods by default): 1,000 adapters known (ranks 8/16/32/64), each
-pod holds 4 of them on GPU (3 with requests running), 12 in CPU and ~60 on disk, reports the
-ranks of all it has seen; requests draw adapters from a skewed (power-law) popularity and carry a
-prompt of 8 prefix blocks, a quarter of them sharing a system prompt; the prefix index is warmed
-with 20,000 dispatches. Each timed call is one ``pick()`` on an unchanged view (the steady state:
-views are cached per PodState object) — the ``+dispatch`` column adds ``on_dispatch`` of the
-result, the ``+explain`` column adds materialising ``decision.ranked``, the ``churn`` column
-replaces one pod's PodState before every pick (a state push per decision, far more than real).
+pod holds 4 of them on GPU (3 with requests running), 12 in CPU and ~60 on disk and reports the
+ranks of all 1,000; requests draw adapters from a skewed (power-law) popularity and carry a
+prompt of 8 prefix blocks, a quarter of them sharing a system prompt; 20,000 decisions with
+dispatch (9 in 10 completed) warm the prefix index, the in-flight counts and the optimistic
+incoming adapters. The clock advances 1 ms per decision (1,000 decisions/s); the PodStates are
+marked observed in the future so they never go stale during the run.
+
+Columns (µs per call, median / p99, GC paused while timing):
+  pick           ``pick()`` on an unchanged view (views cached per PodState object)
+  pick+dispatch  ``pick()`` + ``on_dispatch()`` + ``on_complete()`` of the result
+  pick+explain   ``pick()`` + materialising ``decision.ranked`` (what the explain header costs)
+  pick, churn    one pod's PodState replaced before every pick (a state push per decision)
+A machine reference (a 16-element list comprehension) is printed first: numbers from a busy
+machine scale by its ratio to an idle core's (typically 0.4-0.6 µs).
 
 Usage:  python -m bench.pick_bench [--pods 16 256] [--presets default llm-d ...] [--n 20000]
-Prints a table; goals from the routing-plane issue: ≤ 20 µs median at 16 pods, ≤ 200 µs at 256.
+Goals (routing-plane issue): ≤ 20 µs median at 16 pods, ≤ 200 µs at 256 pods.
 """
 
 from __future__ import annotations
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = min(timeit.repeat("[x * 2.0 + 1.0 for x in xs]", "xs = list(range(16))", number=20000, repeat=5))
     print(f"python {sys.version.split()[0]}; {N_ADAPTERS} adapters; µs per call, median / p99")
     print(f"machine reference: a 16-element list comprehension takes {ref / 20000 * 1e6:.2f} µs here "
-          "(about 0.5 µs on an idle modern x86 core; scale the table by the ratio)")
+          "(typically 0.4-0.6 µs on an idle core; scale the table by the ratio)")
     head = f"{'preset':<13} {'pods':>4}  {'pick':>15}  {'pick+dispatch':>15}  {'pick+explain':>15}  {'pick, churn':>15}  goal"
     print(head)
     print("-" * len(head))
