@@ -249,3 +249,16 @@ def test_prompt_block_hashes() -> None:
     assert len(prompt_block_hashes(BASE, "a", "x" * 1000, block_chars=100)) == 10
     assert prompt_block_hashes(BASE, "a", text) == prompt_block_hashes(BASE, "a", text)  # deterministic
     assert all(0 <= h < 2**64 for h in a1)
+
+
+def test_prefix_index_cap_and_shared_blocks() -> None:
+    pl = build_pipeline({"preset": "default", "state": {"max_blocks_per_pod": 3}})
+    pl.pick(req(), {"p1": pod("p1"), "p2": pod("p2")}, NOW)
+    h = prompt_block_hashes(BASE, "a", "w" * 256 * 5)
+    pl.on_dispatch("p1", req(prefix_hashes=h), NOW)
+    pl.on_dispatch("p2", req(prefix_hashes=h[:2]), NOW)
+    assert pl.snapshot()["p1"]["prefix_blocks"] == 3  # the leading three survive
+    assert pl.local.prefix.match(h) == {"p1": 3, "p2": 2}
+    assert pl.local.prefix.holders(h[0]) == {"p1", "p2"}
+    pl.forget_pod("p1")
+    assert pl.local.prefix.match(h) == {"p2": 2} and pl.local.prefix.holders(h[0]) == {"p2"}
