@@ -8,6 +8,7 @@ scoring pass, and most decisions are never explained nor fall back. ``LazyDecisi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from scorer.model import Candidate, Decision
@@ -17,10 +18,21 @@ _RANKED = Decision.__dict__["ranked"]
 _REASON = Decision.__dict__["reason"]
 
 
+class DecisionMeta:
+    """Per-pipeline constants a decision needs to explain itself: scorer names, and for
+    scorers that offer ``reason_hint(score) -> str`` (e.g. a predicted TTFT) their hints."""
+
+    __slots__ = ("names", "hints")
+
+    def __init__(self, names: list[str], hints: list[tuple[int, Callable[[float], str]]]) -> None:
+        self.names = names
+        self.hints = hints
+
+
 class LazyDecision(Decision):
     """``ranked`` (picked first, then by total, best first) and ``reason`` are computed lazily."""
 
-    __slots__ = ("_views", "_totals", "_cols", "_names", "_picked", "_ctx")
+    __slots__ = ("_views", "_totals", "_cols", "_meta", "_picked", "_ctx")
 
 
     def __init__(
@@ -28,7 +40,7 @@ class LazyDecision(Decision):
         views: list[PodView],
         totals: list[float],
         cols: list[list[float]],
-        names: list[str],
+        meta: DecisionMeta,
         picked: int,
         filtered: dict[str, str],
         policy: str,
@@ -41,7 +53,7 @@ class LazyDecision(Decision):
         self._views = views
         self._totals = totals
         self._cols = cols
-        self._names = names
+        self._meta = meta
         self._picked = picked
         self._ctx = ctx
 
@@ -57,7 +69,7 @@ class LazyDecision(Decision):
             return _RANKED.__get__(self, LazyDecision)
         except AttributeError:
             pass
-        views, totals, cols, names = self._views, self._totals, self._cols, self._names
+        views, totals, cols, names = self._views, self._totals, self._cols, self._meta.names
         out = [
             Candidate(views[i].pod_id, totals[i], {n: col[i] for n, col in zip(names, cols)})
             for i in self._order()
@@ -87,6 +99,8 @@ class LazyDecision(Decision):
         blocks = len(ctx.request.prefix_hashes)
         if blocks and match is not None:
             parts.append(f"prefix {match.get(view.pod_id, 0)}/{blocks} blocks")
+        for i, hint in self._meta.hints:
+            parts.append(hint(self._cols[i][self._picked]))
         text = "; ".join(parts)
         _REASON.__set__(self, text)
         return text
@@ -123,5 +137,9 @@ class LazyDecision(Decision):
     def __repr__(self) -> str:
         return f"LazyDecision(pod_id={self.pod_id!r}, policy={self.policy!r}, candidates={len(self._views)})"
 
-    def __getstate__(self) -> Any:  # pickling materialises a plain Decision
-        raise TypeError("convert with Decision(**...) or explain() before pickling")
+    def to_decision(self) -> Decision:
+        """A plain ``Decision`` (everything materialised, no reference to the pipeline's state)."""
+        return Decision(self.pod_id, self.ranked, dict(self.filtered), self.policy, self.elapsed_us, self.reason)
+
+    def __reduce__(self) -> Any:
+        return (Decision, (self.pod_id, self.ranked, dict(self.filtered), self.policy, self.elapsed_us, self.reason))

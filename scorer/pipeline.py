@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from time import perf_counter
 from typing import Any
 
-from scorer.decision import LazyDecision
+from scorer.decision import DecisionMeta, LazyDecision
 from scorer.errors import ConfigError
 from scorer.model import Decision, PodState, RoutingRequest
 from scorer.params import Param, unknown_key, validate_params
@@ -79,6 +79,8 @@ class Pipeline:
         self.state_config = validate_params(state, STATE_PARAMS, "pipeline.state")
         self.spec: dict[str, Any] = copy.deepcopy(dict(spec)) if spec is not None else {}
         self._names = [n for n, _, _ in self.scorers]
+        hints = [(i, sc.reason_hint) for i, (_, sc, _) in enumerate(self.scorers) if hasattr(sc, "reason_hint")]
+        self._meta = DecisionMeta(self._names, hints)  # type: ignore[arg-type]
         self._bounded = all(sc.BOUNDED for _, sc, _ in self.scorers)
         self._sum = _weighted_sum([float(w) for _, _, w in self.scorers])
         self._prefill_s_per_token = DEFAULT_PREFILL_S_PER_TOKEN
@@ -172,7 +174,7 @@ class Pipeline:
             ]
         totals = self._sum(cols) if cols else [0.0] * len(views)
         picked = self.picker.pick(totals, views, ctx)
-        d = LazyDecision(views, totals, cols, self._names, picked, filtered, self.name, ctx)
+        d = LazyDecision(views, totals, cols, self._meta, picked, filtered, self.name, ctx)
         d.elapsed_us = (perf_counter() - t0) * 1e6
         return d
 

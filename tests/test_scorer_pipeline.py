@@ -262,3 +262,17 @@ def test_prefix_index_cap_and_shared_blocks() -> None:
     assert pl.local.prefix.holders(h[0]) == {"p1", "p2"}
     pl.forget_pod("p1")
     assert pl.local.prefix.match(h) == {"p2": 2} and pl.local.prefix.holders(h[0]) == {"p2"}
+
+
+def test_decision_copies_and_reason() -> None:
+    import copy
+    import pickle
+
+    pl = build_pipeline("default")
+    d = pl.pick(req(prompt_tokens=1000), {"p0": pod("p0", cpu_adapters=("a",))}, NOW)
+    assert "adapter a: cpu/free" in d.reason
+    assert "predicted TTFT" in d.reason  # base 20 + load 9 + prefill 31 + ... ms
+    ms = int(d.reason.split("predicted TTFT ")[1].split(" ms")[0])
+    assert 55 <= ms <= 65
+    for clone in (copy.copy(d), copy.deepcopy(d), pickle.loads(pickle.dumps(d)), d.to_decision()):
+        assert clone.explain() == d.explain()

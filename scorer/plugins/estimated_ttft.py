@@ -224,6 +224,14 @@ class EstimatedTTFT(Scorer):
             app(t)
         return out
 
+    def reason_hint(self, score: float) -> str:
+        """For the decision's reason: the picked pod's prediction in milliseconds."""
+        if self.minmax:
+            return f"estimated-ttft {score:.2f} (min-max)"
+        if score <= 0.0:
+            return "predicted TTFT > 1000 s"
+        return f"predicted TTFT {1000.0 * (self.scale / score - self.scale):.0f} ms"
+
     def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
         ts = self.predict(views, ctx)
         if self.minmax:
