@@ -2,7 +2,7 @@
 
 Set-up: one simulated vLLM pod (``--max-loras``, ``--max-cpu-loras``, adapters served through its
 filesystem resolver, real time by default) and a ``PodMonitor`` in this process polling it every
-50 ms — the same loop the sidecar runs. A Poisson stream of chat requests (``--rate`` per second)
+50 ms — the same loop the sidecar runs, told the pod's limits as the sidecar's settings would. A Poisson stream of chat requests (``--rate`` per second)
 picks adapters with Zipf weights ``1 / k^s`` (``--zipf``, default 1.1) over ``--adapters``
 names; ``max_tokens`` uniform in [8, 64].
 
@@ -18,6 +18,9 @@ monitor's current PodState (what a router would use at that moment) and scores:
 "Settled" repeats the scores over the samples in which every adapter truly on GPU is already
 listed in ``/v1/models``: a load triggered by a request (vLLM's resolver) is invisible in vLLM's
 HTTP surface until it finishes, so those samples measure the surface, not the estimator.
+
+``--compare-crowded`` runs one monitor per estimator rule for "more adapters in flight than
+slots" (``arrival``, ``resident``) on the same pod and scores them on the same samples.
 
 ``--exact`` makes the pod emit ``vllm:lora_adapter_loaded`` so the monitor reads the truth
 instead of estimating (a check of the plumbing: expect ~100 %, minus the poll lag).
@@ -41,6 +44,7 @@ from loraroute import peft
 from loraroute.procs import free_port, loraroute_cmd, start_process
 from podstate import MemoryStore
 from podstate.monitor import PodMonitor
+from podstate.residency import ResidencyEstimator
 
 
 class Score:
@@ -89,14 +93,22 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random(args.seed)
     weights = zipf_weights(len(names), args.zipf)
     store = MemoryStore()
-    monitor = PodMonitor("pod-0", sim.url, store, max_cpu_loras=args.max_cpu_loras, interval_s=args.interval)
-    score = Score()
-    settled = Score()
+    policies = list(ResidencyEstimator.CROWDED_POLICIES) if args.compare_crowded else [args.crowded]
+    monitors = {
+        policy: PodMonitor(f"pod-0-{policy}", sim.url, store, max_loras=args.max_loras,
+                           max_cpu_loras=args.max_cpu_loras, interval_s=args.interval,
+                           estimator=ResidencyEstimator(args.max_loras, args.max_cpu_loras, crowded=policy))
+        for policy in policies
+    }
+    monitor = monitors[policies[0]]
+    scores = {p: (Score(), Score()) for p in policies}
+    score, settled = scores[policies[0]]
     shown = [0]
     sent = errors = 0
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as http:
-            await monitor.start()
+            for m in monitors.values():
+                await m.start()
 
             async def one(model: str) -> None:
                 nonlocal errors
@@ -131,18 +143,23 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         truth = await resp.json()
                     async with http.get(f"{sim.url}/v1/models") as resp:
                         registered = {m["id"] for m in (await resp.json())["data"]}
-                    st = monitor.state
-                    if st is None or not st.healthy:
+                    states = {p: m.state for p, m in monitors.items()}
+                    if any(st is None or not st.healthy for st in states.values()):
                         continue
                     t_gpu = set(truth["gpu_adapters"])
                     t_cpu = set(truth["cpu_adapters"]) - t_gpu
-                    e_gpu, e_cpu = set(st.gpu_adapters), set(st.cpu_adapters)
-                    est_sets = {"gpu": e_gpu, "cpu": e_cpu, "any": e_gpu | e_cpu}
                     true_sets = {"gpu": t_gpu, "cpu": t_cpu, "any": t_gpu | t_cpu}
-                    score.add(est_sets, true_sets)
-                    if t_gpu <= registered:  # no resolver load in flight (those are invisible)
-                        settled.add(est_sets, true_sets)
-                    if e_gpu != t_gpu and shown[0] < args.show_mismatches:
+                    for policy, st_p in states.items():
+                        assert st_p is not None
+                        e_gpu_p, e_cpu_p = set(st_p.gpu_adapters), set(st_p.cpu_adapters)
+                        est_p = {"gpu": e_gpu_p, "cpu": e_cpu_p, "any": e_gpu_p | e_cpu_p}
+                        scores[policy][0].add(est_p, true_sets)
+                        if t_gpu <= registered:  # no resolver load in flight (those are invisible)
+                            scores[policy][1].add(est_p, true_sets)
+                    st = states[policies[0]]
+                    assert st is not None
+                    e_gpu = set(st.gpu_adapters)
+                    if e_gpu != t_gpu and t_gpu <= registered and shown[0] < args.show_mismatches:
                         shown[0] += 1
                         print(f"  mismatch: true GPU {truth['gpu_adapters']} est {list(st.gpu_adapters)} "
                               f"in flight {list(st.running_adapters)} deferred {st.num_deferred}", flush=True)
@@ -157,15 +174,18 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             async with http.get(f"{sim.url}/sim/state?limit=0") as resp:
                 final = await resp.json()
     finally:
-        await monitor.close()
+        for m in monitors.values():
+            await m.close()
         sim.stop()
     return {
         "mode": "exact" if args.exact else "estimated",
         "adapters": args.adapters, "zipf_s": args.zipf, "rate": args.rate, "duration_s": args.duration,
         "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras, "poll_interval_s": args.interval,
         "requests": sent, "errors": errors, "disk_loads": final.get("disk_loads"), "gpu_loads": final.get("gpu_loads"),
+        "crowded": policies[0],
         **score.result(),
         "settled": settled.result(),
+        "by_crowded_policy": {p: {**a.result(), "settled": b.result()} for p, (a, b) in scores.items()},
     }
 
 
@@ -182,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--exact", action="store_true", help="pod exposes vllm:lora_adapter_loaded")
-    p.add_argument("--show-mismatches", type=int, default=0, help="print the first N wrong GPU sets")
+    p.add_argument("--crowded", choices=ResidencyEstimator.CROWDED_POLICIES, default="arrival",
+                   help="estimator rule when more adapters are in flight than slots")
+    p.add_argument("--compare-crowded", action="store_true",
+                   help="run one monitor per rule on the same pod and samples, and report each")
+    p.add_argument("--show-mismatches", type=int, default=0, help="print the first N wrong GPU sets of settled samples")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     r = asyncio.run(run(args))
@@ -192,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  GPU set exactly right: {r['gpu_set_exact']:.1%}")
     for tier, label in (("gpu", "on GPU"), ("cpu", "CPU only"), ("any", "resident (GPU or CPU)")):
         print(f"  {label:22} precision {r[f'{tier}_precision']:.1%}  recall {r[f'{tier}_recall']:.1%}")
+    if args.compare_crowded:
+        for policy, res in r["by_crowded_policy"].items():  # type: ignore[attr-defined]
+            print(f"  crowded={policy:9} GPU set exact {res['gpu_set_exact']:.1%} (settled "
+                  f"{res['settled']['gpu_set_exact']:.1%}), on-GPU precision {res['gpu_precision']:.1%} "
+                  f"recall {res['gpu_recall']:.1%}")
     st = r["settled"]
     print(f"  settled samples only (no resolver load in flight; {st['samples']} of {r['samples']}): "
           f"GPU set exact {st['gpu_set_exact']:.1%}, on-GPU precision {st['gpu_precision']:.1%} "

@@ -70,6 +70,7 @@ class PodMonitor:
         unhealthy_after_s: float = 0.6,
         withdraw_on_close: bool = True,
         advertise_url: str | None = None,
+        estimator: ResidencyEstimator | None = None,
     ) -> None:
         self.pod_id = pod_id
         self.vllm_url = vllm_url.rstrip("/")
@@ -90,7 +91,7 @@ class PodMonitor:
         self.unhealthy_after_s = unhealthy_after_s
         self.withdraw_on_close = withdraw_on_close
 
-        self.estimator = ResidencyEstimator(max_loras or 1, max_cpu_loras)
+        self.estimator = estimator or ResidencyEstimator(max_loras or 1, max_cpu_loras)
         self.metrics: VllmMetrics | None = None
         self.models: VllmModels | None = None
         self._known_models: set[str] | None = None

@@ -16,8 +16,11 @@ moved to most recently used):
   and activates), or a name newly appeared in ``/v1/models`` (the filesystem resolver loaded it).
 - ``observe_running(names)``: names in ``lora_requests_info``. These have requests in flight;
   running requests must hold a GPU slot. Since vLLM 0.11 the list also includes adapters whose
-  requests only wait (deferred), so when it names more adapters than ``max_loras`` the ones
-  already estimated on GPU are kept and the rest fill the remaining slots in list order.
+  requests only wait (deferred), so when it names more adapters than ``max_loras`` only
+  ``max_loras`` of them are taken as running: with ``crowded="arrival"`` (default) the first ones
+  in list order — the list is in order of arrival and vLLM admits waiting requests first come,
+  first served, so the adapters in flight longest hold the slots; with ``crowded="resident"`` the
+  ones already estimated on GPU, then the rest in list order.
 - ``observe_unload(name)``: vLLM forgets the name but keeps the weights cached until evicted;
   the entry becomes an anonymous "ghost" that still occupies capacity and ages out normally.
 - ``observe_exact(gpu, cpu)``: the server exposes residency (``vllm:lora_adapter_loaded``);
@@ -38,7 +41,13 @@ _GHOST = "\x00ghost:"
 class ResidencyEstimator:
     """Two LRU tiers mirroring vLLM. ``gpu`` / ``cpu`` are ordered least recently used first."""
 
-    def __init__(self, max_loras: int = 1, max_cpu_loras: int | None = None) -> None:
+    #: how to pick the GPU holders when more adapters are in flight than slots (see observe_running)
+    CROWDED_POLICIES = ("arrival", "resident")
+
+    def __init__(self, max_loras: int = 1, max_cpu_loras: int | None = None, *, crowded: str = "arrival") -> None:
+        if crowded not in self.CROWDED_POLICIES:
+            raise ValueError(f"crowded must be one of {self.CROWDED_POLICIES}, not {crowded!r}")
+        self.crowded = crowded
         self._gpu: OrderedDict[str, None] = OrderedDict()
         self._cpu: OrderedDict[str, None] = OrderedDict()
         self._ghosts = itertools.count()
@@ -77,9 +86,12 @@ class ResidencyEstimator:
             for name in names:
                 self.observe_load(name)
             return
-        resident = [n for n in names if n in self._gpu]
-        others = [n for n in names if n not in self._gpu]
-        chosen = resident + others[: max(0, self.max_loras - len(resident))]
+        if self.crowded == "arrival":
+            chosen = names[: self.max_loras]
+        else:
+            resident = [n for n in names if n in self._gpu]
+            others = [n for n in names if n not in self._gpu]
+            chosen = resident + others[: max(0, self.max_loras - len(resident))]
         for name in chosen:
             self.observe_load(name)
 

@@ -112,3 +112,17 @@ def test_estimator_mirrors_two_lru_tiers() -> None:
     assert "a" not in est.gpu and len(est.cpu_all) == 2
     est.observe_exact(["g"], ["g", "h"])
     assert est.gpu == ("g",) and est.cpu == ("h",) and est.source == "exact"
+
+
+def test_crowded_in_flight_lists_pick_slot_holders_by_policy() -> None:
+    names = ["late", "a", "b"]  # more names in flight than the 2 slots; "a" and "b" resident
+    arrival = ResidencyEstimator(max_loras=2, max_cpu_loras=4)
+    resident = ResidencyEstimator(max_loras=2, max_cpu_loras=4, crowded="resident")
+    for est in (arrival, resident):
+        est.observe_load("a")
+        est.observe_load("b")
+        est.observe_running(names)
+    assert set(arrival.gpu) == {"late", "a"}  # first come, first served
+    assert set(resident.gpu) == {"a", "b"}  # keep who holds a slot
+    with pytest.raises(ValueError, match="crowded must be one of"):
+        ResidencyEstimator(crowded="random")
