@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from operator import is_
 
 from scorer.model import PodState, RoutingRequest
 from scorer.prefix import DEFAULT_BLOCK_CHARS, PrefixIndex, pod_capacity_blocks
@@ -65,6 +66,8 @@ class LocalState:
         self.rr_counter = 0
         # pods with optimistic incoming adapters, and the earliest time one of them expires
         self.inc_pods: set[str] = set()
+        self._last_states: list[PodState] = []
+        self._last_views: list[PodView] = []
         self.inc_next_check = float("inf")
 
     def configure(
@@ -76,6 +79,7 @@ class LocalState:
         max_blocks_per_pod: int = 0,
     ) -> None:
         """Apply new settings (config reload). A new block size invalidates the prefix index."""
+        self._last_states = []
         if block_chars != self.block_chars:
             self.prefix = PrefixIndex(block_chars)
             self.views.clear()
@@ -104,6 +108,7 @@ class LocalState:
             cap = self.max_blocks_per_pod
         view = PodView(pod_id, state, loc, cap)
         self.views[pod_id] = view
+        self._last_states = []
         if loc.incoming:
             self.refresh_incoming(pod_id, loc, float("-inf"))  # expiry is left to expire_incoming
         return view
@@ -146,6 +151,20 @@ class LocalState:
         self.inc_next_check = nxt
 
     def views_of(self, pods: Mapping[str, PodState]) -> list[PodView]:
+        """The views of ``pods`` in mapping order, reusing the last list when no state changed.
+
+        The check compares PodState objects by identity at C speed (``map(is_, …)``); the
+        returned list must not be mutated by callers.
+        """
+        last = self._last_states
+        if len(last) == len(pods) and all(map(is_, pods.values(), last)):
+            return self._last_views
+        views = self._build_views(pods)
+        self._last_states = [v.state for v in views]
+        self._last_views = views
+        return views
+
+    def _build_views(self, pods: Mapping[str, PodState]) -> list[PodView]:
         cache = self.views
         out: list[PodView] = []
         app = out.append
@@ -206,6 +225,7 @@ class LocalState:
                 self.refresh_incoming(pod_id, loc, float("-inf"))
 
     def forget(self, pod_id: str) -> None:
+        self._last_states = []
         self.pods.pop(pod_id, None)
         self.inc_pods.discard(pod_id)
         self.views.pop(pod_id, None)

@@ -181,18 +181,27 @@ class EstimatedTTFT(Scorer):
 
     def predict(self, views: list[PodView], ctx: PickContext) -> list[float]:
         """Predicted TTFT in seconds for each view (see the module docstring)."""
+        k = self.scale
+        return [k / s - k for s in self._transformed(views, ctx)]
+
+    def _transformed(self, views: list[PodView], ctx: PickContext) -> list[float]:
+        """k / (k + t) for each view's prediction t, with k = scale_s: the absolute score.
+
+        The transform is applied inside the one loop (no second pass); ``predict`` inverts it
+        (t = k / score − k, exact to ~1e-16 s).
+        """
         req = ctx.request
         now = ctx.now
         codes = ctx.codes(views)
         table = self.adapter_table(ctx.adapter_rank(views) if ctx.adapter is not None else None)
-        pst = self.pst
         per_running = self.per_running
         per_waiting = self.per_waiting
-        full = max(0, req.prompt_tokens) * pst
+        full = max(0, req.prompt_tokens) * self.pst
         hashes = req.prefix_hashes
         match = ctx.prefix_match() if hashes else None
         per_block = full / len(hashes) if hashes else 0.0
-        base = self.base_s + full
+        k = self.scale
+        base = k + self.base_s + full  # k folded in: each value below is k + t
         defer = self.params["deferred_wait_s"]
         out: list[float] = []
         app = out.append
@@ -204,10 +213,10 @@ class EstimatedTTFT(Scorer):
                 w = v.num_waiting * per_waiting
                 n = v.load
                 i = loc.inflight
-                t = base + (q if q > w else w) + (i if i > n else n) * per_running + table[c]
+                kt = base + (q if q > w else w) + (i if i > n else n) * per_running + table[c]
                 if v.num_deferred and c in _DEFERRED_CODES:
-                    t += defer * (v.defer_factor - 1.0)
-                app(t)
+                    kt += defer * (v.defer_factor - 1.0)
+                app(k / kt)
             return out
         for v, c in zip(views, codes):
             loc = v.local
@@ -215,13 +224,13 @@ class EstimatedTTFT(Scorer):
             w = v.num_waiting * per_waiting
             n = v.load
             i = loc.inflight
-            t = base + (q if q > w else w) + (i if i > n else n) * per_running + table[c]
+            kt = base + (q if q > w else w) + (i if i > n else n) * per_running + table[c]
             if v.num_deferred and c in _DEFERRED_CODES:
-                t += defer * (v.defer_factor - 1.0)
+                kt += defer * (v.defer_factor - 1.0)
             m = get(v.pod_id)
             if m:
-                t -= m * per_block
-            app(t)
+                kt -= m * per_block
+            app(k / kt)
         return out
 
     def reason_hint(self, score: float) -> str:
@@ -233,13 +242,12 @@ class EstimatedTTFT(Scorer):
         return f"predicted TTFT {1000.0 * (self.scale / score - self.scale):.0f} ms"
 
     def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
+        if not self.minmax:
+            return self._transformed(views, ctx)
         ts = self.predict(views, ctx)
-        if self.minmax:
-            hi = max(ts)
-            lo = min(ts)
-            if hi - lo <= 1e-12:
-                return [1.0] * len(ts)
-            inv = 1.0 / (hi - lo)
-            return [(hi - t) * inv for t in ts]
-        s = self.scale
-        return [s / (s + t) for t in ts]
+        hi = max(ts)
+        lo = min(ts)
+        if hi - lo <= 1e-12:
+            return [1.0] * len(ts)
+        inv = 1.0 / (hi - lo)
+        return [(hi - t) * inv for t in ts]
