@@ -276,3 +276,20 @@ def test_decision_copies_and_reason() -> None:
     assert 55 <= ms <= 65
     for clone in (copy.copy(d), copy.deepcopy(d), pickle.loads(pickle.dumps(d)), d.to_decision()):
         assert clone.explain() == d.explain()
+
+
+def test_default_prefers_the_cpu_tier_over_a_free_slot() -> None:
+    pl = build_pipeline("default")
+    pods = {
+        "cpu-full": pod("cpu-full", cpu_adapters=("a",), gpu_adapters=("b", "c", "d", "e"), running_adapters=("b",),
+                        num_running=6),
+        "empty": pod("empty"),
+        "disk": pod("disk", disk_adapters=("a",)),
+    }
+    assert pl.pick(req(), pods, NOW).pod_id == "cpu-full"
+    # llm-d's lora-affinity sees neither the CPU tier nor the idle slot: 0.8 only for the free one
+    llmd = {c.pod_id: c.scores["lora-affinity"] for c in build_pipeline("llm-d").pick(req(), pods, NOW).ranked}
+    assert llmd == {"cpu-full": 0.8, "empty": 0.8, "disk": 0.8}
+    # a saturated pod (every slot running) loses even though it holds the adapter in CPU
+    pods["cpu-full"] = pod("cpu-full", cpu_adapters=("a",), running_adapters=("b", "c", "d", "e"), num_running=6)
+    assert pl.pick(req(), pods, NOW).pod_id == "disk"
