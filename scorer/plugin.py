@@ -21,6 +21,35 @@ from scorer.params import Param, validate_params
 from scorer.view import PickContext, PodView
 
 
+class ListMemo:
+    """Results memoised per candidate list object.
+
+    ``LocalState.views_of`` returns the very same list while no PodState changed, and filters
+    return their input list when everything passes, so a plugin whose result depends only on
+    the views and a small key (a base name, a rank) can skip its pass on every pick until a
+    state changes. Holding the list keeps its id from being reused.
+    """
+
+    __slots__ = ("views", "results")
+
+    def __init__(self) -> None:
+        self.views: list[PodView] | None = None
+        self.results: dict[Any, Any] = {}
+
+    def get(self, views: list[PodView], key: Any) -> Any:
+        if views is not self.views:
+            self.views = views
+            self.results = {}
+            return None
+        return self.results.get(key)
+
+    def put(self, key: Any, value: Any) -> Any:
+        if len(self.results) > 64:
+            self.results.clear()
+        self.results[key] = value
+        return value
+
+
 class Plugin:
     """Common parts: type name, parameter schema, validated parameters."""
 

@@ -298,3 +298,16 @@ def test_round_robin_and_random() -> None:
     assert seq == ["a", "b", "c", "a", "b", "c"]
     got = picks({"type": "random", "parameters": {"seed": 1}}, pods, 600)
     assert set(got) == {"a", "b", "c"} and min(got.values()) > 120
+
+
+def test_memoised_filters_follow_time_and_state() -> None:
+    pl = build_pipeline("default")
+    pods = {"old": pod("old", observed_at=NOW - 1.0), "new": pod("new", observed_at=NOW + 1.0)}
+    assert pl.pick(req(), pods, NOW).filtered == {}
+    assert pl.pick(req(), pods, NOW + 1.5).filtered == {"old": "healthy-fresh"}  # same mapping, later
+    assert pl.pick(req(rank=64), pods, NOW + 1.5).filtered == {"old": "healthy-fresh", "new": "rank-fits"}
+    pods["old"] = pod("old", observed_at=NOW + 1.5, kv_cache_usage=0.5)  # a fresh state arrives
+    d = pl.pick(req(), pods, NOW + 1.5)
+    assert d.filtered == {} and {c.pod_id: c.scores["kv-usage"] for c in d.ranked} == {"old": 0.5, "new": 1.0}
+    d = pl.pick(RoutingRequest(AdapterRef("other-base", "a", 16)), pods, NOW + 1.5)
+    assert d.pod_id is None and d.filtered == {"old": "serves-base", "new": "serves-base"}

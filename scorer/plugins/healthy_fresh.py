@@ -27,8 +27,18 @@ class HealthyFresh(Filter):
 
     def setup(self) -> None:
         self.max_age_s: float = self.params["max_age_s"]
+        # last result: (views, computed at, valid until, kept)
+        self._memo: tuple[list[PodView], float, float, list[PodView]] | None = None
 
     def filter(self, views: list[PodView], ctx: PickContext) -> list[PodView]:
-        oldest = ctx.now - self.max_age_s
+        now = ctx.now
+        m = self._memo
+        if m is not None and m[0] is views and m[1] <= now < m[2]:
+            return m[3]
+        oldest = now - self.max_age_s
         kept = [v for v in views if v.healthy and v.observed_at >= oldest]
-        return views if len(kept) == len(views) else kept
+        out = views if len(kept) == len(views) else kept
+        # unchanged until the first kept pod turns stale (time moves forward; states are fixed)
+        valid_until = min((v.observed_at for v in kept), default=now) + self.max_age_s if kept else float("inf")
+        self._memo = (views, now, valid_until, out)
+        return out

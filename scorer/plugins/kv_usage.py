@@ -13,7 +13,7 @@ YAML:
 
 from __future__ import annotations
 
-from scorer.plugin import Scorer
+from scorer.plugin import ListMemo, Scorer
 from scorer.registry import register
 from scorer.view import PickContext, PodView
 
@@ -24,5 +24,11 @@ class KvUsage(Scorer):
     BOUNDED = True
     PARAMS = {}
 
+    def setup(self) -> None:
+        self._memo = ListMemo()
+
     def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
-        return [v.kv_free for v in views]
+        hit = self._memo.get(views, None)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        return self._memo.put(None, [v.kv_free for v in views])  # type: ignore[no-any-return]

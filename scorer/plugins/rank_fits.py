@@ -14,7 +14,7 @@ YAML:
 
 from __future__ import annotations
 
-from scorer.plugin import Filter
+from scorer.plugin import Filter, ListMemo
 from scorer.registry import register
 from scorer.view import PickContext, PodView
 
@@ -24,11 +24,21 @@ class RankFits(Filter):
     TYPE = "rank-fits"
     PARAMS = {}
 
+    def setup(self) -> None:
+        self._memo = ListMemo()
+
     def filter(self, views: list[PodView], ctx: PickContext) -> list[PodView]:
         name = ctx.adapter
         if name is None:
             return views
         rank = ctx.request.adapter.rank
+        key = rank if rank is not None else name
+        hit = self._memo.get(views, key)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        return self._memo.put(key, self._filter(views, name, rank))  # type: ignore[no-any-return]
+
+    def _filter(self, views: list[PodView], name: str, rank: int | None) -> list[PodView]:
         if rank is not None:
             kept = [v for v in views if rank <= v.max_lora_rank]
         else:

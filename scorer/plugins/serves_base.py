@@ -16,7 +16,7 @@ YAML:
 from __future__ import annotations
 
 from scorer.params import Param
-from scorer.plugin import Filter
+from scorer.plugin import Filter, ListMemo
 from scorer.registry import register
 from scorer.view import PickContext, PodView
 
@@ -28,9 +28,16 @@ class ServesBase(Filter):
 
     def setup(self) -> None:
         self.allow_unknown: bool = self.params["allow_unknown"]
+        self._memo = ListMemo()
 
     def filter(self, views: list[PodView], ctx: PickContext) -> list[PodView]:
         base = ctx.request.adapter.base
+        hit = self._memo.get(views, base)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        return self._memo.put(base, self._filter(views, base))  # type: ignore[no-any-return]
+
+    def _filter(self, views: list[PodView], base: str) -> list[PodView]:
         if self.allow_unknown:
             kept = [v for v in views if base in v.bases or not v.bases]
         else:
