@@ -24,7 +24,7 @@ YAML:
 
 from __future__ import annotations
 
-from scorer.plugin import Scorer
+from scorer.plugin import ListMemo, Scorer
 from scorer.registry import register
 from scorer.view import PickContext, PodView
 
@@ -35,8 +35,17 @@ class LoraAffinity(Scorer):
     BOUNDED = True
     PARAMS = {}
 
+    def setup(self) -> None:
+        self._memo = ListMemo()
+
     def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
         name = ctx.adapter if ctx.adapter is not None else ctx.request.adapter.base
+        hit = self._memo.get(views, name)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        return self._memo.put(name, self._score(views, name))  # type: ignore[no-any-return]
+
+    def _score(self, views: list[PodView], name: str) -> list[float]:
         out: list[float] = []
         app = out.append
         for v in views:

@@ -13,7 +13,7 @@ YAML:
 
 from __future__ import annotations
 
-from scorer.plugin import Scorer
+from scorer.plugin import ListMemo, Scorer
 from scorer.registry import register
 from scorer.view import PickContext, PodView
 
@@ -24,7 +24,16 @@ class Queue(Scorer):
     BOUNDED = True
     PARAMS = {}
 
+    def setup(self) -> None:
+        self._memo = ListMemo()
+
     def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
+        hit = self._memo.get(views, None)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        return self._memo.put(None, self._score(views))  # type: ignore[no-any-return]
+
+    def _score(self, views: list[PodView]) -> list[float]:
         qs = [v.num_waiting for v in views]
         hi = max(qs)
         lo = min(qs)
