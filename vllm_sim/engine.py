@@ -576,6 +576,11 @@ class Engine:
 
     # -- views -----------------------------------------------------------------------------------
     @property
+    def last_seq(self) -> int:
+        """Sequence number of the newest request."""
+        return self._seq
+
+    @property
     def num_waiting(self) -> int:
         return len(self.waiting)
 

@@ -38,6 +38,7 @@ class MetricsRenderer:
     def __init__(self, engine: Engine, model_name: str, emit_residency: bool = False) -> None:
         self.engine = engine
         self.emit_residency = emit_residency
+        self._cache: tuple[tuple[int, ...], str] | None = None
         self.base = f'engine="0",model_name="{_esc(model_name)}"'
         self.model_only = f'model_name="{_esc(model_name)}"'
         cfg = engine.config
@@ -83,6 +84,16 @@ class MetricsRenderer:
 
     # -- render ------------------------------------------------------------------------------------
     def render(self) -> str:
+        """The exposition text; reused while the engine has not moved (frequent scrapers)."""
+        e = self.engine
+        key = (e.steps, e.last_seq, len(e.waiting), len(e.running), e.loras.loads_gpu, e.stats.success["abort"])
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        text = self._render()
+        self._cache = (key, text)
+        return text
+
+    def _render(self) -> str:
         e = self.engine
         st = e.stats
         b = self.base
