@@ -28,13 +28,13 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
-import aiohttp
 import orjson
 
 from gateway.ensure import EnsureError
 from gateway.errors import APIError
 from gateway.policy import Resolved, Tenant
 from gateway.service import DecisionRecord, Gateway
+from gateway.upstream import UpstreamResponse
 from scorer.model import Decision, PodState, RoutingRequest
 
 log = logging.getLogger("loraroute.gateway")
@@ -386,43 +386,40 @@ class CompletionsEndpoint:
         explain_value: bytes | None, state: dict[str, bool],
     ) -> int:
         upstream = self.gw.upstream
-        session = upstream.session
-        assert session is not None
-        resp: aiohttp.ClientResponse | None = None
+        resp: UpstreamResponse | None = None
         try:
             try:
                 if stream:
                     async with asyncio.timeout(upstream.first_byte_s):
-                        resp = await session.post(base_url + self.path, data=body, headers=_UPSTREAM_HEADERS,
-                                                  timeout=upstream.timeout)
+                        resp = await upstream.post(base_url, self.path, body)
                         if resp.status >= 500:
                             raise _Retry("status", await self._status_error(pod_id, resp))
-                        first = await resp.content.readany() if resp.status == 200 else await resp.read()
+                        first = await resp.read_chunk() if resp.status == 200 else await resp.read_all()
                         if not first and resp.status == 200:
                             raise _Retry("empty", APIError(502, f"pod {pod_id!r} closed the stream before "
                                                                 f"sending anything", code="upstream_error"))
                 else:
-                    resp = await session.post(base_url + self.path, data=body, headers=_UPSTREAM_HEADERS,
-                                              timeout=upstream.timeout)
+                    resp = await upstream.post(base_url, self.path, body)
                     if resp.status >= 500:
                         raise _Retry("status", await self._status_error(pod_id, resp))
-                    first = await resp.read()
+                    first = await resp.read_all()
             except TimeoutError:
                 raise _Retry("timeout", APIError(
-                    504, f"pod {pod_id!r} sent no response within {upstream.first_byte_s:g}s",
+                    504, f"pod {pod_id!r} sent no response within "
+                         f"{upstream.first_byte_s if stream else upstream.total_s:g}s",
                     code="upstream_timeout")) from None
-            except (aiohttp.ClientError, OSError) as e:
+            except OSError as e:
                 raise _Retry("connect", APIError(
-                    502, f"pod {pod_id!r} is unreachable or dropped the connection ({type(e).__name__})",
+                    502, f"pod {pod_id!r} is unreachable or dropped the connection ({e})",
                     code="upstream_unreachable")) from None
 
             headers = [
-                (b"content-type", resp.headers.get("Content-Type", "application/json").encode("latin-1")),
+                (b"content-type", resp.headers.get("content-type", "application/json").encode("latin-1")),
                 (b"x-loraroute-pod", pod_id.encode("latin-1")),
             ]
             if explain_value is not None:
                 headers.append((b"x-loraroute-explain", explain_value))
-            rid = resp.headers.get("X-Request-Id")
+            rid = resp.headers.get("x-request-id")
             if rid:
                 headers.append((b"x-request-id", rid.encode("latin-1")))
             if not (stream and resp.status == 200):
@@ -438,34 +435,32 @@ class CompletionsEndpoint:
             self.gw.metrics.ttft(pod_id, time.perf_counter() - t0)
             tail = first
             status = 200
-            content = resp.content
+            read = resp.read_chunk
             try:
                 while True:
-                    chunk = await content.readany()
+                    chunk = await read()
                     if not chunk:
                         break
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     tail = chunk
-            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            except (OSError, TimeoutError) as e:
                 status = 502
-                err = APIError(502, f"pod {pod_id!r} failed mid-stream ({type(e).__name__}); the response is incomplete",
+                what = "timed out" if isinstance(e, TimeoutError) else "failed"
+                err = APIError(502, f"pod {pod_id!r} {what} mid-stream; the response is incomplete",
                                code="upstream_stream_error")
                 sep = b"" if tail.endswith(b"\n\n") else b"\n\n"
-                log.warning("pod %s failed mid-stream: %s", pod_id, type(e).__name__)
+                log.warning("pod %s %s mid-stream", pod_id, what)
                 await send({"type": "http.response.body", "body": sep + err.sse_event(), "more_body": True})
             state["done"] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return status
         finally:
             if resp is not None:
-                if resp.content.at_eof():
-                    resp.release()
-                else:
-                    resp.close()
+                resp.release()
 
-    async def _status_error(self, pod_id: str, resp: aiohttp.ClientResponse) -> APIError:
+    async def _status_error(self, pod_id: str, resp: UpstreamResponse) -> APIError:
         try:
-            raw = await asyncio.wait_for(resp.read(), 2.0)
+            raw = await asyncio.wait_for(resp.read_all(), 2.0)
             data = orjson.loads(raw)
             msg = data["error"]["message"] if isinstance(data.get("error"), dict) else str(data)[:300]
         except Exception:
