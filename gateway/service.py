@@ -246,7 +246,6 @@ class Gateway:
                 ("discovery.kubernetes", old.config.discovery.kubernetes, new.discovery.kubernetes),
                 ("metrics.latency_buckets", old.config.metrics.latency_buckets, new.metrics.latency_buckets),
                 ("server.pool_per_pod", old.config.server.pool_per_pod, new.server.pool_per_pod),
-                ("server.timeouts.connect_s", old.config.server.timeouts.connect_s, new.server.timeouts.connect_s),
             )
             if a != b
         ]
