@@ -138,7 +138,7 @@ async def _serve(args: argparse.Namespace, ports: list[int], names: list[str]) -
     runners = []
     for pod, port in zip(pods, ports):
         runner = web.AppRunner(create_app(pod), access_log=None, handle_signals=False,
-                               handler_cancellation=True)
+                               handler_cancellation=True, shutdown_timeout=0.5)
         await runner.setup()
         site = web.TCPSite(runner, args.host, port, backlog=1024)
         await site.start()
@@ -151,8 +151,8 @@ async def _serve(args: argparse.Namespace, ports: list[int], names: list[str]) -
         loop.add_signal_handler(sig, stop.set)
     print(f"vllm_sim: ready ({len(pods)} pod{'s' if len(pods) != 1 else ''})", flush=True)
     await stop.wait()
-    for runner in runners:
-        await runner.cleanup()
+    # in-flight requests are cut after a short grace period (a stopped pod, as when vLLM exits)
+    await asyncio.gather(*(runner.cleanup() for runner in runners))
     return 0
 
 
