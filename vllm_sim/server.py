@@ -231,6 +231,8 @@ class Pod:
         except (asyncio.CancelledError, ConnectionResetError):
             self.engine.abort(req)
             raise
+        finally:
+            req.sink = None  # the ground-truth ring keeps the request, not the connection
 
     async def _stream(self, request: web.Request, req: Request, chat: bool, rid: str, created: int,
                       model_name: str, include_usage: bool) -> web.StreamResponse:
