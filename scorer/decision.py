@@ -39,7 +39,7 @@ class LazyDecision(Decision):
         self,
         views: list[PodView],
         totals: list[float],
-        cols: list[list[float]],
+        cols: list[list[float] | None],
         meta: DecisionMeta,
         picked: int,
         filtered: dict[str, str],
@@ -71,7 +71,7 @@ class LazyDecision(Decision):
             pass
         views, totals, cols, names = self._views, self._totals, self._cols, self._meta.names
         out = [
-            Candidate(views[i].pod_id, totals[i], {n: col[i] for n, col in zip(names, cols)})
+            Candidate(views[i].pod_id, totals[i], {n: (col[i] if col is not None else 0.0) for n, col in zip(names, cols)})
             for i in self._order()
         ]
         _RANKED.__set__(self, out)
@@ -100,7 +100,8 @@ class LazyDecision(Decision):
         if blocks and match is not None:
             parts.append(f"prefix {match.get(view.pod_id, 0)}/{blocks} blocks")
         for i, hint in self._meta.hints:
-            parts.append(hint(self._cols[i][self._picked]))
+            col = self._cols[i]
+            parts.append(hint(col[self._picked] if col is not None else 0.0))
         text = "; ".join(parts)
         _REASON.__set__(self, text)
         return text

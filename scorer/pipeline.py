@@ -83,6 +83,7 @@ class Pipeline:
         self._meta = DecisionMeta(self._names, hints)  # type: ignore[arg-type]
         self._bounded = all(sc.BOUNDED for _, sc, _ in self.scorers)
         self._sum = _weighted_sum([float(w) for _, _, w in self.scorers])
+        self._sums: dict[tuple[bool, ...], Any] = {}
         self._prefill_s_per_token = DEFAULT_PREFILL_S_PER_TOKEN
         for _, sc, _ in self.scorers:
             pst = getattr(sc, "params", {}).get("prefill_s_per_token")
@@ -169,10 +170,18 @@ class Pipeline:
         cols = [sc.score(views, ctx) for _, sc, _ in self.scorers]
         if not self._bounded:
             cols = [
-                col if sc.BOUNDED else [x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0) for x in col]
+                col if sc.BOUNDED or col is None else [x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0) for x in col]
                 for col, (_, sc, _) in zip(cols, self.scorers)
             ]
-        totals = self._sum(cols) if cols else [0.0] * len(views)
+        if None in cols:  # some scorer said "0 for every candidate": sum only the others
+            mask = tuple(c is not None for c in cols)
+            fn = self._sums.get(mask)
+            if fn is None:
+                fn = self._sums[mask] = _weighted_sum([float(w) for (_, _, w), m in zip(self.scorers, mask) if m])
+            live = [c for c in cols if c is not None]
+            totals = fn(live) if live else [0.0] * len(views)
+        else:
+            totals = self._sum(cols) if cols else [0.0] * len(views)
         picked = self.picker.pick(totals, views, ctx)
         d = LazyDecision(views, totals, cols, self._meta, picked, filtered, self.name, ctx)
         d.elapsed_us = (perf_counter() - t0) * 1e6

@@ -6,7 +6,9 @@ call per plugin rather than one per plugin per pod.
 
 - ``Filter.filter(views, ctx) -> list[PodView]``: the views that pass (return ``views`` itself
   when every one passes).
-- ``Scorer.score(views, ctx) -> list[float]``: one score per view, each in [0, 1].
+- ``Scorer.score(views, ctx) -> list[float] | None``: one score per view, each in [0, 1];
+  ``None`` means 0 for every view (e.g. no session key), which the pipeline leaves out of the
+  sum and explains as 0.
 - ``Picker.pick(totals, views, ctx) -> int``: the index of the chosen view.
 
 Parameters are validated strictly at construction from ``PARAMS`` (see ``scorer.params``).
@@ -82,7 +84,7 @@ class Scorer(Plugin):
     KIND = "scorer"
     BOUNDED: ClassVar[bool] = False
 
-    def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
+    def score(self, views: list[PodView], ctx: PickContext) -> list[float] | None:
         raise NotImplementedError
 
 

@@ -36,13 +36,13 @@ class PrefixCache(Scorer):
     def setup(self) -> None:
         self.min_blocks: int = self.params["min_blocks"]
 
-    def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
+    def score(self, views: list[PodView], ctx: PickContext) -> list[float] | None:
         total = len(ctx.request.prefix_hashes)
         if total < self.min_blocks:
-            return [0.0] * len(views)
+            return None  # 0 everywhere
         match = ctx.prefix_match()
         if not match:
-            return [0.0] * len(views)
+            return None
         inv = 1.0 / total
         get = match.get
         return [get(v.pod_id, 0) * inv for v in views]

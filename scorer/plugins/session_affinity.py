@@ -25,9 +25,9 @@ class SessionAffinity(Scorer):
     BOUNDED = True
     PARAMS = {}
 
-    def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
+    def score(self, views: list[PodView], ctx: PickContext) -> list[float] | None:
         key = ctx.request.session_key
         bound = ctx.local.sessions.get(key) if key else None
         if bound is None:
-            return [0.0] * len(views)
+            return None  # 0 everywhere
         return [1.0 if v.pod_id == bound else 0.0 for v in views]
