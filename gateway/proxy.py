@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -44,6 +45,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _JSON = b"application/json"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _UPSTREAM_HEADERS = {"Content-Type": "application/json", "Accept": "*/*"}
 
 
@@ -154,7 +156,8 @@ class CompletionsEndpoint:
             elif k == b"x-loraroute-debug":
                 debug = v
             elif k == b"x-request-id":
-                request_id = v.decode("latin-1")[:128]
+                rid = v.decode("latin-1")
+                request_id = rid if _SAFE_ID.match(rid) else None  # forwarded upstream: keep it plain
             elif k == session_header:
                 session = v.decode("latin-1")[:256]
             elif k == b"x-loraroute-admin-key":
@@ -357,7 +360,8 @@ class CompletionsEndpoint:
                 if len(record.attempts) == 1:
                     gw.metrics.residency(pod_id, tier)
                     self._prefix_metric(record.decision, pod_id, len(req.prefix_hashes))
-                status = await self._forward(send, t0, pod_id, ep.url, body, stream, explain_value, state)
+                status = await self._forward(send, t0, pod_id, ep.url, body, stream, explain_value, state,
+                                             req.request_id)
                 ok = status < 400
                 return status, pod_id
             except _Retry as r:
@@ -383,7 +387,7 @@ class CompletionsEndpoint:
 
     async def _forward(
         self, send: Send, t0: float, pod_id: str, base_url: str, body: bytes, stream: bool,
-        explain_value: bytes | None, state: dict[str, bool],
+        explain_value: bytes | None, state: dict[str, bool], request_id: str,
     ) -> int:
         upstream = self.gw.upstream
         resp: UpstreamResponse | None = None
@@ -391,7 +395,7 @@ class CompletionsEndpoint:
             try:
                 if stream:
                     async with asyncio.timeout(upstream.first_byte_s):
-                        resp = await upstream.post(base_url, self.path, body)
+                        resp = await upstream.post(base_url, self.path, body, request_id)
                         if resp.status >= 500:
                             raise _Retry("status", await self._status_error(pod_id, resp))
                         first = await resp.read_chunk() if resp.status == 200 else await resp.read_all()
@@ -399,7 +403,7 @@ class CompletionsEndpoint:
                             raise _Retry("empty", APIError(502, f"pod {pod_id!r} closed the stream before "
                                                                 f"sending anything", code="upstream_error"))
                 else:
-                    resp = await upstream.post(base_url, self.path, body)
+                    resp = await upstream.post(base_url, self.path, body, request_id)
                     if resp.status >= 500:
                         raise _Retry("status", await self._status_error(pod_id, resp))
                     first = await resp.read_all()

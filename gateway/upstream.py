@@ -126,16 +126,18 @@ class Upstream:
             self._targets[base_url] = target
             return target
 
-    async def post(self, base_url: str, path: str, body: bytes) -> UpstreamResponse:
-        """POST ``body`` (JSON) to ``base_url + path``; returns once the status and headers are in."""
+    async def post(self, base_url: str, path: str, body: bytes, request_id: str | None = None) -> UpstreamResponse:
+        """POST ``body`` (JSON) to ``base_url + path``; returns once the status and headers are in.
+        ``request_id`` goes out as ``X-Request-Id`` (vLLM builds its response ids from it)."""
+        headers = _JSON_HEADERS if not request_id else {**_JSON_HEADERS, "X-Request-Id": request_id}
         target = self._target(base_url)
         if target is not None:
             host, port, prefix = target
-            head = build_head("POST", prefix + path, host, port, _JSON_HEADERS, len(body))
+            head = build_head("POST", prefix + path, host, port, headers, len(body))
             return await self.pool.request(host, port, head, body, self.total_s)
         assert self.session is not None
         try:
-            resp = await self.session.post(base_url + path, data=body, headers=_JSON_HEADERS, timeout=self.timeout)
+            resp = await self.session.post(base_url + path, data=body, headers=headers, timeout=self.timeout)
         except aiohttp.ClientError as e:
             raise UpstreamError(f"cannot reach {base_url} ({type(e).__name__})") from None
         return _AiohttpResponse(resp)

@@ -215,6 +215,7 @@ def test_explanation_matches_the_decision(env: Env) -> None:
         r = httpx.post(env.url + "/v1/chat/completions", json=chat_body(model, f"explain {i}"),
                        headers={**headers, "x-request-id": f"explain-{i}"})
         assert r.status_code == 200
+        assert r.json()["id"] == f"chatcmpl-explain-{i}"  # the request id travels to the pod
         explain = json.loads(r.headers["x-loraroute-explain"])
         pod = r.headers["x-loraroute-pod"]
         assert explain["picked"] == pod
