@@ -52,9 +52,10 @@ class Inflight(Scorer):
     def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
         if not self.minmax:
             inv = self.inv_cap
+            cap = self.params["capacity"]
             if self.tokens:
-                return [1.0 - x if x < 1.0 else 0.0 for x in [v.local.inflight_tokens * inv for v in views]]
-            return [1.0 - x if x < 1.0 else 0.0 for x in [v.local.inflight * inv for v in views]]
+                return [(cap - x) * inv if x < cap else 0.0 for x in [v.local.inflight_tokens for v in views]]
+            return [(cap - v.local.inflight) * inv if v.local.inflight < cap else 0.0 for v in views]
         if self.tokens:
             xs = [v.local.inflight_tokens for v in views]
         else:
