@@ -110,23 +110,25 @@ class LocalState:
         self.views[pod_id] = view
         self._last_states = []
         if loc.incoming:
-            self.refresh_incoming(pod_id, loc, float("-inf"))  # expiry is left to expire_incoming
+            self.refresh_incoming(pod_id, loc, float("-inf"), view_changed=True)  # expiry: expire_incoming
         return view
 
     # --- optimistic incoming adapters -------------------------------------------------------
-    def refresh_incoming(self, pod_id: str, loc: PodLocal, now: float) -> None:
-        """Drop expired or confirmed incoming adapters of one pod; update its view's slot state."""
+    def refresh_incoming(self, pod_id: str, loc: PodLocal, now: float, view_changed: bool = False) -> None:
+        """Drop expired (and, for a new view, confirmed) incoming adapters of one pod; update
+        its view's slot state and the expiry bookkeeping."""
         inc = loc.incoming
         view = self.views.get(pod_id)
-        if inc:
-            gone = [n for n, until in inc.items() if until <= now]
-            if view is not None:
-                gone += [n for n in inc if n in view.gpu or n in view.loading]
-            for name in gone:
-                inc.pop(name, None)
+        if inc and now >= loc.inc_check_at:
+            for name in [n for n, until in inc.items() if until <= now]:
+                del inc[name]
+        if inc and view_changed and view is not None:
+            gpu, loading = view.gpu, view.loading
+            for name in [n for n in inc if n in gpu or n in loading]:
+                del inc[name]
         if view is not None:
             extra = len(inc)
-            view.slot = slot_state(view.n_gpu + extra, view.n_running + extra, view.max_loras)
+            view.slot = slot_state(view.n_gpu + extra, view.n_running + extra, view.max_loras) if extra else view.base_slot
         if inc:
             loc.inc_check_at = min(inc.values())
             self.inc_pods.add(pod_id)
