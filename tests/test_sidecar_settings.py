@@ -115,3 +115,26 @@ def test_s3_secret_files_and_ca_bundle_problems_are_503_not_crashes(tmp_path: Pa
     with pytest.raises(StoreUnreachable, match="does not exist") as info:
         source.list("adapters/x/")
     assert info.value.layer == "tls"
+
+
+def test_s3_credentials_from_mounted_files_or_a_clear_503(s3_server, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+
+    endpoint = s3_server.extra["endpoint_url"]
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="cred-files")
+    (tmp_path / "id").write_text("file-access-key\n")
+    (tmp_path / "secret").write_text("file-secret-key\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probe off AWS
+    with_files = S3Source(S3Settings(endpoint_url=endpoint, bucket="cred-files",
+                                     access_key_id_file=str(tmp_path / "id"),
+                                     secret_access_key_file=str(tmp_path / "secret")))
+    assert with_files.list("adapters/") == []
+    without = S3Source(S3Settings(endpoint_url=endpoint, bucket="cred-files"))
+    with pytest.raises(StoreUnreachable) as info:
+        without.list("adapters/")
+    assert info.value.code == "s3_credentials" and "AWS_ACCESS_KEY_ID" in info.value.message
