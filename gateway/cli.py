@@ -8,7 +8,6 @@ access log (the metrics count requests). ``--host`` / ``--port`` override ``serv
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
