@@ -2,7 +2,8 @@
 
 - ``GET /admin/decisions?limit=N`` — newest first: picked pod, each candidate's total and
   per-scorer scores, filtered pods with the filter that removed them, attempts, status.
-- ``GET /admin/pods`` — every discovered pod: endpoint, routable or not, in-flight count, PodState.
+- ``GET /admin/pods`` — every discovered pod: endpoint, routable or not, in-flight count, the
+  pipeline's own per-pod state (``router``: in-flight tokens, incoming adapters, prefix blocks), PodState.
 - ``POST /admin/reload`` — re-read the config file; 200 ``{"status": "reloaded", "generation",
   "restart_required"}`` or 400 with the reason (the previous config keeps serving).
 
@@ -51,6 +52,8 @@ def admin_router(gw: Gateway) -> APIRouter:
         view = gw.store.view()
         ids = sorted(set(gw.endpoints) | set(gw.pods))
         data = []
+        pipeline = gw.runtime.pipeline
+        local = pipeline.snapshot() if hasattr(pipeline, "snapshot") else {}
         for pod_id in ids:
             ep = gw.endpoint(pod_id)
             state = gw.pods.get(pod_id) or view.get(pod_id)
@@ -61,6 +64,7 @@ def admin_router(gw: Gateway) -> APIRouter:
                 "routable": pod_id in gw.pods,
                 "inflight": gw.inflight.get(pod_id, 0),
                 "state_age_s": round(state.age(now), 3) if state else None,
+                "router": local.get(pod_id),
                 "state": state.to_dict() if state else None,
             })
         return {"object": "list", "data": data}

@@ -120,6 +120,24 @@ def _fallback_order(decision: Decision) -> Iterator[str]:
             yield pod_id
 
 
+#: candidates (best first) and filtered pods carried in x-loraroute-explain; the rest are counted
+#: (headers must stay small: common clients refuse header blocks above 16-64 KiB). The full
+#: explanation is in GET /admin/decisions.
+EXPLAIN_HEADER_MAX = 16
+
+
+def _explain_header(decision: Decision) -> bytes:
+    data = decision.explain()
+    cands, filtered = data["candidates"], data["filtered"]
+    if len(cands) > EXPLAIN_HEADER_MAX:
+        data["candidates"] = cands[:EXPLAIN_HEADER_MAX]
+        data["candidates_omitted"] = len(cands) - EXPLAIN_HEADER_MAX
+    if len(filtered) > EXPLAIN_HEADER_MAX:
+        data["filtered"] = dict(list(filtered.items())[:EXPLAIN_HEADER_MAX])
+        data["filtered_omitted"] = len(filtered) - EXPLAIN_HEADER_MAX
+    return orjson.dumps(data)
+
+
 def _matched_blocks(decision: Decision, pod_id: str) -> float:
     """Prompt blocks the prefix scorer found cached on ``pod_id`` at pick time (0 if it did not run).
 
@@ -281,7 +299,7 @@ class CompletionsEndpoint:
         gw.record(record)
         stream = bool(payload.get("stream"))
         body = orjson.dumps(payload)
-        explain_value = orjson.dumps(decision.explain()) if explain else None
+        explain_value = _explain_header(decision) if explain else None
 
         # watch for the client going away while we wait on the pod
         task = asyncio.current_task()
