@@ -106,7 +106,7 @@ class LocalState:
         cap = pod_capacity_blocks(state.num_gpu_blocks, state.block_size, self.block_chars)
         if self.max_blocks_per_pod and cap > self.max_blocks_per_pod:
             cap = self.max_blocks_per_pod
-        view = PodView(pod_id, state, loc, cap)
+        view = PodView(pod_id, state, loc, cap, self.views.get(pod_id))
         self.views[pod_id] = view
         self._last_states = []
         if loc.incoming:

@@ -39,26 +39,49 @@ class PodView:
     __slots__ = (
         "pod_id", "state", "local", "healthy", "observed_at", "bases", "gpu", "cpu", "disk",
         "loading", "running", "n_gpu", "n_running", "max_loras", "max_lora_rank", "ranks",
-        "kv", "num_running", "num_waiting", "num_deferred", "capacity_blocks", "slot", "memo",
+        "kv", "num_running", "num_waiting", "num_deferred", "capacity_blocks", "slot",
         "tier3", "load", "defer_factor", "base_slot", "incoming", "kv_free",
     )
 
-    def __init__(self, pod_id: str, state: PodState, local: PodLocal, capacity_blocks: int) -> None:
+    def __init__(
+        self, pod_id: str, state: PodState, local: PodLocal, capacity_blocks: int, prev: PodView | None = None
+    ) -> None:
         self.pod_id = pod_id
         self.state = state
         self.local = local
         self.healthy = state.healthy
         self.observed_at = state.observed_at
-        self.bases = frozenset(state.base_models)
-        running = frozenset(state.running_adapters)
-        # An adapter with requests in flight is necessarily in a GPU slot.
-        self.gpu = frozenset(state.gpu_adapters) | running
-        self.cpu = frozenset(state.cpu_adapters)
-        self.disk = frozenset(state.disk_adapters)
-        self.loading = frozenset(state.loading_adapters)
-        self.running = running
+        ps = prev.state if prev is not None else None
+        if (
+            ps is not None
+            and ps.gpu_adapters == state.gpu_adapters
+            and ps.running_adapters == state.running_adapters
+            and ps.cpu_adapters == state.cpu_adapters
+            and ps.disk_adapters == state.disk_adapters
+            and ps.loading_adapters == state.loading_adapters
+            and ps.base_models == state.base_models
+        ):
+            # Most updates only move counters: reuse the derived sets (compared at C speed).
+            assert prev is not None
+            self.bases, self.gpu, self.cpu, self.disk = prev.bases, prev.gpu, prev.cpu, prev.disk
+            self.loading, self.running, self.tier3 = prev.loading, prev.running, prev.tier3
+        else:
+            self.bases = frozenset(state.base_models)
+            running = frozenset(state.running_adapters)
+            # An adapter with requests in flight is necessarily in a GPU slot.
+            self.gpu = frozenset(state.gpu_adapters) | running
+            self.cpu = frozenset(state.cpu_adapters)
+            self.disk = frozenset(state.disk_adapters)
+            self.loading = frozenset(state.loading_adapters)
+            self.running = running
+            # adapter name -> tier * 3 (the placement code without the slot), best tier wins
+            tier3: dict[str, int] = dict.fromkeys(self.disk, T_DISK * 3)
+            tier3.update(dict.fromkeys(self.cpu, T_CPU * 3))
+            tier3.update(dict.fromkeys(self.loading, T_LOADING * 3))
+            tier3.update(dict.fromkeys(self.gpu, T_GPU * 3))
+            self.tier3 = tier3
         self.n_gpu = len(self.gpu)
-        self.n_running = len(running)
+        self.n_running = len(self.running)
         self.max_loras = max(1, state.max_loras)
         self.max_lora_rank = state.max_lora_rank
         self.ranks = state.adapter_ranks
@@ -74,16 +97,8 @@ class PodView:
         self.base_slot = slot_state(self.n_gpu, self.n_running, self.max_loras)
         self.slot = self.base_slot
         self.incoming = local.incoming
-        # adapter name -> tier * 3 (the placement code without the slot), best tier wins
-        tier3: dict[str, int] = {}
-        for tier, names in ((T_DISK, self.disk), (T_CPU, self.cpu), (T_LOADING, self.loading), (T_GPU, self.gpu)):
-            for name in names:
-                tier3[name] = tier * 3
-        self.tier3 = tier3
         self.load = self.num_running + self.num_waiting
         self.defer_factor = 1.0 + self.num_deferred / self.max_loras
-        # Per-plugin values that depend only on this state and the plugin's parameters.
-        self.memo: dict[int, object] = {}
 
 
 def slot_state(n_gpu: int, n_running: int, max_loras: int) -> int:

@@ -311,3 +311,16 @@ def test_memoised_filters_follow_time_and_state() -> None:
     assert d.filtered == {} and {c.pod_id: c.scores["kv-usage"] for c in d.ranked} == {"old": 0.5, "new": 1.0}
     d = pl.pick(RoutingRequest(AdapterRef("other-base", "a", 16)), pods, NOW + 1.5)
     assert d.pod_id is None and d.filtered == {"old": "serves-base", "new": "serves-base"}
+
+
+def test_views_follow_state_changes() -> None:
+    pl = build_pipeline({"filters": [], "scorers": ["adapter-residency", "kv-usage"]})
+    pods = {"p1": pod("p1", cpu_adapters=("a",), kv_cache_usage=0.2)}
+    assert scores_of(pl, list(pods.values()), req()) == {"p1": 0.7}
+    first = pl.local.views["p1"]
+    pods["p1"] = pods["p1"].replace(kv_cache_usage=0.6)  # counters only: derived sets reused
+    d = pl.pick(req(), pods, NOW)
+    assert d.ranked[0].scores == {"adapter-residency": 0.7, "kv-usage": pytest.approx(0.4)}
+    assert pl.local.views["p1"].cpu is first.cpu
+    pods["p1"] = pods["p1"].replace(gpu_adapters=("a",), cpu_adapters=())  # residency moved
+    assert scores_of(pl, list(pods.values()), req()) == {"p1": 1.0}
