@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shutil
 import sys
@@ -213,7 +214,7 @@ def run_overhead(opts: OverheadOptions) -> Path:
     doc: dict[str, Any] = {"meta": {"kind": "overhead", "spec": "zero-delay pods", "sequential": opts.requests,
                                     "p99_bound_ms": opts.p99_bound_ms, "rates": opts.rates,
                                     "rate_duration_s": opts.rate_duration_s,
-                                    "cores": __import__("os").cpu_count()}, "targets": []}
+                                    "cores": os.cpu_count()}, "targets": []}
     skipped: list[dict[str, Any]] = []
     try:
         with BenchCluster(spec, work, zero_delay=True, sidecars=False) as cl:

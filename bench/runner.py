@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -84,19 +85,12 @@ def model_name(target: Target, spec: WorkloadSpec, req: TraceRequest) -> str:
 
 
 def _profile(name: str) -> Any:
-    from vllm_sim import costs
+    """The simulator's cost profile for ``cluster.profile`` (only ``8b``, its default, exists)."""
+    from vllm_sim.costs import CostProfile
 
-    for attr in ("profile", "get_profile", "load_profile"):
-        fn = getattr(costs, attr, None)
-        if callable(fn):
-            try:
-                return fn(name)
-            except Exception:  # noqa: BLE001 - fall back to the default profile
-                break
-    profiles = getattr(costs, "PROFILES", None)
-    if isinstance(profiles, dict) and name in profiles:
-        return profiles[name]
-    return costs.CostProfile()
+    if name != "8b":
+        raise ValueError(f"cluster.profile {name!r}: the simulator has only the '8b' profile")
+    return CostProfile()
 
 
 def shareable_tokens(req: TraceRequest) -> int:
@@ -288,7 +282,7 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
     with BenchCluster(spec, work_dir / f"{target.label.replace(':', '-')}-{load}",
                       time_scale=opts.time_scale, sidecars=opts.sidecars) as cl:
         url, key, _ = _start_router(cl, target)
-        meter = CpuMeter({**cl.pids(), "client": __import__("os").getpid()})
+        meter = CpuMeter({**cl.pids(), "client": os.getpid()})
         meter.start()
         t0 = time.monotonic()
         results: list[RequestResult] = asyncio.run(replay(trace, _replay_cfg(url, target, spec, opts, label, key)))
