@@ -61,24 +61,30 @@ def _machine_times() -> tuple[float, float]:
 
 
 class CpuMeter:
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], own_only: set[str] | frozenset[str] = frozenset()) -> None:
+        """``own_only``: names measured without their children (e.g. the client, whose children
+        are the other measured processes)."""
         self.pids = dict(pids)
+        self.own_only = set(own_only)
         self._t0 = 0.0
         self._cpu0: dict[str, float] = {}
         self._m0 = (0.0, 0.0)
 
     def start(self) -> None:
         kids = _children_map()
-        self._cpu0 = {n: tree_cpu_seconds(p, kids) for n, p in self.pids.items()}
+        self._cpu0 = {n: self._cpu(n, p, kids) for n, p in self.pids.items()}
         self._m0 = _machine_times()
         self._t0 = time.monotonic()
+
+    def _cpu(self, name: str, pid: int, kids: dict[int, list[int]]) -> float:
+        return _cpu_seconds(pid) if name in self.own_only else tree_cpu_seconds(pid, kids)
 
     def stop(self) -> dict[str, dict[str, float]]:
         wall = max(1e-9, time.monotonic() - self._t0)
         kids = _children_map()
         out: dict[str, dict[str, float]] = {}
         for name, pid in self.pids.items():
-            cpu = max(0.0, tree_cpu_seconds(pid, kids) - self._cpu0.get(name, 0.0))
+            cpu = max(0.0, self._cpu(name, pid, kids) - self._cpu0.get(name, 0.0))
             out[name] = {"cpu_s": round(cpu, 3), "cpu_pct": round(100 * cpu / wall, 1)}
         total1, idle1 = _machine_times()
         dt, di = total1 - self._m0[0], idle1 - self._m0[1]

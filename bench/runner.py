@@ -282,7 +282,7 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
     with BenchCluster(spec, work_dir / f"{target.label.replace(':', '-')}-{load}",
                       time_scale=opts.time_scale, sidecars=opts.sidecars) as cl:
         url, key, _ = _start_router(cl, target)
-        meter = CpuMeter({**cl.pids(), "client": os.getpid()})
+        meter = CpuMeter({**cl.pids(), "client": os.getpid()}, own_only={"client"})
         meter.start()
         t0 = time.monotonic()
         results: list[RequestResult] = asyncio.run(replay(trace, _replay_cfg(url, target, spec, opts, label, key)))

@@ -12,6 +12,9 @@ All latencies are in *simulated* seconds: wall seconds measured at the client di
   cluster (a pod that got nothing counts as 0).
 - ``ideal_ratio_p50``: median over ok requests of achieved TTFT / ideal TTFT, where ideal is the
   simulator's TTFT alone on an idle pod, adapter resident and shareable prefix cached.
+- ``sim_ideal_ratio_p50``, ``sim_ttft_p99``: the same from the simulator's own TTFT (ground truth,
+  arrival at the engine to first token): routing quality without the HTTP hops and the client's
+  CPU contention.
 - ``errors``: requests that are not ok.
 """
 
@@ -70,6 +73,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             counts[r["pod"]] = counts.get(r["pod"], 0) + 1
     mean = (sum(counts.values()) / len(counts)) if counts else 0.0
     ratios = [r["ttft_s"] / scale / r["ideal_ttft_s"] for r in ok if r.get("ideal_ttft_s")]
+    sim_ratios = [r["gt_ttft_s"] / r["ideal_ttft_s"] for r in ok
+                  if r.get("ideal_ttft_s") and r.get("gt_ttft_s") is not None]
     cpu = meta.get("cpu") or {}
     return {
         "target": meta.get("target"),
@@ -89,6 +94,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "prefix_hit": (cached_sum / prompt_sum) if prompt_sum else None,
         "imbalance": (max(counts.values()) / mean) if mean > 0 else None,
         "ideal_ratio_p50": percentile(ratios, 50),
+        "sim_ideal_ratio_p50": percentile(sim_ratios, 50),
+        "sim_ttft_p99": percentile([r["gt_ttft_s"] for r in ok if r.get("gt_ttft_s") is not None], 99),
         "pod_counts": counts,
         "router_cpu_pct": (cpu.get("router") or {}).get("cpu_pct"),
         "machine_busy_pct": (cpu.get("machine") or {}).get("busy_pct"),
