@@ -289,6 +289,11 @@ class DiscoveryConfig(_Strict):
     monitor_interval_s: float = Field(0.05, gt=0)
     #: seconds a monitor-published PodState lives without a refresh
     monitor_ttl_s: float = Field(2.0, gt=0)
+    #: limit for one scrape of /metrics or /v1/models by the in-process monitor
+    monitor_timeout_s: float = Field(0.4, gt=0)
+    #: a pod whose last good scrape is older than this is published unhealthy (a refused
+    #: connection marks it at once)
+    monitor_unhealthy_after_s: float = Field(0.4, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> DiscoveryConfig:

@@ -207,6 +207,7 @@ class Gateway:
             monitor = PodMonitor(
                 pod_id, pod.url, self.store, interval_s=cfg.monitor_interval_s, ttl_s=cfg.monitor_ttl_s,
                 sidecar_url=pod.sidecar_url, max_lora_rank=pod.max_lora_rank, max_cpu_loras=pod.max_cpu_loras,
+                request_timeout_s=cfg.monitor_timeout_s, unhealthy_after_s=cfg.monitor_unhealthy_after_s,
             )
             self._monitors[pod_id] = monitor
             await monitor.start()

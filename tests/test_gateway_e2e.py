@@ -69,9 +69,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 {"name": "lab", "api_key_sha256": [digest("lab-key")], "adapters": ["*"]},
             ],
             "admin": {"api_key_sha256": [digest("admin-key")]},
-            "discovery": {"static": [{"id": f"pod-{i}", "url": u} for i, u in enumerate(sim_urls)]},
+            # generous scrape limits: a busy test machine must not make a pod look dead
+            "discovery": {"static": [{"id": f"pod-{i}", "url": u} for i, u in enumerate(sim_urls)],
+                          "monitor_timeout_s": 2.0, "monitor_unhealthy_after_s": 3.0, "monitor_ttl_s": 5.0},
             # the default policy, with a small in-flight capacity so "bounded" shows at test scale
-            "pipeline": {"preset": "default", "scorers": [
+            "pipeline": {"preset": "default", "filters": [
+                {"type": "healthy-fresh", "parameters": {"max_age_s": 5.0}}, "serves-base", "rank-fits",
+            ], "scorers": [
                 {"type": "estimated-ttft", "weight": 3.0},
                 {"type": "adapter-residency", "weight": 1.0},
                 {"type": "prefix-cache", "weight": 1.0},
