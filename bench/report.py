@@ -81,6 +81,18 @@ def load_table(summaries: Sequence[dict[str, Any]]) -> str:
     return "".join(rows)
 
 
+def cpu_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """CPU share of each process group (100 % = one core) over the replay, and the machine's."""
+    names = ["router", "sim", "sidecars", "redis", "client"]
+    rows = ["| target | " + " | ".join(names) + " | machine busy (all cores, everyone) |\n",
+            "|---|" + "---|" * (len(names) + 1) + "\n"]
+    for s in sorted(summaries, key=lambda s: s["target"]):
+        cpu = s.get("cpu") or {}
+        cells = [_f((cpu.get(n) or {}).get("cpu_pct"), 0) + " %" for n in names]
+        rows.append(f"| {s['target']} | " + " | ".join(cells) + f" | {_f(s['machine_busy_pct'], 0)} % |\n")
+    return "".join(rows)
+
+
 def _plt():
     import matplotlib
 
@@ -244,6 +256,7 @@ def build_report(inputs: Sequence[str | Path], out_dir: Path | None = None) -> P
             rate = ldocs[0]["meta"].get("rate_rps")
             parts.append(f"### Load {int(round(100 * load))} % ({rate} requests/s simulated)\n\n")
             parts.append(load_table(lsum) + "\n")
+            parts.append("CPU during the replay (100 % = one core):\n\n" + cpu_table(lsum) + "\n")
             name = f"{prefix}ttft_cdf_load{int(round(100 * load)):02d}.png"
             plot_cdf(ldocs, out_dir / name, f"{spec}: TTFT CDF at {int(round(100 * load))} % load")
             parts.append(f"![TTFT CDF at {int(round(100 * load))} %]({name})\n\n")

@@ -52,7 +52,7 @@ def test_results_are_consistent(smoke_results: tuple[Path, list[Path]]) -> None:
         assert s["ttft_p50"] <= s["ttft_p90"] <= s["ttft_p99"]
         assert s["e2e_p50"] <= s["e2e_p99"]
         assert s["ttft_p50"] <= s["e2e_p50"]
-        for key in ("adapter_gpu_hit", "prefix_hit"):
+        for key in ("adapter_gpu_hit", "adapter_gpu_hit_warm", "prefix_hit"):
             assert 0.0 <= s[key] <= 1.0
         assert s["imbalance"] >= 1.0
         assert meta["ground_truth_joined"] == len(rows)
@@ -63,7 +63,8 @@ def test_results_are_consistent(smoke_results: tuple[Path, list[Path]]) -> None:
                 assert r["ttft_s"] / meta["time_scale"] >= 0.999 * r["gt_ttft_s"] - 0.002
                 assert r["gt_cached_tokens"] <= r["gt_prompt_tokens"]
                 assert r["gt_adapter_tier"] in ("gpu", "cpu", "disk")
-        assert s["ideal_ratio_p50"] >= 0.99
+        assert s["ideal_ratio_p50"] >= 0.99 and s["sim_ideal_ratio_p50"] >= 0.999
+        assert s["sim_ttft_p99"] <= s["ttft_p99"] + 0.002
         assert meta["cpu"]["router"]["cpu_s"] >= 0 and meta["cpu"]["machine"]["cores"] >= 1
 
 
