@@ -8,6 +8,7 @@ simulator's TTFT never beats the lower bound, plots are PNG files.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,9 @@ def test_report_and_plots(smoke_results: tuple[Path, list[Path]], tmp_path: Path
     report = build_report([out], tmp_path)
     text = report.read_text()
     assert "### Load 60 %" in text
-    assert text.count("| default |") == 1 and text.count("| round-robin |") == 1
+    for target in ("default", "round-robin"):
+        assert len(re.findall(rf"^\| {target} \| \d+ / 120 \|", text, re.M)) == 1  # one row in the load table
+        assert text.count(f"| {target} |") == 2  # and one in the CPU table
     pngs = sorted(tmp_path.glob("*.png"))
     assert {p.name for p in pngs} == {"ttft_cdf_load60.png", "p99_vs_load.png", "hit_rates.png"}
     for p in pngs:
