@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -28,6 +29,27 @@ from .engine import Engine, EngineConfig
 from .server import Pod, PodConfig, create_app, runtime_updating_from_env
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class _OneLine(logging.Filter):
+    """aiohttp logs a full traceback for a malformed request (e.g. an HTTP/2 preface, which
+    vLLM's HTTP/1.1 server refuses too); keep one line with the error's type and no trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            err = record.exc_info[1]
+            message = record.getMessage()
+            record.msg = "%s: %s"
+            record.args = (message, type(err).__name__)
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    for name in ("aiohttp.server", "aiohttp.web", "asyncio"):
+        logging.getLogger(name).addFilter(_OneLine())
 
 
 def _lora_module(value: str) -> tuple[str, str]:
@@ -162,6 +184,7 @@ def main(argv: list[str]) -> int:
     if cluster:
         argv = argv[1:]
     args = build_parser(cluster).parse_args(argv)
+    _setup_logging()
     problem = _check(args)
     if problem:
         print(f"loraroute sim: error: {problem}", file=sys.stderr)
