@@ -139,12 +139,10 @@ def _explain_header(decision: Decision) -> bytes:
 
 
 def _matched_blocks(decision: Decision, pod_id: str) -> float:
-    """Prompt blocks the prefix scorer found cached on ``pod_id`` at pick time (0 if it did not run).
-
-    Read from the pick context the prefix scorer filled, so no candidate list is built."""
-    ctx = getattr(decision, "_ctx", None)
-    match = ctx.computed_match() if ctx is not None and hasattr(ctx, "computed_match") else None
-    return float(match.get(pod_id, 0)) if match else 0.0
+    """Prompt blocks the prefix scorer found cached on ``pod_id`` at pick time (0 if it did not run)."""
+    matched = getattr(decision, "matched_blocks", None)
+    blocks = matched(pod_id) if matched is not None else None
+    return float(blocks or 0)
 
 
 class CompletionsEndpoint:
