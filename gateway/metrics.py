@@ -7,7 +7,10 @@ Series (labels in braces):
   name was not accepted, ``base=""``/``adapter=""`` (arbitrary names never become labels).
 - ``loraroute_ttft_seconds{pod}`` — gateway-measured time to first token: request arrival to the
   first body chunk sent to the client (streaming requests).
+- ``loraroute_adapter_ttft_seconds{base,adapter}`` — the same TTFT split by model (allowlisted
+  names only, so the label set stays bounded); ``adapter=""`` for the base model.
 - ``loraroute_e2e_seconds{pod}`` — request arrival to the last byte sent.
+- ``loraroute_decisions_total{policy,pod}`` — routing decisions by pipeline (preset name) and chosen pod.
 - ``loraroute_decision_seconds`` — time inside ``pipeline.pick``.
 - ``loraroute_routed_residency_total{pod,tier}`` — for each routed request, where the chosen pod
   held the adapter according to the gateway's view (``gpu``, ``cpu``, ``disk``, ``loading``,
@@ -77,6 +80,8 @@ class GatewayMetrics:
         r = self.registry
         self._requests = Counter("loraroute_requests", "Finished requests", ["status", "base", "adapter", "pod"], registry=r)
         self._ttft = Histogram("loraroute_ttft_seconds", "Time to first token measured at the gateway", ["pod"], buckets=latency_buckets, registry=r)
+        self._adapter_ttft = Histogram("loraroute_adapter_ttft_seconds", "Time to first token measured at the gateway, per model", ["base", "adapter"], buckets=latency_buckets, registry=r)
+        self._decisions = Counter("loraroute_decisions", "Routing decisions", ["policy", "pod"], registry=r)
         self._e2e = Histogram("loraroute_e2e_seconds", "End-to-end latency measured at the gateway", ["pod"], buckets=latency_buckets, registry=r)
         self.decision = Histogram("loraroute_decision_seconds", "Time spent in pipeline.pick", buckets=_DECISION_BUCKETS, registry=r)
         self._residency = Counter("loraroute_routed_residency", "Predicted adapter residency on the chosen pod", ["pod", "tier"], registry=r)
@@ -100,8 +105,12 @@ class GatewayMetrics:
     def request(self, status: int, base: str, adapter: str, pod: str) -> None:
         self._child(self._requests, str(status), base, adapter, pod).inc()  # type: ignore[attr-defined]
 
-    def ttft(self, pod: str, seconds: float) -> None:
+    def ttft(self, pod: str, base: str, adapter: str, seconds: float) -> None:
         self._child(self._ttft, pod).observe(seconds)  # type: ignore[attr-defined]
+        self._child(self._adapter_ttft, base, adapter).observe(seconds)  # type: ignore[attr-defined]
+
+    def decided(self, policy: str, pod: str) -> None:
+        self._child(self._decisions, policy, pod).inc()  # type: ignore[attr-defined]
 
     def e2e(self, pod: str, seconds: float) -> None:
         self._child(self._e2e, pod).observe(seconds)  # type: ignore[attr-defined]

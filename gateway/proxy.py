@@ -292,6 +292,7 @@ class CompletionsEndpoint:
             await self._send_error(send, err)
             gw.metrics.request(503, base_l, adapter_l, "")
             return
+        gw.metrics.decided(decision.policy, decision.pod_id)
         record = DecisionRecord(now, req.request_id, resolved.client_name, tenant.name if tenant else None,
                                 decision, [])
         gw.record(record)
@@ -377,7 +378,7 @@ class CompletionsEndpoint:
                     gw.metrics.residency(pod_id, tier)
                     self._prefix_metric(record.decision, pod_id, len(req.prefix_hashes))
                 status = await self._forward(send, t0, pod_id, ep.url, body, stream, explain_value, state,
-                                             req.request_id)
+                                             req.request_id, resolved)
                 ok = status < 400
                 return status, pod_id
             except _Retry as r:
@@ -403,7 +404,7 @@ class CompletionsEndpoint:
 
     async def _forward(
         self, send: Send, t0: float, pod_id: str, base_url: str, body: bytes, stream: bool,
-        explain_value: bytes | None, state: dict[str, bool], request_id: str,
+        explain_value: bytes | None, state: dict[str, bool], request_id: str, resolved: Resolved,
     ) -> int:
         upstream = self.gw.upstream
         resp: UpstreamResponse | None = None
@@ -452,7 +453,7 @@ class CompletionsEndpoint:
             headers.append((b"cache-control", b"no-cache"))
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": first, "more_body": True})
-            self.gw.metrics.ttft(pod_id, time.perf_counter() - t0)
+            self.gw.metrics.ttft(pod_id, resolved.base_label, resolved.adapter_label, time.perf_counter() - t0)
             tail = first
             status = 200
             read = resp.read_chunk

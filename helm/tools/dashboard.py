@@ -88,7 +88,10 @@ endrow(4)
 row("Latency")
 panel("TTFT p50 / p95 / p99 (gateway, all requests)", [(q("loraroute_ttft_seconds", 0.5, "namespace"), "p50"),
       (q("loraroute_ttft_seconds", 0.95, "namespace"), "p95"), (q("loraroute_ttft_seconds", 0.99, "namespace"), "p99")], unit="s",
-      desc="Time to first token measured at the gateway (request arrival to first byte to the client). A per-adapter split needs an adapter label on loraroute_ttft_seconds, which the gateway does not export yet.")
+      desc="Time to first token measured at the gateway (request arrival to first byte to the client).")
+panel("TTFT p50 / p95 / p99 per adapter (gateway)", [(q("loraroute_adapter_ttft_seconds", 0.5, "base, adapter"), "p50 {{base}}:{{adapter}}"),
+      (q("loraroute_adapter_ttft_seconds", 0.95, "base, adapter"), "p95 {{base}}:{{adapter}}"), (q("loraroute_adapter_ttft_seconds", 0.99, "base, adapter"), "p99 {{base}}:{{adapter}}")], unit="s",
+      desc="The same TTFT split by model; an empty adapter is the base model.")
 panel("TTFT per pod, p50 / p95 / p99 (gateway)", [(q("loraroute_ttft_seconds", 0.5, "pod"), "p50 {{pod}}"),
       (q("loraroute_ttft_seconds", 0.95, "pod"), "p95 {{pod}}"), (q("loraroute_ttft_seconds", 0.99, "pod"), "p99 {{pod}}")], unit="s")
 panel("End-to-end latency p95 per pod (gateway)", [(q("loraroute_e2e_seconds", 0.95, "pod"), "{{pod}}")], unit="s")
@@ -99,8 +102,8 @@ panel("vLLM queue time p95 per pod", [(q("vllm:request_queue_time_seconds", 0.95
 endrow()
 
 row("Routing")
-panel("Routing decisions per pod", [(f'sum by (pod) (rate(loraroute_routed_residency_total{{{NS}}}[{R}]))', "{{pod}}")], unit="reqps", stack=True,
-      desc="Requests the gateway routed to each vLLM pod.")
+panel("Routing decisions per pod and policy", [(f'sum by (policy, pod) (rate(loraroute_decisions_total{{{NS}}}[{R}]))', "{{policy}} {{pod}}")], unit="reqps", stack=True,
+      desc="Decisions of the scoring pipeline (policy = preset name) per chosen vLLM pod; retries are not counted again.")
 panel("Routed residency tier (where the chosen pod held the adapter)", [(f'sum by (tier) (rate(loraroute_routed_residency_total{{{NS}}}[{R}]))', "{{tier}}")], unit="reqps", stack=True,
       desc="gpu / cpu / disk / loading / none (a cold load) / base. A good policy keeps 'none' and 'disk' near zero.")
 panel("Adapter GPU hit rate per pod", [(f'sum by (pod) (rate(loraroute_routed_residency_total{{{NS},tier="gpu"}}[{R}])) / sum by (pod) (rate(loraroute_routed_residency_total{{{NS},tier!="base"}}[{R}]))', "{{pod}}")], unit="percentunit", max_=1)
