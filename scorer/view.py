@@ -56,6 +56,7 @@ class PodView:
             ps is not None
             and ps.gpu_adapters == state.gpu_adapters
             and ps.running_adapters == state.running_adapters
+            and (ps.num_deferred > 0) == (state.num_deferred > 0)
             and ps.cpu_adapters == state.cpu_adapters
             and ps.disk_adapters == state.disk_adapters
             and ps.loading_adapters == state.loading_adapters
@@ -68,8 +69,12 @@ class PodView:
         else:
             self.bases = frozenset(state.base_models)
             running = frozenset(state.running_adapters)
-            # An adapter with requests in flight is necessarily in a GPU slot.
-            self.gpu = frozenset(state.gpu_adapters) | running
+            # vLLM lists adapters of deferred requests among the "running" ones too, so an adapter
+            # with requests in flight is known to hold a GPU slot only while nothing is deferred;
+            # with deferrals, trust the residency estimate when there is one.
+            self.gpu = frozenset(state.gpu_adapters)
+            if state.num_deferred == 0 or not self.gpu:
+                self.gpu |= running
             self.cpu = frozenset(state.cpu_adapters)
             self.disk = frozenset(state.disk_adapters)
             self.loading = frozenset(state.loading_adapters)
@@ -94,7 +99,8 @@ class PodView:
         # ``slot`` counts the router's optimistic incoming adapters as occupying slots; the
         # local state keeps it up to date (``LocalState.refresh_incoming``). ``base_slot`` is
         # what the PodState alone says. ``incoming`` is the pod's (long-lived) incoming dict.
-        self.base_slot = slot_state(self.n_gpu, self.n_running, self.max_loras)
+        # a deferred request means every slot is held by an adapter with requests running
+        self.base_slot = S_SATURATED if self.num_deferred else slot_state(self.n_gpu, self.n_running, self.max_loras)
         self.slot = self.base_slot
         self.incoming = local.incoming
         self.load = self.num_running + self.num_waiting

@@ -324,3 +324,20 @@ def test_views_follow_state_changes() -> None:
     assert pl.local.views["p1"].cpu is first.cpu
     pods["p1"] = pods["p1"].replace(gpu_adapters=("a",), cpu_adapters=())  # residency moved
     assert scores_of(pl, list(pods.values()), req()) == {"p1": 1.0}
+
+
+def test_deferred_adapter_is_not_counted_on_gpu() -> None:
+    """vLLM lists a deferred request's adapter among the running ones; it holds no GPU slot."""
+    from scorer.pipeline import build_pipeline
+    from scorer.model import AdapterRef, PodState, RoutingRequest
+
+    pipeline = build_pipeline("default")
+    common = dict(base_models=("b",), max_loras=2, max_lora_rank=64, num_gpu_blocks=1000, observed_at=100.0)
+    deferred = PodState(pod_id="deferred", url="u", gpu_adapters=("x", "y"), running_adapters=("x", "y", "z"),
+                        num_running=2, num_waiting=1, num_deferred=1, **common)
+    resident = PodState(pod_id="resident", url="u", gpu_adapters=("z", "x"), running_adapters=("z", "x"),
+                        num_running=2, **common)
+    req = RoutingRequest(adapter=AdapterRef(base="b", name="z", rank=8), prompt_tokens=100)
+    decision = pipeline.pick(req, {"deferred": deferred, "resident": resident}, now=100.0)
+    assert decision.pod_id == "resident"
+    assert decision.placement("deferred") != decision.placement("resident")
