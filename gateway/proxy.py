@@ -109,7 +109,11 @@ def _completion_text(prompt: Any) -> tuple[str, int]:
     raise APIError(400, "'prompt' must be a non-empty string, list of strings or list of token ids", param="prompt")
 
 
-def _fallback_order(decision: Decision) -> Iterator[str]:
+SUSPECT_S = 2.0
+"""Seconds a pod that refused a connection or timed out is tried only after every other candidate."""
+
+
+def _ranked_ids(decision: Decision) -> Iterator[str]:
     """The picked pod, then (only if a retry needs them) the other candidates, best first."""
     assert decision.pod_id is not None
     yield decision.pod_id
@@ -118,6 +122,24 @@ def _fallback_order(decision: Decision) -> Iterator[str]:
     for pod_id in rest:
         if pod_id != decision.pod_id:
             yield pod_id
+
+
+def _fallback_order(decision: Decision, suspect_until: dict[str, float]) -> Iterator[str]:
+    """``_ranked_ids``, with pods that just failed to connect moved to the end."""
+    if not suspect_until:
+        yield from _ranked_ids(decision)
+        return
+    now = time.monotonic()
+    for pod_id, until in list(suspect_until.items()):
+        if until <= now:
+            del suspect_until[pod_id]
+    later = []
+    for pod_id in _ranked_ids(decision):
+        if pod_id in suspect_until:
+            later.append(pod_id)
+        else:
+            yield pod_id
+    yield from later
 
 
 #: candidates (best first) and filtered pods carried in x-loraroute-explain; the rest are counted
@@ -345,7 +367,7 @@ class CompletionsEndpoint:
         max_attempts = 1 + cfg.server.retries
         last: APIError | None = None
         adapter = req.adapter.name
-        for pod_id in _fallback_order(decision):
+        for pod_id in _fallback_order(decision, gw.suspect_until):
             if len(record.attempts) >= max_attempts:
                 break
             ep = gw.endpoint(pod_id)
@@ -384,6 +406,8 @@ class CompletionsEndpoint:
             except _Retry as r:
                 last = r.error
                 gw.metrics.retry(r.reason)
+                if r.reason in ("connect", "timeout"):
+                    gw.suspect_until[pod_id] = time.monotonic() + SUSPECT_S
                 continue
             finally:
                 gw.inflight[pod_id] -= 1

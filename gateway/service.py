@@ -113,6 +113,9 @@ class Gateway:
         self.pods: dict[str, PodState] = {}
         self.endpoints: Mapping[str, Endpoint] = {}
         self.inflight: collections.Counter[str] = collections.Counter()
+        # pod id -> monotonic time until which a pod that refused a connection is tried last
+        # (the state plane notices a dead pod within about a second; this covers that second)
+        self.suspect_until: dict[str, float] = {}
         self.decisions: collections.deque[DecisionRecord] = collections.deque(maxlen=config.server.decisions_kept)
         self.metrics = GatewayMetrics(config.metrics.latency_buckets, lambda: self.pods, lambda: self.inflight)
         self.upstream = Upstream(config.server)
