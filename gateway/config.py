@@ -185,7 +185,32 @@ class BaseConfig(_Strict):
 # --------------------------------------------------------------------------------------------
 # tenants and admin
 # --------------------------------------------------------------------------------------------
-class TenantConfig(_Strict):
+class _KeyDigests(_Strict):
+    """API-key digests given inline (``api_key_sha256``) and/or in a file, one per line
+    (``api_key_sha256_file``, typically a mounted Secret, relative to the config file)."""
+
+    api_key_sha256: tuple[str, ...] = ()
+    api_key_sha256_file: str | None = None
+
+    @field_validator("api_key_sha256", mode="before")
+    @classmethod
+    def _digests(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list | tuple):
+            return _check_digests([str(x) for x in v])
+        return v
+
+    @model_validator(mode="after")
+    def _files(self, info: ValidationInfo) -> _KeyDigests:
+        if self.api_key_sha256_file:
+            base_dir = (info.context or {}).get("base_dir")
+            extra = _read_digest_file(self.api_key_sha256_file, base_dir)
+            object.__setattr__(self, "api_key_sha256", tuple(dict.fromkeys(self.api_key_sha256 + extra)))
+        return self
+
+
+class TenantConfig(_KeyDigests):
     """A tenant: its API-key digests and the models it may call.
 
     ``adapters`` are glob patterns (``fnmatch``): a pattern with a colon matches the full client
@@ -194,52 +219,12 @@ class TenantConfig(_Strict):
     """
 
     name: str = Field(min_length=1, max_length=128)
-    api_key_sha256: tuple[str, ...] = ()
-    api_key_sha256_file: str | None = None
     adapters: tuple[str, ...] = ("*",)
     base_models: bool = True
 
-    @field_validator("api_key_sha256", mode="before")
-    @classmethod
-    def _digests(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [v]
-        if isinstance(v, list | tuple):
-            return _check_digests([str(x) for x in v])
-        return v
-
-    @model_validator(mode="after")
-    def _files(self, info: ValidationInfo) -> TenantConfig:
-        if self.api_key_sha256_file:
-            base_dir = (info.context or {}).get("base_dir")
-            extra = _read_digest_file(self.api_key_sha256_file, base_dir)
-            object.__setattr__(self, "api_key_sha256", tuple(dict.fromkeys(self.api_key_sha256 + extra)))
-        return self
-
-
-class AdminConfig(_Strict):
+class AdminConfig(_KeyDigests):
     """The admin key (digest) that unlocks /admin/* and the x-loraroute-explain header.
     Without one, admin endpoints answer 403."""
-
-    api_key_sha256: tuple[str, ...] = ()
-    api_key_sha256_file: str | None = None
-
-    @field_validator("api_key_sha256", mode="before")
-    @classmethod
-    def _digests(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [v]
-        if isinstance(v, list | tuple):
-            return _check_digests([str(x) for x in v])
-        return v
-
-    @model_validator(mode="after")
-    def _files(self, info: ValidationInfo) -> AdminConfig:
-        if self.api_key_sha256_file:
-            base_dir = (info.context or {}).get("base_dir")
-            extra = _read_digest_file(self.api_key_sha256_file, base_dir)
-            object.__setattr__(self, "api_key_sha256", tuple(dict.fromkeys(self.api_key_sha256 + extra)))
-        return self
 
 
 # --------------------------------------------------------------------------------------------
