@@ -14,6 +14,9 @@ setup`` creates and fills them; a peer whose venv is missing is skipped with a m
 to install it. production-stack's router is only used when ``.bench-venvs/production-stack`` holds
 a Python >= 3.12 install of it (it is not on the package registry under its own name).
 
+Both Rust routers expose Prometheus metrics on port 29000 by default; each gets its own free
+port here so that several peers can run side by side (the overhead benchmark does).
+
 Model naming: our gateway and vLLM accept ``base:adapter`` via the gateway; the simulated pods
 accept the adapter name itself (as vLLM does). Peers that do not rewrite model names
 (sglang-router, vllm-router) are sent the adapter name directly; LiteLLM gets a config mapping
@@ -167,11 +170,13 @@ def start_peer(
     if name == "sglang":
         argv = [str(venv_bin(name, "python", root)), "-m", "sglang_router.launch_router",
                 "--host", "127.0.0.1", "--port", str(port), "--policy", "cache_aware",
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
                 "--worker-urls", *pod_urls]
         ready = lambda: port_open(port)  # noqa: E731
     elif name == "vllm-router":
         argv = [str(venv_bin(name, "vllm-router", root)), "--host", "127.0.0.1", "--port", str(port),
-                "--policy", "cache_aware", "--worker-urls", *pod_urls]
+                "--policy", "cache_aware", "--prometheus-host", "127.0.0.1",
+                "--prometheus-port", str(free_port()), "--worker-urls", *pod_urls]
         ready = lambda: port_open(port)  # noqa: E731
     elif name == "litellm":
         cfg = _litellm_config(pod_urls, model_names, log_dir / "litellm.yaml")

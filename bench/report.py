@@ -169,10 +169,10 @@ def plot_hit_rates(summaries: Sequence[dict[str, Any]], path: Path, title: str) 
     return path
 
 
-def overhead_section(doc: dict[str, Any], out: Path) -> str:
+def overhead_section(doc: dict[str, Any], out: Path, png: str = "overhead.png") -> str:
     """Markdown for one overhead result document (see bench.overhead)."""
     meta = doc["meta"]
-    lines = [f"## Gateway overhead ({meta.get('spec', '')})\n\n",
+    lines = [f"## Gateway overhead ({meta.get('spec', '')}; {Path(doc.get('_path', '')).parent.name})\n\n",
              f"Zero-delay simulated pod; {meta.get('sequential')} sequential requests per mode at concurrency 1; "
              f"throughput: highest offered rate with p99 under {meta.get('p99_bound_ms')} ms. "
              f"Machine: {meta.get('cores')} cores.\n\n",
@@ -184,6 +184,8 @@ def overhead_section(doc: dict[str, Any], out: Path) -> str:
                          f"{_f(m.get('router_cpu_pct'), 0)} % |\n")
     lines.append("\n| target | sustained req/s (p99 under bound) | p99 at that rate | rates tried |\n|---|---|---|---|\n")
     for t in doc["targets"]:
+        if t.get("skipped"):
+            continue
         thr = t.get("throughput") or {}
         tried = ", ".join(f"{s['rate']:.0f}→{s['p99_ms']:.1f} ms{'' if s['ok'] else ' ✗'}"
                           for s in thr.get("steps", []))
@@ -191,10 +193,12 @@ def overhead_section(doc: dict[str, Any], out: Path) -> str:
                      f" | {tried} |\n")
     for t in doc["targets"]:
         if t.get("skipped"):
-            lines.append(f"\n- {t['target']}: skipped — {t['skipped']}\n")
+            msg = [ln.strip() for ln in str(t["skipped"]).splitlines() if ln.strip()]
+            short = msg[0] if len(msg) < 2 else f"{msg[0]} … {msg[-1]}"
+            lines.append(f"\n- {t['target']}: skipped — {short}\n")
     try:
-        plot_overhead(doc, out / "overhead.png")
-        lines.append("\n![added latency](overhead.png)\n")
+        plot_overhead(doc, out / png)
+        lines.append(f"\n![added latency]({png})\n")
     except Exception as e:  # noqa: BLE001 - the table is the main output
         lines.append(f"\n(plot failed: {e})\n")
     return "".join(lines)
@@ -263,9 +267,10 @@ def build_report(inputs: Sequence[str | Path], out_dir: Path | None = None) -> P
         p99 = plot_p99_vs_load(summaries, out_dir / f"{prefix}p99_vs_load.png", f"{spec}: p99 TTFT vs load")
         hits = plot_hit_rates(summaries, out_dir / f"{prefix}hit_rates.png", f"{spec}: hit rates")
         parts.append(f"![p99 TTFT vs load]({p99.name})\n\n![hit rates]({hits.name})\n\n")
-    for d in docs:
-        if d["meta"].get("kind") == "overhead":
-            parts.append(overhead_section(d, out_dir) + "\n")
+    overheads = [d for d in docs if d["meta"].get("kind") == "overhead"]
+    for i, d in enumerate(overheads):
+        png = "overhead.png" if len(overheads) == 1 else f"overhead_{i + 1}.png"
+        parts.append(overhead_section(d, out_dir, png) + "\n")
     report = out_dir / "report.md"
     report.write_text("".join(parts))
     (out_dir / "summary.json").write_text(json.dumps(
