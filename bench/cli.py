@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--remeasure", action="store_true", help="measure capacity again")
     r.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     r.add_argument("--no-sidecars", action="store_true", help="gateway monitors pods itself (embedded mode)")
+    r.add_argument("--warmup", action="store_true",
+                   help="serve every adapter's system prompts once before measuring (steady state); "
+                        "results go to <spec>-warm/")
     r.add_argument("--keep-logs", action="store_true")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec_path=args.spec, target=target, loads=args.load, requests=args.requests,
                 time_scale=args.time_scale, capacity=args.capacity, remeasure=args.remeasure,
                 out_dir=args.out_dir, progress=not args.quiet, keep_logs=args.keep_logs,
-                sidecars=False if args.no_sidecars else None,
+                sidecars=False if args.no_sidecars else None, warmup=args.warmup,
             )
             written += run(opts)
         for path in written:

@@ -49,7 +49,7 @@ from bench.client import ReplayConfig, RequestResult, closed_loop, replay
 from bench.cluster import BenchCluster, Target
 from bench.procstats import CpuMeter
 from bench.stats import summarize
-from bench.workload import TraceRequest, WorkloadSpec, generate, load_spec
+from bench.workload import TraceRequest, WorkloadSpec, generate, load_spec, system_prompt
 
 RESULTS_ROOT = Path("bench/results")
 CAPACITY_POLICY = "least-loaded"
@@ -72,6 +72,7 @@ class RunOptions:
     max_inflight: int = 4096
     keep_logs: bool = False
     sidecars: bool | None = None
+    warmup: bool = False      # steady state: every adapter's system prompts served once first
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -271,6 +272,27 @@ def get_capacity(spec: WorkloadSpec, opts: RunOptions, work_dir: Path) -> dict[s
     return cap
 
 
+def warmup_trace(spec: WorkloadSpec) -> list[TraceRequest]:
+    """One short request per (adapter, system prompt) of the spec, ids ``warmup-...``.
+
+    Sent through the router under test before the measured replay, so the run starts from a
+    cluster that has served every adapter and system prompt once (a steady state) instead of a
+    cold one where every adapter's first use is a disk load no router can avoid. The router makes
+    its own placement decisions during the warm-up; nothing of it is recorded. Output is 8
+    tokens, so no warm-up record can be mistaken for a trace request in the ground-truth join."""
+    out = []
+    for a in range(spec.adapters.count):
+        for k in range(spec.prefix.system_prompts_per_adapter):
+            out.append(TraceRequest(
+                id=f"warmup-{a:04d}-{k}", t=0.0, adapter=spec.adapters.name(a), rank=spec.adapters.rank(a),
+                conversation=-1, turn=0, system_prompt=k,
+                messages=[{"role": "system", "content": system_prompt(spec, a, k)},
+                          {"role": "user", "content": "warm-up"}],
+                max_tokens=8, shared_prefix_messages=1,
+            ))
+    return out
+
+
 def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[str, Any],
               work_dir: Path) -> dict[str, Any]:
     """One target at one load level on a fresh cluster; returns the result document."""
@@ -282,6 +304,12 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
     with BenchCluster(spec, work_dir / f"{target.label.replace(':', '-')}-{load}",
                       time_scale=opts.time_scale, sidecars=opts.sidecars) as cl:
         url, key, _ = _start_router(cl, target)
+        warmed = 0
+        if opts.warmup:
+            warm = warmup_trace(spec)
+            wcfg = _replay_cfg(url, target, spec, opts, f"{label} warm-up", key)
+            warm_results = asyncio.run(closed_loop(warm, wcfg, 2 * spec.cluster.pods))
+            warmed = sum(r.error is None for r in warm_results)
         meter = CpuMeter({**cl.pids(), "client": os.getpid()}, own_only={"client"})
         meter.start()
         t0 = time.monotonic()
@@ -314,7 +342,7 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
             "target_kind": target.kind, "load": load, "rate_rps": round(rate, 3),
             "capacity": capacity, "capacity_rps": capacity["capacity_rps"], "time_scale": opts.time_scale,
             "requests": len(rows), "pods": pods, "state_plane": state_plane,
-            "ground_truth_joined": found, "wall_s": round(wall, 2), "cpu": cpu_grouped,
+            "ground_truth_joined": found, "warmup_requests": warmed, "wall_s": round(wall, 2), "cpu": cpu_grouped,
             "cluster": spec.to_dict()["cluster"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **opts.extra_meta,
         },
@@ -340,8 +368,9 @@ def _group_cpu(cpu: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def result_path(out_dir: Path, spec: WorkloadSpec, target: Target, load: float) -> Path:
-    return out_dir / spec.name / f"{target.label.replace(':', '-')}-load{int(round(load * 100)):02d}.json"
+def result_path(out_dir: Path, spec: WorkloadSpec, target: Target, load: float, warm: bool = False) -> Path:
+    folder = f"{spec.name}-warm" if warm else spec.name
+    return out_dir / folder / f"{target.label.replace(':', '-')}-load{int(round(load * 100)):02d}.json"
 
 
 def run(opts: RunOptions) -> list[Path]:
@@ -358,7 +387,7 @@ def run(opts: RunOptions) -> list[Path]:
         capacity = get_capacity(spec, opts, work_dir)
         for load in opts.loads or list(spec.loads):
             doc = run_point(spec, opts, load, capacity, work_dir)
-            path = result_path(opts.out_dir, spec, opts.target, load)
+            path = result_path(opts.out_dir, spec, opts.target, load, opts.warmup)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(doc))
             s = doc["summary"]
