@@ -115,6 +115,11 @@ def plot_cdf(docs: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("TTFT (simulated seconds, log scale)")
     ax.set_ylabel("fraction of requests")
+    return _finish(plt, fig, ax, path, title)
+
+
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, title: str) -> Path:
+    """Title, grid and legend of a line plot; write it as PNG and free the figure."""
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -137,13 +142,7 @@ def plot_p99_vs_load(summaries: Sequence[dict[str, Any]], path: Path, title: str
     ax.set_yscale("log")
     ax.set_xlabel("offered load (% of measured capacity)")
     ax.set_ylabel("p99 TTFT (simulated seconds, log scale)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, title)
 
 
 def plot_hit_rates(summaries: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
