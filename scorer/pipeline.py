@@ -44,7 +44,7 @@ from scorer.prefix import DEFAULT_BLOCK_CHARS, prompt_block_hashes
 from scorer.presets import PRESETS
 from scorer.registry import lookup
 from scorer.state import DEFAULT_PREFILL_S_PER_TOKEN, LocalState
-from scorer.view import PickContext
+from scorer.view import PickContext, tier_codes
 
 __all__ = ["PRESETS", "Pipeline", "build_pipeline", "ConfigError"]
 
@@ -85,6 +85,8 @@ class Pipeline:
         self._sum = _weighted_sum([float(w) for _, _, w in self.scorers])
         self._sums: dict[tuple[bool, ...], Any] = {}
         self._prefill_s_per_token = DEFAULT_PREFILL_S_PER_TOKEN
+        # the first scorer that can price an adapter load's engine stall (estimated-ttft)
+        self._stall = next((sc for _, sc, _ in self.scorers if hasattr(sc, "load_stall_s")), None)
         for _, sc, _ in self.scorers:
             pst = getattr(sc, "params", {}).get("prefill_s_per_token")
             if isinstance(pst, float):
@@ -193,9 +195,20 @@ class Pipeline:
         In-flight +1 request and + (prompt + max_tokens) tokens; the prompt's blocks are
         recorded in the prefix index for that pod; the adapter counts as incoming there for
         ``state.incoming_ttl_s`` seconds (or until the pod's state shows it); the uncached
-        prompt tokens join the pod's pending-prefill queue; the session key binds to the pod.
+        prompt tokens join the pod's pending queue, and so does the engine stall of the adapter
+        load the request triggers there (priced by the first scorer with ``load_stall_s``,
+        i.e. estimated-ttft; nothing without one); the session key binds to the pod.
         """
-        self._local.dispatch(pod_id, request, now)
+        local = self._local
+        stall = 0.0
+        name = request.adapter.name
+        if self._stall is not None and name is not None:
+            view = local.views.get(pod_id)
+            if view is not None:
+                code = tier_codes(name, [view], now, local)[0]
+                rank = request.adapter.rank
+                stall = self._stall.load_stall_s(rank if rank is not None else view.ranks.get(name), code)
+        local.dispatch(pod_id, request, now, stall)
 
     def on_complete(self, pod_id: str, request: RoutingRequest, now: float, ok: bool) -> None:
         """The request sent to ``pod_id`` finished (``ok`` False: failed or cancelled)."""

@@ -24,8 +24,9 @@ class PodLocal:
     """What this router itself knows about one pod, exactly and instantly.
 
     ``inflight`` / ``inflight_tokens``: requests dispatched and not completed, and their
-    prompt + max_tokens. ``pending_until``: when the pod will have prefilled the uncached prompt
-    tokens this router sent it (a fluid queue drained at the prefill rate). ``incoming``: adapter
+    prompt + max_tokens. ``pending_until``: when the pod will have worked off what this router
+    sent it: the uncached prompt tokens (drained at the prefill rate) and the adapter loads they
+    trigger (each stalls the engine). ``incoming``: adapter
     → expiry time of the optimistic belief that it is being loaded there.
     """
 
@@ -178,7 +179,9 @@ class LocalState:
         return out
 
     # --- updates ---------------------------------------------------------------------------
-    def dispatch(self, pod_id: str, request: RoutingRequest, now: float) -> None:
+    def dispatch(self, pod_id: str, request: RoutingRequest, now: float, stall_s: float = 0.0) -> None:
+        """Count ``request`` as sent to ``pod_id``; ``stall_s``: engine seconds its adapter load
+        will stall the pod (joins the pending queue ahead of its prefill)."""
         loc = self.pod(pod_id)
         loc.inflight += 1
         loc.dispatched += 1
@@ -198,7 +201,7 @@ class LocalState:
         else:
             uncached = float(max(0, request.prompt_tokens))
         start = loc.pending_until if loc.pending_until > now else now
-        loc.pending_until = start + uncached * self.prefill_s_per_token
+        loc.pending_until = start + stall_s + uncached * self.prefill_s_per_token
         name = request.adapter.name
         if name is not None and (view is None or name not in view.gpu) and self.incoming_ttl_s > 0:
             inc = loc.incoming

@@ -268,6 +268,31 @@ def test_estimated_ttft_prefix_pending_and_minmax() -> None:
     assert 0.9 < s["c"] < 1.0
 
 
+def test_estimated_ttft_counts_the_engine_stall_of_a_load_it_triggers() -> None:
+    """A disk load stalls its pod's whole engine: later requests there must see it queued."""
+    pl = build_pipeline({"filters": [], "scorers": ["estimated-ttft"]})
+    sc = pl.scorers[0][1]
+    pods = [pod("p1", gpu_adapters=("b",), disk_adapters=("a",)), pod("p2", gpu_adapters=("b",), disk_adapters=("a",))]
+    before = scores_of(pl, pods, req(adapter="b"))
+    pl.on_dispatch("p1", req(adapter="a", rank=64, prompt_tokens=0), NOW)
+    s = scores_of(pl, pods, req(adapter="b", prompt_tokens=0))
+    t = {k: 0.5 / v - 0.5 for k, v in s.items()}
+    assert before["p1"] == pytest.approx(before["p2"])
+    assert t["p1"] - t["p2"] == pytest.approx(sc.disk_load_s(64) + sc.params["per_running_s"], abs=1e-6)
+    # the stall drains with time like queued prefill, and a load already under way adds nothing
+    later = scores_of(pl, pods, req(adapter="b", prompt_tokens=0), NOW + sc.disk_load_s(64))
+    assert 0.5 / later["p1"] - 0.5 / later["p2"] == pytest.approx(sc.params["per_running_s"], abs=1e-6)
+    pl.on_dispatch("p2", req(adapter="b", prompt_tokens=0), NOW)  # on GPU: no stall
+    pl.on_dispatch("p1", req(adapter="a", rank=64, prompt_tokens=0), NOW)  # incoming: counted once
+    again = {k: 0.5 / v - 0.5 for k, v in scores_of(pl, pods, req(adapter="b", prompt_tokens=0)).items()}
+    assert again["p1"] - again["p2"] == pytest.approx(sc.disk_load_s(64) + sc.params["per_running_s"], abs=1e-6)
+    # no estimated-ttft scorer: nothing prices the stall, the pending queue holds prefill only
+    plain = build_pipeline({"filters": [], "scorers": ["inflight"]})
+    plain.pick(req(adapter="a", rank=64), {p.pod_id: p for p in pods}, NOW)
+    plain.on_dispatch("p1", req(adapter="a", rank=64, prompt_tokens=0), NOW)
+    assert plain.local.pods["p1"].pending_until == NOW
+
+
 # --- pickers -----------------------------------------------------------------------------------
 def picks(spec: dict, totals_pods: list[PodState], n: int, scorer: dict | None = None) -> Counter[str]:
     pl = build_pipeline({"filters": [], "scorers": [scorer] if scorer else [], "picker": spec})

@@ -9,13 +9,16 @@ Prediction for pod p, in seconds (all terms ≥ 0):
 
   queue(p)   = max(pending(p), num_waiting × per_waiting_s)
                + max(inflight(p), num_running + num_waiting) × per_running_s
-      pending(p): seconds of uncached prefill this router has sent p and p has not yet worked
-      off (a fluid queue drained at 1 / prefill_s_per_token — exact and instant);
+      pending(p): seconds of work this router has sent p and p has not yet worked off — the
+      uncached prefill (1 / prefill_s_per_token tokens a second) plus the engine stall of every
+      adapter load it triggered (``load_stall_s``: vLLM loads a LoRA inside the engine step, so
+      the whole batch and every queued request waits for it); a fluid queue, exact and instant;
       num_waiting / num_running: scraped from vLLM (covers other routers' traffic);
       inflight(p): this router's requests in flight on p.
   adapter(p) by placement of the requested adapter (see ``scorer.view``):
       base request or on GPU       0
-      incoming (we just sent it)   incoming_s        (the load is already under way)
+      incoming (we just sent it)   incoming_s        (the load is under way; its remaining
+                                                      stall is already in pending(p))
       being loaded by the sidecar  loading_s
       in vLLM's CPU LoRA cache     cpu_load_s        (CPU → GPU activation, ~9 ms flat)
       on local disk                disk_load(rank)
@@ -48,7 +51,8 @@ Calibrated defaults (8B model, one H100):
       LoRA of Llama-3.1-8B has ≈ 1.05× the parameters of Llama-2-7B's at the same rank)
   fetch_s_per_rank 0.0042 — ≈ 5.25 MB per rank (336 MB at rank 64) at 10 Gb/s
       (h100-calibration.md: "336 MB at 10 Gb/s ≈ 0.27 s")
-  incoming_s / loading_s 0.05 — a load already under way, half of the smallest disk load
+  incoming_s 0 — the load this router started is priced in pending(p) (its remaining stall)
+  loading_s 0.05 — a load the sidecar started, half of the smallest disk load
   deferred_wait_s 1.0 — time for one running adapter's requests to drain (workload dependent)
   default_rank 16, scale_s 0.5
 
@@ -128,7 +132,7 @@ class EstimatedTTFT(Scorer):
         "disk_load_s": Param(dict(DEFAULT_DISK_LOAD_S), dict, check=_rank_table, doc="rank → disk load seconds"),
         "model_scale": Param(1.05, float, min=0.0, doc="multiplier on disk_load_s for the base model size"),
         "fetch_s_per_rank": Param(0.0042, float, min=0.0, doc="object-store fetch seconds per unit of rank"),
-        "incoming_s": Param(0.05, float, min=0.0, doc="adapter this router just sent there"),
+        "incoming_s": Param(0.0, float, min=0.0, doc="adapter this router just sent there"),
         "loading_s": Param(0.05, float, min=0.0, doc="adapter the sidecar is loading"),
         "deferred_wait_s": Param(1.0, float, min=0.0, doc="wait for a slot when all hold running adapters"),
         "default_rank": Param(16, int, min=1, doc="rank assumed when unknown"),
@@ -178,6 +182,19 @@ class EstimatedTTFT(Scorer):
             t[code] = s
         self._tables[r] = t
         return t
+
+    def load_stall_s(self, rank: int | None, code: int) -> float:
+        """Seconds a request with this placement stalls its pod's engine by loading the adapter.
+
+        The tier's load cost without the deferral wait (a deferred request waits alone, it does
+        not stall the batch); 0 on GPU, for the base, and for a load already under way
+        (incoming or loading), which was counted when it started.
+        """
+        tier = code // 3
+        if tier in (T_BASE, T_GPU, T_INCOMING, T_LOADING):
+            return 0.0
+        t = self.adapter_table(rank)[code]
+        return t - self.params["deferred_wait_s"] if code in _DEFERRED_CODES else t
 
     def predict(self, views: list[PodView], ctx: PickContext) -> list[float]:
         """Predicted TTFT in seconds for each view (see the module docstring)."""
