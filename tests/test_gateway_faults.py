@@ -153,6 +153,49 @@ def test_retry_on_the_next_pod_when_the_chosen_one_was_killed(procs, tmp_path: P
         assert r.json()["error"]["code"] == "upstream_unreachable"
 
 
+def test_a_5xx_before_the_first_byte_is_retried_on_the_next_pod(procs, tmp_path: Path, adapter_dir: Path,  # type: ignore[no-untyped-def]
+                                                                redis_url: str) -> None:
+    a, b = start_sim(procs, adapter_dir, name="sim-a"), start_sim(procs, adapter_dir, name="sim-b")
+    common = {"base_models": (BASE,), "max_loras": 2, "max_lora_rank": 16, "num_gpu_blocks": 26592}
+    states = [PodState("pod-a", a.url, gpu_adapters=("sql",), **common), PodState("pod-b", b.url, **common)]
+    with Publisher(redis_url, states):
+        cfg = base_config([{"id": "pod-a", "url": a.url}, {"id": "pod-b", "url": b.url}], ["sql"])
+        cfg["discovery"]["monitor"] = "never"
+        cfg["store"] = {"url": redis_url}
+        gw, _ = start_gateway(procs, tmp_path, cfg)
+        # pod-a answers, but its engine is failing: every generation request gets vLLM's 500
+        assert httpx.post(a.url + "/sim/faults", json={"fail_next": 100, "status": 500}).status_code == 200
+        assert httpx.post(a.url + "/sim/faults", json={"fail_next": -1}).status_code == 400
+        assert httpx.post(a.url + "/sim/faults", json={"fail_next": 1, "status": 418}).status_code == 400
+        client = OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        for i, status in enumerate((500, 503, 500, 503)):
+            httpx.post(a.url + "/sim/faults", json={"fail_next": 100, "status": status})
+            stream = i % 2 == 1
+            raw = client.chat.completions.with_raw_response.create(
+                model=f"{BASE}:sql", messages=[{"role": "user", "content": f"q{i}"}], max_tokens=3, stream=stream)
+            assert raw.status_code == 200 and raw.headers["x-loraroute-pod"] == "pod-b"
+            parsed = raw.parse()
+            text = ("".join(c.choices[0].delta.content or "" for c in parsed if c.choices) if stream
+                    else parsed.choices[0].message.content)
+            assert text
+        failed = httpx.get(a.url + "/sim/faults").json()["failed"]
+        decisions = httpx.get(gw.url + "/admin/decisions?limit=4", headers=ADMIN).json()["data"]
+        # a 5xx does not make the pod suspect (it answered): each request tried pod-a, then pod-b
+        assert [d["attempts"] for d in decisions] == [["pod-a", "pod-b"]] * 4
+        assert failed == 4
+        assert 'loraroute_retries_total{reason="status"} 4.0' in httpx.get(gw.url + "/metrics").text
+
+        # with retries off, the pod's failure reaches the client as a 502 naming the pod, no trace
+        cfg["server"] = {"reload_poll_s": 0, "retries": 0}
+        gw2, _ = start_gateway(procs, tmp_path, cfg, name="gateway-noretry")
+        r = httpx.post(gw2.url + "/v1/chat/completions", json={
+            "model": f"{BASE}:sql", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+        err = r.json()["error"]
+        assert r.status_code == 502 and r.headers["x-loraroute-pod"] == "pod-a"
+        assert err["code"] == "upstream_error" and "pod-a" in err["message"] and "Service Unavailable" in err["message"]
+        assert "Traceback" not in r.text
+
+
 # --- failure mid-stream -----------------------------------------------------------------------------
 def test_pod_killed_mid_stream_ends_with_an_error_event_and_done(procs, tmp_path: Path, adapter_dir: Path) -> None:  # type: ignore[no-untyped-def]
     sim = start_sim(procs, adapter_dir, "--time-scale", "1")

@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming and not),
 ``GET /v1/models``, ``GET /metrics``, ``GET /health``, ``GET /version``, ``GET /sim/state``
-(simulator-only ground truth) and, only with runtime updating enabled,
+(simulator-only ground truth), ``GET|POST /sim/faults`` (simulator-only: make the next N
+generation requests fail with a 5xx, as an engine that died would — for testing routers) and, only with runtime updating enabled,
 ``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter``. Unknown routes answer
 FastAPI's ``404 {"detail":"Not Found"}``.
 
@@ -52,6 +53,15 @@ class PodConfig:
         return self.served_model_names or [self.model]
 
 
+# what a failing vLLM answers (500: EngineDeadError's text once the engine core died)
+FAULT_MESSAGES = {
+    500: "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, err_type: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -77,6 +87,10 @@ class Pod:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.metrics = MetricsRenderer(engine, config.served[0], config.emit_residency_metrics)
         self._metrics_cache: tuple[int, int, bytes] | None = None
+        # /sim/faults: the next ``fail_next`` generation requests answer ``fail_status``
+        self.fail_next = 0
+        self.fail_status = 500
+        self.failed = 0
 
     # -- adapters ------------------------------------------------------------------------------
     def _new_lora_id(self) -> int:
@@ -175,6 +189,11 @@ class Pod:
                                         "input": body if prompt is None else prompt}])
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            self.failed += 1
+            return ApiError(self.fail_status, FAULT_MESSAGES.get(self.fail_status, "Injected failure"),
+                            "InternalServerError" if self.fail_status == 500 else "ServiceUnavailableError").response()
         try:
             arrival = self.engine.now()
             body = await self._parse(request)
@@ -308,6 +327,25 @@ class Pod:
         state = {"pod": self.config.pod_name, **self.engine.state(since, limit)}
         return web.Response(body=orjson.dumps(state), content_type=JSON)
 
+    async def faults(self, request: web.Request) -> web.Response:
+        """``POST /sim/faults {"fail_next": N, "status": 500|502|503|504}``: the next N chat or
+        completion requests answer that status with an OpenAI-shaped error (500: vLLM's
+        ``EngineDeadError`` text); ``GET`` shows the pending count and how many failed so far."""
+        if request.method == "POST":
+            try:
+                body = await self._parse(request)
+                n = body.get("fail_next", 0)
+                status = body.get("status", 500)
+                if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                    raise ApiError(400, "fail_next must be a non-negative integer", "BadRequestError", "fail_next")
+                if status not in FAULT_MESSAGES:
+                    raise ApiError(400, f"status must be one of {sorted(FAULT_MESSAGES)}", "BadRequestError", "status")
+            except ApiError as e:
+                return e.response()
+            self.fail_next, self.fail_status = n, status
+        return web.Response(body=orjson.dumps({"fail_next": self.fail_next, "status": self.fail_status,
+                                               "failed": self.failed}), content_type=JSON)
+
     async def load_lora(self, request: web.Request) -> web.Response:
         try:
             body = await self._parse(request)
@@ -390,6 +428,8 @@ def create_app(pod: Pod) -> web.Application:
     app.router.add_get("/health", pod.health)
     app.router.add_get("/version", pod.version)
     app.router.add_get("/sim/state", pod.sim_state)
+    app.router.add_get("/sim/faults", pod.faults)
+    app.router.add_post("/sim/faults", pod.faults)
     if pod.config.runtime_lora_updating:
         app.router.add_post("/v1/load_lora_adapter", pod.load_lora)
         app.router.add_post("/v1/unload_lora_adapter", pod.unload_lora)
