@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from podstate.residency import ResidencyEstimator
-from podstate.vllm_metrics import MetricsParseError, parse_metrics, parse_models
+from prometheus_client.parser import text_string_to_metric_families
+
+from podstate.vllm_metrics import WANTED, MetricsParseError, parse_metrics, parse_models, wanted_samples
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
 
@@ -79,7 +81,41 @@ def test_engines_summed_new_name_preferred_and_exact_residency() -> None:
     assert m.exact_gpu == ("x",) and m.exact_cpu == ("y",) and m.exact_ranks == {"x": 16, "y": 8, "z": 8}
 
 
+TRICKY = """\
+# HELP vllm:lora_requests_info Running stats on lora requests.
+# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="a\\\\b,c\\"d",waiting_lora_adapters="x}y\\nz"} 1.7e9
+vllm:num_requests_running{engine="0" , model_name="m",} 3 1700000000000
+vllm:kv_cache_usage_perc{model_name="m"}\t NaN
+vllm:num_requests_waiting +Inf
+vllm:e2e_request_latency_seconds_bucket{le="0.3",model_name="m"} 2.0
+process_start_time_seconds 1.7e9
+"""
+
+
+@pytest.mark.parametrize("name", ["fixture", "tricky", "two-engines", "old"])
+def test_sample_reader_agrees_with_prometheus_client(name: str) -> None:
+    """The hand-written reader returns what the reference parser does, for the wanted families."""
+    text = {"fixture": (FIXTURES / "metrics-0.33.0.txt").read_text(), "tricky": TRICKY,
+            "two-engines": TWO_ENGINES, "old": OLD_STYLE}[name]
+    ours = wanted_samples(text)
+    ref = [
+        (smp.name, dict(smp.labels), float(smp.value))
+        for fam in text_string_to_metric_families(text)
+        for smp in fam.samples
+        if smp.name.startswith(WANTED)
+    ]
+    assert len(ours) == len(ref) > 2
+    for (n1, l1, v1), (n2, l2, v2) in zip(ours, ref):
+        assert (n1, l1) == (n2, l2)
+        assert v1 == v2 or (v1 != v1 and v2 != v2)  # NaN
+
+
 def test_bad_payloads_raise() -> None:
+    for bad in ('vllm:num_requests_running{engine="0",model_name} 1.0\n', "vllm:num_requests_running 1.0.0\n",
+                'vllm:num_requests_running{a="1"b="2"} 1\n'):
+        with pytest.raises(MetricsParseError, match="not Prometheus text format"):
+            parse_metrics(bad)
     with pytest.raises(MetricsParseError):
         parse_metrics("vllm:num_requests_running{engine=0 1.0\n")
     with pytest.raises(MetricsParseError, match="is this a vLLM server"):
