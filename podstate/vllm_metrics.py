@@ -98,9 +98,6 @@ WANTED = (
     "vllm:gpu_prefix_cache_queries", "vllm:gpu_prefix_cache_hits", "vllm:lora_requests_info",
     "vllm:cache_config_info", "vllm:lora_adapter_loaded", "process_start_time_seconds",
 )
-_WANTED_LINE = re.compile(
-    "^(?:" + "|".join(re.escape(w) for w in WANTED) + ")[^\n]*", re.MULTILINE,
-)
 # name, optional {labels}, value, optional integer timestamp (exposition format 0.0.4)
 _SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?[ \t]+(\S+)(?:[ \t]+-?[0-9]+)?[ \t]*\r?")
 _LABEL = re.compile(r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\]|\\.)*)"[ \t]*(,|$)')
@@ -127,6 +124,24 @@ def _labels(body: str, line: str) -> dict[str, str]:
     return labels
 
 
+def _wanted_lines(text: str) -> list[str]:
+    """The lines that start with a ``WANTED`` name, in text order (``str.find`` per name: a few
+    memchr-speed scans of the ~70 kB page instead of a per-line or per-character test)."""
+    padded = "\n" + text
+    find = padded.find
+    found: dict[int, str] = {}
+    for name in WANTED:
+        key = "\n" + name
+        i = find(key)
+        while i >= 0:
+            j = find("\n", i + 1)
+            found[i] = padded[i + 1:] if j < 0 else padded[i + 1:j]
+            if j < 0:
+                break
+            i = find(key, j)
+    return [found[i] for i in sorted(found)]
+
+
 def wanted_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
     r"""(name, labels, value) of every sample line of the ``WANTED`` families, in text order.
 
@@ -136,7 +151,7 @@ def wanted_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
     ``MetricsParseError`` on a wanted line that does not have that shape.
     """
     out: list[tuple[str, dict[str, str], float]] = []
-    for line in _WANTED_LINE.findall(text):
+    for line in _wanted_lines(text):
         m = _SAMPLE.fullmatch(line)
         if m is None:
             raise MetricsParseError(f"not Prometheus text format: {line[:120]!r}")
