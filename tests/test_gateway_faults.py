@@ -5,6 +5,7 @@ sidecars publishing into a real Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import threading
@@ -109,17 +110,25 @@ class Publisher:
         self._thread.join(5)
 
 
-def test_retry_on_the_next_pod_when_the_chosen_one_was_killed(procs, tmp_path: Path, adapter_dir: Path,  # type: ignore[no-untyped-def]
-                                                              redis_url: str) -> None:
+@contextlib.contextmanager
+def preferred_pair(procs, tmp_path: Path, adapter_dir: Path, redis_url: str) -> Iterator[tuple[Proc, Proc, Proc, dict]]:  # type: ignore[no-untyped-def]
+    """Two sims behind a gateway that reads their state from Redis only; the published state
+    says pod-a holds the adapter on GPU, so the pipeline ranks pod-a first whatever happens to it.
+    Yields (sim a, sim b, gateway, the gateway's config)."""
     a, b = start_sim(procs, adapter_dir, name="sim-a"), start_sim(procs, adapter_dir, name="sim-b")
     common = {"base_models": (BASE,), "max_loras": 2, "max_lora_rank": 16, "num_gpu_blocks": 26592}
-    # pod-a holds the adapter on GPU, so the pipeline ranks it first
     states = [PodState("pod-a", a.url, gpu_adapters=("sql",), **common), PodState("pod-b", b.url, **common)]
     with Publisher(redis_url, states):
         cfg = base_config([{"id": "pod-a", "url": a.url}, {"id": "pod-b", "url": b.url}], ["sql"])
         cfg["discovery"]["monitor"] = "never"
         cfg["store"] = {"url": redis_url}
         gw, _ = start_gateway(procs, tmp_path, cfg)
+        yield a, b, gw, cfg
+
+
+def test_retry_on_the_next_pod_when_the_chosen_one_was_killed(procs, tmp_path: Path, adapter_dir: Path,  # type: ignore[no-untyped-def]
+                                                              redis_url: str) -> None:
+    with preferred_pair(procs, tmp_path, adapter_dir, redis_url) as (a, _b, gw, cfg):
         client = OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
         first = client.chat.completions.with_raw_response.create(
             model=f"{BASE}:sql", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
@@ -155,14 +164,7 @@ def test_retry_on_the_next_pod_when_the_chosen_one_was_killed(procs, tmp_path: P
 
 def test_a_5xx_before_the_first_byte_is_retried_on_the_next_pod(procs, tmp_path: Path, adapter_dir: Path,  # type: ignore[no-untyped-def]
                                                                 redis_url: str) -> None:
-    a, b = start_sim(procs, adapter_dir, name="sim-a"), start_sim(procs, adapter_dir, name="sim-b")
-    common = {"base_models": (BASE,), "max_loras": 2, "max_lora_rank": 16, "num_gpu_blocks": 26592}
-    states = [PodState("pod-a", a.url, gpu_adapters=("sql",), **common), PodState("pod-b", b.url, **common)]
-    with Publisher(redis_url, states):
-        cfg = base_config([{"id": "pod-a", "url": a.url}, {"id": "pod-b", "url": b.url}], ["sql"])
-        cfg["discovery"]["monitor"] = "never"
-        cfg["store"] = {"url": redis_url}
-        gw, _ = start_gateway(procs, tmp_path, cfg)
+    with preferred_pair(procs, tmp_path, adapter_dir, redis_url) as (a, _b, gw, cfg):
         # pod-a answers, but its engine is failing: every generation request gets vLLM's 500
         assert httpx.post(a.url + "/sim/faults", json={"fail_next": 100, "status": 500}).status_code == 200
         assert httpx.post(a.url + "/sim/faults", json={"fail_next": -1}).status_code == 400
