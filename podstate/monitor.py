@@ -197,7 +197,7 @@ class PodMonitor:
         self.scrapes += 1
         try:
             metrics_text, models_text = await asyncio.gather(self._get("/metrics"), self._get("/v1/models"))
-            metrics = parse_metrics(metrics_text)
+            metrics = parse_metrics(metrics_text, lora_since=self._last_lora_ts)
             models = parse_models(models_text)
         except (aiohttp.ClientError, asyncio.TimeoutError, MetricsParseError, OSError) as exc:
             self._on_failure(exc)

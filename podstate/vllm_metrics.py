@@ -56,8 +56,9 @@ class VllmMetrics:
     block_size: int | None = None
     num_gpu_blocks: int | None = None
     lora: LoraRequestsInfo | None = None
-    #: every lora_requests_info series, oldest timestamp first (those newer than the previous
-    #: scrape's newest are the in-flight sets seen since then, even short-lived ones)
+    #: every lora_requests_info series (with ``lora_since``: only the newer ones and the current
+    #: one), oldest timestamp first; those newer than the previous scrape's newest are the
+    #: in-flight sets seen since then, even short-lived ones
     lora_history: tuple[LoraRequestsInfo, ...] = ()
     # exact residency (lora_adapter_loaded); None when the series is absent
     exact_gpu: tuple[str, ...] | None = None
@@ -98,6 +99,7 @@ WANTED = (
     "vllm:gpu_prefix_cache_queries", "vllm:gpu_prefix_cache_hits", "vllm:lora_requests_info",
     "vllm:cache_config_info", "vllm:lora_adapter_loaded", "process_start_time_seconds",
 )
+LORA_INFO = "vllm:lora_requests_info"
 # name, optional {labels}, value, optional integer timestamp (exposition format 0.0.4)
 _SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?[ \t]+(\S+)(?:[ \t]+-?[0-9]+)?[ \t]*\r?")
 _LABEL = re.compile(r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\]|\\.)*)"[ \t]*(,|$)')
@@ -142,34 +144,48 @@ def _wanted_lines(text: str) -> list[str]:
     return [found[i] for i in sorted(found)]
 
 
-def wanted_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
-    r"""(name, labels, value) of every sample line of the ``WANTED`` families, in text order.
+def wanted_samples(text: str, lora_since: float | None = None) -> list[tuple[str, dict[str, str], float]]:
+    r"""(name, labels, value) of every sample line of the ``WANTED`` families.
 
     A hand-written reader of the exposition format's sample lines (name, ``{k="v",...}`` with
     ``\\``, ``\"`` and ``\n`` escapes, a float value incl. NaN/±Inf, an optional timestamp):
     ~10× cheaper than a general parser, and only the wanted lines are looked at. Raises
     ``MetricsParseError`` on a wanted line that does not have that shape.
+
+    ``lora_since``: read the labels of only those ``vllm:lora_requests_info`` series whose value
+    (a Unix time) is newer, plus the newest one; vLLM keeps every stale label combination, so a
+    busy multi-adapter pod lists hundreds of them and all but a few are old news. Samples come in
+    text order, except that those series come last when ``lora_since`` is given.
     """
     out: list[tuple[str, dict[str, str], float]] = []
+    deferred: list[tuple[str, str, float, str]] = []
     for line in _wanted_lines(text):
         m = _SAMPLE.fullmatch(line)
         if m is None:
             raise MetricsParseError(f"not Prometheus text format: {line[:120]!r}")
-        body = m.group(2)
+        name, body = m.group(1), m.group(2)
         try:
             value = float(m.group(3))
         except ValueError:
             raise MetricsParseError(f"not Prometheus text format: bad value in {line[:120]!r}") from None
-        out.append((m.group(1), _labels(body, line) if body else {}, value))
+        if lora_since is not None and name == LORA_INFO:
+            deferred.append((name, body, value, line))
+            continue
+        out.append((name, _labels(body, line) if body else {}, value))
+    if deferred:
+        newest = max(v for _, _, v, _ in deferred)
+        out.extend((n, _labels(b, ln) if b else {}, v) for n, b, v, ln in deferred if v > lora_since or v == newest)
     return out
 
 
-def parse_metrics(text: str) -> VllmMetrics:
+def parse_metrics(text: str, lora_since: float | None = None) -> VllmMetrics:
     """Parse vLLM's Prometheus text into ``VllmMetrics`` (only the ``WANTED`` families are read).
 
+    ``lora_since``: the newest ``lora_requests_info`` timestamp the caller has already seen;
+    ``lora_history`` then holds only the series newer than it (and the current one).
     Raises ``MetricsParseError`` when the text holds no vLLM series or a malformed one.
     """
-    samples = wanted_samples(text)
+    samples = wanted_samples(text, lora_since)
     if not any(name.startswith("vllm:") for name, _, _ in samples):
         raise MetricsParseError("no vllm:* series in /metrics: is this a vLLM server (and its metrics port)?")
 

@@ -73,6 +73,16 @@ def test_old_names_and_small_cache_config_label_set() -> None:
     assert m.lora is not None and m.lora.running == ("b",) and m.lora.waiting == () and m.lora.timestamp == 200.0
 
 
+def test_lora_since_reads_only_newer_series_and_the_current_one() -> None:
+    full = parse_metrics(OLD_STYLE)
+    assert [i.timestamp for i in full.lora_history] == [100.0, 200.0]
+    for since, expected in ((50.0, [100.0, 200.0]), (150.0, [200.0]), (250.0, [200.0])):
+        m = parse_metrics(OLD_STYLE, lora_since=since)
+        assert [i.timestamp for i in m.lora_history] == expected
+        assert m.lora == full.lora  # the current series is always read
+        assert (m.num_running, m.block_size, m.prefix_cache_hits) == (full.num_running, full.block_size, full.prefix_cache_hits)
+
+
 def test_engines_summed_new_name_preferred_and_exact_residency() -> None:
     m = parse_metrics(TWO_ENGINES)
     assert m.num_running == 7 and m.num_deferred == 3
