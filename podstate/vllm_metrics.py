@@ -21,11 +21,12 @@ Gauges summed over engines (``engine`` label): running, waiting, deferred, prefi
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 
 
@@ -281,7 +282,7 @@ def parse_models(payload: str | bytes | dict[str, Any]) -> VllmModels:
     the first card is still a base model (we cannot tell), so only ``parent`` marks adapters.
     """
     try:
-        data = json.loads(payload) if isinstance(payload, (str, bytes)) else payload
+        data = orjson.loads(payload) if isinstance(payload, (str, bytes)) else payload
         cards = data["data"]
         if not isinstance(cards, list):
             raise TypeError("'data' is not a list")
