@@ -235,6 +235,39 @@ def test_resolver_loads_on_first_use(procs, make_adapter, tmp_path: Path) -> Non
     assert err.value.response.json()["error"]["message"] == "LoRA adapter 'too-big' was found but could not be loaded."
 
 
+def test_a_request_that_waits_for_anothers_resolver_load_is_charged_for_it(procs, make_adapter,  # type: ignore[no-untyped-def]
+                                                                         tmp_path: Path) -> None:
+    """Two requests for an unregistered adapter at once: the second waits on the resolver's lock
+    while the first loads it; its ground-truth TTFT must include that wait, as its client sees."""
+    import concurrent.futures
+    import time
+
+    root = tmp_path / "resolver"
+    make_adapter("big", rank=64, root=root)
+    sim = start_sim(procs, "--enable-lora", "--max-loras", "2", "--max-lora-rank", "64", "--adapter-dir", str(root),
+                    "--allow-runtime-lora-updating", "--time-scale", "0.5")
+
+    def send(rid: str) -> float:
+        t0 = time.perf_counter()
+        r = httpx.post(sim.url + "/v1/chat/completions", headers={"X-Request-Id": rid}, timeout=30, json={
+            "model": "big", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        assert r.status_code == 200
+        return time.perf_counter() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        first = ex.submit(send, "first")
+        time.sleep(0.1)  # the first holds the lock and is loading (~1 s simulated, 0.5 s wall)
+        second = ex.submit(send, "second")
+        wall = {"first": first.result(), "second": second.result()}
+    recs = {r["request_id"]: r for r in httpx.get(sim.url + "/sim/state", timeout=10).json()["requests"]}
+    for rid in ("first", "second"):
+        rec = recs[rid]
+        assert rec["adapter_tier"] == "disk"  # both arrived while the adapter was on disk only
+        assert rec["adapter_load"] > 0.5, rec
+        # simulated TTFT × time-scale ≈ what the client waited (never far below it)
+        assert rec["ttft"] * 0.5 > wall[rid] - 0.25, (rid, rec, wall)
+
+
 def _families(text: str) -> dict[str, tuple[str, set[tuple[str, ...]]]]:
     return {f.name: (f.type, {tuple(sorted(s.labels)) for s in f.samples})
             for f in text_string_to_metric_families(text)}

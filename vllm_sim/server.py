@@ -117,10 +117,15 @@ class Pod:
         return ref, seconds
 
     async def _resolve(self, name: str) -> tuple[LoraRef, float] | None:
-        """Filesystem resolver under a per-name lock; None if not found; 400 if found, not loaded."""
+        """Filesystem resolver under a per-name lock; None if not found; 400 if found, not loaded.
+
+        Returns the adapter and the simulated seconds of its load; a request that found the name
+        being resolved by another one waits on the lock, and its load seconds are that wait
+        (it paid for the same load)."""
+        started = self.engine.now()
         async with self._locks[name]:
             if name in self.loras:
-                return self.loras[name], 0.0
+                return self.loras[name], max(0.0, self.engine.now() - started)
             if not self.config.adapter_dir or not self.config.enable_lora:
                 return None
             path = resolve_from_dir(self.config.adapter_dir, name, self.config.model)
