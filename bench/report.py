@@ -82,14 +82,17 @@ def load_table(summaries: Sequence[dict[str, Any]]) -> str:
 
 
 def cpu_table(summaries: Sequence[dict[str, Any]]) -> str:
-    """CPU share of each process group (100 % = one core) over the replay, and the machine's."""
+    """CPU share of each process group (100 % = one core) over the replay, and the machine's;
+    when the run finished and the code it ran (``git describe``), where recorded."""
     names = ["router", "sim", "sidecars", "redis", "client"]
-    rows = ["| target | " + " | ".join(names) + " | machine busy (all cores, everyone) |\n",
-            "|---|" + "---|" * (len(names) + 1) + "\n"]
+    rows = ["| target | " + " | ".join(names) + " | machine busy (all cores, everyone) | finished (UTC) | code |\n",
+            "|---|" + "---|" * (len(names) + 3) + "\n"]
     for s in sorted(summaries, key=lambda s: s["target"]):
         cpu = s.get("cpu") or {}
         cells = [_f((cpu.get(n) or {}).get("cpu_pct"), 0) + " %" for n in names]
-        rows.append(f"| {s['target']} | " + " | ".join(cells) + f" | {_f(s['machine_busy_pct'], 0)} % |\n")
+        done = (s.get("finished_at") or "–").replace("T", " ").removesuffix("Z")
+        rows.append(f"| {s['target']} | " + " | ".join(cells) + f" | {_f(s['machine_busy_pct'], 0)} % | {done} | "
+                    f"{s.get('code_version') or '–'} |\n")
     return "".join(rows)
 
 

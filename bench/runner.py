@@ -37,6 +37,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +56,17 @@ RESULTS_ROOT = Path("bench/results")
 CAPACITY_POLICY = "least-loaded"
 CAPACITY_INFLIGHT_PER_POD = 32
 BLOCK_TOKENS = 16
+
+
+def code_version() -> str | None:
+    """``git describe --always --dirty`` of the checkout the benchmark runs from (None outside
+    git): which code produced a result file."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 @dataclass
@@ -344,7 +356,7 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
             "requests": len(rows), "pods": pods, "state_plane": state_plane,
             "ground_truth_joined": found, "warmup_requests": warmed, "wall_s": round(wall, 2), "cpu": cpu_grouped,
             "cluster": spec.to_dict()["cluster"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **opts.extra_meta,
+            "code_version": code_version(), **opts.extra_meta,
         },
         "requests": rows,
     }

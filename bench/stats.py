@@ -113,4 +113,6 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "router_cpu_pct": (cpu.get("router") or {}).get("cpu_pct"),
         "machine_busy_pct": (cpu.get("machine") or {}).get("busy_pct"),
         "cpu": cpu,
+        "finished_at": meta.get("finished_at"),
+        "code_version": meta.get("code_version"),
     }
