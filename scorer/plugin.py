@@ -51,6 +51,13 @@ class ListMemo:
         self.results[key] = value
         return value
 
+    def cached(self, views: list[PodView], key: Any, compute: Any, *args: Any) -> Any:
+        """The memoised result for (``views``, ``key``), else ``compute(*args)`` remembered."""
+        hit = self.get(views, key)
+        if hit is not None:
+            return hit
+        return self.put(key, compute(*args))
+
 
 class Plugin:
     """Common parts: type name, parameter schema, validated parameters."""

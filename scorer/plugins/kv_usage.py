@@ -28,7 +28,8 @@ class KvUsage(Scorer):
         self._memo = ListMemo()
 
     def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
-        hit = self._memo.get(views, None)
-        if hit is not None:
-            return hit  # type: ignore[no-any-return]
-        return self._memo.put(None, [v.kv_free for v in views])  # type: ignore[no-any-return]
+        return self._memo.cached(views, None, _kv_free, views)  # type: ignore[no-any-return]
+
+
+def _kv_free(views: list[PodView]) -> list[float]:
+    return [v.kv_free for v in views]

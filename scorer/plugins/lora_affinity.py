@@ -40,10 +40,7 @@ class LoraAffinity(Scorer):
 
     def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
         name = ctx.adapter if ctx.adapter is not None else ctx.request.adapter.base
-        hit = self._memo.get(views, name)
-        if hit is not None:
-            return hit  # type: ignore[no-any-return]
-        return self._memo.put(name, self._score(views, name))  # type: ignore[no-any-return]
+        return self._memo.cached(views, name, self._score, views, name)  # type: ignore[no-any-return]
 
     def _score(self, views: list[PodView], name: str) -> list[float]:
         out: list[float] = []

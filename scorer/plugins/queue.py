@@ -28,10 +28,7 @@ class Queue(Scorer):
         self._memo = ListMemo()
 
     def score(self, views: list[PodView], ctx: PickContext) -> list[float]:
-        hit = self._memo.get(views, None)
-        if hit is not None:
-            return hit  # type: ignore[no-any-return]
-        return self._memo.put(None, self._score(views))  # type: ignore[no-any-return]
+        return self._memo.cached(views, None, self._score, views)  # type: ignore[no-any-return]
 
     def _score(self, views: list[PodView]) -> list[float]:
         qs = [v.num_waiting for v in views]

@@ -33,10 +33,7 @@ class RankFits(Filter):
             return views
         rank = ctx.request.adapter.rank
         key = rank if rank is not None else name
-        hit = self._memo.get(views, key)
-        if hit is not None:
-            return hit  # type: ignore[no-any-return]
-        return self._memo.put(key, self._filter(views, name, rank))  # type: ignore[no-any-return]
+        return self._memo.cached(views, key, self._filter, views, name, rank)  # type: ignore[no-any-return]
 
     def _filter(self, views: list[PodView], name: str, rank: int | None) -> list[PodView]:
         if rank is not None:

@@ -32,10 +32,7 @@ class ServesBase(Filter):
 
     def filter(self, views: list[PodView], ctx: PickContext) -> list[PodView]:
         base = ctx.request.adapter.base
-        hit = self._memo.get(views, base)
-        if hit is not None:
-            return hit  # type: ignore[no-any-return]
-        return self._memo.put(base, self._filter(views, base))  # type: ignore[no-any-return]
+        return self._memo.cached(views, base, self._filter, views, base)  # type: ignore[no-any-return]
 
     def _filter(self, views: list[PodView], base: str) -> list[PodView]:
         if self.allow_unknown:
