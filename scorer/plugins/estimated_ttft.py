@@ -85,6 +85,7 @@ from scorer.view import (
 
 DEFAULT_DISK_LOAD_S: dict[int, float] = {8: 0.104, 16: 0.263, 32: 0.51, 64: 1.0}
 # Placements where the adapter still needs a slot and every slot holds a running adapter.
+_NO_MATCH: dict[str, int] = {}
 _DEFERRED_CODES = frozenset(t * 3 + S_SATURATED for t in (T_CPU, T_DISK, T_REMOTE))
 
 
@@ -222,19 +223,7 @@ class EstimatedTTFT(Scorer):
         defer = self.params["deferred_wait_s"]
         out: list[float] = []
         app = out.append
-        get = match.get if match else None
-        if get is None:
-            for v, c in zip(views, codes):
-                loc = v.local
-                q = loc.pending_until - now
-                w = v.num_waiting * per_waiting
-                n = v.load
-                i = loc.inflight
-                kt = base + (q if q > w else w) + (i if i > n else n) * per_running + table[c]
-                if v.num_deferred and c in _DEFERRED_CODES:
-                    kt += defer * (v.defer_factor - 1.0)
-                app(k / kt)
-            return out
+        get = match.get if match else _NO_MATCH.get  # pod id -> leading blocks cached there
         for v, c in zip(views, codes):
             loc = v.local
             q = loc.pending_until - now
