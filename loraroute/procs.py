@@ -171,3 +171,24 @@ def python_module(module: str, *args: str) -> list[str]:
 def loraroute_cmd(*args: str) -> list[str]:
     """argv running ``loraroute args`` with this interpreter (no reliance on PATH)."""
     return [sys.executable, "-m", "loraroute.cli", *args]
+
+
+class ProcRegistry:
+    """Processes to stop together: ``start`` (``start_process`` with a default log folder) or
+    ``adopt`` an already started one; ``stop_all`` stops them newest first."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[Proc] = []
+
+    def start(self, name: str, argv: list[str], **kwargs: object) -> Proc:
+        kwargs.setdefault("log_dir", self.log_dir)
+        return self.adopt(start_process(name, argv, **kwargs))  # type: ignore[arg-type]
+
+    def adopt(self, proc: Proc) -> Proc:
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            proc.stop()

@@ -1,6 +1,7 @@
 """Shared fixtures: real services and real processes on free loopback ports.
 
-- ``procs``: start processes (``procs.start(name, argv, ...)``); all are stopped at teardown.
+- ``procs``: start processes (``procs.start(name, argv, ...)``) or ``procs.adopt`` a started one;
+  all are stopped at teardown.
 - ``redis_server``: a real Redis-protocol server (session-wide); ``redis_server.extra['url']``.
 - ``s3_server``: moto's S3 HTTP server (session-wide); ``s3_server.extra['endpoint_url']``.
 - ``tls_ca`` / ``s3_tls_server``: a throwaway CA and an S3 server behind TLS signed by it.
@@ -16,29 +17,13 @@ from pathlib import Path
 import pytest
 
 from loraroute import peft
-from loraroute.procs import Proc, start_process
+from loraroute.procs import Proc, ProcRegistry, start_process
 from loraroute.services import start_redis, start_s3
 
 # Test credentials for the throwaway S3 server; never real ones.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-access-key")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-
-
-class ProcRegistry:
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.started: list[Proc] = []
-
-    def start(self, name: str, argv: list[str], **kwargs: object) -> Proc:
-        kwargs.setdefault("log_dir", self.log_dir)
-        proc = start_process(name, argv, **kwargs)  # type: ignore[arg-type]
-        self.started.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.started):
-            proc.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from loraroute import peft
-from loraroute.procs import Proc, free_port, loraroute_cmd, start_process
+from loraroute.procs import Proc, ProcRegistry, free_port, loraroute_cmd
 from loraroute.services import start_s3
 
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
@@ -26,18 +26,17 @@ def sidecar_argv(port: int, *args: str) -> list[str]:
     return loraroute_cmd("sidecar", "--pod-id", f"pod-{port}", "--port", str(port), *args)
 
 
-def start_sidecar(name: str, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> Proc:
+def start_sidecar(procs: ProcRegistry, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
     port = free_port()
-    return start_process(name, sidecar_argv(port, *args), port=port, ready_url=f"http://127.0.0.1:{port}/healthz",
-                         timeout=40, log_dir=log_dir, env=env)
+    return procs.start(name, sidecar_argv(port, *args), port=port, ready_url=f"http://127.0.0.1:{port}/healthz",
+                       timeout=40, env=env)
 
 
-def start_sim(log_dir: Path, adapter_dir: Path, *args: str) -> Proc:
+def start_sim(procs: ProcRegistry, adapter_dir: Path, *args: str) -> Proc:
     port = free_port()
     argv = loraroute_cmd("sim", "--port", str(port), "--enable-lora", "--allow-runtime-lora-updating",
                          "--adapter-dir", str(adapter_dir), "--time-scale", "0.05", *args)
-    return start_process("sim", argv, port=port, ready_url=f"http://127.0.0.1:{port}/health", timeout=40,
-                         log_dir=log_dir)
+    return procs.start("sim", argv, port=port, ready_url=f"http://127.0.0.1:{port}/health", timeout=40)
 
 
 def ensure(proc: Proc, name: str, load: bool | None = None, timeout: float = 30) -> httpx.Response:
@@ -92,11 +91,12 @@ def _write_bad_adapters(src: Path) -> None:
 def local_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Path]]:
     root = tmp_path_factory.mktemp("local-sidecar")
     _write_bad_adapters(root / "src")
-    proc = start_sidecar("sidecar-local", root / "logs", "--vllm-url", f"http://127.0.0.1:{free_port()}",
+    reg = ProcRegistry(root / "logs")
+    proc = start_sidecar(reg, "sidecar-local", "--vllm-url", f"http://127.0.0.1:{free_port()}",
                          "--adapter-dir", str(root / "adapters"), "--source-path", str(root / "src"),
                          "--base-model", BASE, "--max-adapter-bytes", "300000", "--no-load-on-ensure")
     yield proc, root
-    proc.stop()
+    reg.stop_all()
 
 
 VALIDATION_CASES = {
@@ -164,23 +164,20 @@ def test_local_cached_ensure_listing_and_not_found_diagnostics(local_sidecar) ->
     assert bad.status_code == 400 and "unknown field" in str(error_of(bad)["message"])
 
 
-def test_disk_budget_evicts_least_recently_used(tmp_path: Path) -> None:
+def test_disk_budget_evicts_least_recently_used(procs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     src = tmp_path / "src"
     sizes = [peft.make_adapter(src / f"a{i}", rank=8, seed=i) for i in range(3)]
     one = sum(f.stat().st_size for f in sizes[0].iterdir())
-    proc = start_sidecar("sidecar-budget", tmp_path / "logs", "--vllm-url", f"http://127.0.0.1:{free_port()}",
+    proc = start_sidecar(procs, "sidecar-budget", "--vllm-url", f"http://127.0.0.1:{free_port()}",
                          "--adapter-dir", str(tmp_path / "adapters"), "--source-path", str(src),
                          "--disk-budget-bytes", str(int(one * 2.5)), "--no-load-on-ensure")
-    try:
-        for name in ("a0", "a1"):
-            assert ensure(proc, name).status_code == 200
-        assert ensure(proc, "a0").json()["source"] == "cached"  # a0 is now more recent than a1
-        assert ensure(proc, "a2").status_code == 200
-        on_disk = sorted(p.name for p in (tmp_path / "adapters").iterdir())
-        assert on_disk == ["a0", "a2"]
-        assert metric(proc, "loraroute_sidecar_evictions_total") == 1
-    finally:
-        proc.stop()
+    for name in ("a0", "a1"):
+        assert ensure(proc, name).status_code == 200
+    assert ensure(proc, "a0").json()["source"] == "cached"  # a0 is now more recent than a1
+    assert ensure(proc, "a2").status_code == 200
+    on_disk = sorted(p.name for p in (tmp_path / "adapters").iterdir())
+    assert on_disk == ["a0", "a2"]
+    assert metric(proc, "loraroute_sidecar_evictions_total") == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,14 +206,14 @@ def s3_setup(s3_server, tmp_path_factory: pytest.TempPathFactory):  # type: igno
             "adapters/toolarge/")
     adapter_dir = root / "adapters"
     adapter_dir.mkdir()
-    sim = start_sim(root / "logs", adapter_dir, "--max-loras", "2", "--max-lora-rank", "16")
+    reg = ProcRegistry(root / "logs")
+    sim = start_sim(reg, adapter_dir, "--max-loras", "2", "--max-lora-rank", "16")
     sidecar = start_sidecar(
-        "sidecar-s3", root / "logs", "--vllm-url", sim.url, "--adapter-dir", str(adapter_dir),
+        reg, "sidecar-s3", "--vllm-url", sim.url, "--adapter-dir", str(adapter_dir),
         "--source-type", "s3", "--s3-endpoint-url", endpoint, "--s3-bucket", bucket, "--max-lora-rank", "32",
         "--max-adapter-bytes", "5000000", "--base-model", BASE, "--max-loras", "2")
     yield sidecar, sim, root
-    sidecar.stop()
-    sim.stop()
+    reg.stop_all()
 
 
 def test_s3_cold_then_cached_and_loaded_into_vllm(s3_setup) -> None:  # type: ignore[no-untyped-def]
@@ -291,7 +288,7 @@ def test_s3_size_checked_before_download_and_rank_before_vllm(s3_setup) -> None:
 # --------------------------------------------------------------------------------------------
 # TLS with a private CA, and an S3 outage
 # --------------------------------------------------------------------------------------------
-def test_s3_tls_needs_the_ca_bundle(s3_tls_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_s3_tls_needs_the_ca_bundle(procs, s3_tls_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     endpoint = s3_tls_server.extra["endpoint_url"]
     ca_file = s3_tls_server.extra["ca_file"]
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", verify=ca_file)
@@ -299,65 +296,56 @@ def test_s3_tls_needs_the_ca_bundle(s3_tls_server, tmp_path: Path) -> None:  # t
     _upload(s3, "tls-adapters", peft.make_adapter(tmp_path / "made" / "sql-lora", rank=8), "adapters/sql-lora/")
     common = ("--vllm-url", f"http://127.0.0.1:{free_port()}", "--source-type", "s3", "--s3-endpoint-url",
               endpoint, "--s3-bucket", "tls-adapters", "--no-load-on-ensure")
-    trusted = start_sidecar("sidecar-tls-ca", tmp_path / "logs", *common, "--adapter-dir",
+    trusted = start_sidecar(procs, "sidecar-tls-ca", *common, "--adapter-dir",
                             str(tmp_path / "a1"), "--ca-bundle", ca_file)
-    untrusted = start_sidecar("sidecar-tls-noca", tmp_path / "logs", *common, "--adapter-dir", str(tmp_path / "a2"))
-    try:
-        ok = ensure(trusted, "sql-lora")
-        assert ok.status_code == 200 and ok.json()["source"] == "downloaded"
-        bad = ensure(untrusted, "sql-lora")
-        assert bad.status_code == 503, bad.text
-        err = error_of(bad)
-        assert err["code"] == "tls_certificate" and err["type"] == "ServiceUnavailableError"
-        assert "certificate not trusted" in str(err["message"]) and "ca_bundle" in str(err["message"])
-        assert "CERTIFICATE_VERIFY_FAILED" in str(err["message"])
-        assert SECRET not in bad.text and SECRET not in untrusted.log_tail(100_000)
-        assert httpx.get(f"{untrusted.url}/healthz", timeout=5).status_code == 200
-    finally:
-        trusted.stop()
-        untrusted.stop()
+    untrusted = start_sidecar(procs, "sidecar-tls-noca", *common, "--adapter-dir", str(tmp_path / "a2"))
+    ok = ensure(trusted, "sql-lora")
+    assert ok.status_code == 200 and ok.json()["source"] == "downloaded"
+    bad = ensure(untrusted, "sql-lora")
+    assert bad.status_code == 503, bad.text
+    err = error_of(bad)
+    assert err["code"] == "tls_certificate" and err["type"] == "ServiceUnavailableError"
+    assert "certificate not trusted" in str(err["message"]) and "ca_bundle" in str(err["message"])
+    assert "CERTIFICATE_VERIFY_FAILED" in str(err["message"])
+    assert SECRET not in bad.text and SECRET not in untrusted.log_tail(100_000)
+    assert httpx.get(f"{untrusted.url}/healthz", timeout=5).status_code == 200
 
 
-def test_s3_down_is_503_and_the_sidecar_keeps_serving(tmp_path: Path) -> None:
-    server = start_s3(log_dir=tmp_path / "logs")
+def test_s3_down_is_503_and_the_sidecar_keeps_serving(procs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = procs.adopt(start_s3(log_dir=tmp_path / "logs"))
     endpoint = str(server.extra["endpoint_url"])
-    try:
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        s3.create_bucket(Bucket="down-adapters")
-        for name in ("one", "two"):
-            _upload(s3, "down-adapters", peft.make_adapter(tmp_path / "made" / name, rank=8), f"adapters/{name}/")
-        sidecar = start_sidecar("sidecar-s3down", tmp_path / "logs", "--vllm-url", f"http://127.0.0.1:{free_port()}",
-                                "--adapter-dir", str(tmp_path / "adapters"), "--source-type", "s3",
-                                "--s3-endpoint-url", endpoint, "--s3-bucket", "down-adapters", "--no-load-on-ensure",
-                                "--set", "source.s3.connect_timeout_s=1", "--set", "source.s3.max_attempts=1")
-        try:
-            assert ensure(sidecar, "one").status_code == 200
-            server.stop()
-            resp = ensure(sidecar, "two")
-            assert resp.status_code == 503, resp.text
-            err = error_of(resp)
-            assert err["code"] == "s3_connect" and endpoint in str(err["message"])
-            assert ensure(sidecar, "one").json()["source"] == "cached"  # what is on disk still works
-            assert httpx.get(f"{sidecar.url}/healthz", timeout=5).status_code == 200
-            assert metric(sidecar, "loraroute_sidecar_failures_total", 'reason="s3_connect"') == 1
-        finally:
-            sidecar.stop()
-    finally:
-        server.stop()
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="down-adapters")
+    for name in ("one", "two"):
+        _upload(s3, "down-adapters", peft.make_adapter(tmp_path / "made" / name, rank=8), f"adapters/{name}/")
+    sidecar = start_sidecar(procs, "sidecar-s3down", "--vllm-url", f"http://127.0.0.1:{free_port()}",
+                            "--adapter-dir", str(tmp_path / "adapters"), "--source-type", "s3",
+                            "--s3-endpoint-url", endpoint, "--s3-bucket", "down-adapters", "--no-load-on-ensure",
+                            "--set", "source.s3.connect_timeout_s=1", "--set", "source.s3.max_attempts=1")
+    assert ensure(sidecar, "one").status_code == 200
+    server.stop()
+    resp = ensure(sidecar, "two")
+    assert resp.status_code == 503, resp.text
+    err = error_of(resp)
+    assert err["code"] == "s3_connect" and endpoint in str(err["message"])
+    assert ensure(sidecar, "one").json()["source"] == "cached"  # what is on disk still works
+    assert httpx.get(f"{sidecar.url}/healthz", timeout=5).status_code == 200
+    assert metric(sidecar, "loraroute_sidecar_failures_total", 'reason="s3_connect"') == 1
 
 
 # --------------------------------------------------------------------------------------------
 # publishing through Redis
 # --------------------------------------------------------------------------------------------
-def test_sidecar_publishes_to_redis_and_a_killed_sidecar_leaves_the_view(redis_url: str, tmp_path: Path) -> None:
+def test_sidecar_publishes_to_redis_and_a_killed_sidecar_leaves_the_view(procs, redis_url: str,  # type: ignore[no-untyped-def]
+                                                                        tmp_path: Path) -> None:
     from podstate.redis_store import RedisStore
 
     src = tmp_path / "src"
     peft.make_adapter(src / "sql-lora", rank=8)
     adapter_dir = tmp_path / "adapters"
     adapter_dir.mkdir()
-    sim = start_sim(tmp_path / "logs", adapter_dir, "--max-loras", "2")
-    sidecar = start_sidecar("sidecar-redis", tmp_path / "logs", "--vllm-url", sim.url, "--advertise-url",
+    sim = start_sim(procs, adapter_dir, "--max-loras", "2")
+    sidecar = start_sidecar(procs, "sidecar-redis", "--vllm-url", sim.url, "--advertise-url",
                             "http://10.0.0.7:8000", "--adapter-dir", str(adapter_dir), "--source-path", str(src),
                             "--store-url", redis_url, "--ttl-s", "1.0", "--heartbeat-s", "0.25")
     pod_id = f"pod-{sidecar.port}"
@@ -392,23 +380,19 @@ def test_sidecar_publishes_to_redis_and_a_killed_sidecar_leaves_the_view(redis_u
         finally:
             await reader.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        sidecar.stop()
-        sim.stop()
+    asyncio.run(go())
 
 
-def test_sidecar_survives_a_redis_restart_and_the_view_heals(tmp_path: Path) -> None:
+def test_sidecar_survives_a_redis_restart_and_the_view_heals(procs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from loraroute.services import restart_redis, start_redis
     from podstate.redis_store import RedisStore
 
-    redis_proc = start_redis(log_dir=tmp_path / "logs")
+    redis_proc = procs.adopt(start_redis(log_dir=tmp_path / "logs"))
     url = str(redis_proc.extra["url"])
     adapter_dir = tmp_path / "adapters"
     adapter_dir.mkdir()
-    sim = start_sim(tmp_path / "logs", adapter_dir)
-    sidecar = start_sidecar("sidecar-redis-restart", tmp_path / "logs", "--vllm-url", sim.url, "--adapter-dir",
+    sim = start_sim(procs, adapter_dir)
+    sidecar = start_sidecar(procs, "sidecar-redis-restart", "--vllm-url", sim.url, "--adapter-dir",
                             str(adapter_dir), "--source-path", str(tmp_path), "--store-url", url,
                             "--ttl-s", "2", "--heartbeat-s", "0.3")
     pod_id = f"pod-{sidecar.port}"
@@ -422,7 +406,7 @@ def test_sidecar_survives_a_redis_restart_and_the_view_heals(tmp_path: Path) -> 
             while pod_id not in reader.view() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             assert pod_id in reader.view()
-            redis_proc = await asyncio.to_thread(restart_redis, redis_proc, log_dir=tmp_path / "logs")
+            redis_proc = procs.adopt(await asyncio.to_thread(restart_redis, redis_proc, log_dir=tmp_path / "logs"))
             restarted = time.time()
             # the sidecar's next heartbeat re-creates its key; the reader reconnects and resyncs
             deadline = time.monotonic() + 10
@@ -437,9 +421,4 @@ def test_sidecar_survives_a_redis_restart_and_the_view_heals(tmp_path: Path) -> 
         finally:
             await reader.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        sidecar.stop()
-        sim.stop()
-        redis_proc.stop()
+    asyncio.run(go())
