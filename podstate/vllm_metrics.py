@@ -29,7 +29,6 @@ from typing import Any
 import orjson
 
 
-
 class MetricsParseError(ValueError):
     """The text is not Prometheus exposition format, or the JSON is not a model list."""
 
@@ -159,7 +158,7 @@ def wanted_samples(text: str, lora_since: float | None = None) -> list[tuple[str
     text order, except that those series come last when ``lora_since`` is given.
     """
     out: list[tuple[str, dict[str, str], float]] = []
-    deferred: list[tuple[str, str, float, str]] = []
+    deferred: list[tuple[str | None, float, str]] = []  # lora_requests_info: (labels text, value, line)
     for line in _wanted_lines(text):
         m = _SAMPLE.fullmatch(line)
         if m is None:
@@ -170,12 +169,12 @@ def wanted_samples(text: str, lora_since: float | None = None) -> list[tuple[str
         except ValueError:
             raise MetricsParseError(f"not Prometheus text format: bad value in {line[:120]!r}") from None
         if lora_since is not None and name == LORA_INFO:
-            deferred.append((name, body, value, line))
+            deferred.append((body, value, line))
             continue
         out.append((name, _labels(body, line) if body else {}, value))
     if deferred:
-        newest = max(v for _, _, v, _ in deferred)
-        out.extend((n, _labels(b, ln) if b else {}, v) for n, b, v, ln in deferred if v > lora_since or v == newest)
+        newest = max(v for _, v, _ in deferred)
+        out.extend((LORA_INFO, _labels(b, ln) if b else {}, v) for b, v, ln in deferred if v > lora_since or v == newest)
     return out
 
 

@@ -67,16 +67,23 @@ def test_results_are_consistent(smoke_results: tuple[Path, list[Path]]) -> None:
         assert s["ideal_ratio_p50"] >= 0.99 and s["sim_ideal_ratio_p50"] >= 0.999
         assert s["sim_ttft_p99"] <= s["ttft_p99"] + 0.002
         assert meta["cpu"]["router"]["cpu_s"] >= 0 and meta["cpu"]["machine"]["cores"] >= 1
+        # provenance: the commit the run came from (the tests run from a git checkout)
+        assert meta["code_version"] and s["code_version"] == meta["code_version"]
+        assert s["finished_at"] == meta["finished_at"]
 
 
 def test_report_and_plots(smoke_results: tuple[Path, list[Path]], tmp_path: Path) -> None:
-    out, _ = smoke_results
+    out, written = smoke_results
     report = build_report([out], tmp_path)
     text = report.read_text()
     assert "### Load 60 %" in text
     for target in ("default", "round-robin"):
         assert len(re.findall(rf"^\| {target} \| \d+ / 120 \|", text, re.M)) == 1  # one row in the load table
         assert text.count(f"| {target} |") == 2  # and one in the CPU table
+    # the CPU table says when each point finished and from which code
+    for s in (json.loads(p.read_text())["summary"] for p in written):
+        when = s["finished_at"].replace("T", " ").removesuffix("Z")
+        assert re.search(rf"^\| {s['target']} \|.*\| {re.escape(when)} \| {re.escape(s['code_version'])} \|$", text, re.M)
     pngs = sorted(tmp_path.glob("*.png"))
     assert {p.name for p in pngs} == {"ttft_cdf_load60.png", "p99_vs_load.png", "hit_rates.png"}
     for p in pngs:

@@ -197,7 +197,7 @@ class Pod:
         if self.fail_next > 0:
             self.fail_next -= 1
             self.failed += 1
-            return ApiError(self.fail_status, FAULT_MESSAGES.get(self.fail_status, "Injected failure"),
+            return ApiError(self.fail_status, FAULT_MESSAGES[self.fail_status],
                             "InternalServerError" if self.fail_status == 500 else "ServiceUnavailableError").response()
         try:
             arrival = self.engine.now()
