@@ -272,6 +272,7 @@ class KVEventSubscriber:
                 log.warning("KV events of pod %s lost seq %d..%d (not replayable); its blocks are reset",
                             self.pod_id, nxt, seq - 1)
                 self.sink.reset(self.pod_id)
+                self.stats.next_seq = seq
         if seq == self.stats.next_seq:
             self._apply(seq, payload, live)
 

@@ -163,20 +163,24 @@ class KVBlockRelay:
         changed = self._cleared or self._added or self._removed
         if not changed and not snapshot:
             return
+        msg = None
+        if changed:
+            self.version += 1
+            msg = [self.pod_id, self.epoch, self.version, self._cleared, pack_hashes(self._added),
+                   pack_hashes(self._removed), self._oldest_ts or time.time()]
+            self._added, self._removed, self._cleared, self._oldest_ts = set(), set(), False, None
         async with self.client.pipeline(transaction=False) as pipe:
-            if changed:
-                self.version += 1
-                msg = [self.pod_id, self.epoch, self.version, self._cleared, pack_hashes(self._added),
-                       pack_hashes(self._removed), self._oldest_ts or time.time()]
-                pipe.publish(channel(self.prefix), msgpack.packb(msg, use_bin_type=True))
-                self._added, self._removed, self._cleared, self._oldest_ts = set(), set(), False, None
-                self.stats.deltas += 1
-            if snapshot:
+            if snapshot:  # first, so a reader that loads it on seeing the delta finds it
                 body = msgpack.packb([self.epoch, self.version, pack_hashes(self.blocks)], use_bin_type=True)
                 pipe.set(snapshot_key(self.prefix, self.pod_id), body, px=int(self.ttl_s * 1000))
-                self._snapshot_due = False
-                self.stats.snapshots += 1
+            if msg is not None:
+                pipe.publish(channel(self.prefix), msgpack.packb(msg, use_bin_type=True))
             await pipe.execute()
+        if snapshot:
+            self._snapshot_due = False
+            self.stats.snapshots += 1
+        if msg is not None:
+            self.stats.deltas += 1
 
 
 @dataclass

@@ -220,6 +220,7 @@ class KVEventPublisher:
         self.data_parallel_rank = data_parallel_rank
         self.buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
         self.next_seq = 0
+        self.sending = True  # False: numbered and buffered, not sent (/sim/faults)
         self._ctx = zmq.asyncio.Context()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.set_hwm(config.hwm)
@@ -246,8 +247,9 @@ class KVEventPublisher:
         seq = self.next_seq
         self.next_seq += 1
         payload = encode_batch(self.wall_clock(), events, self.data_parallel_rank)
-        with contextlib.suppress(zmq.Again):
-            self._pub.send_multipart((self.topic, seq.to_bytes(8, "big"), payload), flags=zmq.NOBLOCK)
+        if self.sending:
+            with contextlib.suppress(zmq.Again):
+                self._pub.send_multipart((self.topic, seq.to_bytes(8, "big"), payload), flags=zmq.NOBLOCK)
         self.buffer.append((seq, payload))
 
     async def _serve_replay(self) -> None:

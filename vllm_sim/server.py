@@ -349,23 +349,34 @@ class Pod:
         return web.Response(body=orjson.dumps({"success": ok}), content_type=JSON)
 
     async def faults(self, request: web.Request) -> web.Response:
-        """``POST /sim/faults {"fail_next": N, "status": 500|502|503|504}``: the next N chat or
-        completion requests answer that status with an OpenAI-shaped error (500: vLLM's
-        ``EngineDeadError`` text); ``GET`` shows the pending count and how many failed so far."""
+        """``POST /sim/faults {"fail_next": N, "status": 500|502|503|504, "kv_events": bool}``: the
+        next N chat or completion requests answer that status with an OpenAI-shaped error (500:
+        vLLM's ``EngineDeadError`` text); ``kv_events: false`` stops sending KV events (they are
+        still numbered and buffered for replay, as when vLLM's PUB socket drops them), ``true``
+        sends them again. ``GET`` shows the pending count, how many failed so far and whether KV
+        events are sent."""
         if request.method == "POST":
             try:
                 body = await self._parse(request)
                 n = body.get("fail_next", 0)
                 status = body.get("status", 500)
+                kv = body.get("kv_events")
                 if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                     raise ApiError(400, "fail_next must be a non-negative integer", "BadRequestError", "fail_next")
                 if status not in FAULT_MESSAGES:
                     raise ApiError(400, f"status must be one of {sorted(FAULT_MESSAGES)}", "BadRequestError", "status")
+                if kv is not None and (not isinstance(kv, bool) or self.kv_events is None):
+                    raise ApiError(400, "kv_events must be true or false, on a pod started with --kv-events-config",
+                                   "BadRequestError", "kv_events")
             except ApiError as e:
                 return e.response()
-            self.fail_next, self.fail_status = n, status
-        return web.Response(body=orjson.dumps({"fail_next": self.fail_next, "status": self.fail_status,
-                                               "failed": self.failed}), content_type=JSON)
+            if kv is None or "fail_next" in body or "status" in body:
+                self.fail_next, self.fail_status = n, status
+            if kv is not None and self.kv_events is not None:
+                self.kv_events.sending = kv
+        body = {"fail_next": self.fail_next, "status": self.fail_status, "failed": self.failed,
+                "kv_events": self.kv_events.sending if self.kv_events is not None else None}
+        return web.Response(body=orjson.dumps(body), content_type=JSON)
 
     async def load_lora(self, request: web.Request) -> web.Response:
         try:
