@@ -27,7 +27,6 @@ replay that does not finish within ``replay_timeout_s`` counts as failed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from podstate.background import Background
 from scorer.kv_index import KVBlockIndex
 
 log = logging.getLogger("loraroute.kv_events")
@@ -196,7 +196,7 @@ class SubscriberStats:
     latencies_s: list[float] = field(default_factory=list)   # now − batch ts, when recording
 
 
-class KVEventSubscriber:
+class KVEventSubscriber(Background):
     """Follow one pod's KV events into ``sink`` (see the module docstring).
 
     ``record_latency`` keeps ``now − ts`` of each live batch in ``stats.latencies_s`` (the
@@ -214,27 +214,14 @@ class KVEventSubscriber:
         self.record_latency = record_latency
         self.stats = SubscriberStats()
         self._ctx = context or zmq.asyncio.Context.instance()
-        self._task: asyncio.Task[None] | None = None
-        self._sub: zmq.asyncio.Socket | None = None
+        self.task_name = f"kv-events-{pod_id}"
         self.connected = asyncio.Event()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kv-events-{self.pod_id}")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
         sub.connect(self.endpoint)
-        self._sub = sub
         self.connected.set()
         try:
             while True:

@@ -33,6 +33,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from podstate.background import Background
 from podstate.kv_events import Cleared, KVBatch, Removed, Stored
 from podstate.redis_store import redact_url
 from scorer.kv_index import KVBlockIndex
@@ -63,7 +64,7 @@ class RelayStats:
     errors: int = 0
 
 
-class KVBlockRelay:
+class KVBlockRelay(Background):
     """The sidecar's side: a ``KVSink`` for its pod that publishes deltas and snapshots."""
 
     def __init__(self, client: aioredis.Redis, pod_id: str, *, key_prefix: str = "loraroute",
@@ -84,7 +85,7 @@ class KVBlockRelay:
         self._oldest_ts: float | None = None
         self._snapshot_due = True
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.task_name = f"kv-relay-{pod_id}"
         self._error_logged = False
 
     # --- KVSink ----------------------------------------------------------------------------------
@@ -123,17 +124,6 @@ class KVBlockRelay:
         self._wake.set()
 
     # --- publishing ------------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kv-relay-{self.pod_id}")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
     async def _run(self) -> None:
         next_snapshot = 0.0
         while True:
@@ -192,7 +182,7 @@ class FeedStats:
     latencies_s: list[float] = field(default_factory=list)
 
 
-class KVBlockFeed:
+class KVBlockFeed(Background):
     """The gateway's side: every pod's deltas and snapshots into one ``KVBlockIndex``.
 
     ``clock`` stamps ``PodKV.last_batch_at`` (Unix seconds); ``record_latency`` keeps
@@ -209,24 +199,13 @@ class KVBlockFeed:
         self.stats = FeedStats()
         self._password = password
         self._versions: dict[str, tuple[str, int]] = {}   # pod -> (epoch, version) applied
-        self._task: asyncio.Task[None] | None = None
+        self.task_name = "kv-feed"
         self._client: aioredis.Redis | None = None
         self.ready = asyncio.Event()
 
     def _new_client(self) -> aioredis.Redis:
         return aioredis.Redis.from_url(self.url, socket_connect_timeout=1.0, socket_timeout=None,
                                        **({"password": self._password} if self._password else {}))
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="kv-feed")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         backoff = 0.05
