@@ -9,7 +9,8 @@ on one pod and then every block on two, in the gateway's ``KVBlockIndex`` (table
 Python heap traced while filling it); the sidecar's own set of its pod's blocks (a Python set of
 ints); and the Redis snapshot (``MEMORY USAGE`` of one pod's key). Also the CPU each replica
 spends per stored block: decoding vLLM's msgpack batches and applying them (``direct``) against
-unpacking the relay's deltas and applying them (``store``).
+unpacking the relay's deltas and applying them (``store``); and what hashing a request's tokens
+as vLLM does costs the router per block (``scorer.vllm_blocks``).
 
 Part 2, live (real processes on loopback): one ``loraroute sim cluster`` with ``--pods`` pods
 publishing KV events (vLLM's format; a KV cache of ``--num-gpu-blocks`` blocks, so blocks are
@@ -115,6 +116,18 @@ def memory_and_apply_cost(n_blocks: int) -> dict[str, Any]:
     store_s = time.process_time() - t0
     out["replica_cpu_us_per_stored_block"] = {"direct": round(direct_s / stored * 1e6, 2),
                                               "store": round(store_s / stored * 1e6, 2)}
+    from scorer.vllm_blocks import iter_block_hashes, lora_extra_keys
+
+    tokens = [rng.getrandbits(17) for _ in range(16 * 100)]
+    extra = lora_extra_keys("ad000", "/var/lib/loraroute/adapters/ad000")
+    samples = []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        for _ in iter_block_hashes(tokens, 16, extra):
+            pass
+        samples.append((time.perf_counter() - t0) / 100 * 1e6)
+    samples.sort()
+    out["router_hash_us_per_block"] = {"p50": round(samples[15], 2), "p90": round(samples[27], 2)}
     return out
 
 
@@ -322,8 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=1_000_000, help="cached blocks for the memory part")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    from bench.runner import code_version
+
     result = {"memory": memory_and_apply_cost(args.blocks), "live": live(args),
-              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "code_version": code_version()}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
