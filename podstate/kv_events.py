@@ -17,7 +17,7 @@ has one, a DEALER on its replay endpoint. Sequence handling, per message ``seq``
 - ``seq < next``: the pod restarted (vLLM numbers from 0 again, with an empty cache): clear it,
   then replay from 0 what the new process has sent so far;
 - the first message after start: replay from 0 (a subscriber that starts late gets the pod's
-  buffered history, up to ``buffer_steps`` batches).
+  buffered history, up to ``buffer_steps`` batches; anything older is unknown to it).
 
 Whatever consumes the events implements ``KVSink`` (the gateway's ``KVBlockIndex`` through
 ``IndexSink``, or the sidecar's publisher of compact per-pod deltas). Every wait is bounded; a
@@ -239,17 +239,19 @@ class KVEventSubscriber(Background):
             return
         seq = int.from_bytes(seq_bytes, "big")
         nxt = self.stats.next_seq
-        if nxt is None:
-            # first message: get the pod's buffered history first
+        if nxt is None or seq < nxt:
+            if nxt is not None:
+                self.stats.restarts += 1
+                log.info("KV events of pod %s went back from seq %d to %d: the pod restarted", self.pod_id,
+                         nxt - 1, seq)
+                self.sink.reset(self.pod_id)
+            # a fresh start: the pod's buffered history first; what it no longer holds is unknown
             self.stats.next_seq = 0
             await self._replay(0, until=seq, adopt=True)
-            nxt = self.stats.next_seq
-        elif seq < nxt:
-            self.stats.restarts += 1
-            log.info("KV events of pod %s went back from seq %d to %d: the pod restarted", self.pod_id, nxt - 1, seq)
-            self.sink.reset(self.pod_id)
-            self.stats.next_seq = 0
-            await self._replay(0, until=seq, adopt=True)
+            if seq > self.stats.next_seq:
+                log.info("KV events of pod %s: starting at seq %d, the history before it is not available",
+                         self.pod_id, seq)
+                self.stats.next_seq = seq
             nxt = self.stats.next_seq
         if seq > nxt:
             await self._replay(nxt, until=seq)

@@ -239,6 +239,7 @@ class LocalState:
         self.inc_pods.discard(pod_id)
         self.views.pop(pod_id, None)
         self.prefix.forget(pod_id)
+        self.kv.forget(pod_id)
         stale = [k for k, p in self.sessions.items() if p == pod_id]
         for k in stale:
             del self.sessions[k]
