@@ -1,8 +1,9 @@
 """Each pod's KV block set through Redis: the sidecar relays its pod's events, gateways read.
 
 The sidecar follows its own pod's KV events (``KVEventSubscriber`` with ``KVBlockRelay`` as the
-sink) and keeps the pod's block set. Every ``flush_interval_s`` with changes it publishes one
-delta; every ``snapshot_interval_s`` (and after a reset) it rewrites the pod's snapshot:
+sink) and keeps the pod's block set. Changes go out as one delta at once after a quiet spell and
+at most once per ``flush_interval_s`` within a burst; every ``snapshot_interval_s`` (and after a
+reset) it rewrites the pod's snapshot:
 
 - channel ``{prefix}:kv`` — msgpack ``[pod_id, epoch, version, cleared, added, removed, ts]``:
   ``added`` / ``removed`` are the block hashes packed as little-endian uint64 (8 bytes a block);
@@ -126,12 +127,16 @@ class KVBlockRelay(Background):
     # --- publishing ------------------------------------------------------------------------------
     async def _run(self) -> None:
         next_snapshot = 0.0
+        last_flush = 0.0
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.snapshot_interval_s)
             self._wake.clear()
-            await asyncio.sleep(self.flush_interval_s)  # gather what the next steps add
-            now = time.monotonic()
+            # at once after a quiet spell; within a burst, at most one delta per flush interval
+            wait = last_flush + self.flush_interval_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            now = last_flush = time.monotonic()
             try:
                 await self.flush(snapshot=self._snapshot_due or now >= next_snapshot)
                 if now >= next_snapshot:
