@@ -131,7 +131,7 @@ def memory_and_apply_cost(n_blocks: int) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------------ part 2 helpers
+# ------------------------------------------------------------------------------------ part 2: processes
 def _pod_endpoints(base_pub: int, base_replay: int, pods: int) -> list[tuple[str, str, str]]:
     return [(f"pod-{i}", f"tcp://127.0.0.1:{base_pub + i}", f"tcp://127.0.0.1:{base_replay + i}") for i in range(pods)]
 
