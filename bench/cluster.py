@@ -8,8 +8,9 @@
 3. Redis (``loraroute.services.start_redis``) and one ``loraroute sidecar`` per pod publishing
    PodState to it, as in production; when the sidecar command is not available the gateway's
    in-process monitors with the in-memory store are used instead (recorded as ``state_plane``);
-4. the router under test: ``loraroute gateway --config FILE`` with a preset, a peer router from
-   its own venv (``bench.peers``), or nothing (``direct``: requests go to pod 0).
+4. the router under test: ``loraroute gateway --config FILE`` with a preset (``start_gateways``:
+   one or several replicas, each its own process on its own port, all on the same store), a peer
+   router from its own venv (``bench.peers``), or nothing (``direct``: requests go to pod 0).
 
 Simulated time: every simulator duration is multiplied by ``time_scale`` (> 1 slows the clock,
 which leaves the CPU headroom so that client and router costs stay small against model time).
@@ -43,14 +44,29 @@ class Pod:
 
 @dataclass
 class Target:
-    """What routes the requests: ``policy`` (our gateway preset), ``peer`` or ``direct``."""
+    """What routes the requests: ``policy`` (our gateway preset), ``peer`` or ``direct``.
+
+    ``replicas`` > 1 (policies only) runs that many gateway replicas on the same store, reached
+    as through a Service (``spread``: see ``bench.client.Spreader``); the label then reads
+    ``default-x4`` (per-connection) or ``default-x4-req`` (per-request)."""
 
     kind: str
     name: str
+    replicas: int = 1
+    spread: str = "per-connection"
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError("replicas must be >= 1")
+        if self.replicas > 1 and self.kind != "policy":
+            raise ValueError(f"--replicas applies to our gateway only, not to {self.kind} targets")
 
     @property
     def label(self) -> str:
-        return self.name if self.kind == "policy" else f"{self.kind}:{self.name}"
+        base = self.name if self.kind == "policy" else f"{self.kind}:{self.name}"
+        if self.replicas == 1:
+            return base
+        return f"{base}-x{self.replicas}" + ("-req" if self.spread == "per-request" else "")
 
     @classmethod
     def parse(cls, label: str) -> Target:
@@ -171,18 +187,30 @@ class BenchCluster:
             "metrics": {"enabled": True},
         }
 
-    def start_gateway(self, policy: str) -> Proc:
+    def start_gateway(self, policy: str, replica: int | None = None) -> Proc:
         port = free_port()
-        cfg_path = self.work_dir / f"gateway-{policy}.yaml"
+        name = f"gateway-{policy}" if replica is None else f"gateway-{policy}-{replica}"
+        cfg_path = self.work_dir / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(self.gateway_config(policy, port), sort_keys=False))
         argv = loraroute_cmd("gateway", "--config", str(cfg_path))
-        proc = start_process(f"gateway-{policy}", argv, port=port,
+        proc = start_process(name, argv, port=port,
                              ready_url=f"http://127.0.0.1:{port}/health", timeout=60, log_dir=self.log_dir)
         self.procs.append(proc)
         if self.state_plane == "none":
             self.state_plane = "gateway-monitors+memory"
         self._wait_gateway_ready(proc)
         return proc
+
+    def start_gateways(self, policy: str, replicas: int) -> list[Proc]:
+        """``replicas`` gateways with the same configuration on one store (Redis with sidecars).
+
+        Without sidecars each replica would monitor the pods itself into its own memory store,
+        which is not the shared set-up being measured, so several replicas need the sidecars."""
+        if replicas == 1:
+            return [self.start_gateway(policy)]
+        if self.redis_url is None:
+            raise RuntimeError("several gateway replicas need the sidecars and Redis (do not pass --no-sidecars)")
+        return [self.start_gateway(policy, i) for i in range(replicas)]
 
     def _wait_gateway_ready(self, proc: Proc, timeout: float = 30.0) -> None:
         """Until /ready answers 200 (every pod known), bounded."""

@@ -455,10 +455,7 @@ class Engine:
             if req.cached_upto < len(req.hashes):
                 upto = min(req.num_computed // bs, len(req.hashes))
                 if upto > req.cached_upto:
-                    hashes = req.hashes
-                    blocks = req.blocks
-                    for j in range(req.cached_upto, upto):
-                        pool.cache_block(blocks[j], hashes[j])
+                    pool.cache_blocks(req.blocks, req.hashes, req.cached_upto, upto, req.prompt, req.lora)
                     req.cached_upto = upto
             if req.num_computed < req.num_prompt + req.num_output:
                 continue
@@ -485,6 +482,7 @@ class Engine:
         if finished:
             self.running = [r for r in self.running if r.status == RUNNING]
         self._scheduled = []
+        pool.flush_events()  # KV events of this step (stored, evicted), one batch when enabled
         self._update_lora_info()
         self._begin_step()
 

@@ -4,7 +4,9 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming and n
 ``GET /v1/models``, ``GET /metrics``, ``GET /health``, ``GET /version``, ``GET /sim/state``
 (simulator-only ground truth), ``GET|POST /sim/faults`` (simulator-only: make the next N
 generation requests fail with a 5xx, as an engine that died would — for testing routers) and, only with runtime updating enabled,
-``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter``. Unknown routes answer
+``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter``; with ``VLLM_SERVER_DEV_MODE=1``,
+``POST /reset_prefix_cache`` (``{"success": bool}``: it fails while blocks are in use; a success
+publishes ``AllBlocksCleared`` when KV events are on). Unknown routes answer
 FastAPI's ``404 {"detail":"Not Found"}``.
 
 Model check (``BaseServing._check_model``): base served names, then registered adapters, then,
@@ -27,6 +29,7 @@ from aiohttp import web
 from . import protocol as P
 from .adapters import AdapterInvalid, AdapterNotFound, inspect_adapter, resolve_from_dir
 from .engine import Engine, Request
+from .kvevents import KVEventPublisher
 from .lora_cache import LoraRef
 from .metrics import MetricsRenderer
 from .tokenizer import apply_chat_template, count_bytes_tokens, token_ids_to_bytes
@@ -47,6 +50,7 @@ class PodConfig:
     emit_residency_metrics: bool = False
     pod_name: str = "pod"
     static_loras: list[tuple[str, str]] = field(default_factory=list)
+    dev_mode: bool = False          # VLLM_SERVER_DEV_MODE: /reset_prefix_cache
 
     @property
     def served(self) -> list[str]:
@@ -79,9 +83,12 @@ def _bad_request_validation(errors: list[dict[str, Any]]) -> ApiError:
 class Pod:
     """A pod: its engine, its adapter names and the HTTP handlers."""
 
-    def __init__(self, config: PodConfig, engine: Engine) -> None:
+    def __init__(self, config: PodConfig, engine: Engine, kv_events: KVEventPublisher | None = None) -> None:
         self.config = config
         self.engine = engine
+        self.kv_events = kv_events
+        if kv_events is not None:
+            engine.pool.enable_events(kv_events.publish)
         self.loras: dict[str, LoraRef] = {}
         self._next_lora_id = 0
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -330,26 +337,46 @@ class Pod:
         except ValueError:
             return ApiError(400, "since_request and limit must be integers", "BadRequestError").response()
         state = {"pod": self.config.pod_name, **self.engine.state(since, limit)}
+        if self.kv_events is not None:
+            state["kv_events"] = {"endpoint": self.kv_events.endpoint, "replay_endpoint": self.kv_events.replay_endpoint,
+                                  "next_seq": self.kv_events.next_seq}
         return web.Response(body=orjson.dumps(state), content_type=JSON)
 
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's dev-mode route: drop every cached prefix block unless some are in use."""
+        ok = self.engine.pool.reset()
+        self.engine.pool.flush_events()
+        return web.Response(body=orjson.dumps({"success": ok}), content_type=JSON)
+
     async def faults(self, request: web.Request) -> web.Response:
-        """``POST /sim/faults {"fail_next": N, "status": 500|502|503|504}``: the next N chat or
-        completion requests answer that status with an OpenAI-shaped error (500: vLLM's
-        ``EngineDeadError`` text); ``GET`` shows the pending count and how many failed so far."""
+        """``POST /sim/faults {"fail_next": N, "status": 500|502|503|504, "kv_events": bool}``: the
+        next N chat or completion requests answer that status with an OpenAI-shaped error (500:
+        vLLM's ``EngineDeadError`` text); ``kv_events: false`` stops sending KV events (they are
+        still numbered and buffered for replay, as when vLLM's PUB socket drops them), ``true``
+        sends them again. ``GET`` shows the pending count, how many failed so far and whether KV
+        events are sent."""
         if request.method == "POST":
             try:
                 body = await self._parse(request)
                 n = body.get("fail_next", 0)
                 status = body.get("status", 500)
+                kv = body.get("kv_events")
                 if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                     raise ApiError(400, "fail_next must be a non-negative integer", "BadRequestError", "fail_next")
                 if status not in FAULT_MESSAGES:
                     raise ApiError(400, f"status must be one of {sorted(FAULT_MESSAGES)}", "BadRequestError", "status")
+                if kv is not None and (not isinstance(kv, bool) or self.kv_events is None):
+                    raise ApiError(400, "kv_events must be true or false, on a pod started with --kv-events-config",
+                                   "BadRequestError", "kv_events")
             except ApiError as e:
                 return e.response()
-            self.fail_next, self.fail_status = n, status
-        return web.Response(body=orjson.dumps({"fail_next": self.fail_next, "status": self.fail_status,
-                                               "failed": self.failed}), content_type=JSON)
+            if kv is None or "fail_next" in body or "status" in body:
+                self.fail_next, self.fail_status = n, status
+            if kv is not None and self.kv_events is not None:
+                self.kv_events.sending = kv
+        body = {"fail_next": self.fail_next, "status": self.fail_status, "failed": self.failed,
+                "kv_events": self.kv_events.sending if self.kv_events is not None else None}
+        return web.Response(body=orjson.dumps(body), content_type=JSON)
 
     async def load_lora(self, request: web.Request) -> web.Response:
         try:
@@ -438,9 +465,16 @@ def create_app(pod: Pod) -> web.Application:
     if pod.config.runtime_lora_updating:
         app.router.add_post("/v1/load_lora_adapter", pod.load_lora)
         app.router.add_post("/v1/unload_lora_adapter", pod.unload_lora)
+    if pod.config.dev_mode:
+        app.router.add_post("/reset_prefix_cache", pod.reset_prefix_cache)
     app["pod"] = pod
     return app
 
 
 def runtime_updating_from_env() -> bool:
     return os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() in ("1", "true")
+
+
+def dev_mode_from_env() -> bool:
+    """``VLLM_SERVER_DEV_MODE`` (vLLM reads it as an integer flag)."""
+    return os.environ.get("VLLM_SERVER_DEV_MODE", "").strip().lower() in ("1", "true")
