@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraroute.procs import Proc, free_port, loraroute_cmd
+from vllm_sim.costs import get_profile
 from vllm_sim.tokenizer import apply_chat_template, count_tokens
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
@@ -225,7 +226,8 @@ def test_resolver_loads_on_first_use(procs, make_adapter, tmp_path: Path) -> Non
     assert "fin-lora" in [m.id for m in c.models.list().data]
     state = httpx.get(sim.url + "/sim/state", timeout=10).json()
     rec = next(r for r in state["requests"] if r["request_id"] == "resolved-1")
-    assert rec["adapter_tier"] == "disk" and rec["adapter_load"] > 0.25  # rank 16 cold load, simulated seconds
+    # the resolver loads through an engine utility call: disk + activation + the call, simulated seconds
+    assert rec["adapter_tier"] == "disk" and rec["adapter_load"] == pytest.approx(get_profile().load_api_s(16))
     assert state["gpu_adapters"] == ["fin-lora"]
     for name in ("other-base", "not-lora", "absent"):
         with pytest.raises(openai.NotFoundError):
@@ -245,7 +247,8 @@ def test_a_request_that_waits_for_anothers_resolver_load_is_charged_for_it(procs
     root = tmp_path / "resolver"
     make_adapter("big", rank=64, root=root)
     sim = start_sim(procs, "--enable-lora", "--max-loras", "2", "--max-lora-rank", "64", "--adapter-dir", str(root),
-                    "--allow-runtime-lora-updating", "--time-scale", "0.5")
+                    "--allow-runtime-lora-updating", "--time-scale", "1")
+    load_s = get_profile().load_api_s(64)  # ~0.31 s, simulated = wall here
 
     def send(rid: str) -> float:
         t0 = time.perf_counter()
@@ -256,16 +259,17 @@ def test_a_request_that_waits_for_anothers_resolver_load_is_charged_for_it(procs
 
     with concurrent.futures.ThreadPoolExecutor(2) as ex:
         first = ex.submit(send, "first")
-        time.sleep(0.1)  # the first holds the lock and is loading (~1 s simulated, 0.5 s wall)
+        time.sleep(0.1)  # the first holds the lock and is loading
         second = ex.submit(send, "second")
         wall = {"first": first.result(), "second": second.result()}
     recs = {r["request_id"]: r for r in httpx.get(sim.url + "/sim/state", timeout=10).json()["requests"]}
+    assert recs["first"]["adapter_load"] == pytest.approx(load_s)
+    assert 0.02 < recs["second"]["adapter_load"] < load_s  # the rest of the first one's load
     for rid in ("first", "second"):
         rec = recs[rid]
         assert rec["adapter_tier"] == "disk"  # both arrived while the adapter was on disk only
-        assert rec["adapter_load"] > 0.5, rec
-        # simulated TTFT × time-scale ≈ what the client waited (never far below it)
-        assert rec["ttft"] * 0.5 > wall[rid] - 0.25, (rid, rec, wall)
+        # simulated TTFT ≈ what the client waited (never far below it; a starved machine stretches wall time)
+        assert rec["ttft"] > wall[rid] - 0.5, (rid, rec, wall)
 
 
 def _families(text: str) -> dict[str, tuple[str, set[tuple[str, ...]]]]:

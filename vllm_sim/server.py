@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming and not),
 ``GET /v1/models``, ``GET /metrics``, ``GET /health``, ``GET /version``, ``GET /sim/state``
-(simulator-only ground truth), ``GET|POST /sim/faults`` (simulator-only: make the next N
+(simulator-only ground truth), ``GET /sim/profile`` (simulator-only: the cost profile and its
+true constants), ``GET|POST /sim/faults`` (simulator-only: make the next N
 generation requests fail with a 5xx, as an engine that died would — for testing routers) and, only with runtime updating enabled,
 ``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter``. Unknown routes answer
 FastAPI's ``404 {"detail":"Not Found"}``.
@@ -113,7 +114,8 @@ class Pod:
         old = self.loras.get(name) if inplace else None
         ref = LoraRef(old.lora_id if old else self._new_lora_id(), name, path, info.rank)
         tiers = self.engine.loras
-        seconds = await self.engine.run_utility(lambda: tiers.ensure(ref, reload=True), loading=name)
+        overhead = self.engine.profile.load_api_overhead_s  # the utility call itself blocks the engine too
+        seconds = await self.engine.run_utility(lambda: tiers.ensure(ref, reload=True) + overhead, loading=name)
         return ref, seconds
 
     async def _resolve(self, name: str) -> tuple[LoraRef, float] | None:
@@ -122,7 +124,7 @@ class Pod:
         Returns the adapter and the simulated seconds of its load; a request that found the name
         being resolved by another one waits on the lock, and its load seconds are that wait
         (it paid for the same load)."""
-        started = self.engine.now()
+        started = self.engine.wall_now()
         async with self._locks[name]:
             if name in self.loras:
                 return self.loras[name], max(0.0, self.engine.now() - started)
@@ -200,7 +202,7 @@ class Pod:
             return ApiError(self.fail_status, FAULT_MESSAGES[self.fail_status],
                             "InternalServerError" if self.fail_status == 500 else "ServiceUnavailableError").response()
         try:
-            arrival = self.engine.now()
+            arrival = self.engine.wall_now()  # see Engine.add_request
             body = await self._parse(request)
             lora, resolved = await self._check_model(body.get("model"))
             prompt = self._prompt(body, chat)
@@ -332,6 +334,13 @@ class Pod:
         state = {"pod": self.config.pod_name, **self.engine.state(since, limit)}
         return web.Response(body=orjson.dumps(state), content_type=JSON)
 
+    async def sim_profile(self, request: web.Request) -> web.Response:
+        """The cost profile this pod runs (every constant) and the scorer-facing truths it implies."""
+        profile = self.engine.profile
+        return web.Response(body=orjson.dumps({"pod": self.config.pod_name, "profile": profile.name,
+                                               "constants": profile.to_dict(), "truth": profile.truth().to_dict()},
+                                              option=orjson.OPT_NON_STR_KEYS), content_type=JSON)
+
     async def faults(self, request: web.Request) -> web.Response:
         """``POST /sim/faults {"fail_next": N, "status": 500|502|503|504}``: the next N chat or
         completion requests answer that status with an OpenAI-shaped error (500: vLLM's
@@ -433,6 +442,7 @@ def create_app(pod: Pod) -> web.Application:
     app.router.add_get("/health", pod.health)
     app.router.add_get("/version", pod.version)
     app.router.add_get("/sim/state", pod.sim_state)
+    app.router.add_get("/sim/profile", pod.sim_profile)
     app.router.add_get("/sim/faults", pod.faults)
     app.router.add_post("/sim/faults", pod.faults)
     if pod.config.runtime_lora_updating:
