@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loraroute.procs import Proc, free_port, loraroute_cmd
 from vllm_sim.costs import get_profile
-from vllm_sim.tokenizer import apply_chat_template, count_tokens
+from vllm_sim.tokenizer import apply_chat_template, count_tokens, tokenize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
@@ -314,3 +314,52 @@ def test_residency_metric_opt_in(procs, make_adapter) -> None:  # type: ignore[n
     assert fam.type == "gauge"
     assert sorted((s.labels["adapter_name"], s.labels["level"], s.labels["rank"]) for s in fam.samples) == [
         ("a-lora", "cpu", "8"), ("b-lora", "gpu", "16")]
+
+
+def test_tokenizer_endpoints_match_what_the_engine_counts(procs, make_adapter) -> None:  # type: ignore[no-untyped-def]
+    """/tokenize, /detokenize and the two render routes (vLLM 0.33 shapes): the ids are the ones
+    the engine counts and hashes, so a router that tokenizes first sees the pod's blocks."""
+    path = make_adapter("sql-lora", rank=8)
+    sim = start_sim(procs, "--enable-lora", "--lora-modules", f"sql-lora={path}", "--time-scale", "0",
+                    "--max-model-len", "4096")
+    http = httpx.Client(base_url=sim.url, timeout=30)
+    messages = [{"role": "system", "content": "You write SQL."}, {"role": "user", "content": "Tables? é"}]
+    chat = client(sim).chat.completions.create(model="sql-lora", messages=messages, max_tokens=2)  # type: ignore[arg-type]
+    assert chat.usage is not None
+
+    tok = http.post("/tokenize", json={"model": "sql-lora", "messages": messages}).json()
+    assert list(tok) == ["count", "max_model_len", "tokens", "token_strs"]
+    assert tok["count"] == len(tok["tokens"]) == chat.usage.prompt_tokens and tok["max_model_len"] == 4096
+    assert tok["tokens"] == tokenize(apply_chat_template(messages)) and tok["token_strs"] is None
+    open_ended = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert open_ended["tokens"] == tokenize(apply_chat_template(messages, add_generation_prompt=False))
+    bad = http.post("/tokenize", json={"messages": messages, "continue_final_message": True})
+    assert bad.status_code == 400 and "continue_final_message" in bad.json()["error"]["message"]
+    text = "SELECT name FROM customers; -- ünïcode"
+    plain = http.post("/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert plain["tokens"] == tokenize(text) and len(plain["token_strs"]) == plain["count"]
+    assert plain["token_strs"][:2] == ["SELE", "CT n"]  # one 4-byte piece per token
+    assert http.post("/detokenize", json={"tokens": plain["tokens"]}).json() == {"prompt": text}
+    assert http.post("/detokenize", json={"tokens": [plain["tokens"][0], 2**40]}).json()["prompt"] == text[:4]
+    for body, param in (({"tokens": [-1]}, "body.tokens"), ({"model": BASE}, "body.tokens"), ({}, "body.prompt")):
+        route = "/detokenize" if param == "body.tokens" else "/tokenize"
+        err = http.post(route, json=body)
+        assert err.status_code == 400 and err.json()["error"]["param"] == param, err.text
+    assert http.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+
+    rendered = http.post("/v1/chat/completions/render", json={"model": "sql-lora", "messages": messages,
+                                                               "max_tokens": 7, "temperature": 0.2}).json()
+    assert list(rendered) == ["request_id", "token_ids", "features", "sampling_params", "model", "stream",
+                              "stream_options", "cache_salt", "priority", "kv_transfer_params"]
+    assert rendered["token_ids"] == tok["tokens"] and rendered["model"] == "sql-lora"
+    assert rendered["request_id"].startswith("chatcmpl-") and rendered["features"] is None
+    assert rendered["sampling_params"]["max_tokens"] == 7 and rendered["sampling_params"]["temperature"] == 0.2
+    many = http.post("/v1/completions/render", json={"model": BASE, "prompt": [text, "SELECT 1"]}).json()
+    assert [m["token_ids"] for m in many] == [tokenize(text), tokenize("SELECT 1")]
+    assert many[0]["sampling_params"]["max_tokens"] == 4096 - len(tokenize(text))  # what is left of the context
+    ids = http.post("/v1/completions/render", json={"model": BASE, "prompt": [[11, 12, 13]]}).json()
+    assert ids[0]["token_ids"] == [11, 12, 13] and ids[0]["request_id"].startswith("cmpl-")
+    too_long = http.post("/v1/completions/render", json={"model": BASE, "prompt": "x" * 40000})
+    assert too_long.status_code == 400 and "maximum context length" in too_long.json()["error"]["message"]
+    missing = http.post("/v1/chat/completions/render", json={"model": "absent", "messages": messages})
+    assert (missing.status_code, missing.json()["error"]["param"]) == (404, "model")
