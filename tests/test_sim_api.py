@@ -1,7 +1,8 @@
 """vllm_sim's HTTP surface against real `loraroute sim` processes: payloads, errors, metrics.
 
-Expected shapes come from vLLM 0.33.0 payloads in tests/fixtures/vllm/ and the error table of
-the vLLM reference; every request goes over real HTTP (official `openai` client or httpx).
+Expected shapes come from vLLM 0.33.0 payloads in tests/fixtures/vllm/, the error table of the
+vLLM reference and the error bodies a real vLLM 0.25.1 answered (tests/fixtures/vllm-0.25-real/);
+every request goes over real HTTP (official `openai` client or httpx).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vllm_sim.costs import get_profile
 from vllm_sim.tokenizer import apply_chat_template, count_tokens, tokenize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
+REAL = Path(__file__).parent / "fixtures" / "vllm-0.25-real"
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
 
 
@@ -363,3 +365,40 @@ def test_tokenizer_endpoints_match_what_the_engine_counts(procs, make_adapter) -
     assert too_long.status_code == 400 and "maximum context length" in too_long.json()["error"]["message"]
     missing = http.post("/v1/chat/completions/render", json={"model": "absent", "messages": messages})
     assert (missing.status_code, missing.json()["error"]["param"]) == (404, "model")
+
+
+def test_error_statuses_and_bodies_match_a_real_vllm(procs, make_adapter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every case a real vLLM 0.25.1 answered (``vllm-0.25-real/errors.json``), replayed in order:
+    same status, type, param and code; the same message, except where vLLM changed it since
+    (0.33 adds ``Valid aliases: ...`` to an unknown model, sanitises paths to ``<path>`` and
+    words the validation error's tail differently)."""
+    cases = json.loads((REAL / "errors.json").read_text())
+    for name, rank in (("ta", 16), ("tc", 16), ("big128", 128)):
+        make_adapter(name, rank=rank)
+    local = {name: str(tmp_path / "adapters" / name) for name in ("ta", "tc", "big128")}
+    sim = start_sim(procs, "--enable-lora", "--served-model-name", "base", "--max-loras", "2", "--max-lora-rank", "64",
+                    "--allow-runtime-lora-updating", "--lora-modules", f"ta={local['ta']}", f"tc={local['tc']}",
+                    "--time-scale", "0")
+    for case in cases:
+        if case["path"]:
+            body = dict(case["req"])
+            if "lora_path" in body:  # the same adapter here, or a path that does not exist
+                body["lora_path"] = local.get(Path(body["lora_path"]).name, str(tmp_path / "does-not-exist"))
+            got = httpx.post(sim.url + case["path"], json=body, timeout=30)
+        else:
+            got = httpx.post(sim.url + "/v1/chat/completions", timeout=30, json={
+                "model": case["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        assert got.status_code == case["status"], (case["label"], got.text)
+        if case["status"] == 200:
+            assert got.text == case["body"], case["label"]
+            continue
+        want, have = json.loads(case["body"])["error"], got.json()["error"]
+        assert {k: have[k] for k in ("type", "param", "code")} == {k: want[k] for k in ("type", "param", "code")}, case
+        if case["label"] == "err_path_missing":
+            assert have["message"] == want["message"].replace(case["req"]["lora_path"], "<path>")
+        elif case["label"] == "err_no_path":
+            assert have["message"].split("\n")[:2] == want["message"].split("\n")[:2]
+        elif want["type"] == "NotFoundError" and want["param"] == "model":
+            assert have["message"] == want["message"] + " Valid aliases: base."
+        else:
+            assert have["message"] == want["message"], case["label"]
