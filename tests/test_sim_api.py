@@ -402,3 +402,56 @@ def test_error_statuses_and_bodies_match_a_real_vllm(procs, make_adapter, tmp_pa
             assert have["message"] == want["message"] + " Valid aliases: base."
         else:
             assert have["message"] == want["message"], case["label"]
+
+
+def _lora_series(sim: Proc) -> dict[tuple[str, str], float]:
+    text = httpx.get(sim.url + "/metrics", timeout=10).text
+    fam = [f for f in text_string_to_metric_families(text) if f.name == "vllm:lora_requests_info"]
+    return {(s.labels["running_lora_adapters"], s.labels["waiting_lora_adapters"]): s.value
+            for s in (fam[0].samples if fam else [])}
+
+
+def test_lora_requests_info_behaves_like_vllm_0_25(procs, make_adapter) -> None:  # type: ignore[no-untyped-def]
+    """As the real capture shows (metrics-*.txt): no series before the first request; a one-token
+    request on an idle pod is never listed (it finishes in the step that admits it); a request
+    that comes during a stream is listed with the stream's adapter, running = waiting; every label
+    set stays exported with its last timestamp."""
+    import threading
+    import time
+
+    a, b = make_adapter("a-lora", rank=8), make_adapter("b-lora", rank=8)
+    sim = start_sim(procs, "--enable-lora", "--max-loras", "2", "--lora-modules", f"a-lora={a}", f"b-lora={b}",
+                    "--time-scale", "0.05")
+    assert _lora_series(sim) == {}
+    c = client(sim)
+    c.completions.create(model="a-lora", prompt="one token, idle pod", max_tokens=1)
+    assert set(_lora_series(sim)) == {("", "")}
+    stop = threading.Event()
+
+    def stream() -> None:
+        with c.completions.create(model="b-lora", prompt="long stream", max_tokens=100_000, stream=True) as s:
+            for _ in s:
+                if stop.is_set():
+                    return
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while ("b-lora", "b-lora") not in _lora_series(sim):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        c.completions.create(model="a-lora", prompt="during the stream", max_tokens=1)
+        seen = _lora_series(sim)
+        assert ("b-lora,a-lora", "b-lora,a-lora") in seen and all(r == w for r, w in seen)
+        stamp = seen[("", "")]
+    finally:
+        stop.set()
+        t.join(30)
+    deadline = time.monotonic() + 20
+    while max(_lora_series(sim).items(), key=lambda kv: kv[1])[0] != ("", ""):  # idle again: newest is empty
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    final = _lora_series(sim)
+    assert set(final) == {("", ""), ("b-lora", "b-lora"), ("b-lora,a-lora", "b-lora,a-lora")}  # stale ones kept
+    assert final[("", "")] > stamp > 1.7e9  # the empty set's timestamp moved on; the others kept theirs
