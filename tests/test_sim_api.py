@@ -455,3 +455,16 @@ def test_lora_requests_info_behaves_like_vllm_0_25(procs, make_adapter) -> None:
     final = _lora_series(sim)
     assert set(final) == {("", ""), ("b-lora", "b-lora"), ("b-lora,a-lora", "b-lora,a-lora")}  # stale ones kept
     assert final[("", "")] > stamp > 1.7e9  # the empty set's timestamp moved on; the others kept theirs
+
+
+def test_profile_flags_are_validated(capsys: pytest.CaptureFixture[str]) -> None:
+    from vllm_sim.cli import main
+
+    for flags, message in ((["--profile", "8b-eagre"], "invalid choice: '8b-eagre'"),
+                           (["--cost", "load_scal=3"], "unknown cost constant 'load_scal'; did you mean 'load_scale'?"),
+                           (["--cost", "load_scale"], "--cost expects KEY=NUMBER")):
+        try:
+            code = main(["--port", "1", *flags])
+        except SystemExit as e:  # argparse
+            code = int(e.code or 0)
+        assert code == 2 and message in capsys.readouterr().err, flags

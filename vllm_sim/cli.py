@@ -8,6 +8,9 @@ process on consecutive ports sharing one adapter directory; pod ``i`` uses seed 
 Runtime LoRA updating (load/unload routes, resolver) is on with ``--allow-runtime-lora-updating``
 or ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1|true``. ``--adapter-dir`` (or
 ``VLLM_LORA_RESOLVER_CACHE_DIR``) plays vLLM's filesystem resolver.
+
+Costs: ``--profile`` picks a ``vllm_sim.costs.PROFILES`` entry (``8b``: compiled vLLM 0.25.1 on an
+H200, the default; ``8b-eager``); ``--cost KEY=VALUE`` (repeatable) overrides one of its constants.
 """
 
 from __future__ import annotations
