@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loraroute.procs import Proc, free_port, loraroute_cmd
 from vllm_sim.costs import get_profile
-from vllm_sim.tokenizer import apply_chat_template, count_tokens, tokenize
+from vllm_sim.tokenizer import apply_chat_template, count_tokens, detokenize, tokenize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
 REAL = Path(__file__).parent / "fixtures" / "vllm-0.25-real"
@@ -335,8 +335,11 @@ def test_tokenizer_endpoints_match_what_the_engine_counts(procs, make_adapter) -
     assert tok["tokens"] == tokenize(apply_chat_template(messages)) and tok["token_strs"] is None
     open_ended = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
     assert open_ended["tokens"] == tokenize(apply_chat_template(messages, add_generation_prompt=False))
-    bad = http.post("/tokenize", json={"messages": messages, "continue_final_message": True})
+    bad = http.post("/tokenize", json={"messages": messages, "continue_final_message": True,
+                                       "add_generation_prompt": True})
     assert bad.status_code == 400 and "continue_final_message" in bad.json()["error"]["message"]
+    continued = http.post("/tokenize", json={"messages": messages, "continue_final_message": True}).json()
+    assert detokenize(continued["tokens"]).endswith("Tables? é")  # the last message stays open
     text = "SELECT name FROM customers; -- ünïcode"
     plain = http.post("/tokenize", json={"prompt": text, "return_token_strs": True}).json()
     assert plain["tokens"] == tokenize(text) and len(plain["token_strs"]) == plain["count"]

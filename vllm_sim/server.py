@@ -331,7 +331,7 @@ class Pod:
             body = await self._parse(request)
             await self._check_model(body.get("model"))
             if "messages" in body:
-                if body.get("continue_final_message") and body.get("add_generation_prompt", True):
+                if body.get("continue_final_message") and body.get("add_generation_prompt"):  # both given
                     raise ApiError(400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
                                    "BadRequestError")
                 messages = self._messages(body)
