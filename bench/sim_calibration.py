@@ -125,7 +125,7 @@ class Sim:
         return float(self.http.get("/sim/state", params={"limit": 0}).json()["now"])
 
     def load(self, name: str) -> float:
-        """Load through the API; the simulated seconds it took (the engine is otherwise idle)."""
+        """Load through the API; the simulated seconds it took (at time-scale 0, on an idle engine)."""
         t0 = self.now()
         r = self.http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(self.adapters / name)})
         if r.status_code != 200:
