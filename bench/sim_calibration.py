@@ -83,9 +83,9 @@ def real_decode_steps(profile: str) -> dict[str, float]:
 def real_prefill(profile: str) -> dict[tuple[int, str], float]:
     """(prompt tokens, base|ta) -> median TTFT ms of a lone request.
 
-    Compiled: the session that measured both sides of the 512-token limit, plus the other
-    session's rows above it (its 132-token rows disagree with the first session by ~5 ms, so
-    they are left out); eager: the prefill rows of its one session."""
+    Compiled: the run that measured both sides of the 512-token limit, plus the other run's
+    rows above it (its 132-token rows disagree with the first run by ~5 ms, so they are left
+    out); eager: the prefill rows of its one run."""
     summary = medians(profile)
     sizes = ((516, 512), (1028, 1024), (2052, 2048)) if profile == "8b" else (
         (132, 128), (516, 512), (1028, 1024), (2052, 2048))
