@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from bench import peers as peers_mod
-from bench.workload import WorkloadSpec
+from bench.workload import WorkloadSpec, sim_profile_args
 from loraroute import peft
 from loraroute.procs import Proc, consecutive_free_ports, free_port, http_ready, loraroute_cmd, start_process
 from loraroute.services import start_redis
@@ -128,7 +128,7 @@ class BenchCluster:
             "--model", c.base_model, "--enable-lora", "--allow-runtime-lora-updating",
             "--max-loras", str(c.max_loras), "--max-cpu-loras", str(c.max_cpu_loras),
             "--max-lora-rank", str(c.max_lora_rank), "--adapter-dir", str(adapter_dir),
-            "--time-scale", scale, "--seed", str(self.spec.seed), *c.sim_args,
+            "--time-scale", scale, "--seed", str(self.spec.seed), *sim_profile_args(c), *c.sim_args,
         )
         last = f"http://127.0.0.1:{base_port + n - 1}/health"
         self.sim_proc = start_process("sim", argv, ready_url=last, timeout=90, log_dir=self.log_dir)

@@ -23,14 +23,16 @@ Client-side times (``ttft_s``, ``e2e_s``, ``sent_s``) are wall seconds; divide b
 for simulated seconds (``bench.stats`` does). Ground-truth and ideal times are simulated seconds.
 
 Capacity (requests per simulated second), measured once per spec and cached in
-``bench/results/<spec>/capacity.json`` (``--capacity R`` overrides, ``--remeasure`` refreshes):
+``bench/results/<spec>/capacity.json`` with the cost profile it was measured under (reused only
+under the same profile; ``--capacity R`` overrides, ``--remeasure`` refreshes):
 a fresh cluster behind our gateway with the ``least-loaded`` preset (adapter-unaware, evenly
 balanced: what the cluster does without adapter-aware routing) serves the spec's requests
 closed-loop with ``32 × pods`` requests always in flight; capacity = requests completed between
 the 20 % and the 80 % completion marks / the simulated time between them (the steady state,
 without ramp-up and drain).
 
-Lower bound per request: ``vllm_sim.costs.ideal_ttft(profile, prompt_tokens, cached)`` where
+Lower bound per request: ``vllm_sim.costs.ideal_ttft(profile, prompt_tokens, cached, lora=True)``
+(the spec's ``cluster.profile`` and ``cluster.cost``) where
 ``cached`` is the block-aligned token length of the request's shareable prefix (its system prompt
 and earlier turns, rendered with the simulator's chat template), i.e. the TTFT if it ran alone on
 an idle pod with its adapter on GPU and its shareable prefix in the cache.
@@ -55,7 +57,7 @@ from bench.client import ReplayConfig, RequestResult, closed_loop, replay
 from bench.cluster import BenchCluster, Target
 from bench.procstats import CpuMeter
 from bench.stats import summarize
-from bench.workload import TraceRequest, WorkloadSpec, generate, load_spec, system_prompt
+from bench.workload import TraceRequest, WorkloadSpec, generate, load_spec, sim_profile, system_prompt
 
 RESULTS_ROOT = Path("bench/results")
 CAPACITY_POLICY = "least-loaded"
@@ -102,15 +104,6 @@ def model_name(target: Target, spec: WorkloadSpec, req: TraceRequest) -> str:
     return req.adapter
 
 
-def _profile(name: str) -> Any:
-    """The simulator's cost profile for ``cluster.profile`` (only ``8b``, its default, exists)."""
-    from vllm_sim.costs import CostProfile
-
-    if name != "8b":
-        raise ValueError(f"cluster.profile {name!r}: the simulator has only the '8b' profile")
-    return CostProfile()
-
-
 def shareable_tokens(req: TraceRequest) -> int:
     """Block-aligned simulator tokens of the request's shareable prefix: its system prompt and
     earlier turns rendered with the simulator's chat template, plus the header of the next
@@ -142,7 +135,7 @@ def ideal_ttft_s(profile: Any, req: TraceRequest, prompt_tokens: int | None = No
 
     p = prompt_tokens if prompt_tokens is not None else prompt_tokens_of(req)
     cached = max(shareable_tokens(req), int(cached_tokens or 0))
-    return float(ideal_ttft(profile, p, cached))
+    return float(ideal_ttft(profile, p, cached, lora=True))  # every trace request names an adapter
 
 
 # ------------------------------------------------------------------------------------ ground truth
@@ -275,6 +268,7 @@ def measure_capacity(spec: WorkloadSpec, opts: RunOptions, work_dir: Path) -> di
     capacity = (i1 - i0) / span_sim
     return {"capacity_rps": round(capacity, 3), "policy": CAPACITY_POLICY, "inflight": concurrency,
             "requests": n, "ok": len(done), "time_scale": opts.time_scale,
+            "profile": sim_profile(spec.cluster).to_dict(),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -283,7 +277,10 @@ def get_capacity(spec: WorkloadSpec, opts: RunOptions, work_dir: Path) -> dict[s
         return {"capacity_rps": opts.capacity, "policy": "given on the command line"}
     path = opts.out_dir / spec.name / "capacity.json"
     if path.exists() and not opts.remeasure:
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if cached.get("profile") == sim_profile(spec.cluster).to_dict():
+            return cached  # type: ignore[no-any-return]
+        print(f"{path} was measured with another cost profile; measuring again", file=sys.stderr)
     print(f"measuring capacity of {spec.name} ({CAPACITY_POLICY}, closed loop) ...", file=sys.stderr)
     cap = measure_capacity(spec, opts, work_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,7 +341,7 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
                 states[pod.id] = {"error": str(e)[:200]}
         state_plane = cl.state_plane
         pods = [p.id for p in cl.pods]
-    profile = _profile(spec.cluster.profile)
+    profile = sim_profile(spec.cluster)
     rows = []
     for req, res in zip(trace, results):
         row = res.to_dict()

@@ -10,6 +10,9 @@ or ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1|true``. ``--adapter-dir`` (or
 ``VLLM_LORA_RESOLVER_CACHE_DIR``) plays vLLM's filesystem resolver. ``--kv-events-config JSON``
 publishes KV-cache events as vLLM does (``vllm_sim.kvevents``; in a cluster pod i offsets both
 ports by i).
+
+Costs: ``--profile`` picks a ``vllm_sim.costs.PROFILES`` entry (``8b``: compiled vLLM 0.25.1 on an
+H200, the default; ``8b-eager``); ``--cost KEY=VALUE`` (repeatable) overrides one of its constants.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import zmq
 from aiohttp import web
 
 from .adapters import AdapterInvalid, AdapterNotFound
-from .costs import CostProfile
+from .costs import PROFILES, ProfileError, get_profile, parse_override
 from .engine import Engine, EngineConfig
 from .kvevents import KVEventPublisher, KVEventsConfig
 from .server import Pod, PodConfig, create_app, dev_mode_from_env, runtime_updating_from_env
@@ -70,6 +73,13 @@ def _lora_module(value: str) -> tuple[str, str]:
     return name, path
 
 
+def _cost_override(value: str) -> tuple[str, float]:
+    try:
+        return parse_override(value)
+    except ProfileError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser(cluster: bool) -> argparse.ArgumentParser:
     prog = "loraroute sim cluster" if cluster else "loraroute sim"
     p = argparse.ArgumentParser(prog=prog, description="Simulated vLLM 0.33 OpenAI server(s) with multi-LoRA.")
@@ -104,8 +114,10 @@ def build_parser(cluster: bool) -> argparse.ArgumentParser:
     p.add_argument("--kv-events-config", default=None,
                    help="vLLM's KV-event publisher config as JSON, e.g. "
                         '\'{"enable_kv_cache_events":true,"endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558"}\'')
-    p.add_argument("--step-overhead-ms", type=float, default=None, help="override CostProfile.step_overhead_s")
-    p.add_argument("--prefill-token-us", type=float, default=None, help="override CostProfile.prefill_token_s")
+    p.add_argument("--profile", default="8b", choices=sorted(PROFILES),
+                   help="cost profile: 8b (compiled vLLM 0.25.1 on an H200, the default) or 8b-eager")
+    p.add_argument("--cost", action="append", default=[], metavar="KEY=VALUE", type=_cost_override,
+                   help="override one constant of the profile (seconds; repeatable), e.g. --cost load_scale=3")
     return p
 
 
@@ -129,15 +141,15 @@ def _check(args: argparse.Namespace) -> str | None:
             KVEventsConfig.from_json(args.kv_events_config)
         except ValueError as e:
             return str(e)
+    try:
+        get_profile(args.profile, dict(args.cost))
+    except ProfileError as e:
+        return str(e)
     return None
 
 
 def make_pods(args: argparse.Namespace, ports: list[int], names: list[str], loop: asyncio.AbstractEventLoop) -> list[Pod]:
-    profile = CostProfile()
-    if args.step_overhead_ms is not None:
-        profile = replace(profile, step_overhead_s=args.step_overhead_ms / 1000)
-    if args.prefill_token_us is not None:
-        profile = replace(profile, prefill_token_s=args.prefill_token_us / 1e6)
+    profile = get_profile(args.profile, dict(args.cost))
     base = EngineConfig(
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks, max_loras=args.max_loras,
@@ -191,7 +203,7 @@ async def _serve(args: argparse.Namespace, ports: list[int], names: list[str]) -
         runners.append(runner)
         print(f"vllm_sim: pod {pod.config.pod_name} serving {pod.config.served[0]} on http://{args.host}:{port}"
               f" (max_loras={pod.engine.config.max_loras}, max_cpu_loras={pod.engine.config.max_cpu_loras},"
-              f" time_scale={args.time_scale})", flush=True)
+              f" time_scale={args.time_scale}, profile={pod.engine.profile.name})", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
