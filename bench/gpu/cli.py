@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     hr.add_argument("--ramp-step-s", type=float, default=15.0)
     hr.add_argument("--ramp-ttft-p90-s", type=float, default=2.0)
     hr.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this, keeping the results")
+    hr.add_argument("--reserve-s", type=float, default=45.0, help="budget kept for stopping and packing")
+    hr.add_argument("--drain-s", type=float, default=30.0, help="budget after a replay's last arrival")
+    hr.add_argument("--server-start-s", type=float, default=None,
+                    help="expected start-up of one server for the budget (default 60 eager, 150 compiled)")
     hr.add_argument("--server-cmd", default=None, help="a server command template instead of vLLM")
     hr.add_argument("--server-timeout-s", type=float, default=600.0)
     hr.add_argument("--poll-cost-s", type=float, default=10.0)
@@ -80,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     hr.add_argument("--detach", action="store_true", help="run in its own session; watch with host status/wait")
     hs = h_sub.add_parser("status", help="the run's status and last log lines")
     hs.add_argument("--work", type=Path, required=True)
-    hw = h_sub.add_parser("wait", help="follow the log until the run ends or --max-s passes (exit 3: still running)")
+    hw = h_sub.add_parser("wait", help="follow the log until the run ends or --max-s passes "
+                                       "(exit 0 done, 1 failed, 3 stopped by the budget, 4 still running)")
     hw.add_argument("--work", type=Path, required=True)
     hw.add_argument("--max-s", type=float, default=540.0)
     hp = h_sub.add_parser("pack", help="results as <= 8 files of <= 16 MiB for copying back")
@@ -170,7 +175,7 @@ def _host(args: argparse.Namespace, argv: list[str]) -> int:
     if args.host_cmd == "wait":
         state = status.wait(args.work, args.max_s)
         print(status.describe(args.work, 0)[1])
-        return {"done": 0, "stopped": 0, "failed": 1}.get(state, 3)
+        return {"done": 0, "stopped": 3, "failed": 1}.get(state, 4)
     if args.host_cmd == "pack":
         m = status.pack(args.work, args.out, args.max_files, args.max_file_mib)
         for part in m.parts:
@@ -186,7 +191,8 @@ def _host(args: argparse.Namespace, argv: list[str]) -> int:
         compiled=args.compiled, max_model_len=args.max_model_len, shape=args.shape, policies=_csv(args.policies),
         phases=_csv(args.phases), requests=args.requests, rate=args.rate, load=args.load,
         ramp_rates=tuple(float(x) for x in _csv(args.ramp_rates)), ramp_step_s=args.ramp_step_s,
-        ramp_ttft_p90_s=args.ramp_ttft_p90_s, budget_s=args.budget_s, server_cmd=args.server_cmd,
+        ramp_ttft_p90_s=args.ramp_ttft_p90_s, budget_s=args.budget_s, reserve_s=args.reserve_s, drain_s=args.drain_s,
+        server_start_s=args.server_start_s, server_cmd=args.server_cmd,
         server_timeout_s=args.server_timeout_s, poll_cost_s=args.poll_cost_s, probe_trials=args.probe_trials,
         probe_rank=args.probe_rank)
     unknown = set(opts.phases) - set(PHASE_NAMES) or set(opts.policies) - set(POLICY_NAMES)

@@ -26,7 +26,7 @@ Phases, in order (``--phases`` picks a subset; each prints progress lines and is
 
 ``--budget-s``: before a phase starts the driver checks the time left; a replay's trace is cut to
 what fits; when the budget is spent the driver stops everything and keeps what it has
-(``state: stopped``). Each failure is a clear line and a non-zero exit (``state: failed``).
+(``state: stopped``, exit 3). Each failure is a clear line and exit 1 (``state: failed``).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ PHASES = ("build", "servers", "warmup", "state", "probe", "capacity", "replay")
 POLICIES = ("default", "llm-d", "round-robin", "sglang")
 WARMUP_ADAPTER = "warmup"
 CAPACITY_POLICY = "least-loaded"
+EXIT_STOPPED = 3          # the budget ran out; what was measured is kept
 
 
 class PhaseError(RuntimeError):
@@ -86,6 +87,8 @@ class HostOptions:
     ramp_ttft_p90_s: float = 2.0
     budget_s: float | None = None
     reserve_s: float = 45.0                    # kept for stopping and packing
+    drain_s: float = 30.0                      # after a replay's last arrival, for its last answers
+    server_start_s: float | None = None        # expected start-up (default 60 eager, 150 compiled)
     server_cmd: str | None = None              # a template instead of vLLM (bench.gpu.servers)
     server_timeout_s: float = 600.0
     poll_cost_s: float = 10.0
@@ -167,8 +170,9 @@ class Driver:
             max_cpu_loras=self.c.max_cpu_loras, max_lora_rank=self.c.max_lora_rank,
             gpu_memory_utilization=self.opts.gpu_memory_utilization, max_model_len=self.opts.max_model_len,
             compiled=self.opts.compiled, template=self.opts.server_cmd, python=self.opts.python)
+        expected = self.opts.server_start_s or (150.0 if self.opts.compiled else 60.0)
         for i, root in enumerate(self._adapter_roots()):
-            self._need(60.0, f"starting server s{i}")
+            self._need(expected, f"starting server s{i}")
             self.say(f"starting server s{i} ({'compiled' if self.opts.compiled else 'eager'}, "
                      f"--gpu-memory-utilization {self.opts.gpu_memory_utilization}) ...")
             try:
@@ -270,7 +274,7 @@ class Driver:
         passed = None
         try:
             for k, rate in enumerate(self.opts.ramp_rates):
-                self._need(self.opts.ramp_step_s + 30, f"ramp step {rate} req/s")
+                self._need(self.opts.ramp_step_s + self.opts.drain_s, f"ramp step {rate} req/s")
                 spec_k = dataclasses.replace(self.spec, seed=self.spec.seed + 1000 + k)
                 trace = generate(spec_k, rate=rate, requests=None, duration_s=self.opts.ramp_step_s)
                 results = self._replay(url, target, trace, f"ramp {rate} req/s")
@@ -294,11 +298,11 @@ class Driver:
 
     def replay_policy(self, target: Target, trace: list[TraceRequest], cap: dict[str, Any], rate: float) -> Path:
         duration = trace[-1].t if trace else 0.0
-        left = self.status.remaining() - self.opts.reserve_s - 60.0
-        if left < 30:
-            raise BudgetSpent(f"no time left for {target.label}")
+        left = self.status.remaining() - self.opts.reserve_s - self.opts.drain_s
         if duration > left:
             trace = [r for r in trace if r.t <= left]
+            if not trace:
+                raise BudgetSpent(f"no time left for {target.label}")
             self.say(f"budget: the trace is cut to {len(trace)} requests ({left:.0f}s of arrivals)")
         self.reset_servers()
         url, proc = self._router(target)
@@ -412,7 +416,7 @@ class Driver:
             _write_json(self.results / "run.json", self.facts)
             self.status.finish(state, error)
         self.say(f"{state}; results in {self.results}")
-        return 0 if state == "done" else 1
+        return {"done": 0, "stopped": EXIT_STOPPED}.get(state, 1)
 
     def shutdown(self) -> None:
         if self.running:

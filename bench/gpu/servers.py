@@ -23,7 +23,6 @@ gets ready raises ``ServerError`` carrying the last lines of its log.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import sys
@@ -121,8 +120,9 @@ def start_server(launch: ServerLaunch, sid: str, adapter_dir: Path, log_dir: Pat
     """Start one server and wait (bounded) until ``/health`` answers 200."""
     port = free_port()
     t0 = time.monotonic()
-    proc = start_process(sid, launch.argv(port, adapter_dir), port=port, env=launch.env(adapter_dir),
-                         log_dir=log_dir)
+    # no readiness probe here: vLLM opens its port only after a minute of start-up; polled below
+    proc = start_process(sid, launch.argv(port, adapter_dir), env=launch.env(adapter_dir), log_dir=log_dir)
+    proc.port = port
     url = f"http://127.0.0.1:{port}"
     deadline = t0 + timeout_s
     while True:
@@ -193,10 +193,3 @@ def stop_all(servers: list[Server]) -> None:
         except Exception:  # noqa: BLE001 - best effort at teardown
             s.proc.kill()
 
-
-def env_with_path(paths: list[Path]) -> dict[str, str]:
-    """This process's environment with ``paths`` first on PYTHONPATH (what children import)."""
-    env = dict(os.environ)
-    old = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = os.pathsep.join([*(str(p) for p in paths), *([old] if old else [])])
-    return env
