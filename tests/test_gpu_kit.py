@@ -15,7 +15,7 @@ import jinja2
 import pytest
 from tokenizers import Tokenizer
 
-from bench.gpu import counterpart, model, parts, status, wheelhouse
+from bench.gpu import counterpart, model, parts, probe, status, wheelhouse
 from bench.report import build_report, collect
 from bench.runner import prompt_tokens_of
 from bench.workload import generate, load_spec
@@ -205,26 +205,34 @@ def _host(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=timeout)
 
 
-def test_driver_end_to_end_on_simulated_pods(tmp_path: Path) -> None:
-    spec = tmp_path / "spec.yaml"
+@pytest.fixture(scope="module")
+def driver_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One detached driver run on two simulated pods, followed with `host wait`; its work folder."""
+    tmp = tmp_path_factory.mktemp("gpu-driver")
+    spec = tmp / "spec.yaml"
     spec.write_text(SPEC)
-    work = tmp_path / "work"
+    work = tmp / "work"
     started = _host("run", "--work", str(work), "--spec", str(spec), "--shape", "tiny", "--policies",
                     "default,round-robin,sglang", "--ramp-rates", "4", "--ramp-step-s", "2", "--poll-cost-s", "1",
                     "--probe-trials", "1", "--probe-rank", "8", "--server-cmd", SIM_SERVER, "--detach")
     assert started.returncode == 0, started.stderr
-    waited = _host("wait", "--work", str(work), "--max-s", "120")
+    waited = _host("wait", "--work", str(work), "--max-s", "150", timeout=170)
+    assert waited.returncode == 0, (work / "driver.log").read_text()[-3000:]
+    return work
+
+
+def test_driver_end_to_end_on_simulated_pods(driver_run: Path) -> None:
+    work = driver_run
     log = (work / "driver.log").read_text()
-    assert waited.returncode == 0, log[-3000:]
     for line in ("servers: server s1 ready", "warmup: s0: first LoRA request", "state: Redis and 2 sidecars up",
                  "probe: api-both-shared", "capacity: ramp 4.0 req/s", "replay default: default: ok 12/12",
                  "replay round-robin: round-robin: ok 12/12"):
         assert line in log
     st = status.read_status(work)
     assert st is not None and st["state"] == "done"
-    assert [p["name"] for p in st["phases"]] == ["build", "servers", "warmup", "state", "probe", "capacity",
-                                                 "replay default", "replay round-robin"] or \
-        "replay peer:sglang" in [p["name"] for p in st["phases"]]
+    names = [p["name"] for p in st["phases"]]
+    assert names[:8] == ["build", "servers", "warmup", "state", "probe", "capacity", "replay default",
+                         "replay round-robin"] and all(p["ok"] for p in st["phases"])
 
     results = work / "results"
     docs = collect([results / "replays"])
@@ -237,14 +245,13 @@ def test_driver_end_to_end_on_simulated_pods(tmp_path: Path) -> None:
     assert (results / "servers" / "default" / "s0-after-metrics.txt").read_text().count("vllm:") > 5
     assert json.loads((results / "servers" / "default" / "s1-after-models.json").read_text())["object"] == "list"
     probe_doc = json.loads((results / "probe.json").read_text())
-    assert {r["condition"] for r in probe_doc["rows"]} == set(counterpart_conditions())
+    assert {r["condition"] for r in probe_doc["rows"]} == set(probe.CONDITIONS)
     run = json.loads((results / "run.json").read_text())
     assert run["api_server_cpu_pct_idle"]["with_sidecars"].keys() == {"s0", "s1"}
 
-    report = counterpart.report(docs, [])
-    assert "| default | 12 / 12 |" in report and "round-robin p99" in report
 
-    packed = _host("pack", "--work", str(work), "--out", str(tmp_path / "out"), "--max-file-mib", "0.05")
+def test_results_pack_into_few_small_files(driver_run: Path, tmp_path: Path) -> None:
+    packed = _host("pack", "--work", str(driver_run), "--out", str(tmp_path / "out"), "--max-file-mib", "0.05")
     assert packed.returncode == 0, packed.stderr
     files = list((tmp_path / "out").iterdir())
     assert 2 <= len(files) <= 8 and all(f.stat().st_size <= 0.05 * parts.MIB for f in files)
@@ -255,10 +262,17 @@ def test_driver_end_to_end_on_simulated_pods(tmp_path: Path) -> None:
     assert any(n.startswith("logs/s0") for n in names)
 
 
-def counterpart_conditions() -> tuple[str, ...]:
-    from bench.gpu.probe import CONDITIONS
-
-    return CONDITIONS
+def test_simulated_counterpart_and_comparison(driver_run: Path, tmp_path: Path) -> None:
+    real = [d for d in collect([driver_run / "results" / "replays"]) if d["meta"]["target"] == "default"]
+    spec = driver_run.parent / "spec.yaml"
+    written = counterpart.simulate(real, spec, "8b", tmp_path / "sim", time_scale=0.2)
+    sim = collect(written)
+    assert [d["meta"]["target"] for d in sim] == ["default"]
+    assert sim[0]["meta"]["rate_rps"] == real[0]["meta"]["rate_rps"] and len(sim[0]["requests"]) == 12
+    assert [r["id"] for r in sim[0]["requests"]] == [r["id"] for r in real[0]["requests"]]
+    text = counterpart.report(real, sim)
+    assert "| default | 12 / 12 |" in text and "| default | all | 12 |" in text
+    assert "default p50: sim" in text
 
 
 def test_a_server_that_dies_at_start_fails_the_run_with_its_log(tmp_path: Path) -> None:
