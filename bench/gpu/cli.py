@@ -199,7 +199,14 @@ def _host(args: argparse.Namespace, argv: list[str]) -> int:
     if unknown:
         print(f"host run: unknown phase or policy {sorted(unknown)}", file=sys.stderr)
         return 2
-    return Driver(opts).run()
+    from bench.workload import SpecError
+
+    try:
+        driver = Driver(opts)
+    except (SpecError, OSError) as e:
+        print(f"host run: {e}", file=sys.stderr)
+        return 2
+    return driver.run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,7 @@ class PhaseError(RuntimeError):
     """A phase that cannot go on; the message is the operator's next step."""
 
 
-class BudgetSpent(RuntimeError):
+class BudgetSpent(Exception):
     """The time budget ran out; what was measured so far is kept."""
 
 
@@ -397,11 +397,18 @@ class Driver:
                                  duration_s=None if (self.opts.requests or self.spec.requests) else self.spec.duration_s)
                 self.say(f"replay rate {rate:.2f} req/s ({self.opts.load:g} × {cap['capacity_rps']:g}), "
                          f"{len(trace)} requests, {trace[-1].t:.0f}s of arrivals per policy")
-                written = []
+                written, failed = [], []
                 for target in self._targets():
-                    written.append(str(self._phase(f"replay {target.label}",
-                                                   lambda t=target: self.replay_policy(t, trace, cap, rate))))
+                    try:
+                        written.append(str(self._phase(f"replay {target.label}",
+                                                       lambda t=target: self.replay_policy(t, trace, cap, rate))))
+                    except (PhaseError, RuntimeError, OSError) as e:
+                        # one router that fails (a peer that does not start) does not cost the others
+                        failed.append(target.label)
+                        self.say(f"FAILED {target.label}: {e}; going on with the next policy")
                 self.facts["results"] = written
+                if failed:
+                    state, error = "failed", f"replays failed: {', '.join(failed)} (the others are kept)"
         except BudgetSpent as e:
             state, error = "stopped", f"budget spent: {e}"
             self.say(error)
