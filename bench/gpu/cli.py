@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     hr.add_argument("--poll-cost-s", type=float, default=10.0)
     hr.add_argument("--probe-trials", type=int, default=2)
     hr.add_argument("--probe-rank", type=int, default=64)
+    hr.add_argument("--code-version", default=None, help="recorded in the results (git describe of the copied code)")
     hr.add_argument("--detach", action="store_true", help="run in its own session; watch with host status/wait")
     hs = h_sub.add_parser("status", help="the run's status and last log lines")
     hs.add_argument("--work", type=Path, required=True)
@@ -194,7 +195,7 @@ def _host(args: argparse.Namespace, argv: list[str]) -> int:
         ramp_ttft_p90_s=args.ramp_ttft_p90_s, budget_s=args.budget_s, reserve_s=args.reserve_s, drain_s=args.drain_s,
         server_start_s=args.server_start_s, server_cmd=args.server_cmd,
         server_timeout_s=args.server_timeout_s, poll_cost_s=args.poll_cost_s, probe_trials=args.probe_trials,
-        probe_rank=args.probe_rank)
+        probe_rank=args.probe_rank, code_version=args.code_version)
     unknown = set(opts.phases) - set(PHASE_NAMES) or set(opts.policies) - set(POLICY_NAMES)
     if unknown:
         print(f"host run: unknown phase or policy {sorted(unknown)}", file=sys.stderr)

@@ -48,7 +48,7 @@ from bench.gpu.counterpart import estimate_tiers
 from bench.gpu.status import Status
 from bench.peers import sglang_argv
 from bench.procstats import CpuMeter
-from bench.runner import _group_cpu, code_version, model_name, prompt_tokens_of, result_path
+from bench.runner import _group_cpu, code_version, model_name, request_rows, result_path
 from bench.stats import is_ok, percentile, summarize
 from bench.workload import TraceRequest, WorkloadSpec, generate, load_spec
 from loraroute.procs import Proc, free_port, port_open, start_process
@@ -95,6 +95,7 @@ class HostOptions:
     probe_trials: int = 2
     probe_rank: int = 64
     request_timeout_s: float = 300.0
+    code_version: str | None = None            # recorded when the copy of the code has no git history
     python: str = sys.executable
 
 
@@ -135,7 +136,7 @@ class Driver:
         self.facts = {"spec": self.spec.name, "spec_path": str(self.opts.spec_path), "servers": n,
                       "mode": "compiled" if self.opts.compiled else "eager",
                       "gpu_memory_utilization": self.opts.gpu_memory_utilization, "shape": self.opts.shape,
-                      "code_version": code_version(), "started_at": self.status.started_at}
+                      "code_version": self.opts.code_version or code_version(), "started_at": self.status.started_at}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -324,12 +325,7 @@ class Driver:
             if target.kind == "policy":
                 (folder / "gateway-metrics.txt").write_bytes(servers.http("GET", url + "/metrics")[1])
             self._stop_router(proc)
-        rows = []
-        for req, res in zip(trace, results):
-            row = res.to_dict()
-            row.update(rank=req.rank, turn=req.turn, conversation=req.conversation,
-                       expected_prompt_tokens=prompt_tokens_of(req))
-            rows.append(row)
+        rows = request_rows(trace, results)
         estimate_tiers(rows, self.c.max_loras, self.c.max_cpu_loras)
         doc = {
             "meta": {
