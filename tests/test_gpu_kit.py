@@ -259,7 +259,7 @@ def test_results_pack_into_few_small_files(driver_run: Path, tmp_path: Path) -> 
     with tarfile.open(tmp_path / "back.tar.xz") as tar:
         names = tar.getnames()
     assert "status.json" in names and any(n.startswith("results/replays/") for n in names)
-    assert any(n.startswith("logs/s0") for n in names)
+    assert any(n.startswith("logs/s0") for n in names) and any(n.startswith("logs/sidecar-s1") for n in names)
 
 
 def test_simulated_counterpart_and_comparison(driver_run: Path, tmp_path: Path) -> None:

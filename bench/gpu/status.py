@@ -163,7 +163,8 @@ def _tail_copy(src: Path, dst: Path, max_bytes: int) -> None:
 
 def pack(work: Path, out_dir: Path, max_files: int = 8, max_file_mib: float = 16.0,
          log_bytes: int = 4 * parts.MIB) -> parts.Manifest:
-    """``<work>/results`` plus the status, the driver log and the tail of every process log, as
+    """``<work>/results`` plus the status, the driver log and the tail of every process log (servers,
+    Redis, sidecars, routers), as
     ``results.tar.xz`` split into at most ``max_files - 1`` parts of ``max_file_mib`` with a
     manifest (``max_files`` files in all). Logs are cut to smaller tails until it fits."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,8 +178,9 @@ def pack(work: Path, out_dir: Path, max_files: int = 8, max_file_mib: float = 16
         for name in (STATUS, LOG):
             if (work / name).is_file():
                 _tail_copy(work / name, staging / name, log_bytes)
-        for log in sorted((work / "logs").glob("**/*.log")) if (work / "logs").is_dir() else []:
-            _tail_copy(log, staging / "logs" / log.name, log_bytes)
+        for folder in (work / "logs", work / "stack" / "logs"):   # servers; Redis, sidecars, routers
+            for log in sorted(folder.glob("*.log")) if folder.is_dir() else []:
+                _tail_copy(log, staging / "logs" / log.name, log_bytes)
         archive = work / "results.tar.xz"
         with tarfile.open(archive, "w:xz", preset=6) as tar:
             for path in sorted(staging.iterdir()):
