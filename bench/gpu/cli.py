@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 POLICY_NAMES = ("default", "llm-d", "round-robin", "sglang")
-PHASE_NAMES = ("build", "servers", "warmup", "state", "probe", "capacity", "replay")
+PHASE_NAMES = ("build", "servers", "warmup", "state", "capacity", "replay", "probe")
 
 
 def _csv(value: str) -> tuple[str, ...]:

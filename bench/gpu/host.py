@@ -12,16 +12,17 @@ Phases, in order (``--phases`` picks a subset; each prints progress lines and is
    first one), then the warm-up adapter is unloaded;
 4. ``state``: Redis and one sidecar per server; the API servers' CPU is measured for
    ``poll_cost_s`` before and after the sidecars start polling ``/metrics`` and ``/v1/models``;
-5. ``probe``: the load probe (``bench.gpu.probe``; needs two servers);
-6. ``capacity``: a short ramp through the gateway with the ``least-loaded`` preset (open-loop
+5. ``capacity``: a short ramp through the gateway with the ``least-loaded`` preset (open-loop
    steps of ``ramp_step_s`` at rising rates, each drained; a step passes when every request
    succeeds and TTFT p90 ≤ ``ramp_ttft_p90_s``); capacity = the last passing rate, and the replay
    rate = ``load`` × capacity (``--rate`` skips the ramp);
-7. ``replay <policy>`` for each policy (``default``, ``llm-d``, ``round-robin``, and ``sglang`` when
+6. ``replay <policy>`` for each policy (``default``, ``llm-d``, ``round-robin``, and ``sglang`` when
    sglang-router is importable): every server reset (adapters unloaded, prefix cache reset), the
    router started, the same trace replayed open-loop with streaming requests, the result written
    with ``bench run``'s schema to ``<work>/results/replays/<spec>/<target>-loadNN.json``, each
    server's ``/metrics`` and ``/v1/models`` to ``<work>/results/servers/<target>/``;
+7. ``probe``: the load probe (``bench.gpu.probe``; needs two servers), last so that a tight budget
+   cuts it rather than a replay;
 8. everything stopped; ``<work>/results/run.json`` holds the run's facts.
 
 ``--budget-s``: before a phase starts the driver checks the time left; a replay's trace is cut to
@@ -53,7 +54,7 @@ from bench.stats import is_ok, percentile, summarize
 from bench.workload import TraceRequest, WorkloadSpec, generate, load_spec
 from loraroute.procs import Proc, free_port, port_open, start_process
 
-PHASES = ("build", "servers", "warmup", "state", "probe", "capacity", "replay")
+PHASES = ("build", "servers", "warmup", "state", "capacity", "replay", "probe")
 POLICIES = ("default", "llm-d", "round-robin", "sglang")
 WARMUP_ADAPTER = "warmup"
 CAPACITY_POLICY = "least-loaded"
@@ -385,8 +386,6 @@ class Driver:
                 self._phase("warmup", self.warmup)
             if ({"state", "capacity", "replay"} & ph) and self.running:
                 self._phase("state", self.state_plane)
-            if "probe" in ph and self.running:
-                self._phase("probe", self.load_probe)
             if "replay" in ph and self.running:
                 cap = self._phase("capacity", self.capacity)
                 rate = self.opts.load * float(cap["capacity_rps"])
@@ -407,6 +406,9 @@ class Driver:
                 self.facts["results"] = written
                 if failed:
                     state, error = "failed", f"replays failed: {', '.join(failed)} (the others are kept)"
+            if "probe" in ph and self.running:
+                self._need(60.0, "the load probe")
+                self._phase("probe", self.load_probe)
         except BudgetSpent as e:
             state, error = "stopped", f"budget spent: {e}"
             self.say(error)
