@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -139,6 +140,10 @@ def _use_kit(kit: Path | None) -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _detach(argv: list[str], work: Path) -> int:
     """Start the same ``host run`` without ``--detach`` in its own session, output to driver.log."""
     work.mkdir(parents=True, exist_ok=True)
@@ -201,6 +206,9 @@ def _host(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"host run: unknown phase or policy {sorted(unknown)}", file=sys.stderr)
         return 2
     from bench.workload import SpecError
+
+    # SIGTERM (an operator's kill of the detached driver) unwinds like Ctrl-C: every server stopped
+    signal.signal(signal.SIGTERM, _interrupt)
 
     try:
         driver = Driver(opts)
