@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     hr.add_argument("--probe-trials", type=int, default=2)
     hr.add_argument("--probe-rank", type=int, default=64)
     hr.add_argument("--code-version", default=None, help="recorded in the results (git describe of the copied code)")
-    hr.add_argument("--detach", action="store_true", help="run in its own session; watch with host status/wait")
+    hr.add_argument("--detach", action="store_true", help="run detached from this shell; watch with host status/wait")
     hs = h_sub.add_parser("status", help="the run's status and last log lines")
     hs.add_argument("--work", type=Path, required=True)
     hw = h_sub.add_parser("wait", help="follow the log until the run ends or --max-s passes "
@@ -145,7 +145,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _detach(argv: list[str], work: Path) -> int:
-    """Start the same ``host run`` without ``--detach`` in its own session, output to driver.log."""
+    """Start the same ``host run`` without ``--detach``, detached from this shell, output to driver.log."""
     work.mkdir(parents=True, exist_ok=True)
     rest = [a for a in argv if a != "--detach"]
     log = open(work / "driver.log", "ab")  # noqa: SIM115 - handed to the child
