@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     hr.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma-separated; sglang = the peer")
     hr.add_argument("--phases", default=",".join(PHASE_NAMES), help="comma-separated subset of " + ",".join(PHASE_NAMES))
     hr.add_argument("--requests", type=int, default=None, help="per policy (default: the spec's)")
+    hr.add_argument("--replay-s", type=float, default=None,
+                    help="at most this many seconds of arrivals per policy (fewer requests when the rate is low)")
     hr.add_argument("--rate", type=float, default=None, help="requests/s of the replays; skips the ramp")
     hr.add_argument("--load", type=float, default=0.6, help="replay rate as a fraction of the ramp's capacity")
     hr.add_argument("--ramp-rates", default="1,2,3,4,6,8")
@@ -195,7 +197,7 @@ def _host(args: argparse.Namespace, argv: list[str]) -> int:
     opts = HostOptions(
         work=args.work, spec_path=args.spec, servers=args.servers, gpu_memory_utilization=args.gpu_memory_utilization,
         compiled=args.compiled, max_model_len=args.max_model_len, shape=args.shape, policies=_csv(args.policies),
-        phases=_csv(args.phases), requests=args.requests, rate=args.rate, load=args.load,
+        phases=_csv(args.phases), requests=args.requests, replay_s=args.replay_s, rate=args.rate, load=args.load,
         ramp_rates=tuple(float(x) for x in _csv(args.ramp_rates)), ramp_step_s=args.ramp_step_s,
         ramp_ttft_p90_s=args.ramp_ttft_p90_s, budget_s=args.budget_s, reserve_s=args.reserve_s, drain_s=args.drain_s,
         server_start_s=args.server_start_s, server_cmd=args.server_cmd,

@@ -81,6 +81,7 @@ class HostOptions:
     policies: tuple[str, ...] = POLICIES
     phases: tuple[str, ...] = PHASES
     requests: int | None = None                # default: the spec's requests
+    replay_s: float | None = None              # at most this many seconds of arrivals per policy
     rate: float | None = None                  # requests/s; skips the ramp
     load: float = 0.6
     ramp_rates: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -390,8 +391,10 @@ class Driver:
                 cap = self._phase("capacity", self.capacity)
                 rate = self.opts.load * float(cap["capacity_rps"])
                 self.facts["capacity"], self.facts["rate_rps"] = cap, rate
-                trace = generate(self.spec, rate=rate, requests=self.opts.requests or self.spec.requests,
-                                 duration_s=None if (self.opts.requests or self.spec.requests) else self.spec.duration_s)
+                n = self.opts.requests or self.spec.requests
+                if n and self.opts.replay_s:   # the same, shorter trace for every policy
+                    n = min(n, max(20, int(rate * self.opts.replay_s)))
+                trace = generate(self.spec, rate=rate, requests=n, duration_s=None if n else self.spec.duration_s)
                 self.say(f"replay rate {rate:.2f} req/s ({self.opts.load:g} × {cap['capacity_rps']:g}), "
                          f"{len(trace)} requests, {trace[-1].t:.0f}s of arrivals per policy")
                 written, failed = [], []
