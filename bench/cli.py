@@ -8,6 +8,7 @@
     loraroute bench report RESULTS... [--out DIR]
     loraroute bench overhead [--requests 300] [--peers all|none|NAME,...] [--out FILE]
     loraroute bench peers setup [NAME ...] | loraroute bench peers list
+    loraroute bench gpu ...                           the offline GPU kit (bench/gpu/cli.py)
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     ps = pe_sub.add_parser("setup", help="create .bench-venvs/<peer> and pip-install each peer")
     ps.add_argument("names", nargs="*")
     pe_sub.add_parser("list", help="which peers are usable")
+    sub.add_parser("gpu", help="the offline GPU benchmark kit: `loraroute bench gpu --help`", add_help=False)
     return p
 
 
@@ -85,6 +87,11 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gpu"]:
+        from bench.gpu.cli import main as gpu_main
+
+        return gpu_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.cmd in ("run", "overhead"):
         signal.signal(signal.SIGTERM, _exit_on_sigterm)

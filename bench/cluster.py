@@ -144,6 +144,10 @@ class BenchCluster:
             self._start_state_plane()
         return self
 
+    def adapter_dir_for(self, pod: Pod) -> Path:
+        """The folder a pod's sidecar manages (its vLLM's resolver folder): one shared folder here."""
+        return self.work_dir / "adapters"
+
     def _start_state_plane(self) -> None:
         redis = start_redis(log_dir=self.log_dir)
         self.procs.append(redis)
@@ -154,7 +158,7 @@ class BenchCluster:
             argv = loraroute_cmd(
                 "sidecar", "--vllm-url", pod.url, "--pod-id", pod.id, "--store-url", self.redis_url,
                 "--host", "127.0.0.1", "--port", str(port),
-                "--adapter-dir", str(self.work_dir / "adapters"),
+                "--adapter-dir", str(self.adapter_dir_for(pod)),
                 "--max-loras", str(c.max_loras), "--max-cpu-loras", str(c.max_cpu_loras),
                 "--max-lora-rank", str(c.max_lora_rank), "--base-model", c.base_model,
             )

@@ -310,6 +310,17 @@ def warmup_trace(spec: WorkloadSpec) -> list[TraceRequest]:
     return out
 
 
+def request_rows(trace: list[TraceRequest], results: list[RequestResult]) -> list[dict[str, Any]]:
+    """One result row per request: the client's measurement plus what the trace says of it."""
+    rows = []
+    for req, res in zip(trace, results):
+        row = res.to_dict()
+        row.update(rank=req.rank, turn=req.turn, conversation=req.conversation,
+                   expected_prompt_tokens=prompt_tokens_of(req))
+        rows.append(row)
+    return rows
+
+
 def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[str, Any],
               work_dir: Path) -> dict[str, Any]:
     """One target at one load level on a fresh cluster; returns the result document."""
@@ -342,12 +353,7 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
         state_plane = cl.state_plane
         pods = [p.id for p in cl.pods]
     profile = sim_profile(spec.cluster)
-    rows = []
-    for req, res in zip(trace, results):
-        row = res.to_dict()
-        row.update(rank=req.rank, turn=req.turn, conversation=req.conversation,
-                   expected_prompt_tokens=prompt_tokens_of(req))
-        rows.append(row)
+    rows = request_rows(trace, results)
     found = join_ground_truth(rows, states)
     for req, row in zip(trace, rows):
         row["ideal_ttft_s"] = round(ideal_ttft_s(profile, req, row.get("gt_prompt_tokens"),
