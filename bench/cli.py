@@ -4,6 +4,7 @@
     loraroute bench run SPEC (--policy NAME | --peer NAME | --direct) [--load 0.6 ...]
                          [--requests N] [--time-scale X] [--capacity R] [--remeasure]
     loraroute bench run SPEC --all [--load ...]       every preset and every installed peer
+    loraroute bench run SPEC --policy NAME --placement [--no-persisted-demand] [--plan-weight W]
     loraroute bench report RESULTS... [--out DIR]
     loraroute bench overhead [--requests 300] [--peers all|none|NAME,...] [--out FILE]
     loraroute bench peers setup [NAME ...] | loraroute bench peers list
@@ -49,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", action="store_true",
                    help="serve every adapter's system prompts once before measuring (steady state); "
                         "results go to <spec>-warm/")
+    r.add_argument("--placement", action="store_true",
+                   help="with the placer and the placement-plan scorer (policies only); the store is seeded "
+                        "with yesterday's demand first, so a cold cluster is warmed before the replay")
+    r.add_argument("--no-persisted-demand", action="store_true",
+                   help="with --placement: start without yesterday's demand (the placer learns it live)")
+    r.add_argument("--plan-weight", type=float, default=0.5, help="weight of the placement-plan scorer (0.5)")
     r.add_argument("--keep-logs", action="store_true")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -97,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "run":
         from bench import peers
         from bench.cluster import Target
+        from bench.placement import PlacementOptions
         from bench.runner import RunOptions, run
+
+        if args.placement and not args.policy:
+            print("--placement needs --policy (peers and direct have no placer)", file=sys.stderr)
+            return 2
 
         if args.all:
             targets = [Target("policy", p) for p in PRESETS]
@@ -108,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     print(f"skipping peer {name}: {reason}", file=sys.stderr)
         elif args.policy:
-            targets = [Target("policy", args.policy)]
+            targets = [Target("policy", args.policy, placement=args.placement)]
         elif args.peer:
             targets = [Target("peer", args.peer)]
         else:
@@ -120,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 time_scale=args.time_scale, capacity=args.capacity, remeasure=args.remeasure,
                 out_dir=args.out_dir, progress=not args.quiet, keep_logs=args.keep_logs,
                 sidecars=False if args.no_sidecars else None, warmup=args.warmup,
+                placement=PlacementOptions(weight=args.plan_weight, persisted=not args.no_persisted_demand),
             )
             written += run(opts)
         for path in written:

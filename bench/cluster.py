@@ -43,14 +43,17 @@ class Pod:
 
 @dataclass
 class Target:
-    """What routes the requests: ``policy`` (our gateway preset), ``peer`` or ``direct``."""
+    """What routes the requests: ``policy`` (our gateway preset, ``placement``: with the placer
+    and the placement-plan scorer), ``peer`` or ``direct``."""
 
     kind: str
     name: str
+    placement: bool = False
 
     @property
     def label(self) -> str:
-        return self.name if self.kind == "policy" else f"{self.kind}:{self.name}"
+        label = self.name if self.kind == "policy" else f"{self.kind}:{self.name}"
+        return f"{label}+placement" if self.placement else label
 
     @classmethod
     def parse(cls, label: str) -> Target:
@@ -58,7 +61,8 @@ class Target:
             return cls("peer", label[5:])
         if label == "direct":
             return cls("direct", "direct")
-        return cls("policy", label.removeprefix("policy:"))
+        name = label.removeprefix("policy:")
+        return cls("policy", name.removesuffix("+placement"), placement=name.endswith("+placement"))
 
 
 def make_adapters(spec: WorkloadSpec, root: Path) -> Path:
@@ -171,17 +175,20 @@ class BenchCluster:
             "metrics": {"enabled": True},
         }
 
-    def start_gateway(self, policy: str) -> Proc:
+    def start_gateway(self, policy: str, extra: dict[str, Any] | None = None, name: str | None = None,
+                      ready_timeout: float = 30.0) -> Proc:
+        """``extra``: top-level config sections that replace the generated ones (e.g. placement)."""
         port = free_port()
-        cfg_path = self.work_dir / f"gateway-{policy}.yaml"
-        cfg_path.write_text(yaml.safe_dump(self.gateway_config(policy, port), sort_keys=False))
+        name = name or f"gateway-{policy}"
+        cfg_path = self.work_dir / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump({**self.gateway_config(policy, port), **(extra or {})}, sort_keys=False))
         argv = loraroute_cmd("gateway", "--config", str(cfg_path))
-        proc = start_process(f"gateway-{policy}", argv, port=port,
+        proc = start_process(name, argv, port=port,
                              ready_url=f"http://127.0.0.1:{port}/health", timeout=60, log_dir=self.log_dir)
         self.procs.append(proc)
         if self.state_plane == "none":
             self.state_plane = "gateway-monitors+memory"
-        self._wait_gateway_ready(proc)
+        self._wait_gateway_ready(proc, ready_timeout)
         return proc
 
     def _wait_gateway_ready(self, proc: Proc, timeout: float = 30.0) -> None:
@@ -205,8 +212,9 @@ class BenchCluster:
         return proc
 
     # ------------------------------------------------------------------ ground truth
-    def sim_state(self, pod: Pod) -> dict[str, Any]:
-        return get_json(pod.url + "/sim/state")
+    def sim_state(self, pod: Pod, limit: int | None = None) -> dict[str, Any]:
+        """``GET /sim/state`` (``limit=0``: the counters and tiers without the request records)."""
+        return get_json(pod.url + "/sim/state" + (f"?limit={limit}" if limit is not None else ""))
 
     def pids(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -25,6 +25,15 @@ closed-loop with ``32 × pods`` requests always in flight; capacity = requests c
 the 20 % and the 80 % completion marks / the simulated time between them (the steady state,
 without ramp-up and drain).
 
+Disk-tier admissions against two references from the same trace (compulsory first uses, one
+LRU cache of the cluster's ``pods × max_cpu_loras`` entries): ``bench.bounds``, in ``doc["bounds"]``,
+with the simulator's disk loads during the replay (``meta.sim_disk_loads``).
+
+With placement (``Target.placement``, ``--placement``): the gateway runs the placer and the
+``placement-plan`` scorer (``bench.placement``); yesterday's demand is seeded into the store first
+(``--no-persisted-demand``: not), so a cold cluster is warmed before the replay; what the placer
+did is in ``doc["placement"]``.
+
 Lower bound per request: ``vllm_sim.costs.ideal_ttft(profile, prompt_tokens, cached)`` where
 ``cached`` is the block-aligned token length of the request's shareable prefix (its system prompt
 and earlier turns, rendered with the simulator's chat template), i.e. the TTFT if it ran alone on
@@ -46,6 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import peers as peers_mod
+from bench import placement as placement_mod
+from bench.bounds import bound_summary
 from bench.client import ReplayConfig, RequestResult, closed_loop, replay
 from bench.cluster import BenchCluster, Target
 from bench.procstats import CpuMeter
@@ -85,6 +96,7 @@ class RunOptions:
     keep_logs: bool = False
     sidecars: bool | None = None
     warmup: bool = False      # steady state: every adapter's system prompts served once first
+    placement: placement_mod.PlacementOptions = field(default_factory=placement_mod.PlacementOptions)
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -233,10 +245,21 @@ def _replay_cfg(router_url: str, target: Target, spec: WorkloadSpec, opts: RunOp
     )
 
 
-def _start_router(cluster: BenchCluster, target: Target) -> tuple[str, str | None, int | None]:
+def _start_router(cluster: BenchCluster, target: Target,
+                  placement: placement_mod.PlacementOptions | None = None) -> tuple[str, str | None, int | None]:
     """(url, api key, pid) of the router under test."""
     if target.kind == "policy":
-        proc = cluster.start_gateway(target.name)
+        extra = None
+        ready_timeout = 30.0
+        if target.placement:
+            opts = placement or placement_mod.PlacementOptions()
+            demand_file = None if cluster.redis_url else cluster.work_dir / "demand.json"
+            if opts.persisted:
+                placement_mod.seed_demand(placement_mod.yesterday_snapshot(cluster.spec), cluster.redis_url,
+                                          demand_file)
+            extra = placement_mod.gateway_settings(target.name, opts, demand_file)
+            ready_timeout = 300.0  # the warm-up of every pod before it takes traffic
+        proc = cluster.start_gateway(target.name, extra, ready_timeout=ready_timeout)
         proc.name = "router"
         return proc.url, None, proc.popen.pid
     if target.kind == "peer":
@@ -315,13 +338,15 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
     label = f"{target.label} @{int(round(load * 100))}%"
     with BenchCluster(spec, work_dir / f"{target.label.replace(':', '-')}-{load}",
                       time_scale=opts.time_scale, sidecars=opts.sidecars) as cl:
-        url, key, _ = _start_router(cl, target)
+        url, key, _ = _start_router(cl, target, opts.placement)
         warmed = 0
         if opts.warmup:
             warm = warmup_trace(spec)
             wcfg = _replay_cfg(url, target, spec, opts, f"{label} warm-up", key)
             warm_results = asyncio.run(closed_loop(warm, wcfg, 2 * spec.cluster.pods))
             warmed = sum(r.error is None for r in warm_results)
+        loads_before = sum(int(cl.sim_state(pod, limit=0).get("disk_loads", 0)) for pod in cl.pods)
+        mono_offset = time.time() - time.monotonic()
         meter = CpuMeter({**cl.pids(), "client": os.getpid()}, own_only={"client"})
         meter.start()
         t0 = time.monotonic()
@@ -336,6 +361,8 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
                 states[pod.id] = {"error": str(e)[:200]}
         state_plane = cl.state_plane
         pods = [p.id for p in cl.pods]
+        report = placement_mod.fetch_report(url) if target.placement else None
+    loads_after = sum(int(st.get("disk_loads", 0)) for st in states.values())
     profile = _profile(spec.cluster.profile)
     rows = []
     for req, res in zip(trace, results):
@@ -356,11 +383,16 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
             "requests": len(rows), "pods": pods, "state_plane": state_plane,
             "ground_truth_joined": found, "warmup_requests": warmed, "wall_s": round(wall, 2), "cpu": cpu_grouped,
             "cluster": spec.to_dict()["cluster"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "code_version": code_version(), **opts.extra_meta,
+            "code_version": code_version(),
+            "sim_disk_loads": {"before": loads_before, "replay": loads_after - loads_before},
+            "placement": opts.placement.to_dict() if target.placement else None, **opts.extra_meta,
         },
         "requests": rows,
     }
     doc["summary"] = summarize(doc)
+    doc["bounds"] = bound_summary(doc)
+    if report is not None:
+        doc["placement"] = placement_mod.placement_summary(doc, report, mono_offset)
     return doc
 
 
@@ -403,7 +435,9 @@ def run(opts: RunOptions) -> list[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(doc))
             s = doc["summary"]
-            print(_one_line(s), file=sys.stderr)
+            b = doc["bounds"]
+            print(_one_line(s) + f" disk-tier {b['disk_admissions']} (compulsory {b['compulsory']}, "
+                  f"cluster LRU {b['cluster_lru']})", file=sys.stderr)
             written.append(path)
     finally:
         if opts.keep_logs:
