@@ -109,6 +109,10 @@ def _fastapi(gw: Gateway, manage_lifecycle: bool) -> FastAPI:
         healthy = [p for p, s in gw.pods.items() if s.healthy]
         if not gw.ready:
             return error_response(APIError(503, "the gateway is starting", code="not_ready"))
+        if gw.placer is not None and gw.placer.starting:
+            return error_response(APIError(
+                503, f"warming {len(gw.placer.held)} pod(s) up with their share of the demand before taking "
+                     "traffic; see GET /admin/placement", code="not_ready"))
         if not healthy:
             held = len(gw.placer.held) if gw.placer is not None else 0
             why = (f"{held} pod(s) are held out of traffic while the placer warms them up; see GET /admin/placement"

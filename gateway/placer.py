@@ -4,8 +4,10 @@ One ``Placer`` runs in every gateway replica with ``placement.enabled``. Every
 ``placement.interval_s`` (1 s) a cycle:
 
 1. publishes this replica's decayed demand counts (every ``demand.publish_s``), reads every
-   writer's and merges them (``scorer.demand``): the cluster's demand, including what earlier
-   replicas left in the store (yesterday's popular adapters after a restart);
+   writer's and merges them (``scorer.demand``): the cluster's demand. A replica that starts
+   and finds no live writer in the store (a restarted cluster) first takes the persisted counts
+   as its own, downtime removed (``resume_from``), so yesterday's popular adapters shape the
+   plan until live traffic outweighs them;
 2. computes the plan (``scorer.placement``) from that demand, the pods' PodStates and the ranks
    of the allowlist, and installs it in the pipeline, where the ``placement-plan`` scorer reads
    it — every replica computes it from the same inputs, so they route alike;
@@ -17,6 +19,9 @@ One ``Placer`` runs in every gateway replica with ``placement.enabled``. Every
      end up in the slots), then released; at most ``warmup.timeout_s``. A pod that had adapters
      and shows none again (its vLLM restarted) is warmed again. Until the first cycle has looked
      at a pod it is held too (a few milliseconds at start-up), so traffic never beats the warm-up.
+     While the pods held at start-up warm (``starting``), the gateway's ``/ready`` says 503, so a
+     load balancer does not pour the traffic of a whole cluster onto the first pod released;
+     later warm-ups (a pod restarted, a pod added) hold only that pod.
    - **pre-load**: on a pod that takes traffic, the first planned adapter it does not hold (hot
      ones by share, then warm ones by expected miss cost), only if every check passes — else the
      skip is recorded with its reason:
@@ -62,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.placement_config import PlacementConfig
 from gateway.placement_loader import AdapterLoader
 from podstate.placement_store import PlacementStore, PlacerStatus
-from scorer.demand import Demand, DemandSnapshot, merge_demand
+from scorer.demand import Demand, DemandSnapshot, merge_demand, resume_from
 from scorer.model import PodState
 from scorer.placement import HOT, WARM, PlacementPlan, load_cost_s, plan_placement
 
@@ -173,13 +178,25 @@ class Placer:
         self._stall_by_rank: dict[int, float] = {}
         self._next_publish = 0.0
         self._task: asyncio.Task[None] | None = None
+        self.starting = config.warmup.enabled
+        self.resumed = 0  # adapters whose persisted counts this replica took over at start
+        self._started = 0.0
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Connect, run one cycle at once (so pods are assessed before traffic), then loop."""
+        """Connect, resume persisted demand, run one cycle at once (so pods are assessed before
+        traffic), then loop."""
+        self._started = time.monotonic()
         await self.store.start()
+        cfg = self.config
+        prior = resume_from(await self.store.load_demand(), self.replica_id, time.time(),
+                            live_window_s=3 * max(cfg.demand.publish_s, cfg.interval_s))
+        if prior is not None:
+            self.gw.runtime.pipeline.demand.load(prior)
+            self.resumed = len(prior.entries)
+            log.info("no live replica in the store: resuming the persisted demand of %d adapters", self.resumed)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.cycle(), timeout=max(5.0, 3 * self.config.interval_s))
+            await asyncio.wait_for(self.cycle(), timeout=max(5.0, 3 * cfg.interval_s))
         self._task = asyncio.create_task(self._loop(), name="placer")
 
     async def close(self) -> None:
@@ -273,6 +290,8 @@ class Placer:
                 if p in states and mono - seen_mono < patience and (status is None or status.at < seen_unix)
             }
         self._set_held(frozenset((holds | pending) & set(states)))
+        if self.starting and ((states and not self._held) or mono - self._started > cfg.warmup.timeout_s):
+            self.starting = False
         self.cycles += 1
         self.last_cycle_s = time.perf_counter() - t0
 
@@ -504,6 +523,8 @@ class Placer:
             "replica": self.replica_id,
             "leader": self.leader,
             "is_leader": self.is_leader,
+            "starting": self.starting,
+            "resumed_adapters": self.resumed,
             "cycles": self.cycles,
             "last_cycle_ms": round(1000 * self.last_cycle_s, 3),
             "held": sorted(self._held),

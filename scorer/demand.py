@@ -19,6 +19,14 @@ computed from log-rates (``log c_k + log κ − κ (now − t_k)``), so a snapsh
 in a store for days still ranks its adapters correctly even when every rate has decayed below
 what a float can hold: a cluster restarted this morning knows yesterday's popular adapters.
 
+A restarted cluster: decay runs on the wall clock, so counts persisted yesterday weigh ~2⁻¹⁴⁴ of
+today's after a day with a 10-minute half-life — the first live request would wipe out everything
+yesterday said. ``resume_from`` therefore gives a replica that finds no *live* writer in the store
+(none published within ``live_window_s``) the persisted counts as its own starting counts, with the
+downtime taken out (each snapshot decayed only to the newest one's publication, then dated now).
+Yesterday's demand is then a prior that live traffic outweighs over a few half-lives. When another
+writer is live, its counts already carry the present and nothing is resumed.
+
 Bounded: a tracker keeps at most ``max_adapters`` keys; past that it drops the 10 % with the
 smallest decayed counts in one pass (amortised O(log n) per new key).
 """
@@ -223,6 +231,25 @@ def merge_demand(snapshots: Iterable[DemandSnapshot], now: float) -> Demand:
     ]
     out.sort(key=lambda a: (-a.log_rate, a.base, a.adapter))
     return Demand(now, tuple(out), tuple(sorted(set(writers))))
+
+
+def resume_from(snapshots: Iterable[DemandSnapshot], writer: str, now: float, live_window_s: float) -> DemandSnapshot | None:
+    """The persisted demand as ``writer``'s starting counts (see the module docstring); None
+    when there is nothing persisted or another writer is live."""
+    snaps = [s for s in snapshots if s.writer != writer]
+    if not snaps or any(now - s.published_at <= live_window_s for s in snaps):
+        return None
+    end = max(s.published_at for s in snaps)
+    counts: dict[DemandKey, float] = {}
+    last: dict[DemandKey, float] = {}
+    for snap in snaps:
+        k = _LN2 / snap.half_life_s
+        for e in snap.entries:
+            key = (e.base, e.adapter)
+            counts[key] = counts.get(key, 0.0) + e.count * math.exp(-k * max(0.0, end - e.at))
+            last[key] = max(last.get(key, float("-inf")), e.last_seen)
+    entries = tuple(DemandEntry(b, a, c, now, last[(b, a)]) for (b, a), c in counts.items() if c > 0)
+    return DemandSnapshot(writer, now, snaps[0].half_life_s, entries)
 
 
 def _logsumexp(values: list[float]) -> float:

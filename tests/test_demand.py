@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from podstate.placement_store import MemoryPlacementStore, PlacerStatus, RedisPlacementStore, open_placement_store
-from scorer.demand import DemandSnapshot, DemandTracker, merge_demand
+from scorer.demand import DemandSnapshot, DemandTracker, merge_demand, resume_from
 from scorer.model import AdapterRef, RoutingRequest
 from scorer.pipeline import build_pipeline
 
@@ -103,6 +103,40 @@ def test_merge_sums_writers_and_survives_a_long_downtime() -> None:
     assert [a.adapter for a in late.adapters] == ["a", "b"]
     assert late.adapters[0].rate_rps == 0.0
     assert late.adapters[0].share == pytest.approx(merged[(BASE, "a")].share, rel=1e-9)
+
+
+def test_a_restarted_cluster_resumes_yesterday_and_live_traffic_takes_over() -> None:
+    day = 86400.0
+    old1, old2 = DemandTracker(half_life_s=600.0), DemandTracker(half_life_s=600.0)
+    for t in range(90):
+        old1.observe(req("favourite"), float(t))
+        if t % 9 == 0:
+            old2.observe(req("rare"), float(t) + 0.5)
+    persisted = [old1.snapshot("old-1", 90.0), old2.snapshot("old-2", 60.0)]
+    now = 90.0 + day
+    # a live writer in the store: its counts carry the present, nothing is resumed
+    live = DemandTracker().snapshot("other", now - 1.0)
+    assert resume_from([*persisted, live], "me", now, live_window_s=15.0) is None
+    assert resume_from([], "me", now, live_window_s=15.0) is None
+    prior = resume_from(persisted, "me", now, live_window_s=15.0)
+    assert prior is not None and prior.writer == "me" and all(e.at == now for e in prior.entries)
+    counts = {e.adapter: e.count for e in prior.entries}
+    # the downtime is gone: each count is its writer's, decayed only to the newest publication (90 s)
+    for snap, name in ((persisted[0], "favourite"), (persisted[1], "rare")):
+        e = snap.entries[0]
+        assert counts[name] == pytest.approx(e.count * 2 ** (-(90.0 - e.at) / 600.0))
+    me = DemandTracker(half_life_s=600.0)
+    me.load(prior)
+    for i in range(3):  # the first live requests are for the rare adapter
+        me.observe(req("rare"), now + i)
+    merged = merge_demand([*persisted, me.snapshot("me", now + 3)], now + 3).by_key()
+    assert merged[(BASE, "favourite")].share > 0.8
+    # without resuming, three requests would have outweighed the whole of yesterday
+    fresh = DemandTracker(half_life_s=600.0)
+    for i in range(3):
+        fresh.observe(req("rare"), now + i)
+    naive = merge_demand([*persisted, fresh.snapshot("me", now + 3)], now + 3).by_key()
+    assert naive[(BASE, "favourite")].share < 1e-30
 
 
 def test_snapshot_round_trip_and_strict_reading() -> None:
