@@ -6,6 +6,7 @@
     loraroute bench run SPEC --all [--load ...]       every preset and every installed peer
     loraroute bench run SPEC --policy NAME --placement [--no-persisted-demand] [--plan-weight W]
     loraroute bench report RESULTS... [--out DIR]
+    loraroute bench plan SPEC                         the placement plan from yesterday's demand
     loraroute bench overhead [--requests 300] [--peers all|none|NAME,...] [--out FILE]
     loraroute bench peers setup [NAME ...] | loraroute bench peers list
 """
@@ -62,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="Markdown tables and PNG plots from result files")
     rp.add_argument("results", nargs="+", type=Path)
     rp.add_argument("--out", type=Path, default=None)
+
+    pl = sub.add_parser("plan", help="the placement plan a cluster of the spec gets from yesterday's demand")
+    pl.add_argument("spec", type=Path)
 
     o = sub.add_parser("overhead", help="added latency and max rate of each router on zero-delay pods")
     o.add_argument("--requests", type=int, default=300, help="sequential requests per mode (default 300)")
@@ -142,6 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         from bench.report import build_report
 
         print(build_report(args.results, args.out))
+        return 0
+    if args.cmd == "plan":
+        from bench.placement import spec_plan
+        from bench.workload import load_spec
+
+        plan = spec_plan(load_spec(args.spec))
+        roles = plan.role_counts()
+        print(f"roles: {roles['hot']} hot, {roles['warm']} warm, {roles['tail']} tail (with demand)")
+        hot = sorted((a for a in plan.adapters.values() if a.role == "hot"), key=lambda a: -a.share)
+        print("hot replicas: " + ", ".join(f"{a.adapter} x{len(a.pods)}" for a in hot))
+        for pod_id, pp in sorted(plan.pods.items()):
+            print(f"{pod_id}: planned share {pp.load:.3f}, GPU {', '.join(pp.gpu) or '-'}; CPU {', '.join(pp.cpu) or '-'}")
         return 0
     if args.cmd == "overhead":
         from bench.overhead import OverheadOptions, run_overhead

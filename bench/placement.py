@@ -8,6 +8,8 @@
   as one writer's snapshot published a day ago. ``seed_demand`` puts it where the gateway will
   read it: Redis (``{prefix}:demand:yesterday``) when the state plane has one, else the JSON
   file the gateway's ``placement.demand.file`` names.
+- ``spec_plan(spec)``: the plan a cluster of the spec's shape would get from yesterday's demand
+  (``loraroute bench plan SPEC`` prints it).
 - ``placement_summary(doc, report, offset)``: the loads the placer made (from its
   ``/admin/placement`` report), their stall per pod and phase, and the requests that shared a pod
   with a pre-load — their count and TTFT p99 (a pre-load stalls every request running there).
@@ -29,7 +31,9 @@ from bench.stats import is_ok, percentile
 from bench.workload import WorkloadSpec, generate
 from podstate.placement_store import MemoryPlacementStore, PlacementStore, RedisPlacementStore
 from scorer.demand import DemandSnapshot, DemandTracker
-from scorer.model import AdapterRef, RoutingRequest
+from scorer.demand import merge_demand
+from scorer.model import AdapterRef, PodState, RoutingRequest
+from scorer.placement import PlacementPlan, plan_placement
 from scorer.presets import PRESETS
 
 ADMIN_KEY = "bench-admin-key"  # loopback-only benchmark gateway; never a real key
@@ -63,7 +67,9 @@ def pipeline_with_plan(preset: str, weight: float) -> dict[str, Any]:
 
 def gateway_settings(preset: str, opts: PlacementOptions, demand_file: Path | None) -> dict[str, Any]:
     """Keys to merge into the benchmark gateway's config."""
-    placement: dict[str, Any] = {"enabled": True, "replica_id": "bench-gateway", **opts.settings}
+    # every action kept: the runner reads them all after the replay (bench/placement.py)
+    placement: dict[str, Any] = {"enabled": True, "replica_id": "bench-gateway", "actions_kept": 100_000,
+                                 **opts.settings}
     if demand_file is not None:
         placement["demand"] = {**placement.get("demand", {}), "file": str(demand_file)}
     return {"pipeline": pipeline_with_plan(preset, opts.weight), "placement": placement,
@@ -81,6 +87,16 @@ def yesterday_snapshot(spec: WorkloadSpec, now: float | None = None, requests: i
     for req in generate(other, rate=1.0, requests=n):
         tracker.observe(RoutingRequest(AdapterRef(base, req.adapter, req.rank)), at)
     return tracker.snapshot("yesterday", at)
+
+
+def spec_plan(spec: WorkloadSpec, now: float | None = None) -> PlacementPlan:
+    """The plan for the spec's cluster (healthy pods ``pod-0`` …) from ``yesterday_snapshot``."""
+    now = time.time() if now is None else now
+    c = spec.cluster
+    pods = {f"pod-{i}": PodState(f"pod-{i}", "", base_models=(c.base_model,), max_loras=c.max_loras,
+                                 max_cpu_loras=c.max_cpu_loras, max_lora_rank=c.max_lora_rank) for i in range(c.pods)}
+    ranks = {(c.base_model, name): rank for name, rank in spec.adapters.all()}
+    return plan_placement(merge_demand([yesterday_snapshot(spec, now)], now), pods, ranks=ranks, now=now)
 
 
 def demand_store(redis_url: str | None, demand_file: Path | None) -> PlacementStore:
@@ -129,9 +145,12 @@ def max_window_stall(loads: list[dict[str, Any]], window_s: float) -> dict[str, 
     return out
 
 
-def placement_summary(doc: dict[str, Any], report: dict[str, Any], mono_offset: float) -> dict[str, Any]:
+def placement_summary(doc: dict[str, Any], report: dict[str, Any], mono_offset: float,
+                      replay_start: float) -> dict[str, Any]:
     """``mono_offset``: ``time.time() − time.monotonic()`` on this machine (the placer's times are
-    Unix seconds, the client's ``sent_s`` monotonic)."""
+    Unix seconds, the client's ``sent_s`` monotonic); ``replay_start``: monotonic time the replay
+    began. ``loads`` lists every load with its wall seconds from the replay start (negative: before
+    it, e.g. the warm-up); ``sharing_a_load`` the ids of the requests that shared a pod with one."""
     scale = float(doc["meta"].get("time_scale", 1.0)) or 1.0
     loads = [a for a in report.get("actions", []) if a.get("outcome") in ("loaded", "failed")]
     by_phase: dict[str, dict[str, float]] = {}
@@ -144,13 +163,19 @@ def placement_summary(doc: dict[str, Any], report: dict[str, Any], mono_offset: 
     for a in loads:
         if a["phase"] == "preload" and a.get("ended_at") is not None:
             windows.setdefault(a["pod"], []).append((a["at"] - mono_offset, a["ended_at"] - mono_offset))
-    shared = []
+    shared: list[float] = []
+    shared_ids: list[str] = []
     for r in doc["requests"]:
         if not is_ok(r) or not r.get("pod"):
             continue
         start, end = r["sent_s"], r["sent_s"] + r["ttft_s"]
         if any(s < end and start < e for s, e in windows.get(r["pod"], ())):
             shared.append(r["ttft_s"] / scale)
+            shared_ids.append(r["id"])
+    rel = [{"pod": a["pod"], "adapter": a["adapter"], "role": a["role"], "phase": a["phase"], "outcome": a["outcome"],
+            "stall_s": a.get("stall_s"), "start_s": round(a["at"] - mono_offset - replay_start, 4),
+            "end_s": round(a["ended_at"] - mono_offset - replay_start, 4) if a.get("ended_at") else None}
+           for a in sorted(loads, key=lambda a: a["at"])]
     skipped = report.get("counts", {}).get("skipped", {})
     window = float(next(iter(report.get("pods", {}).values()), {}).get("stall_budget", {}).get("window_s", 60.0))
     return {
@@ -163,6 +188,8 @@ def placement_summary(doc: dict[str, Any], report: dict[str, Any], mono_offset: 
         "max_window_stall_by_pod": max_window_stall(loads, window),
         "requests_sharing_a_load": len(shared),
         "ttft_p99_sharing_a_load": percentile(shared, 99),
+        "sharing_a_load": shared_ids,
+        "loads": rel,
         "plan_roles": (report.get("plan") or {}).get("roles"),
         "leader": report.get("leader"),
     }

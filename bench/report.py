@@ -247,13 +247,7 @@ def plot_p99_by_workload(docs: Sequence[dict[str, Any]], path: Path, title: str)
     ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("p99 TTFT (simulated seconds, log scale)")
-    ax.set_title(title)
-    ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, title)
 
 
 def overhead_section(doc: dict[str, Any], out: Path, png: str = "overhead.png") -> str:
@@ -327,7 +321,8 @@ def build_report(inputs: Sequence[str | Path], out_dir: Path | None = None) -> P
     runs = [d for d in docs if "requests" in d and d["meta"].get("kind") != "overhead"]
     by_spec: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for d in runs:
-        by_spec[d["meta"].get("spec", "?")].append(d)
+        # a steady-state run (--warmup) is its own workload: cold and warm rows never share a table
+        by_spec[d["meta"].get("spec", "?") + ("-warm" if d["meta"].get("warmup_requests") else "")].append(d)
     all_summaries: list[dict[str, Any]] = []
     for spec, sdocs in sorted(by_spec.items()):
         summaries = [summarize(d) for d in sdocs]

@@ -392,7 +392,7 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
     doc["summary"] = summarize(doc)
     doc["bounds"] = bound_summary(doc)
     if report is not None:
-        doc["placement"] = placement_mod.placement_summary(doc, report, mono_offset)
+        doc["placement"] = placement_mod.placement_summary(doc, report, mono_offset, t0)
     return doc
 
 

@@ -29,9 +29,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admin import admin_router
-from gateway.placement_admin import placement_router
 from gateway.errors import APIError
 from gateway.metrics import CONTENT_TYPE
+from gateway.placement_admin import placement_router
 from gateway.proxy import CompletionsEndpoint, Receive, Scope, Send
 from gateway.service import Gateway
 

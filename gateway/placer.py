@@ -3,22 +3,25 @@
 One ``Placer`` runs in every gateway replica with ``placement.enabled``. Every
 ``placement.interval_s`` (1 s) a cycle:
 
-1. publishes this replica's decayed demand counts (every ``demand.publish_s``), reads every
+1. every ``demand.publish_s`` (5 s): publishes this replica's decayed demand counts, reads every
    writer's and merges them (``scorer.demand``): the cluster's demand. A replica that starts
    and finds no live writer in the store (a restarted cluster) first takes the persisted counts
    as its own, downtime removed (``resume_from``), so yesterday's popular adapters shape the
    plan until live traffic outweighs them;
-2. computes the plan (``scorer.placement``) from that demand, the pods' PodStates and the ranks
-   of the allowlist, and installs it in the pipeline, where the ``placement-plan`` scorer reads
-   it — every replica computes it from the same inputs, so they route alike;
+2. at the same pace, and whenever a pod comes, goes or changes health or limits: computes the plan
+   (``scorer.placement``) from that demand, the pods' PodStates and the ranks of the allowlist, and
+   installs it in the pipeline, where the ``placement-plan`` scorer reads it — every replica
+   computes it from the same inputs, so they route alike (a plan of a few hundred adapters takes
+   milliseconds on the event loop, so it is not recomputed every cycle);
 3. takes or renews the leader lease in the store. Only the leader acts:
 
    - **warm-up**: a pod it sees for the first time with nothing loaded (a fresh vLLM) and with
      targets in the plan is held out of traffic — on every replica, through the leader's status
      record — and loaded with its targets (the CPU-cache ones first, the GPU ones last so they
      end up in the slots), then released; at most ``warmup.timeout_s``. A pod that had adapters
-     and shows none again (its vLLM restarted) is warmed again. Until the first cycle has looked
-     at a pod it is held too (a few milliseconds at start-up), so traffic never beats the warm-up.
+     and shows none again (its vLLM restarted) is warmed again. A pod is looked at once it is
+     healthy, and held from its first healthy PodState until a cycle has (at most one interval),
+     so traffic does not beat the warm-up.
      While the pods held at start-up warm (``starting``), the gateway's ``/ready`` says 503, so a
      load balancer does not pour the traffic of a whole cluster onto the first pod released;
      later warm-ups (a pod restarted, a pod added) hold only that pod.
@@ -41,8 +44,11 @@ One ``Placer`` runs in every gateway replica with ``placement.enabled``. Every
      no_path       no sidecar and no ``placement.adapter_dir``
      ============  =========================================================================
 
-   A load that just succeeded counts as resident for 10 s (until the PodState shows it); one
-   that failed is not retried on that pod for 30 s.
+   A pre-load's estimated stall joins the pod's pending queue in the pipeline
+   (``Pipeline.note_stall``), so ``estimated-ttft`` routes new requests around the pod while it
+   loads, as it does around a load it triggered itself. A load that just succeeded counts as
+   resident for 10 s (until the PodState shows it); one that failed is not retried on that pod
+   for 30 s.
 
 Every action (loaded, failed, skipped) is kept for ``GET /admin/placement`` (the last
 ``actions_kept``) and counted in ``/metrics`` (``gateway.placement_metrics``). Nothing here is on
@@ -176,7 +182,8 @@ class Placer:
         self._failed: dict[tuple[str, str], float] = {}
         self._last_skip: dict[str, tuple[str, str]] = {}
         self._stall_by_rank: dict[int, float] = {}
-        self._next_publish = 0.0
+        self._next_refresh = 0.0
+        self._pods_key: tuple[Any, ...] = ()
         self._task: asyncio.Task[None] | None = None
         self.starting = config.warmup.enabled
         self.resumed = 0  # adapters whose persisted counts this replica took over at start
@@ -229,13 +236,13 @@ class Placer:
                 log.error("placer cycle failed: %s", type(exc).__name__, exc_info=exc)
 
     # --- the gate on the routable set --------------------------------------------------------------
-    def admits(self, pod_id: str) -> bool:
-        """False while ``pod_id`` is held out of traffic (warming, or not yet looked at)."""
+    def admits(self, pod_id: str, state: PodState) -> bool:
+        """False while ``pod_id`` is held out of traffic (warming, or healthy and not yet looked at)."""
         if pod_id in self._held:
             return False
-        if pod_id in self._first_seen or not self.config.warmup.enabled:
-            return True
-        # first sight: held until the next cycle has looked at it
+        if pod_id in self._first_seen or not self.config.warmup.enabled or not state.healthy:
+            return True  # an unhealthy pod takes no traffic anyway (healthy-fresh)
+        # first healthy sight: held until the next cycle has looked at it
         self._first_seen[pod_id] = (time.monotonic(), time.time())
         self._held = self._held | {pod_id}
         return False
@@ -252,16 +259,22 @@ class Placer:
         t0 = time.perf_counter()
         now, mono = time.time(), time.monotonic()
         cfg = self.config
-        own = self._own_snapshot(now)
-        if mono >= self._next_publish:
-            await self.store.publish_demand(own, cfg.demand.retention_s)
-            self._next_publish = mono + cfg.demand.publish_s
-        snapshots = [s for s in await self.store.load_demand() if s.writer != self.replica_id]
-        self.demand = merge_demand([*snapshots, own], now)
         states = dict(self.gw.pod_states())
-        self.plan = plan_placement(self.demand, states, ranks=self.gw.adapter_ranks(), params=self.plan_params,
-                                   previous=self.plan, now=now)
-        self.gw.runtime.pipeline.set_plan(self.plan)
+        pods_key = tuple(sorted((p, st.healthy, st.base_models, st.max_loras, st.max_cpu_loras, st.max_lora_rank)
+                                for p, st in states.items()))
+        due = mono >= self._next_refresh
+        if due:
+            own = self._own_snapshot(now)
+            await self.store.publish_demand(own, cfg.demand.retention_s)
+            snapshots = [s for s in await self.store.load_demand() if s.writer != self.replica_id]
+            self.demand = merge_demand([*snapshots, own], now)
+            self._next_refresh = mono + cfg.demand.publish_s
+        if due or pods_key != self._pods_key or self.plan is None:
+            assert self.demand is not None
+            self.plan = plan_placement(self.demand, states, ranks=self.gw.adapter_ranks(), params=self.plan_params,
+                                       previous=self.plan, now=now)
+            self.gw.runtime.pipeline.set_plan(self.plan)
+            self._pods_key = pods_key
         for pod_id in [p for p in self._first_seen if p not in states]:
             del self._first_seen[pod_id]
             self._assessed.discard(pod_id)
@@ -305,6 +318,8 @@ class Placer:
         assert self.plan is not None
         wcfg = self.config.warmup
         for pod_id, st in states.items():
+            if not st.healthy:
+                continue  # looked at once it is up: a vLLM that is still starting is fresh then
             self._first_seen.setdefault(pod_id, (mono, now))
             fresh = is_fresh(st)
             restarted = pod_id in self._had_adapters and fresh and pod_id in self._assessed
@@ -316,8 +331,7 @@ class Placer:
             if restarted:
                 self._had_adapters.discard(pod_id)
             plan = self.plan.pods.get(pod_id)
-            if wcfg.enabled and fresh and st.healthy and plan is not None and (plan.gpu or plan.cpu) \
-                    and pod_id not in self.warming:
+            if wcfg.enabled and fresh and plan is not None and (plan.gpu or plan.cpu) and pod_id not in self.warming:
                 self.warming[pod_id] = _Warmup(mono, now)
                 self._record(Action(now, pod_id, "", "", WARMUP, "started",
                                     f"{len(plan.gpu) + len(plan.cpu)} planned adapters"
@@ -399,11 +413,12 @@ class Placer:
             if not pcfg.enabled or not wanted:
                 continue
             adapter, role = wanted[0]
-            reason = self._why_not(pod_id, st, self._rank(st, adapter), pipeline.inflight(pod_id)[0], mono)
+            rank = self._rank(st, adapter)
+            reason = self._why_not(pod_id, st, rank, pipeline.inflight(pod_id)[0], mono)
             if reason is not None:
                 self._skip(pod_id, adapter, role, reason, now)
                 continue
-            self._launch(pod_id, adapter, role, PRELOAD, now)
+            self._launch(pod_id, adapter, role, PRELOAD, now, self.estimated_stall_s(rank))
 
     def _where(self, pod_id: str) -> tuple[str, str | None]:
         """(vLLM URL, sidecar URL or None) of a pod."""
@@ -446,8 +461,10 @@ class Placer:
         self.skips[code] += 1
         self._record(Action(now, pod_id, adapter, role, PRELOAD, "skipped", f"{code}: {text}"))
 
-    def _launch(self, pod_id: str, adapter: str, role: str, phase: str, now: float) -> None:
+    def _launch(self, pod_id: str, adapter: str, role: str, phase: str, now: float, stall_s: float = 0.0) -> None:
         self._last_skip.pop(pod_id, None)
+        if stall_s > 0:  # the router prices the stall like one of its own loads and routes around it
+            self.gw.runtime.pipeline.note_stall(pod_id, stall_s, now)
         action = Action(now, pod_id, adapter, role, phase, "started", "")
         self._loads[pod_id] = asyncio.get_running_loop().create_task(
             self._load(pod_id, adapter, action), name=f"placer-load-{pod_id}")

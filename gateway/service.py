@@ -179,7 +179,7 @@ class Gateway:
                 self.runtime.pipeline.forget_pod(pod_id)
             return
         if self._store_is_discovery or pod_id in self.endpoints:
-            if self.placer is not None and not self.placer.admits(pod_id):
+            if self.placer is not None and not self.placer.admits(pod_id, state):
                 self.pods.pop(pod_id, None)  # held while it warms up; back with refresh_routable
                 return
             self.pods[pod_id] = state
@@ -204,7 +204,7 @@ class Gateway:
         """Recompute ``pods`` from the store view (the placer changed which pods it holds)."""
         placer = self.placer
         for pod_id, state in self.pod_states().items():
-            if placer is not None and not placer.admits(pod_id):
+            if placer is not None and not placer.admits(pod_id, state):
                 self.pods.pop(pod_id, None)
             else:
                 self.pods[pod_id] = state

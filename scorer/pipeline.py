@@ -37,8 +37,8 @@ from time import perf_counter
 from typing import Any
 
 from scorer.decision import DecisionMeta, LazyDecision
-from scorer.errors import ConfigError
 from scorer.demand import DemandTracker
+from scorer.errors import ConfigError
 from scorer.model import Decision, PodState, RoutingRequest
 from scorer.params import Param, unknown_key, validate_params
 from scorer.placement import PlacementPlan
@@ -223,6 +223,11 @@ class Pipeline:
                 rank = request.adapter.rank
                 stall = self._stall.load_stall_s(rank if rank is not None else view.ranks.get(name), code)
         local.dispatch(pod_id, request, now, stall)
+
+    def note_stall(self, pod_id: str, stall_s: float, now: float) -> None:
+        """A load started on ``pod_id`` by someone else (the placer): its ``stall_s`` joins the
+        pod's pending queue, so estimated-ttft steers requests away while it runs."""
+        self._local.add_stall(pod_id, stall_s, now)
 
     def on_complete(self, pod_id: str, request: RoutingRequest, now: float, ok: bool) -> None:
         """The request sent to ``pod_id`` finished (``ok`` False: failed or cancelled)."""

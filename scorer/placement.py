@@ -23,12 +23,14 @@ demand one of three roles, in this order:
    pod's ``max_cpu_loras``), so an adapter's loads and CPU-cache hits concentrate on one pod and
    a pod joining or leaving moves only the adapters it wins or held.
 
-Choosing pods (hot replicas, warm homes) is consistent hashing with bounded loads: the candidates
-are the pods the previous plan gave the adapter (so a plan recomputed every few seconds does not
-move adapters around), then the others in rendezvous order; the first with a free slot whose
-planned traffic stays within ``load_slack`` × its fair share takes it; if none does, the least
-loaded one with a free slot. Eligible pods: healthy, serving the base, ``max_lora_rank`` ≥ the
-adapter's rank (``ranks``, else a pod's ``adapter_ranks``, else ``default_rank``).
+Choosing pods (hot replicas, warm homes), most demanded adapters first: the pods the previous
+plan gave the adapter keep it while they have a free slot and their planned traffic stays within
+``load_slack`` × their fair share (so a plan recomputed every second does not move adapters
+around); the other replicas go to the least loaded pods with a free slot within that bound (ties
+in rendezvous order), which balances the planned traffic like longest-processing-time-first
+scheduling; if none is within the bound, to the least loaded pods with a free slot. Eligible pods:
+healthy, serving the base, ``max_lora_rank`` ≥ the adapter's rank (``ranks``, else a pod's
+``adapter_ranks``, else ``default_rank``).
 
 Parameters (``PLAN_PARAMS``; YAML ``placement.plan``):
 
@@ -63,7 +65,7 @@ from scorer.params import Param, validate_params
 
 HOT, WARM, TAIL = "hot", "warm", "tail"
 ROLES = (HOT, WARM, TAIL)
-_HOME_MEMO_MAX = 65_536
+_ORDERS_MAX = 65_536
 
 PLAN_PARAMS: dict[str, Param] = {
     "gpu_reserve": Param(1, int, min=0, doc="GPU slots per pod kept out of the plan"),
@@ -134,10 +136,44 @@ class PodPlan:
                 "max_loras": self.max_loras, "max_cpu_loras": self.max_cpu_loras}
 
 
-class PlacementPlan:
-    """The result of ``plan_placement``. Read-only after construction except for ``home``'s memo."""
+BasePods = dict[str, tuple[tuple[str, int, float], ...]]  # base -> ((pod id, max_lora_rank, weight), ...)
 
-    __slots__ = ("created_at", "adapters", "pods", "params", "_base_pods", "_homes", "unplaceable")
+
+class RendezvousOrders:
+    """Rendezvous orders of every pod serving a base, per adapter, for one set of pods; memoised
+    (bounded), so plans recomputed over the same pods hash each adapter once."""
+
+    __slots__ = ("base_pods", "_orders", "_max_rank")
+
+    def __init__(self, base_pods: BasePods) -> None:
+        self.base_pods = base_pods
+        self._orders: dict[DemandKey, tuple[str, ...]] = {}
+        self._max_rank = {pid: r for pods in base_pods.values() for pid, r, _ in pods}
+
+    def order(self, base: str, adapter: str) -> tuple[str, ...]:
+        key = (base, adapter)
+        got = self._orders.get(key)
+        if got is None:
+            if len(self._orders) >= _ORDERS_MAX:
+                self._orders.clear()
+            got = self._orders[key] = tuple(rendezvous_order(
+                base, adapter, [(pid, w) for pid, _, w in self.base_pods.get(base, ())]))
+        return got
+
+    def home(self, base: str, adapter: str, rank: int | None) -> str | None:
+        """The first pod in the adapter's order that takes ``rank`` (any, for an unknown rank)."""
+        order = self.order(base, adapter)
+        if rank is None:
+            return order[0] if order else None
+        max_rank = self._max_rank
+        return next((pid for pid in order if rank <= max_rank[pid]), None)
+
+
+class PlacementPlan:
+    """The result of ``plan_placement``. Read-only after construction (the rendezvous orders it
+    carries are memoised, and shared with the next plan over the same pods)."""
+
+    __slots__ = ("created_at", "adapters", "pods", "params", "orders", "unplaceable")
 
     def __init__(
         self,
@@ -145,15 +181,14 @@ class PlacementPlan:
         adapters: dict[DemandKey, AdapterPlacement],
         pods: dict[str, PodPlan],
         params: Mapping[str, Any],
-        base_pods: dict[str, tuple[tuple[str, int, float], ...]],
+        orders: RendezvousOrders,
         unplaceable: tuple[DemandKey, ...] = (),
     ) -> None:
         self.created_at = created_at
         self.adapters = adapters
         self.pods = pods
         self.params = dict(params)
-        self._base_pods = base_pods
-        self._homes: dict[tuple[str, str, int | None], str | None] = {}
+        self.orders = orders
         self.unplaceable = unplaceable
 
     def get(self, base: str, adapter: str) -> AdapterPlacement | None:
@@ -161,18 +196,8 @@ class PlacementPlan:
 
     def home(self, base: str, adapter: str, rank: int | None = None) -> str | None:
         """The rendezvous home of any adapter among this plan's pods for ``base`` (None: no pod
-        serves the base, or none takes the rank). Memoised per plan."""
-        key = (base, adapter, rank)
-        memo = self._homes
-        if key in memo:
-            return memo[key]
-        cands = [(pid, w) for pid, max_rank, w in self._base_pods.get(base, ()) if rank is None or rank <= max_rank]
-        order = rendezvous_order(base, adapter, cands)
-        home = order[0] if order else None
-        if len(memo) >= _HOME_MEMO_MAX:
-            memo.clear()
-        memo[key] = home
-        return home
+        serves the base, or none takes the rank)."""
+        return self.orders.home(base, adapter, rank)
 
     def role_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(ROLES, 0)
@@ -257,21 +282,32 @@ def plan_placement(
     def eligible(base: str, rank: int) -> list[_Pod]:
         return [state[pid] for pid in base_pods.get(base, ()) if rank <= state[pid].max_rank]
 
-    def candidates(key: DemandKey, elig: list[_Pod]) -> list[_Pod]:
-        by_id = {s.pod_id: s for s in elig}
-        order = rendezvous_order(key[0], key[1], [(s.pod_id, s.weight) for s in elig])
-        prev = previous.get(*key) if previous is not None else None
-        if prev is not None and prev.role != TAIL:
-            first = [pid for pid in prev.pods if pid in by_id]
-            order = first + [pid for pid in order if pid not in first]
-        return [by_id[pid] for pid in order]
+    weighted: BasePods = {
+        base: tuple((pid, state[pid].max_rank, state[pid].weight) for pid in pids) for base, pids in base_pods.items()
+    }
+    same_pods = previous is not None and previous.orders.base_pods == weighted
+    orders = previous.orders if previous is not None and same_pods else RendezvousOrders(weighted)
 
-    def choose(cands: list[_Pod], n: int, per: float, fits: Any) -> list[_Pod]:
-        chosen = [s for s in cands if fits(s) and s.load + per <= s.bound + 1e-12][:n]
-        if len(chosen) < n:
-            taken = {s.pod_id for s in chosen}
-            rest = sorted((s for s in cands if fits(s) and s.pod_id not in taken), key=lambda s: s.load)
+    def candidates(key: DemandKey, elig: list[_Pod]) -> tuple[list[_Pod], set[str]]:
+        """Eligible pods in rendezvous order, and the ones the previous plan gave the adapter."""
+        by_id = {s.pod_id: s for s in elig}
+        order = [pid for pid in orders.order(*key) if pid in by_id]
+        prev = previous.get(*key) if previous is not None else None
+        sticky = {pid for pid in prev.pods if pid in by_id} if prev is not None and prev.role != TAIL else set()
+        return [by_id[pid] for pid in order], sticky
+
+    def choose(cands: tuple[list[_Pod], set[str]], n: int, per: float, fits: Any) -> list[_Pod]:
+        order, sticky = cands
+        rank = {s.pod_id: i for i, s in enumerate(order)}
+        ok = [s for s in order if fits(s) and s.load + per <= s.bound + 1e-12]
+        chosen = [s for s in ok if s.pod_id in sticky][:n]
+        taken = {s.pod_id for s in chosen}
+        for pool in (ok, [s for s in order if fits(s)]):
+            if len(chosen) >= n:
+                break
+            rest = sorted((s for s in pool if s.pod_id not in taken), key=lambda s: (s.load, rank[s.pod_id]))
             chosen += rest[: n - len(chosen)]
+            taken = {s.pod_id for s in chosen}
         return chosen
 
     placed: dict[DemandKey, AdapterPlacement] = {}
@@ -284,6 +320,9 @@ def plan_placement(
         elig = eligible(a.base, rank)
         if not elig:
             unplaceable.append(key)
+            continue
+        if not any(s.gpu_left > 0 and s.cpu_left > 0 for s in elig):
+            later.append((key, a.share, rank))
             continue
         n_base = len(base_pods[a.base])
         want = math.ceil(a.share * n_base / (p["replica_load"] * base_share[a.base]) - 1e-9)
@@ -304,7 +343,11 @@ def plan_placement(
     later.sort(key=lambda x: (-x[1] * load_cost_s(p, x[2]), x[0]))
     tail: list[tuple[DemandKey, float, int]] = []
     for key, share, rank in later:
-        chosen = choose(candidates(key, eligible(key[0], rank)), 1, share, lambda s: s.cpu_left > 0)
+        elig = eligible(key[0], rank)
+        if not any(s.cpu_left > 0 for s in elig):
+            tail.append((key, share, rank))
+            continue
+        chosen = choose(candidates(key, elig), 1, share, lambda s: s.cpu_left > 0)
         if not chosen:
             tail.append((key, share, rank))
             continue
@@ -317,10 +360,7 @@ def plan_placement(
     plan_pods = {
         pid: PodPlan(pid, tuple(s.gpu), tuple(s.cpu), s.load, s.max_loras, s.max_cpu_loras) for pid, s in state.items()
     }
-    weighted = {
-        base: tuple((pid, state[pid].max_rank, state[pid].weight) for pid in pids) for base, pids in base_pods.items()
-    }
-    plan = PlacementPlan(demand.at if now is None else now, placed, plan_pods, p, weighted, tuple(unplaceable))
+    plan = PlacementPlan(demand.at if now is None else now, placed, plan_pods, p, orders, tuple(unplaceable))
     for key, share, rank in tail:
         home = plan.home(key[0], key[1], rank)
         if home is not None:

@@ -227,6 +227,11 @@ class LocalState:
             if len(sessions) > self.max_sessions:
                 sessions.popitem(last=False)
 
+    def add_stall(self, pod_id: str, stall_s: float, now: float) -> None:
+        """An engine stall this router did not dispatch (a placement load) joins the pod's queue."""
+        loc = self.pod(pod_id)
+        loc.pending_until = (loc.pending_until if loc.pending_until > now else now) + stall_s
+
     def complete(self, pod_id: str, request: RoutingRequest, ok: bool) -> None:
         loc = self.pods.get(pod_id)
         if loc is None:

@@ -193,3 +193,19 @@ def test_scorer_is_a_signal_not_a_rule() -> None:
     cluster[elsewhere] = cluster[elsewhere].replace(gpu_adapters=(warm.adapter,))
     r = RoutingRequest(AdapterRef(BASE, warm.adapter, warm.rank), prompt_tokens=200)
     assert pl.pick(r, cluster, NOW).pod_id == elsewhere
+
+
+def test_a_placement_load_joins_the_pods_queue() -> None:
+    """A stall the placer starts is priced like one the router triggers: requests go around it."""
+    cluster = pods(2)
+    pl = _pipeline()
+    r = RoutingRequest(AdapterRef(BASE, None), prompt_tokens=200)
+    before = {c.pod_id: c.scores["estimated-ttft"] for c in pl.pick(r, cluster, NOW).ranked}
+    assert before["p0"] == before["p1"]
+    pl.note_stall("p0", 1.0, NOW)
+    d = pl.pick(r, cluster, NOW)
+    assert d.pod_id == "p1"
+    after = {c.pod_id: c.scores["estimated-ttft"] for c in d.ranked}
+    k = 0.5  # scale_s: the score reads back as seconds, t = k / score - k
+    assert (k / after["p0"] - k) - (k / after["p1"] - k) == pytest.approx(1.0, rel=1e-6)
+    assert pl.pick(r, cluster, NOW + 1.5).ranked[0].scores["estimated-ttft"] == pytest.approx(before["p0"])
