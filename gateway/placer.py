@@ -275,9 +275,7 @@ class Placer:
                                        previous=self.plan, now=now)
             self.gw.runtime.pipeline.set_plan(self.plan)
             self._pods_key = pods_key
-        for pod_id in [p for p in self._first_seen if p not in states]:
-            del self._first_seen[pod_id]
-            self._assessed.discard(pod_id)
+        self._forget_gone(states, mono)
         leader = await self.store.acquire_lease(self.replica_id, cfg.lease_ttl_s)
         if leader != self.is_leader:
             log.info("placer %s %s the leader lease", self.replica_id, "took" if leader else "lost")
@@ -307,6 +305,17 @@ class Placer:
             self.starting = False
         self.cycles += 1
         self.last_cycle_s = time.perf_counter() - t0
+
+    def _forget_gone(self, states: Mapping[str, PodState], mono: float) -> None:
+        """Drop what is kept about pods that left, and expired failure backoffs (all bounded)."""
+        for pod_id in [p for p in self._first_seen if p not in states]:
+            del self._first_seen[pod_id]
+            self._assessed.discard(pod_id)
+            self._had_adapters.discard(pod_id)
+            self._last_skip.pop(pod_id, None)
+            self.budget.forget(pod_id)
+        for key in [k for k, until in self._failed.items() if until <= mono or k[0] not in states]:
+            del self._failed[key]
 
     def _set_held(self, held: frozenset[str]) -> None:
         if held != self._held:
