@@ -30,8 +30,7 @@ from typing import Any
 from bench.stats import is_ok, percentile
 from bench.workload import WorkloadSpec, generate
 from podstate.placement_store import MemoryPlacementStore, PlacementStore, RedisPlacementStore
-from scorer.demand import DemandSnapshot, DemandTracker
-from scorer.demand import merge_demand
+from scorer.demand import Demand, DemandKey, DemandSnapshot, DemandTracker, merge_demand
 from scorer.model import AdapterRef, PodState, RoutingRequest
 from scorer.placement import PlacementPlan, plan_placement
 from scorer.presets import PRESETS
@@ -89,14 +88,21 @@ def yesterday_snapshot(spec: WorkloadSpec, now: float | None = None, requests: i
     return tracker.snapshot("yesterday", at)
 
 
-def spec_plan(spec: WorkloadSpec, now: float | None = None) -> PlacementPlan:
-    """The plan for the spec's cluster (healthy pods ``pod-0`` …) from ``yesterday_snapshot``."""
-    now = time.time() if now is None else now
+def spec_inputs(spec: WorkloadSpec, now: float) -> tuple[Demand, dict[str, PodState], dict[DemandKey, int]]:
+    """What a plan for the spec's cluster is made of: yesterday's demand (merged), the cluster as
+    healthy PodStates ``pod-0`` …, and the adapters' ranks."""
     c = spec.cluster
     pods = {f"pod-{i}": PodState(f"pod-{i}", "", base_models=(c.base_model,), max_loras=c.max_loras,
                                  max_cpu_loras=c.max_cpu_loras, max_lora_rank=c.max_lora_rank) for i in range(c.pods)}
     ranks = {(c.base_model, name): rank for name, rank in spec.adapters.all()}
-    return plan_placement(merge_demand([yesterday_snapshot(spec, now)], now), pods, ranks=ranks, now=now)
+    return merge_demand([yesterday_snapshot(spec, now)], now), pods, ranks
+
+
+def spec_plan(spec: WorkloadSpec, now: float | None = None) -> PlacementPlan:
+    """The plan for the spec's cluster from yesterday's demand (``spec_inputs``)."""
+    now = time.time() if now is None else now
+    demand, pods, ranks = spec_inputs(spec, now)
+    return plan_placement(demand, pods, ranks=ranks, now=now)
 
 
 def demand_store(redis_url: str | None, demand_file: Path | None) -> PlacementStore:

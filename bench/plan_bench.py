@@ -29,10 +29,10 @@ import timeit
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.placement import yesterday_snapshot
+from bench.placement import spec_inputs, yesterday_snapshot
 from bench.workload import load_spec
 from scorer.demand import DemandTracker, merge_demand
-from scorer.model import AdapterRef, PodState, RoutingRequest
+from scorer.model import AdapterRef, RoutingRequest
 from scorer.placement import plan_placement
 
 SPECS = ("bench/specs/reference.yaml", "bench/specs/longtail.yaml")
@@ -56,19 +56,15 @@ def timed(fn: Callable[[int], object], n: int) -> tuple[float, float]:
 def bench(spec_path: str, n: int) -> dict[str, tuple[float, float]]:
     spec = load_spec(spec_path)
     now = time.time()
-    c = spec.cluster
-    pods = {f"pod-{i}": PodState(f"pod-{i}", "", base_models=(c.base_model,), max_loras=c.max_loras,
-                                 max_cpu_loras=c.max_cpu_loras, max_lora_rank=c.max_lora_rank) for i in range(c.pods)}
-    ranks = {(c.base_model, name): rank for name, rank in spec.adapters.all()}
+    demand, pods, ranks = spec_inputs(spec, now)
     snap = yesterday_snapshot(spec, now)
-    demand = merge_demand([snap], now)
     res = {"adapters": (float(len(demand.adapters)), 0.0)}
     res["plan, first"] = timed(lambda i: plan_placement(demand, pods, ranks=ranks, now=now), max(5, n // 5))
     prev = plan_placement(demand, pods, ranks=ranks, now=now)
     res["plan, recomputed"] = timed(lambda i: plan_placement(demand, pods, ranks=ranks, previous=prev, now=now), n)
     res["merge"] = timed(lambda i: merge_demand([snap], now), n)
     tracker = DemandTracker()
-    reqs = [RoutingRequest(AdapterRef(c.base_model, name, rank)) for name, rank in spec.adapters.all()]
+    reqs = [RoutingRequest(AdapterRef(spec.cluster.base_model, name, rank)) for name, rank in spec.adapters.all()]
     m = len(reqs)
     res["observe"] = timed(lambda i: tracker.observe(reqs[i % m], now + i * 0.001), 100 * n)
     return res
