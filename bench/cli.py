@@ -3,6 +3,7 @@
     loraroute bench workload SPEC --rate R [--requests N] [--out trace.jsonl]
     loraroute bench run SPEC (--policy NAME | --peer NAME | --direct) [--load 0.6 ...]
                          [--requests N] [--time-scale X] [--capacity R] [--remeasure]
+                         [--replicas N [--spread per-connection|per-request]]
     loraroute bench run SPEC --all [--load ...]       every preset and every installed peer
     loraroute bench run SPEC --policy NAME --placement [--no-persisted-demand] [--plan-weight W]
     loraroute bench report RESULTS... [--out DIR]
@@ -51,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", action="store_true",
                    help="serve every adapter's system prompts once before measuring (steady state); "
                         "results go to <spec>-warm/")
+    r.add_argument("--replicas", type=int, default=1,
+                   help="gateway replicas on the same store (--policy only; default 1)")
+    r.add_argument("--spread", choices=("per-connection", "per-request"), default="per-connection",
+                   help="how the client spreads requests over replicas, as a Service would: round-robin "
+                        "per new connection (default, kube-proxy IPVS) or per request")
     r.add_argument("--placement", action="store_true",
                    help="with the placer and the placement-plan scorer (policies only); the store is seeded "
                         "with yesterday's demand first, so a cold cluster is warmed before the replay")
@@ -106,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:>26}: {v}")
         return 0
     if args.cmd == "run":
+        if args.replicas < 1 or (args.replicas > 1 and not args.policy):
+            print("loraroute bench run: error: --replicas N (>= 1) needs --policy", file=sys.stderr)
+            return 2
         from bench import peers
         from bench.cluster import Target
         from bench.placement import PlacementOptions
@@ -124,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     print(f"skipping peer {name}: {reason}", file=sys.stderr)
         elif args.policy:
-            targets = [Target("policy", args.policy, placement=args.placement)]
+            targets = [Target("policy", args.policy, args.replicas, args.spread, placement=args.placement)]
         elif args.peer:
             targets = [Target("peer", args.peer)]
         else:

@@ -8,8 +8,9 @@
 3. Redis (``loraroute.services.start_redis``) and one ``loraroute sidecar`` per pod publishing
    PodState to it, as in production; when the sidecar command is not available the gateway's
    in-process monitors with the in-memory store are used instead (recorded as ``state_plane``);
-4. the router under test: ``loraroute gateway --config FILE`` with a preset, a peer router from
-   its own venv (``bench.peers``), or nothing (``direct``: requests go to pod 0).
+4. the router under test: ``loraroute gateway --config FILE`` with a preset (``start_gateways``:
+   one or several replicas, each its own process on its own port, all on the same store), a peer
+   router from its own venv (``bench.peers``), or nothing (``direct``: requests go to pod 0).
 
 Simulated time: every simulator duration is multiplied by ``time_scale`` (> 1 slows the clock,
 which leaves the CPU headroom so that client and router costs stay small against model time).
@@ -28,7 +29,7 @@ from typing import Any
 import yaml
 
 from bench import peers as peers_mod
-from bench.workload import WorkloadSpec
+from bench.workload import WorkloadSpec, sim_profile_args
 from loraroute import peft
 from loraroute.procs import Proc, consecutive_free_ports, free_port, http_ready, loraroute_cmd, start_process
 from loraroute.services import start_redis
@@ -43,17 +44,34 @@ class Pod:
 
 @dataclass
 class Target:
-    """What routes the requests: ``policy`` (our gateway preset, ``placement``: with the placer
-    and the placement-plan scorer), ``peer`` or ``direct``."""
+    """What routes the requests: ``policy`` (our gateway preset), ``peer`` or ``direct``.
+
+    ``replicas`` > 1 (policies only) runs that many gateway replicas on the same store, reached
+    as through a Service (``spread``: see ``bench.client.Spreader``); the label then reads
+    ``default-x4`` (per-connection) or ``default-x4-req`` (per-request). ``placement`` (policies
+    only) runs the placer and the placement-plan scorer (``bench.placement``); the label gains
+    ``+placement``."""
 
     kind: str
     name: str
+    replicas: int = 1
+    spread: str = "per-connection"
     placement: bool = False
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError("replicas must be >= 1")
+        if self.replicas > 1 and self.kind != "policy":
+            raise ValueError(f"--replicas applies to our gateway only, not to {self.kind} targets")
+        if self.placement and self.kind != "policy":
+            raise ValueError(f"--placement applies to our gateway only, not to {self.kind} targets")
 
     @property
     def label(self) -> str:
-        label = self.name if self.kind == "policy" else f"{self.kind}:{self.name}"
-        return f"{label}+placement" if self.placement else label
+        base = self.name if self.kind == "policy" else f"{self.kind}:{self.name}"
+        if self.replicas > 1:
+            base += f"-x{self.replicas}" + ("-req" if self.spread == "per-request" else "")
+        return f"{base}+placement" if self.placement else base
 
     @classmethod
     def parse(cls, label: str) -> Target:
@@ -116,7 +134,7 @@ class BenchCluster:
             "--model", c.base_model, "--enable-lora", "--allow-runtime-lora-updating",
             "--max-loras", str(c.max_loras), "--max-cpu-loras", str(c.max_cpu_loras),
             "--max-lora-rank", str(c.max_lora_rank), "--adapter-dir", str(adapter_dir),
-            "--time-scale", scale, "--seed", str(self.spec.seed), *c.sim_args,
+            "--time-scale", scale, "--seed", str(self.spec.seed), *sim_profile_args(c), *c.sim_args,
         )
         last = f"http://127.0.0.1:{base_port + n - 1}/health"
         self.sim_proc = start_process("sim", argv, ready_url=last, timeout=90, log_dir=self.log_dir)
@@ -175,11 +193,11 @@ class BenchCluster:
             "metrics": {"enabled": True},
         }
 
-    def start_gateway(self, policy: str, extra: dict[str, Any] | None = None, name: str | None = None,
+    def start_gateway(self, policy: str, replica: int | None = None, extra: dict[str, Any] | None = None,
                       ready_timeout: float = 30.0) -> Proc:
         """``extra``: top-level config sections that replace the generated ones (e.g. placement)."""
         port = free_port()
-        name = name or f"gateway-{policy}"
+        name = f"gateway-{policy}" if replica is None else f"gateway-{policy}-{replica}"
         cfg_path = self.work_dir / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump({**self.gateway_config(policy, port), **(extra or {})}, sort_keys=False))
         argv = loraroute_cmd("gateway", "--config", str(cfg_path))
@@ -190,6 +208,19 @@ class BenchCluster:
             self.state_plane = "gateway-monitors+memory"
         self._wait_gateway_ready(proc, ready_timeout)
         return proc
+
+    def start_gateways(self, policy: str, replicas: int,
+                       extras: list[dict[str, Any]] | None = None, ready_timeout: float = 30.0) -> list[Proc]:
+        """``replicas`` gateways with the same configuration on one store (Redis with sidecars);
+        ``extras[i]``: replica i's extra config sections (``start_gateway``).
+
+        Without sidecars each replica would monitor the pods itself into its own memory store,
+        which is not the shared set-up being measured, so several replicas need the sidecars."""
+        if replicas == 1:
+            return [self.start_gateway(policy, extra=extras[0] if extras else None, ready_timeout=ready_timeout)]
+        if self.redis_url is None:
+            raise RuntimeError("several gateway replicas need the sidecars and Redis (do not pass --no-sidecars)")
+        return [self.start_gateway(policy, i, extras[i] if extras else None, ready_timeout) for i in range(replicas)]
 
     def _wait_gateway_ready(self, proc: Proc, timeout: float = 30.0) -> None:
         """Until /ready answers 200 (every pod known), bounded."""

@@ -64,10 +64,13 @@ def pipeline_with_plan(preset: str, weight: float) -> dict[str, Any]:
             "scorers": [*base["scorers"], {"type": "placement-plan", "weight": weight}]}
 
 
-def gateway_settings(preset: str, opts: PlacementOptions, demand_file: Path | None) -> dict[str, Any]:
-    """Keys to merge into the benchmark gateway's config."""
-    # every action kept: the runner reads them all after the replay (bench/placement.py)
-    placement: dict[str, Any] = {"enabled": True, "replica_id": "bench-gateway", "actions_kept": 100_000,
+def gateway_settings(preset: str, opts: PlacementOptions, demand_file: Path | None,
+                     replica: int | None = None) -> dict[str, Any]:
+    """Keys to merge into the benchmark gateway's config (``replica``: its index among several,
+    which makes its replica id unique)."""
+    # every action kept: the runner reads them all after the replay
+    replica_id = "bench-gateway" if not replica else f"bench-gateway-{replica}"
+    placement: dict[str, Any] = {"enabled": True, "replica_id": replica_id, "actions_kept": 100_000,
                                  **opts.settings}
     if demand_file is not None:
         placement["demand"] = {**placement.get("demand", {}), "file": str(demand_file)}
@@ -128,6 +131,12 @@ def fetch_report(gateway_url: str, timeout: float = 30.0) -> dict[str, Any]:
                                  headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
         return json.loads(resp.read())
+
+
+def leader_report(gateway_urls: list[str]) -> dict[str, Any]:
+    """The placement report of the replica that leads (it holds the actions), else the first's."""
+    reports = [fetch_report(u) for u in gateway_urls]
+    return next((r for r in reports if r.get("is_leader")), reports[0])
 
 
 def max_window_stall(loads: list[dict[str, Any]], window_s: float) -> dict[str, float]:

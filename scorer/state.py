@@ -1,4 +1,4 @@
-"""The pipeline's own mutable state: in-flight counts, optimistic adapters, prefix index,
+"""The pipeline's own mutable state: in-flight counts, optimistic adapters, prefix indexes,
 the demand it has dispatched and the placement plan it was given.
 
 Owned by one ``Pipeline`` instance (no globals). ``Pipeline.adopt_state_from`` hands the same
@@ -14,6 +14,7 @@ from operator import is_
 from typing import TYPE_CHECKING
 
 from scorer.demand import DemandTracker
+from scorer.kv_index import KVBlockIndex
 from scorer.model import PodState, RoutingRequest
 from scorer.prefix import DEFAULT_BLOCK_CHARS, PrefixIndex, pod_capacity_blocks
 from scorer.view import PodView, slot_state
@@ -67,6 +68,9 @@ class LocalState:
         self.max_sessions = max_sessions
         self.prefill_s_per_token = prefill_s_per_token
         self.prefix = PrefixIndex(block_chars)
+        # the precise index: filled from the pods' KV events by whoever runs a KV feed
+        # (podstate.kv_store / podstate.kv_events), read by the precise-prefix scorer
+        self.kv = KVBlockIndex()
         self.pods: dict[str, PodLocal] = {}
         self.views: dict[str, PodView] = {}
         self.sessions: OrderedDict[str, str] = OrderedDict()
@@ -249,6 +253,7 @@ class LocalState:
         self.inc_pods.discard(pod_id)
         self.views.pop(pod_id, None)
         self.prefix.forget(pod_id)
+        self.kv.forget(pod_id)
         stale = [k for k, p in self.sessions.items() if p == pod_id]
         for k in stale:
             del self.sessions[k]

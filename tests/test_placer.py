@@ -85,8 +85,8 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchClu
 
 def test_two_gateways_one_leader_warm_up_shared_demand_and_failover(redis_cluster: BenchCluster) -> None:
     cl = redis_cluster
-    a = cl.start_gateway("default", settings(cl, "gw-a"), name="gw-a", ready_timeout=60)
-    b = cl.start_gateway("default", settings(cl, "gw-b"), name="gw-b", ready_timeout=60)
+    a = cl.start_gateway("default", 0, settings(cl, "gw-a"), ready_timeout=60)
+    b = cl.start_gateway("default", 1, settings(cl, "gw-b"), ready_timeout=60)
     # one leader, and both replicas agree on who it is
     reports = wait_for("one leader", lambda: (ra := report(a), rb := report(b)) and
                        ra["leader"] == rb["leader"] and ra["is_leader"] != rb["is_leader"] and (ra, rb))
@@ -133,7 +133,7 @@ def test_two_gateways_one_leader_warm_up_shared_demand_and_failover(redis_cluste
 
 
 def test_admin_placement_needs_the_admin_key(redis_cluster: BenchCluster) -> None:
-    gw = redis_cluster.start_gateway("default", settings(redis_cluster, "gw-c"), name="gw-c", ready_timeout=60)
+    gw = redis_cluster.start_gateway("default", 2, settings(redis_cluster, "gw-c"), ready_timeout=60)
     r = httpx.get(gw.url + "/admin/placement", timeout=10)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_key"
     r = httpx.get(gw.url + "/admin/demand", headers={"Authorization": "Bearer wrong"}, timeout=10)
@@ -153,7 +153,7 @@ def test_without_sidecars_the_placer_loads_through_vllm_within_its_rules(tmp_pat
             extra = settings(cl, "gw-plain", adapter_dir=str(cl.work_dir / "adapters"),
                              warmup={"enabled": False},
                              preload={"max_busy": 0, "stall_budget_s": 0.2, "budget_window_s": 60.0})
-            gw = cl.start_gateway("default", extra, name="gw-plain", ready_timeout=60)
+            gw = cl.start_gateway("default", extra=extra, ready_timeout=60)
             rep = wait_for("pre-loads on the idle pod", lambda: (r := report(gw)) and
                            any(x["outcome"] == "loaded" and x["pod"] == "pod-1" for x in r["actions"]) and
                            any(x["outcome"] == "skipped" and x["pod"] == "pod-1" and x["reason"].startswith("budget")

@@ -9,6 +9,7 @@ from scorer.plugins import (  # noqa: F401
     lora_affinity,
     max_score,
     placement_plan,
+    precise_prefix,
     prefix_cache,
     queue,
     random_pick,
