@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.placement_config import PlacementConfig
 from gateway.placement_loader import AdapterLoader
+from podstate.background import Background
 from podstate.placement_store import PlacementStore, PlacerStatus
 from scorer.demand import Demand, DemandSnapshot, merge_demand, resume_from
 from scorer.model import PodState
@@ -152,6 +153,18 @@ def is_fresh(state: PodState) -> bool:
     return not (state.gpu_adapters or state.cpu_adapters or state.running_adapters or state.loading_adapters)
 
 
+class _Cycles(Background):
+    """The placer's loop as a background task (``Background`` starts and cancels it)."""
+
+    task_name = "placer"
+
+    def __init__(self, placer: Placer) -> None:
+        self.placer = placer
+
+    async def _run(self) -> None:
+        await self.placer.loop()
+
+
 class Placer:
     def __init__(self, gw: Gateway, config: PlacementConfig, store: PlacementStore,
                  replica_id: str | None = None) -> None:
@@ -184,7 +197,7 @@ class Placer:
         self._stall_by_rank: dict[int, float] = {}
         self._next_refresh = 0.0
         self._pods_key: tuple[Any, ...] = ()
-        self._task: asyncio.Task[None] | None = None
+        self._cycles = _Cycles(self)
         self.starting = config.warmup.enabled
         self.resumed = 0  # adapters whose persisted counts this replica took over at start
         self._started = 0.0
@@ -204,14 +217,10 @@ class Placer:
             log.info("no live replica in the store: resuming the persisted demand of %d adapters", self.resumed)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.cycle(), timeout=max(5.0, 3 * cfg.interval_s))
-        self._task = asyncio.create_task(self._loop(), name="placer")
+        self._cycles.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._cycles.close()
         for task in list(self._loads.values()):
             task.cancel()
         for task in list(self._loads.values()):
@@ -225,7 +234,8 @@ class Placer:
         self.is_leader = False
         await self.store.close()
 
-    async def _loop(self) -> None:
+    async def loop(self) -> None:
+        """A cycle every ``interval_s`` until cancelled."""
         while True:
             await asyncio.sleep(self.config.interval_s)
             try:
