@@ -25,7 +25,7 @@ demand one of three roles, in this order:
 
 Choosing pods (hot replicas, warm homes), most demanded adapters first: the pods the previous
 plan gave the adapter keep it while they have a free slot and their planned traffic stays within
-``load_slack`` × their fair share (so a plan recomputed every second does not move adapters
+``load_slack`` × their fair share (so a plan recomputed every few seconds does not move adapters
 around); the other replicas go to the least loaded pods with a free slot within that bound (ties
 in rendezvous order), which balances the planned traffic like longest-processing-time-first
 scheduling; if none is within the bound, to the least loaded pods with a free slot. Eligible pods:
