@@ -209,7 +209,7 @@ class Gateway:
             else:
                 self.pods[pod_id] = state
 
-    # --- placement helpers ------------------------------------------------------------------------
+    # --- what the placer reads and tells ---------------------------------------------------------
     def adapter_ranks(self) -> dict[DemandKey, int]:
         """(served base, served adapter) -> rank, from the allowlist (adapters with a rank)."""
         return {(b.vllm_name, a.vllm_name): a.rank for b in self.runtime.config.bases for a in b.adapters

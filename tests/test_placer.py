@@ -93,11 +93,11 @@ def test_two_gateways_one_leader_warm_up_shared_demand_and_failover(redis_cluste
     leader, follower = (a, b) if reports[0]["is_leader"] else (b, a)
     # the cold pods were warmed with yesterday's demand before taking traffic: no request has
     # been sent yet, and every pod already holds what the plan gives it
-    lead = report(leader)
-    warm_loads = [x for x in lead["actions"] if x["phase"] == "warmup" and x["outcome"] == "loaded"]
+    on_leader = report(leader)
+    warm_loads = [x for x in on_leader["actions"] if x["phase"] == "warmup" and x["outcome"] == "loaded"]
     assert warm_loads and all("via sidecar" in x["reason"] for x in warm_loads)
     resident = sim_resident(cl)
-    for pod_id, pod in lead["pods"].items():
+    for pod_id, pod in on_leader["pods"].items():
         planned = set(pod["planned_gpu"]) | set(pod["planned_cpu"])
         assert planned and planned <= resident[pod_id], (pod_id, planned, resident[pod_id])
         assert not pod["held"] and not pod["warming"]
@@ -105,9 +105,9 @@ def test_two_gateways_one_leader_warm_up_shared_demand_and_failover(redis_cluste
         assert httpx.get(gw.url + "/ready", timeout=5).status_code == 200
     # the plan routes: every replica computed the same plan from the same inputs
     assert {x["adapter"]: x["pods"] for x in report(follower)["plan"]["adapters"]} == {
-        x["adapter"]: x["pods"] for x in lead["plan"]["adapters"]}
+        x["adapter"]: x["pods"] for x in on_leader["plan"]["adapters"]}
     # demand counted by the follower is seen by the leader
-    adapter = lead["plan"]["adapters"][-1]["adapter"]
+    adapter = on_leader["plan"]["adapters"][-1]["adapter"]
 
     def last_seen_at(gw: Proc) -> float:
         d = httpx.get(gw.url + "/admin/demand?limit=1000", headers=ADMIN, timeout=10).json()
@@ -125,7 +125,7 @@ def test_two_gateways_one_leader_warm_up_shared_demand_and_failover(redis_cluste
     # the leader dies without a word: the follower takes the lease once it lapses
     leader.stop(sig=signal.SIGKILL)
     t0 = time.monotonic()
-    wait_for("the follower to lead", lambda: report(follower)["is_leader"], timeout=15)
+    wait_for("the follower to take the lease", lambda: report(follower)["is_leader"], timeout=15)
     assert time.monotonic() - t0 < 1.5 + 3 * 0.3 + 5.0
     metrics = httpx.get(follower.url + "/metrics", timeout=10).text
     assert "loraroute_placement_leader 1.0" in metrics
