@@ -5,7 +5,9 @@
                          [--requests N] [--time-scale X] [--capacity R] [--remeasure]
                          [--replicas N [--spread per-connection|per-request]]
     loraroute bench run SPEC --all [--load ...]       every preset and every installed peer
+    loraroute bench run SPEC --policy NAME --placement [--no-persisted-demand] [--plan-weight W]
     loraroute bench report RESULTS... [--out DIR]
+    loraroute bench plan SPEC                         the placement plan from yesterday's demand
     loraroute bench overhead [--requests 300] [--peers all|none|NAME,...] [--out FILE]
     loraroute bench peers setup [NAME ...] | loraroute bench peers list
     loraroute bench gpu ...                           the offline GPU kit (bench/gpu/cli.py)
@@ -56,12 +58,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--spread", choices=("per-connection", "per-request"), default="per-connection",
                    help="how the client spreads requests over replicas, as a Service would: round-robin "
                         "per new connection (default, kube-proxy IPVS) or per request")
+    r.add_argument("--placement", action="store_true",
+                   help="with the placer and the placement-plan scorer (policies only); the store is seeded "
+                        "with yesterday's demand first, so a cold cluster is warmed before the replay")
+    r.add_argument("--no-persisted-demand", action="store_true",
+                   help="with --placement: start without yesterday's demand (the placer learns it live)")
+    r.add_argument("--plan-weight", type=float, default=0.5, help="weight of the placement-plan scorer (0.5)")
     r.add_argument("--keep-logs", action="store_true")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
     rp = sub.add_parser("report", help="Markdown tables and PNG plots from result files")
     rp.add_argument("results", nargs="+", type=Path)
     rp.add_argument("--out", type=Path, default=None)
+
+    pl = sub.add_parser("plan", help="the placement plan a cluster of the spec gets from yesterday's demand")
+    pl.add_argument("spec", type=Path)
 
     o = sub.add_parser("overhead", help="added latency and max rate of each router on zero-delay pods")
     o.add_argument("--requests", type=int, default=300, help="sequential requests per mode (default 300)")
@@ -113,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from bench import peers
         from bench.cluster import Target
+        from bench.placement import PlacementOptions
         from bench.runner import RunOptions, run
+
+        if args.placement and not args.policy:
+            print("--placement needs --policy (peers and direct have no placer)", file=sys.stderr)
+            return 2
 
         if args.all:
             targets = [Target("policy", p) for p in PRESETS]
@@ -124,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     print(f"skipping peer {name}: {reason}", file=sys.stderr)
         elif args.policy:
-            targets = [Target("policy", args.policy, args.replicas, args.spread)]
+            targets = [Target("policy", args.policy, args.replicas, args.spread, placement=args.placement)]
         elif args.peer:
             targets = [Target("peer", args.peer)]
         else:
@@ -136,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 time_scale=args.time_scale, capacity=args.capacity, remeasure=args.remeasure,
                 out_dir=args.out_dir, progress=not args.quiet, keep_logs=args.keep_logs,
                 sidecars=False if args.no_sidecars else None, warmup=args.warmup,
+                placement=PlacementOptions(weight=args.plan_weight, persisted=not args.no_persisted_demand),
             )
             written += run(opts)
         for path in written:
@@ -145,6 +162,18 @@ def main(argv: list[str] | None = None) -> int:
         from bench.report import build_report
 
         print(build_report(args.results, args.out))
+        return 0
+    if args.cmd == "plan":
+        from bench.placement import spec_plan
+        from bench.workload import load_spec
+
+        plan = spec_plan(load_spec(args.spec))
+        roles = plan.role_counts()
+        print(f"roles: {roles['hot']} hot, {roles['warm']} warm, {roles['tail']} tail (with demand)")
+        hot = sorted((a for a in plan.adapters.values() if a.role == "hot"), key=lambda a: -a.share)
+        print("hot replicas: " + ", ".join(f"{a.adapter} x{len(a.pods)}" for a in hot))
+        for pod_id, pp in sorted(plan.pods.items()):
+            print(f"{pod_id}: planned share {pp.load:.3f}, GPU {', '.join(pp.gpu) or '-'}; CPU {', '.join(pp.cpu) or '-'}")
         return 0
     if args.cmd == "overhead":
         from bench.overhead import OverheadOptions, run_overhead

@@ -48,25 +48,30 @@ class Target:
 
     ``replicas`` > 1 (policies only) runs that many gateway replicas on the same store, reached
     as through a Service (``spread``: see ``bench.client.Spreader``); the label then reads
-    ``default-x4`` (per-connection) or ``default-x4-req`` (per-request)."""
+    ``default-x4`` (per-connection) or ``default-x4-req`` (per-request). ``placement`` (policies
+    only) runs the placer and the placement-plan scorer (``bench.placement``); the label gains
+    ``+placement``."""
 
     kind: str
     name: str
     replicas: int = 1
     spread: str = "per-connection"
+    placement: bool = False
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError("replicas must be >= 1")
         if self.replicas > 1 and self.kind != "policy":
             raise ValueError(f"--replicas applies to our gateway only, not to {self.kind} targets")
+        if self.placement and self.kind != "policy":
+            raise ValueError(f"--placement applies to our gateway only, not to {self.kind} targets")
 
     @property
     def label(self) -> str:
         base = self.name if self.kind == "policy" else f"{self.kind}:{self.name}"
-        if self.replicas == 1:
-            return base
-        return f"{base}-x{self.replicas}" + ("-req" if self.spread == "per-request" else "")
+        if self.replicas > 1:
+            base += f"-x{self.replicas}" + ("-req" if self.spread == "per-request" else "")
+        return f"{base}+placement" if self.placement else base
 
     @classmethod
     def parse(cls, label: str) -> Target:
@@ -74,7 +79,8 @@ class Target:
             return cls("peer", label[5:])
         if label == "direct":
             return cls("direct", "direct")
-        return cls("policy", label.removeprefix("policy:"))
+        name = label.removeprefix("policy:")
+        return cls("policy", name.removesuffix("+placement"), placement=name.endswith("+placement"))
 
 
 def make_adapters(spec: WorkloadSpec, root: Path) -> Path:
@@ -191,30 +197,34 @@ class BenchCluster:
             "metrics": {"enabled": True},
         }
 
-    def start_gateway(self, policy: str, replica: int | None = None) -> Proc:
+    def start_gateway(self, policy: str, replica: int | None = None, extra: dict[str, Any] | None = None,
+                      ready_timeout: float = 30.0) -> Proc:
+        """``extra``: top-level config sections that replace the generated ones (e.g. placement)."""
         port = free_port()
         name = f"gateway-{policy}" if replica is None else f"gateway-{policy}-{replica}"
         cfg_path = self.work_dir / f"{name}.yaml"
-        cfg_path.write_text(yaml.safe_dump(self.gateway_config(policy, port), sort_keys=False))
+        cfg_path.write_text(yaml.safe_dump({**self.gateway_config(policy, port), **(extra or {})}, sort_keys=False))
         argv = loraroute_cmd("gateway", "--config", str(cfg_path))
         proc = start_process(name, argv, port=port,
                              ready_url=f"http://127.0.0.1:{port}/health", timeout=60, log_dir=self.log_dir)
         self.procs.append(proc)
         if self.state_plane == "none":
             self.state_plane = "gateway-monitors+memory"
-        self._wait_gateway_ready(proc)
+        self._wait_gateway_ready(proc, ready_timeout)
         return proc
 
-    def start_gateways(self, policy: str, replicas: int) -> list[Proc]:
-        """``replicas`` gateways with the same configuration on one store (Redis with sidecars).
+    def start_gateways(self, policy: str, replicas: int,
+                       extras: list[dict[str, Any]] | None = None, ready_timeout: float = 30.0) -> list[Proc]:
+        """``replicas`` gateways with the same configuration on one store (Redis with sidecars);
+        ``extras[i]``: replica i's extra config sections (``start_gateway``).
 
         Without sidecars each replica would monitor the pods itself into its own memory store,
         which is not the shared set-up being measured, so several replicas need the sidecars."""
         if replicas == 1:
-            return [self.start_gateway(policy)]
+            return [self.start_gateway(policy, extra=extras[0] if extras else None, ready_timeout=ready_timeout)]
         if self.redis_url is None:
             raise RuntimeError("several gateway replicas need the sidecars and Redis (do not pass --no-sidecars)")
-        return [self.start_gateway(policy, i) for i in range(replicas)]
+        return [self.start_gateway(policy, i, extras[i] if extras else None, ready_timeout) for i in range(replicas)]
 
     def _wait_gateway_ready(self, proc: Proc, timeout: float = 30.0) -> None:
         """Until /ready answers 200 (every pod known), bounded."""
@@ -237,8 +247,9 @@ class BenchCluster:
         return proc
 
     # ------------------------------------------------------------------ ground truth
-    def sim_state(self, pod: Pod) -> dict[str, Any]:
-        return get_json(pod.url + "/sim/state")
+    def sim_state(self, pod: Pod, limit: int | None = None) -> dict[str, Any]:
+        """``GET /sim/state`` (``limit=0``: the counters and tiers without the request records)."""
+        return get_json(pod.url + "/sim/state" + (f"?limit={limit}" if limit is not None else ""))
 
     def pids(self) -> dict[str, int]:
         out: dict[str, int] = {}

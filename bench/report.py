@@ -6,9 +6,14 @@ not as a result). Writes ``DIR/report.md`` (default DIR: the common folder of th
 - ``ttft_cdf_loadNN.png``: the TTFT CDF of every target at load NN % (log x axis);
 - ``p99_vs_load.png``: p99 TTFT against load, one line per target;
 - ``hit_rates.png``: adapter GPU hit rate and prefix hit rate per target, one panel per load;
+- ``disk_admissions_loadNN.png``: cumulative disk-tier admissions over the replay per target, with
+  the two references of ``bench.bounds`` (compulsory first uses, one cluster-wide LRU);
+- ``p99_by_workload.png``: p99 TTFT per target, grouped by workload (spec, and "warm" for
+  steady-state runs) — with and without placement side by side;
 - for overhead results (``meta.kind == "overhead"``): ``overhead.png``, added latency per target.
 
-Columns of the load tables are defined in ``bench.stats`` (simulated seconds).
+Columns of the load tables are defined in ``bench.stats`` (simulated seconds); the bound table's
+in ``bench.bounds``; the placement table's in ``bench.placement``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.bounds import admissions_over_time, bound_summary
 from bench.stats import is_ok, summarize
 
 
@@ -84,6 +90,39 @@ def load_table(summaries: Sequence[dict[str, Any]]) -> str:
             f"{_f(s['router_cpu_pct'], 0)} % | {_f(s['machine_busy_pct'], 0)} % |\n"
         )
     return "".join(rows)
+
+
+def bound_table(docs: Sequence[dict[str, Any]]) -> str:
+    """Disk-tier admissions per target against the trace's two references (``bench.bounds``)."""
+    rows = ["| target | disk-tier admissions | compulsory first uses | cluster LRU (capacity) | admissions / LRU | "
+            "disk loads in the replay (placement's) |\n|---|---|---|---|---|---|\n"]
+    for doc in sorted(docs, key=lambda d: d["meta"]["target"]):
+        b = bound_summary(doc)
+        placed = (doc.get("placement") or {}).get("by_phase", {}).get("preload", {}).get("loads")
+        loads = "–" if b["disk_loads"] is None else f"{b['disk_loads']}" + (f" ({placed})" if placed else "")
+        rows.append(f"| {doc['meta']['target']} | {b['disk_admissions']} | {b['compulsory']} | "
+                    f"{b['cluster_lru']} ({b['capacity']}) | {_f(b['admissions_over_lru'], 2)} | {loads} |\n")
+    return "".join(rows)
+
+
+def placement_table(docs: Sequence[dict[str, Any]]) -> str:
+    """What the placer did in each run with placement (stall in wall seconds, as budgeted)."""
+    rows = ["| target | warm-up loads (stall) | pre-loads (stall) | pre-loads skipped | worst pod's pre-load stall "
+            "in one window / budget | requests sharing a pod with a pre-load | their TTFT p99 |\n"
+            "|---|---|---|---|---|---|---|\n"]
+    for doc in sorted(docs, key=lambda d: d["meta"]["target"]):
+        p = doc.get("placement")
+        if not p:
+            continue
+        phase = p.get("by_phase", {})
+        w, pre = phase.get("warmup", {}), phase.get("preload", {})
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted((p.get("skipped") or {}).items()) if v) or "none"
+        worst = max((p.get("max_window_stall_by_pod") or {}).values(), default=0.0)
+        rows.append(f"| {doc['meta']['target']} | {w.get('loads', 0)} ({_f(w.get('stall_s', 0.0), 2)} s) | "
+                    f"{pre.get('loads', 0)} ({_f(pre.get('stall_s', 0.0), 2)} s) | {skipped} | "
+                    f"{_f(worst, 2)} s / {_f(p.get('budget_s'), 1)} s per {_f(p.get('window_s'), 0)} s | "
+                    f"{p.get('requests_sharing_a_load', 0)} | {_ms(p.get('ttft_p99_sharing_a_load'))} ms |\n")
+    return "".join(rows) if len(rows) > 1 else ""
 
 
 def cpu_table(summaries: Sequence[dict[str, Any]]) -> str:
@@ -176,6 +215,46 @@ def plot_hit_rates(summaries: Sequence[dict[str, Any]], path: Path, title: str) 
     return path
 
 
+def plot_admissions(docs: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    refs = None
+    for doc in sorted(docs, key=lambda d: d["meta"]["target"]):
+        curve = admissions_over_time(doc)
+        ax.step(curve["t"], curve["measured"], where="post", label=doc["meta"]["target"], linewidth=1.4)
+        refs = refs or curve
+    if refs is not None:
+        ax.step(refs["t"], refs["cluster_lru"], where="post", label="cluster LRU (reference)", color="black",
+                linestyle="--", linewidth=1.2)
+        ax.step(refs["t"], refs["compulsory"], where="post", label="compulsory first uses", color="grey",
+                linestyle=":", linewidth=1.2)
+    ax.set_xlabel("simulated seconds since the first arrival")
+    ax.set_ylabel("disk-tier admissions (cumulative)")
+    return _finish(plt, fig, ax, path, title)
+
+
+def workload_label(doc: dict[str, Any]) -> str:
+    meta = doc["meta"]
+    return f"{meta.get('spec', '?')}{' warm' if meta.get('warmup_requests') else ''} @{int(round(100 * float(meta['load'])))}%"
+
+
+def plot_p99_by_workload(docs: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    plt = _plt()
+    groups = sorted({workload_label(d) for d in docs})
+    targets = sorted({d["meta"]["target"] for d in docs})
+    p99 = {(workload_label(d), d["meta"]["target"]): summarize(d)["ttft_p99"] for d in docs}
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(groups) * max(1, len(targets)) / 2), 4.5))
+    width = 0.8 / max(1, len(targets))
+    for j, target in enumerate(targets):
+        xs = [i + j * width for i in range(len(groups))]
+        ax.bar(xs, [p99.get((g, target)) or 0.0 for g in groups], width=width, label=target)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("p99 TTFT (simulated seconds, log scale)")
+    return _finish(plt, fig, ax, path, title)
+
+
 def overhead_section(doc: dict[str, Any], out: Path, png: str = "overhead.png") -> str:
     """Markdown for one overhead result document (see bench.overhead)."""
     meta = doc["meta"]
@@ -247,7 +326,8 @@ def build_report(inputs: Sequence[str | Path], out_dir: Path | None = None) -> P
     runs = [d for d in docs if "requests" in d and d["meta"].get("kind") != "overhead"]
     by_spec: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for d in runs:
-        by_spec[d["meta"].get("spec", "?")].append(d)
+        # a steady-state run (--warmup) is its own workload: cold and warm rows never share a table
+        by_spec[d["meta"].get("spec", "?") + ("-warm" if d["meta"].get("warmup_requests") else "")].append(d)
     all_summaries: list[dict[str, Any]] = []
     for spec, sdocs in sorted(by_spec.items()):
         summaries = [summarize(d) for d in sdocs]
@@ -271,9 +351,20 @@ def build_report(inputs: Sequence[str | Path], out_dir: Path | None = None) -> P
             name = f"{prefix}ttft_cdf_load{int(round(100 * load)):02d}.png"
             plot_cdf(ldocs, out_dir / name, f"{spec}: TTFT CDF at {int(round(100 * load))} % load")
             parts.append(f"![TTFT CDF at {int(round(100 * load))} %]({name})\n\n")
+            parts.append("Disk-tier admissions against the bounds of the same trace (`bench.bounds`):\n\n"
+                         + bound_table(ldocs) + "\n")
+            placed = placement_table(ldocs)
+            if placed:
+                parts.append("What the placer did (stall in wall seconds, as budgeted):\n\n" + placed + "\n")
+            name = f"{prefix}disk_admissions_load{int(round(100 * load)):02d}.png"
+            plot_admissions(ldocs, out_dir / name, f"{spec}: disk-tier admissions at {int(round(100 * load))} % load")
+            parts.append(f"![disk-tier admissions at {int(round(100 * load))} %]({name})\n\n")
         p99 = plot_p99_vs_load(summaries, out_dir / f"{prefix}p99_vs_load.png", f"{spec}: p99 TTFT vs load")
         hits = plot_hit_rates(summaries, out_dir / f"{prefix}hit_rates.png", f"{spec}: hit rates")
         parts.append(f"![p99 TTFT vs load]({p99.name})\n\n![hit rates]({hits.name})\n\n")
+    if runs:
+        plot_p99_by_workload(runs, out_dir / "p99_by_workload.png", "p99 TTFT by workload")
+        parts.append("![p99 TTFT by workload](p99_by_workload.png)\n\n")
     overheads = [d for d in docs if d["meta"].get("kind") == "overhead"]
     for i, d in enumerate(overheads):
         png = "overhead.png" if len(overheads) == 1 else f"overhead_{i + 1}.png"

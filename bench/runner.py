@@ -31,6 +31,15 @@ closed-loop with ``32 × pods`` requests always in flight; capacity = requests c
 the 20 % and the 80 % completion marks / the simulated time between them (the steady state,
 without ramp-up and drain).
 
+Disk-tier admissions against two references from the same trace (compulsory first uses, one
+LRU cache of the cluster's ``pods × max_cpu_loras`` entries): ``bench.bounds``, in ``doc["bounds"]``,
+with the simulator's disk loads during the replay (``meta.sim_disk_loads``).
+
+With placement (``Target.placement``, ``--placement``): the gateway runs the placer and the
+``placement-plan`` scorer (``bench.placement``); yesterday's demand is seeded into the store first
+(``--no-persisted-demand``: not), so a cold cluster is warmed before the replay; what the placer
+did is in ``doc["placement"]``.
+
 Lower bound per request: ``vllm_sim.costs.ideal_ttft(profile, prompt_tokens, cached, lora=True)``
 (the spec's ``cluster.profile`` and ``cluster.cost``) where
 ``cached`` is the block-aligned token length of the request's shareable prefix (its system prompt
@@ -53,6 +62,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import peers as peers_mod
+from bench import placement as placement_mod
+from bench.bounds import bound_summary
 from bench.client import ReplayConfig, RequestResult, closed_loop, replay
 from bench.cluster import BenchCluster, Target
 from bench.procstats import CpuMeter
@@ -92,6 +103,7 @@ class RunOptions:
     keep_logs: bool = False
     sidecars: bool | None = None
     warmup: bool = False      # steady state: every adapter's system prompts served once first
+    placement: placement_mod.PlacementOptions = field(default_factory=placement_mod.PlacementOptions)
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -232,11 +244,25 @@ def _replay_cfg(router_urls: list[str], target: Target, spec: WorkloadSpec, opts
     )
 
 
-def _start_router(cluster: BenchCluster, target: Target) -> tuple[list[str], str | None]:
+def _start_router(cluster: BenchCluster, target: Target,
+                  placement: placement_mod.PlacementOptions | None = None) -> tuple[list[str], str | None]:
     """(URLs of the router's replicas, api key) of the router under test; its processes are
-    named ``router`` (one) or ``router:<i>`` (several replicas) for the CPU meter."""
+    named ``router`` (one) or ``router:<i>`` (several replicas) for the CPU meter. With
+    ``target.placement`` yesterday's demand is seeded first (unless ``placement.persisted`` is
+    off) and the gateways wait for their warm-up before they count as ready."""
     if target.kind == "policy":
-        procs = cluster.start_gateways(target.name, target.replicas)
+        extras = None
+        ready_timeout = 30.0
+        if target.placement:
+            opts = placement or placement_mod.PlacementOptions()
+            demand_file = None if cluster.redis_url else cluster.work_dir / "demand.json"
+            if opts.persisted:
+                placement_mod.seed_demand(placement_mod.yesterday_snapshot(cluster.spec), cluster.redis_url,
+                                          demand_file)
+            extras = [placement_mod.gateway_settings(target.name, opts, demand_file, i)
+                      for i in range(target.replicas)]
+            ready_timeout = 300.0  # the warm-up of every pod before it takes traffic
+        procs = cluster.start_gateways(target.name, target.replicas, extras, ready_timeout)
         for i, proc in enumerate(procs):
             proc.name = "router" if len(procs) == 1 else f"router:{i}"
         return [p.url for p in procs], None
@@ -331,13 +357,15 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
     label = f"{target.label} @{int(round(load * 100))}%"
     with BenchCluster(spec, work_dir / f"{target.label.replace(':', '-')}-{load}",
                       time_scale=opts.time_scale, sidecars=opts.sidecars) as cl:
-        urls, key = _start_router(cl, target)
+        urls, key = _start_router(cl, target, opts.placement)
         warmed = 0
         if opts.warmup:
             warm = warmup_trace(spec)
             wcfg = _replay_cfg(urls, target, spec, opts, f"{label} warm-up", key)
             warm_results = asyncio.run(closed_loop(warm, wcfg, 2 * spec.cluster.pods))
             warmed = sum(r.error is None for r in warm_results)
+        loads_before = sum(int(cl.sim_state(pod, limit=0).get("disk_loads", 0)) for pod in cl.pods)
+        mono_offset = time.time() - time.monotonic()
         meter = CpuMeter({**cl.pids(), "client": os.getpid()}, own_only={"client"})
         meter.start()
         t0 = time.monotonic()
@@ -352,6 +380,8 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
                 states[pod.id] = {"error": str(e)[:200]}
         state_plane = cl.state_plane
         pods = [p.id for p in cl.pods]
+        report = placement_mod.leader_report(urls) if target.placement else None
+    loads_after = sum(int(st.get("disk_loads", 0)) for st in states.values())
     profile = sim_profile(spec.cluster)
     rows = request_rows(trace, results)
     found = join_ground_truth(rows, states)
@@ -369,11 +399,16 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
             "replica_requests": _replica_counts(rows, target.replicas),
             "ground_truth_joined": found, "warmup_requests": warmed, "wall_s": round(wall, 2), "cpu": cpu_grouped,
             "cluster": spec.to_dict()["cluster"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "code_version": code_version(), **opts.extra_meta,
+            "code_version": code_version(),
+            "sim_disk_loads": {"before": loads_before, "replay": loads_after - loads_before},
+            "placement": opts.placement.to_dict() if target.placement else None, **opts.extra_meta,
         },
         "requests": rows,
     }
     doc["summary"] = summarize(doc)
+    doc["bounds"] = bound_summary(doc)
+    if report is not None:
+        doc["placement"] = placement_mod.placement_summary(doc, report, mono_offset, t0)
     return doc
 
 
@@ -428,7 +463,9 @@ def run(opts: RunOptions) -> list[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(doc))
             s = doc["summary"]
-            print(_one_line(s), file=sys.stderr)
+            b = doc["bounds"]
+            print(_one_line(s) + f" disk-tier {b['disk_admissions']} (compulsory {b['compulsory']}, "
+                  f"cluster LRU {b['cluster_lru']})", file=sys.stderr)
             written.append(path)
     finally:
         if opts.keep_logs:

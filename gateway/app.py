@@ -7,7 +7,8 @@ docs/gateway.md); everything else goes to a small FastAPI app:
 - ``GET /v1/models`` — the bases and ``<base>:<adapter>`` names the caller may use.
 - ``GET /health`` (the process is up), ``GET /ready`` (started, with at least one routable pod),
   ``GET /metrics`` (Prometheus).
-- ``GET /admin/decisions``, ``GET /admin/pods``, ``POST /admin/reload`` — admin key required
+- ``GET /admin/decisions``, ``GET /admin/pods``, ``POST /admin/reload``, ``GET /admin/demand``,
+  ``GET /admin/placement`` — admin key required
   (``Authorization: Bearer <admin key>`` or ``x-loraroute-admin-key: <admin key>``).
 
 Every error, including unknown routes and unexpected exceptions, is in OpenAI's shape; a stack
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.admin import admin_router
 from gateway.errors import APIError
 from gateway.metrics import CONTENT_TYPE
+from gateway.placement_admin import placement_router
 from gateway.proxy import CompletionsEndpoint, Receive, Scope, Send
 from gateway.service import Gateway
 
@@ -107,9 +109,15 @@ def _fastapi(gw: Gateway, manage_lifecycle: bool) -> FastAPI:
         healthy = [p for p, s in gw.pods.items() if s.healthy]
         if not gw.ready:
             return error_response(APIError(503, "the gateway is starting", code="not_ready"))
+        if gw.placer is not None and gw.placer.starting:
+            return error_response(APIError(
+                503, f"warming {len(gw.placer.held)} pod(s) up with their share of the demand before taking "
+                     "traffic; see GET /admin/placement", code="not_ready"))
         if not healthy:
-            return error_response(APIError(503, "no healthy pod with a fresh state yet; see GET /admin/pods",
-                                           code="no_pod_available"))
+            held = len(gw.placer.held) if gw.placer is not None else 0
+            why = (f"{held} pod(s) are held out of traffic while the placer warms them up; see GET /admin/placement"
+                   if held else "no healthy pod with a fresh state yet; see GET /admin/pods")
+            return error_response(APIError(503, why, code="no_pod_available"))
         return JSONResponse({"status": "ready", "pods": len(gw.pods), "healthy_pods": len(healthy),
                              "config_generation": gw.runtime.generation})
 
@@ -120,6 +128,7 @@ def _fastapi(gw: Gateway, manage_lifecycle: bool) -> FastAPI:
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE)
 
     api.include_router(admin_router(gw))
+    api.include_router(placement_router(gw))
     return api
 
 

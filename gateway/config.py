@@ -29,6 +29,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from gateway.placement_config import PlacementConfig
+
 ENV_PREFIX = "LORAROUTE__"
 
 #: Adapter names clients may use: a letter or digit first, then letters, digits, ``.``, ``_``, ``-``;
@@ -338,6 +340,8 @@ class GatewayConfig(_Strict):
     pipeline: str | dict[str, Any] = "default"
     ensure: EnsureConfig = EnsureConfig()
     metrics: MetricsConfig = MetricsConfig()
+    #: demand, placement plan and placer (gateway/placement_config.py, docs/placement.md)
+    placement: PlacementConfig = PlacementConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> GatewayConfig:

@@ -7,8 +7,9 @@ pipeline, config) that a reload replaces in one assignment, so requests in fligh
 snapshot they started with and nothing is locked.
 
 The routable set ``gw.pods`` (pod id -> PodState) holds the pods that have a discovery entry and a
-PodState in the store. It is maintained by listeners (store changes, discovery changes), never
-recomputed per request, and read without I/O.
+PodState in the store, less those the placer holds back while it warms them up (``placement``).
+It is maintained by listeners (store changes, discovery changes), never recomputed per request,
+and read without I/O.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ from gateway.config import ConfigError, GatewayConfig, StaticPod, load_config
 from gateway.discovery import Discovery, Endpoint, StaticDiscovery, StoreDiscovery
 from gateway.ensure import Ensurer
 from gateway.metrics import GatewayMetrics
+from gateway.placement_metrics import PlacementCollector
+from gateway.placer import Placer
 from gateway.policy import AccessPolicy
 from gateway.upstream import Upstream
+from podstate.placement_store import open_placement_store
 from podstate.store import PodStateStore
+from scorer.demand import Demand, DemandKey, merge_demand
 from scorer.model import Decision, PodState
 
 log = logging.getLogger("loraroute.gateway")
@@ -125,6 +130,13 @@ class Gateway:
         self._mtime = self._config_mtime()
         self.started_at = 0.0
         self.ready = False
+        self.placer: Placer | None = None
+        if config.placement.enabled:
+            pstore = open_placement_store(config.store.url, key_prefix=config.store.key_prefix,
+                                          file=config.placement.demand.file)
+            self.placer = Placer(self, config.placement, pstore)
+        self._configure_demand(config)
+        self.metrics.registry.register(PlacementCollector(self.current_demand, lambda: self.placer))
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -139,6 +151,8 @@ class Gateway:
         await self._sync_monitors()
         if self.config_path is not None and self.runtime.config.server.reload_poll_s > 0:
             self._watch_task = asyncio.create_task(self._watch_config(), name="config-watch")
+        if self.placer is not None:
+            await self.placer.start()
         self.ready = True
 
     async def close(self) -> None:
@@ -148,6 +162,8 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
             self._watch_task = None
+        if self.placer is not None:
+            await self.placer.close()
         for pod_id in list(self._monitors):
             await self._stop_monitor(pod_id)
         with contextlib.suppress(Exception):
@@ -163,20 +179,58 @@ class Gateway:
                 self.runtime.pipeline.forget_pod(pod_id)
             return
         if self._store_is_discovery or pod_id in self.endpoints:
+            if self.placer is not None and not self.placer.admits(pod_id, state):
+                self.pods.pop(pod_id, None)  # held while it warms up; back with refresh_routable
+                return
             self.pods[pod_id] = state
 
     def _on_endpoints(self, endpoints: Mapping[str, Endpoint]) -> None:
         self.endpoints = endpoints
-        view = self.store.view()
         for pod_id in [p for p in self.pods if p not in endpoints]:
             del self.pods[pod_id]
             self.runtime.pipeline.forget_pod(pod_id)
-        for pod_id in endpoints:
-            state = view.get(pod_id)
-            if state is not None:
-                self.pods[pod_id] = state
+        self.refresh_routable()
         if self.ready:
             asyncio.get_running_loop().create_task(self._sync_monitors())
+
+    def pod_states(self) -> dict[str, PodState]:
+        """Every discovered pod with a PodState, routable or held back (what placement plans for)."""
+        view = self.store.view()
+        if self._store_is_discovery:
+            return dict(view)
+        return {p: view[p] for p in self.endpoints if p in view}
+
+    def refresh_routable(self) -> None:
+        """Recompute ``pods`` from the store view (the placer changed which pods it holds)."""
+        placer = self.placer
+        for pod_id, state in self.pod_states().items():
+            if placer is not None and not placer.admits(pod_id, state):
+                self.pods.pop(pod_id, None)
+            else:
+                self.pods[pod_id] = state
+
+    # --- what the placer reads and tells ---------------------------------------------------------
+    def adapter_ranks(self) -> dict[DemandKey, int]:
+        """(served base, served adapter) -> rank, from the allowlist (adapters with a rank)."""
+        return {(b.vllm_name, a.vllm_name): a.rank for b in self.runtime.config.bases for a in b.adapters
+                if a.rank is not None}
+
+    def note_loaded(self, pod_id: str, adapter: str, rank: int | None) -> None:
+        """A load this gateway made through vLLM's API: tell the pod's in-process monitor."""
+        monitor = self._monitors.get(pod_id)
+        if monitor is not None:
+            monitor.note_loaded(adapter, rank)
+
+    def current_demand(self) -> Demand:
+        """The merged demand the placer last read; with placement off, this replica's own."""
+        if self.placer is not None and self.placer.demand is not None:
+            return self.placer.demand
+        now = time.time()
+        return merge_demand([self.runtime.pipeline.demand.snapshot("local", now)], now)
+
+    def _configure_demand(self, config: GatewayConfig) -> None:
+        d = config.placement.demand
+        self.runtime.pipeline.demand.configure(d.half_life_s, d.max_adapters)
 
     def endpoint(self, pod_id: str) -> Endpoint | None:
         """Where to send a request for ``pod_id``: the discovery entry, else the PodState's URLs."""
@@ -250,12 +304,14 @@ class Gateway:
                 ("discovery.kubernetes", old.config.discovery.kubernetes, new.discovery.kubernetes),
                 ("metrics.latency_buckets", old.config.metrics.latency_buckets, new.metrics.latency_buckets),
                 ("server.pool_per_pod", old.config.server.pool_per_pod, new.server.pool_per_pod),
+                ("placement", old.config.placement, new.placement),
             )
             if a != b
         ]
         if bool(old.config.discovery.static) != bool(new.discovery.static):
             restart.append("discovery.static (switching discovery kinds)")
         self.runtime = Runtime(new, AccessPolicy(new), pipeline, old.generation + 1)
+        self._configure_demand(new)
         self.upstream.configure(new.server)
         if self.decisions.maxlen != new.server.decisions_kept:
             self.decisions = collections.deque(self.decisions, maxlen=new.server.decisions_kept)

@@ -24,8 +24,9 @@ Every key is validated strictly; a ``ConfigError`` names the offending path
 (``pipeline.scorers[2].parameters.wieght: unknown key ...``).
 
 The ``Pipeline`` owns its mutable state (``scorer.state.LocalState``): the prefix index,
-in-flight counts, optimistic incoming adapters, session bindings. ``adopt_state_from`` hands that
-state to a pipeline rebuilt on config reload.
+in-flight counts, optimistic incoming adapters, session bindings, the per-adapter demand it has
+dispatched (``demand``) and the placement plan a placer installed (``set_plan``).
+``adopt_state_from`` hands that state to a pipeline rebuilt on config reload.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from time import perf_counter
 from typing import Any
 
 from scorer.decision import DecisionMeta, LazyDecision
+from scorer.demand import DemandTracker
 from scorer.errors import ConfigError
 from scorer.model import Decision, PodState, RoutingRequest
 from scorer.params import Param, unknown_key, validate_params
+from scorer.placement import PlacementPlan
 from scorer.plugin import Filter, Picker, Scorer
 from scorer.prefix import DEFAULT_BLOCK_CHARS, prompt_block_hashes
 from scorer.presets import PRESETS
@@ -109,6 +112,15 @@ class Pipeline:
     @property
     def local(self) -> LocalState:
         return self._local
+
+    @property
+    def demand(self) -> DemandTracker:
+        """The decayed per-adapter count of what this pipeline dispatched (``on_dispatch``)."""
+        return self._local.demand
+
+    def set_plan(self, plan: PlacementPlan | None) -> None:
+        """Install the placement plan the ``placement-plan`` scorer reads (None: no plan)."""
+        self._local.plan = plan
 
     def hash_prompt(self, base: str, adapter: str | None, text: str) -> tuple[int, ...]:
         """``prompt_block_hashes`` with this pipeline's block size."""
@@ -197,9 +209,11 @@ class Pipeline:
         ``state.incoming_ttl_s`` seconds (or until the pod's state shows it); the uncached
         prompt tokens join the pod's pending queue, and so does the engine stall of the adapter
         load the request triggers there (priced by the first scorer with ``load_stall_s``,
-        i.e. estimated-ttft; nothing without one); the session key binds to the pod.
+        i.e. estimated-ttft; nothing without one); the session key binds to the pod; the
+        request counts once in the demand estimate (a retry on another pod does not count again).
         """
         local = self._local
+        local.demand.observe(request, now)
         stall = 0.0
         name = request.adapter.name
         if self._stall is not None and name is not None:
@@ -209,6 +223,11 @@ class Pipeline:
                 rank = request.adapter.rank
                 stall = self._stall.load_stall_s(rank if rank is not None else view.ranks.get(name), code)
         local.dispatch(pod_id, request, now, stall)
+
+    def note_stall(self, pod_id: str, stall_s: float, now: float) -> None:
+        """A load started on ``pod_id`` by someone else (the placer): its ``stall_s`` joins the
+        pod's pending queue, so estimated-ttft steers requests away while it runs."""
+        self._local.add_stall(pod_id, stall_s, now)
 
     def on_complete(self, pod_id: str, request: RoutingRequest, now: float, ok: bool) -> None:
         """The request sent to ``pod_id`` finished (``ok`` False: failed or cancelled)."""

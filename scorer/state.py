@@ -1,4 +1,5 @@
-"""The pipeline's own mutable state: in-flight counts, optimistic adapters, prefix indexes.
+"""The pipeline's own mutable state: in-flight counts, optimistic adapters, prefix indexes,
+the demand it has dispatched and the placement plan it was given.
 
 Owned by one ``Pipeline`` instance (no globals). ``Pipeline.adopt_state_from`` hands the same
 ``LocalState`` to a pipeline rebuilt on config reload, so nothing learned is lost and requests
@@ -10,11 +11,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from operator import is_
+from typing import TYPE_CHECKING
 
+from scorer.demand import DemandTracker
 from scorer.kv_index import KVBlockIndex
 from scorer.model import PodState, RoutingRequest
 from scorer.prefix import DEFAULT_BLOCK_CHARS, PrefixIndex, pod_capacity_blocks
 from scorer.view import PodView, slot_state
+
+if TYPE_CHECKING:
+    from scorer.placement import PlacementPlan
 
 MAX_INCOMING = 16  # optimistic adapters remembered per pod (oldest dropped)
 
@@ -74,6 +80,9 @@ class LocalState:
         self._last_states: list[PodState] = []
         self._last_views: list[PodView] = []
         self.inc_next_check = float("inf")
+        # what this router dispatched, per adapter (decayed); the plan a placer installed
+        self.demand = DemandTracker()
+        self.plan: PlacementPlan | None = None
 
     def configure(
         self,
@@ -221,6 +230,11 @@ class LocalState:
             sessions.move_to_end(key)
             if len(sessions) > self.max_sessions:
                 sessions.popitem(last=False)
+
+    def add_stall(self, pod_id: str, stall_s: float, now: float) -> None:
+        """An engine stall this router did not dispatch (a placement load) joins the pod's queue."""
+        loc = self.pod(pod_id)
+        loc.pending_until = (loc.pending_until if loc.pending_until > now else now) + stall_s
 
     def complete(self, pod_id: str, request: RoutingRequest, ok: bool) -> None:
         loc = self.pods.get(pod_id)

@@ -79,13 +79,14 @@ def test_report_and_plots(smoke_results: tuple[Path, list[Path]], tmp_path: Path
     assert "### Load 60 %" in text
     for target in ("default", "round-robin"):
         assert len(re.findall(rf"^\| {target} \| \d+ / 120 \|", text, re.M)) == 1  # one row in the load table
-        assert text.count(f"| {target} |") == 2  # and one in the CPU table
+        assert text.count(f"| {target} |") == 3  # and one in the CPU table, one in the bound table
     # the CPU table says when each point finished and from which code
     for s in (json.loads(p.read_text())["summary"] for p in written):
         when = s["finished_at"].replace("T", " ").removesuffix("Z")
         assert re.search(rf"^\| {s['target']} \|.*\| {re.escape(when)} \| {re.escape(s['code_version'])} \|$", text, re.M)
     pngs = sorted(tmp_path.glob("*.png"))
-    assert {p.name for p in pngs} == {"ttft_cdf_load60.png", "p99_vs_load.png", "hit_rates.png"}
+    assert {p.name for p in pngs} == {"ttft_cdf_load60.png", "p99_vs_load.png", "hit_rates.png",
+                                      "disk_admissions_load60.png", "p99_by_workload.png"}
     for p in pngs:
         assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000
         assert f"]({p.name})" in text

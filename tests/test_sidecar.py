@@ -422,3 +422,26 @@ def test_sidecar_survives_a_redis_restart_and_the_view_heals(procs, tmp_path: Pa
             await reader.close()
 
     asyncio.run(go())
+
+
+def test_ensure_reloads_in_place_an_adapter_vllm_evicted(procs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """vLLM refuses a second plain load of a registered name, so an adapter its CPU cache evicted
+    is brought back with load_inplace (the placer relies on this to pre-load it)."""
+    for name in ("one", "two"):
+        peft.make_adapter(tmp_path / "src" / name, rank=8, base_model=BASE)
+    (tmp_path / "adapters").mkdir()
+    sim = start_sim(procs, tmp_path / "adapters", "--model", BASE, "--max-loras", "1", "--max-cpu-loras", "1")
+    sidecar = start_sidecar(procs, "sidecar-inplace", "--vllm-url", sim.url, "--adapter-dir", str(tmp_path / "adapters"),
+                            "--source-path", str(tmp_path / "src"), "--base-model", BASE,
+                            "--max-loras", "1", "--max-cpu-loras", "1")
+    for name in ("one", "two"):
+        r = ensure(sidecar, name, load=True)
+        assert r.status_code == 200 and r.json()["loaded"] and r.json()["load_seconds"] > 0, r.text
+    truth = httpx.get(f"{sim.url}/sim/state?limit=0", timeout=10).json()
+    assert truth["gpu_adapters"] == ["two"] and truth["cpu_adapters"] == ["two"]  # "one" is cold, still registered
+    again = ensure(sidecar, "one", load=True)
+    assert again.status_code == 200 and again.json()["load_seconds"] > 0, again.text
+    truth = httpx.get(f"{sim.url}/sim/state?limit=0", timeout=10).json()
+    assert truth["gpu_adapters"] == ["one"]
+    # resident on GPU: nothing is loaded again
+    assert ensure(sidecar, "one", load=True).json()["load_seconds"] == 0.0

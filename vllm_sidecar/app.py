@@ -6,8 +6,8 @@
 - ``GET /adapters`` -> JSON list of local adapters ``{"adapter", "path", "size_bytes", "rank",
   "last_used", "on_gpu", "in_cpu", "registered"}``, least recently used first.
 - ``POST /adapters/{name}/ensure`` body optional ``{"load": true|false}`` -> 200
-  ``{"adapter", "path", "source": "cached"|"downloaded", "seconds", "loaded", "rank",
-  "size_bytes"}``; errors ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad name
+  ``{"adapter", "path", "source": "cached"|"downloaded", "seconds", "load_seconds", "loaded",
+  "rank", "size_bytes"}``; errors ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad name
   or body), 404 (not in the store; diagnostics in the message), 422 (invalid adapter), 503 (store
   unreachable; which layer), 502 (vLLM refused the load; its message).
 """

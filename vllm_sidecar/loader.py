@@ -2,8 +2,10 @@
 
 ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` registers the adapter and activates it
 into a GPU slot (vLLM's ``add_lora``); it needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``.
-A 400 "has already been loaded" counts as success (``already_loaded``). Any other refusal
-becomes ``LoadRefused`` (502) carrying vLLM's own message.
+A 400 "has already been loaded" counts as success (``already_loaded``): vLLM did nothing. With
+``inplace`` the body carries ``"load_inplace": true``, which makes vLLM read a registered adapter
+from disk again and activate it (the way to bring back one its CPU cache evicted). Any other
+refusal becomes ``LoadRefused`` (502) carrying vLLM's own message.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ class VllmLoader:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    async def load(self, name: str, path: str) -> str:
+    async def load(self, name: str, path: str, *, inplace: bool = False) -> str:
         """Returns ``"loaded"`` or ``"already_loaded"``; raises ``LoadRefused``."""
         url = f"{self.vllm_url}/v1/load_lora_adapter"
+        body: dict[str, object] = {"lora_name": name, "lora_path": path}
+        if inplace:
+            body["load_inplace"] = True
         try:
-            async with self._session.post(url, json={"lora_name": name, "lora_path": path},
-                                          timeout=self._timeout) as resp:
+            async with self._session.post(url, json=body, timeout=self._timeout) as resp:
                 text = await resp.text()
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:

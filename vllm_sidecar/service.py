@@ -10,7 +10,9 @@ that each gateway replica's ``KVBlockFeed`` applies to its precise prefix index)
 loaded, made present on disk (``AdapterStore.ensure``), then — when ``load`` — loaded into
 vLLM at ``<vllm_adapter_dir>/<name>`` and reported to the monitor, so the next PodState shows it
 on GPU without waiting for a scrape. An adapter already registered in vLLM and estimated on GPU
-is not loaded again.
+or in the CPU cache is not loaded again (its first request activates it); one registered but
+evicted from both is read again in place (``load_inplace``): vLLM refuses a plain second load of
+a registered name and would leave it cold.
 """
 
 from __future__ import annotations
@@ -186,15 +188,18 @@ class Sidecar:
             result = await self.adapter_store.ensure(name)
             self.metrics.ensure_total.labels(result.source).inc()
             loaded = False
+            load_seconds = 0.0
             if load:
                 registered = monitor.models is not None and name in monitor.models.adapters
                 state = monitor.state
-                if registered and state is not None and name in state.gpu_adapters:
+                resident = state is not None and (name in state.gpu_adapters or name in state.cpu_adapters)
+                if registered and resident:
                     loaded = True
                 else:
                     t0 = time.monotonic()
-                    await self.loader.load(name, self.vllm_path(name))
-                    self.metrics.load_seconds.observe(time.monotonic() - t0)
+                    await self.loader.load(name, self.vllm_path(name), inplace=registered)
+                    load_seconds = time.monotonic() - t0
+                    self.metrics.load_seconds.observe(load_seconds)
                     monitor.note_loaded(name, result.info.rank)
                     loaded = True
             if not loaded:
@@ -204,6 +209,7 @@ class Sidecar:
                 "path": self.vllm_path(name),
                 "source": result.source,
                 "seconds": round(time.monotonic() - started, 6),
+                "load_seconds": round(load_seconds, 6),
                 "loaded": loaded,
                 "rank": result.info.rank,
                 "size_bytes": result.info.size_bytes,
