@@ -3,7 +3,9 @@
 ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` registers the adapter and activates it
 into a GPU slot (vLLM's ``add_lora``); it needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``.
 A 400 "has already been loaded" counts as success (``already_loaded``). Any other refusal
-becomes ``LoadRefused`` (502) carrying vLLM's own message.
+becomes ``LoadRefused`` (502) carrying vLLM's own message. ``inplace=True`` sends
+``"load_inplace": true``: vLLM reloads the weights of an adapter it already knows under the
+same name and id (a new version swapped in without an unload).
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ class VllmLoader:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    async def load(self, name: str, path: str) -> str:
+    async def load(self, name: str, path: str, *, inplace: bool = False) -> str:
         """Returns ``"loaded"`` or ``"already_loaded"``; raises ``LoadRefused``."""
         url = f"{self.vllm_url}/v1/load_lora_adapter"
+        body: dict[str, object] = {"lora_name": name, "lora_path": path}
+        if inplace:
+            body["load_inplace"] = True
         try:
-            async with self._session.post(url, json={"lora_name": name, "lora_path": path},
-                                          timeout=self._timeout) as resp:
+            async with self._session.post(url, json=body, timeout=self._timeout) as resp:
                 text = await resp.text()
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
