@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sidecar": ("vllm_sidecar.cli", "run the sidecar beside one vLLM pod"),
     "sim": ("vllm_sim.cli", "run simulated vLLM pods (one, or a cluster)"),
     "bench": ("bench.cli", "workloads, benchmark runs and reports"),
+    "adapters": ("loraroute.adapters_cli", "validate, diff, push and list adapters in S3 / MinIO"),
 }
 
 

@@ -106,11 +106,12 @@ class RemoteAdapter:
     rank: int | None = None
     size_bytes: int = 0
     problems: tuple[SidecarError, ...] = ()
+    sha256: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {"adapter": self.adapter, "location": self.location, "present": self.present,
                 "version": self.version, "versions": list(self.versions), "rank": self.rank,
-                "size_bytes": self.size_bytes,
+                "size_bytes": self.size_bytes, "sha256": self.sha256,
                 "problems": [{"code": p.code, "message": p.message} for p in self.problems]}
 
 
@@ -341,18 +342,22 @@ class AdapterStore:
             return total, info, published
         raise AssertionError("unreachable")
 
-    def inspect_remote(self, name: str) -> RemoteAdapter:
-        """Runs in a worker thread: the adapter's live folder (files, manifest, config checked
-        against this pod) and the versions kept, without downloading the weights. Store errors
-        (TLS, connect, credentials) propagate."""
+    def inspect_remote(self, name: str, version: str | None = None) -> RemoteAdapter:
+        """Runs in a worker thread: the adapter's live folder (or the folder of ``version``):
+        files, manifest, config checked against this pod, and the versions kept, without
+        downloading the weights. Store errors (TLS, connect, credentials) propagate."""
         validate_name(name)
-        prefix = self.expected_prefix(name)
+        live = self.expected_prefix(name)
+        root = manifest.versions_root(live, name)
+        versions = tuple(sorted({o.key[len(root):].split("/", 1)[0] for o in self.source.list(root, limit=2000)
+                                 if o.key.endswith("/" + MANIFEST_FILE)}))
+        prefix = live if version is None else manifest.versions_prefix(live, name, check_version(version))
         where = self.source.describe(prefix)
         direct = self._direct(prefix)
-        versions = tuple(sorted({o.key[len(root):].split("/", 1)[0]
-                                 for root in [manifest.versions_root(prefix, name)]
-                                 for o in self.source.list(root, limit=2000)
-                                 if o.key.endswith("/" + MANIFEST_FILE)}))
+        if version is not None and version not in versions:
+            return RemoteAdapter(name, where, False, versions=versions, problems=(AdapterNotFound(
+                f"version {version} of adapter {name!r} is not in the store (looked for {where}{MANIFEST_FILE}); "
+                f"versions there: {', '.join(versions) or 'none'}", code="version_not_found"),))
         if not any(k in direct for k in REQUIRED_FILES):
             return RemoteAdapter(name, where, False, versions=versions, problems=(self.not_found(name, prefix),))
         problems: list[SidecarError] = []
@@ -364,14 +369,17 @@ class AdapterStore:
             check_sizes(where, {k: direct[k].size for k in REQUIRED_FILES if k in direct}, self.max_adapter_bytes)
         except AdapterInvalid as exc:
             problems.append(exc)
-        version: str | None = None
+        found_version: str | None = None
+        sha256: dict[str, str] | None = None
         rank: int | None = None
         with tempfile.TemporaryDirectory(prefix=".inspect-", dir=self.dir) as scratch:
             folder = Path(scratch)
             try:
                 if MANIFEST_FILE in direct:
                     self.source.download(prefix + MANIFEST_FILE, folder / MANIFEST_FILE, max_bytes=1 << 20)
-                    version = Manifest.parse((folder / MANIFEST_FILE).read_bytes(), where=where).version
+                    published = Manifest.parse((folder / MANIFEST_FILE).read_bytes(), where=where)
+                    found_version = published.version
+                    sha256 = {n: f.sha256 for n, f in sorted(published.files.items())}
                 if CONFIG_FILE in direct:
                     self.source.download(prefix + CONFIG_FILE, folder / CONFIG_FILE, max_bytes=1 << 20)
                     config = parse_config((folder / CONFIG_FILE).read_bytes(), where=where,
@@ -379,7 +387,7 @@ class AdapterStore:
                     rank = config.top_rank
             except AdapterInvalid as exc:
                 problems.append(exc)
-        return RemoteAdapter(name, where, True, version, versions, rank, size, tuple(problems))
+        return RemoteAdapter(name, where, True, found_version, versions, rank, size, tuple(problems), sha256)
 
     def root(self) -> str:
         """The layout's fixed part: ``adapters/`` for ``adapters/{base}/{adapter}/``."""

@@ -14,9 +14,10 @@
 - ``POST /adapters/{name}/refresh`` body ``{"version": "<12 hex>" | null}`` -> 200 ``{"adapter",
   "status": "absent"|"current"|"replaced", "version", "previous_version", "reloaded"}``: a
   version roll on this pod (``reloaded``: swapped into vLLM with an in-place load).
-- ``GET /store?adapter=a&adapter=b`` -> 200 ``{"pod_id", "source", "max_lora_rank", "ok",
+- ``GET /store?adapter=a&adapter=b@<version>`` -> 200 ``{"pod_id", "source", "max_lora_rank", "ok",
   "error": {"code", "message", "layer"} | null, "adapters": {name: {"present", "version",
-  "versions", "rank", "size_bytes", "problems": [{"code", "message"}]}}}`` (at most 100 names).
+  "versions", "rank", "size_bytes", "sha256", "problems": [{"code", "message"}]}}}`` (at most 100
+  names; ``@<version>`` looks at that version's immutable copy instead of the live folder).
 """
 
 from __future__ import annotations

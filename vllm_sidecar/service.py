@@ -33,7 +33,7 @@ import podstate
 from podstate.monitor import PodMonitor
 from podstate.store import PodStateStore
 from vllm_sidecar.adapter_store import AdapterStore
-from vllm_sidecar.errors import AdapterNotFound, InvalidName, SidecarError, StoreUnreachable
+from vllm_sidecar.errors import AdapterNotFound, BadRequest, InvalidName, SidecarError, StoreUnreachable
 from vllm_sidecar.loader import VllmLoader
 from vllm_sidecar.metrics import SidecarMetrics
 from vllm_sidecar.settings import SidecarSettings, store_password
@@ -215,8 +215,9 @@ class Sidecar:
                 "reloaded": result["reloaded"]}
 
     async def inspect_store(self, names: list[str]) -> dict[str, Any]:
-        """Whether the store answers, and what it holds for each of ``names`` (see the module
-        docstring). Store failures are reported in the answer, not raised."""
+        """Whether the store answers, and what it holds for each of ``names`` (``name`` or
+        ``name@version``; see the module docstring). Store failures are reported in the answer,
+        not raised."""
         store = self.adapter_store
         assert store is not None
         out: dict[str, Any] = {"pod_id": self.settings.pod_id, "source": store.source.describe(store.root()),
@@ -224,12 +225,13 @@ class Sidecar:
                                "adapters": {}}
         try:
             await asyncio.to_thread(store.source.list, store.root(), limit=1)
-            for name in names:
+            for item in names:
+                name, _, version = item.partition("@")
                 try:
-                    remote = await asyncio.to_thread(store.inspect_remote, name)
-                    out["adapters"][name] = remote.to_dict()
-                except (InvalidName, AdapterNotFound) as exc:
-                    out["adapters"][name] = {"adapter": name, "present": False,
+                    remote = await asyncio.to_thread(store.inspect_remote, name, version or None)
+                    out["adapters"][item] = remote.to_dict()
+                except (InvalidName, BadRequest, AdapterNotFound) as exc:
+                    out["adapters"][item] = {"adapter": name, "present": False,
                                              "problems": [{"code": exc.code, "message": exc.message}]}
         except SidecarError as exc:
             layer = exc.layer if isinstance(exc, StoreUnreachable) else None

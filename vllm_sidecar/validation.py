@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_sidecar.errors import AdapterInvalid, InvalidName
+from vllm_sidecar.errors import AdapterInvalid, AdapterNotFound, InvalidName, SidecarError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -96,7 +96,7 @@ class Inspection:
 
     name: str
     folder: Path
-    problems: list[AdapterInvalid | InvalidName] = field(default_factory=list)
+    problems: list[SidecarError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     config: AdapterConfig | None = None
     peft_type: str | None = None
@@ -506,7 +506,7 @@ class Found:
 
     name: str
     folder: Path
-    problem: AdapterInvalid | None = None
+    problem: SidecarError | None = None
 
 
 def _holds_adapter_files(folder: Path) -> bool:
@@ -547,10 +547,10 @@ def discover(paths: Iterable[Path]) -> list[Found]:
             inner = sorted(p for p in child.iterdir() if p.is_dir() and _holds_adapter_files(p))
             if inner:
                 deep = inner[0]
-                out.append(Found(child.name, child, AdapterInvalid(
+                out.append(Found(child.name, child, AdapterNotFound(
                     f"{deep} is one level too deep: the store expects the files of adapter {child.name!r} in "
                     f"{child}/ itself ('<prefix>{child.name}/{CONFIG_FILE}'), so a sidecar would answer "
-                    f"Adapter Not Found; move the files of {deep.name}/ up into {child}/", code="missing_file")))
+                    f"Adapter Not Found; move the files of {deep.name}/ up into {child}/")))
             else:
                 present = sorted(p.name for p in child.iterdir())
                 out.append(Found(child.name, child, missing_file_error(str(child), CONFIG_FILE, present)))
