@@ -18,6 +18,8 @@ route                                  role         answer
                                                     gives the JSON lines themselves
 ``GET /admin/store?adapter=&pod=``     viewer       each sidecar's ``GET /store`` answer: is the store
                                                     reachable (TLS, credentials), what it holds
+                                                    (default: every allowlisted adapter at its
+                                                    pinned version, ``name@version``)
 ``POST /admin/ensure``                 operator     ``{"pod", "adapter"}``: the sidecar's own answer
                                                     to a fetch + load (status and body as it sent them)
 =====================================  ===========  ==============================================
@@ -134,8 +136,9 @@ def changes_router(gw: Gateway, manager: ChangeManager) -> APIRouter:
     async def store(request: Request, pod: str | None = None) -> dict[str, Any]:
         need(request, Role.VIEWER)
         names = request.query_params.getlist("adapter")
-        if not names:
-            names = sorted({a.vllm_name for b in gw.runtime.config.bases for a in b.adapters})
+        if not names:  # every allowlisted adapter, at its pinned version
+            names = sorted({f"{a.vllm_name}@{a.version}" if a.version else a.vllm_name
+                            for b in gw.runtime.config.bases for a in b.adapters})
         if len(names) > 100:
             raise APIError(400, "at most 100 adapters per store check", param="adapter")
         answers = await manager.sidecars.store(names, pod)

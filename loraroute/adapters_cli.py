@@ -467,7 +467,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     bucket = bucket_from(args, settings, args.destination)
     remote = bucket.adapters()
-    where = residency(args) if args.gateway else None
+    where: dict[str, list[str]] | None = None
+    note = ""
+    if args.gateway:
+        try:
+            where = residency(args)
+        except GatewayError as exc:
+            note = f"residency not shown: the gateway at {args.gateway} refused the pod list: {exc}"
     rows = []
     for name, r in sorted(remote.items()):
         m = r.manifest
@@ -487,6 +493,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         lines.append(line)
         if row["problem"]:
             lines.append(f"      problem: {row['problem']}")
+    if note:
+        lines.append(note)
+        if args.json:
+            print(note, file=sys.stderr)
     _emit(args, {"destination": str(bucket.url), "adapters": rows}, lines)
     return 0
 

@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("vllm_sim.cli", "run simulated vLLM pods (one, or a cluster)"),
     "bench": ("bench.cli", "workloads, benchmark runs and reports"),
     "adapters": ("loraroute.adapters_cli", "validate, diff, push and list adapters in S3 / MinIO"),
+    "changes": ("loraroute.changes_cli", "propose, approve, roll back run-time changes; the audit log"),
+    "doctor": ("loraroute.doctor", "the pre-production checklist, offline (chart values) or live"),
 }
 
 
