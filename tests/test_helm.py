@@ -698,3 +698,23 @@ def test_generated_chart_files_are_current(script: str, target: str) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (CHART / target).read_text() == module.render(), f"run: python helm/tools/{script}"
+
+
+def test_named_admin_keys_reach_the_gateway_through_the_chart_made_secret(tmp_path: Path) -> None:
+    """gateway.auth.roleKeys: one digest file per key in the chart's Secret, named keys with roles
+    in the config, and the gateway's own loader reads them back."""
+    from gateway.config import load_config
+
+    alice = hashlib.sha256(b"alice-key").hexdigest()
+    docs = render_with("--set-json", f'gateway.auth.roleKeys=[{{"name": "alice", "roles": ["operator"], '
+                                     f'"digests": ["{alice}"]}}, {{"name": "bob", "roles": ["approver", "viewer"]}}]',
+                       "--set-json", 'gateway.config.changes={"two_person": "all"}')
+    secret = one(docs, "Secret", "-gateway-auth")["stringData"]
+    assert secret["key-alice.sha256"].split() == [alice] and secret["key-bob.sha256"].split() == []
+    cfg_path, env = materialise_gateway(docs, tmp_path)
+    cfg = load_config(cfg_path, env=env)
+    assert [(k.name, k.roles, k.api_key_sha256) for k in cfg.admin.keys] == [
+        ("alice", ("operator",), (alice,)), ("bob", ("approver", "viewer"), ())]
+    assert cfg.changes.two_person == ("allowlist.add", "allowlist.retire", "adapter.roll", "pipeline.weights")
+    res = run_helm("template", "lr", str(CHART), "--set-json", 'gateway.auth.roleKeys=[{"name": "x", "roles": ["root"]}]')
+    assert res.returncode != 0 and "roleKeys" in res.stderr
