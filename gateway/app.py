@@ -13,6 +13,7 @@ docs/gateway.md); everything else goes to a small FastAPI app:
 - ``/admin/changes``, ``/admin/audit``, ``/admin/allowlist``, ``/admin/store``, ``/admin/ensure`` —
   audited run-time changes (gateway/changes_api.py), served by a ``ChangeManager`` the app starts
   and stops with the gateway.
+- ``GET /dashboard`` — the live dashboard (gateway/dashboard.py, files in gateway/static/).
 
 Every error, including unknown routes and unexpected exceptions, is in OpenAI's shape; a stack
 trace goes to the log (never to the client).
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.admin import admin_router
 from gateway.changes import ChangeManager
 from gateway.changes_api import changes_router
+from gateway.dashboard import AdapterWindow, dashboard_router
 from gateway.errors import APIError
 from gateway.metrics import CONTENT_TYPE
 from gateway.proxy import CompletionsEndpoint, Receive, Scope, Send
@@ -53,15 +55,18 @@ def error_response(err: APIError) -> JSONResponse:
 
 def _fastapi(gw: Gateway, manage_lifecycle: bool) -> FastAPI:
     changes = ChangeManager(gw)
+    window = AdapterWindow(gw.metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await changes.start()  # first: the approved overlay is in the runtime before the first request
         if manage_lifecycle:
             await gw.start()
+        await window.start()
         try:
             yield
         finally:
+            await window.close()
             await changes.close()
             if manage_lifecycle:
                 await gw.close()
@@ -135,6 +140,7 @@ def _fastapi(gw: Gateway, manage_lifecycle: bool) -> FastAPI:
 
     api.include_router(admin_router(gw))
     api.include_router(changes_router(gw, changes))
+    api.include_router(dashboard_router(gw, changes, window))
     return api
 
 
