@@ -81,7 +81,8 @@ class ChangeManager:
                                  cfg.sidecar_timeout_s)
         self._redis: Redis | None = None
         self._task: asyncio.Task[None] | None = None
-        self.where = "off"
+        self.where = "off"  # for the admin API: which Redis keys or which folder
+        self.backend = "off"  # "redis" | "files" | "off"
 
     # --- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -96,6 +97,7 @@ class ChangeManager:
             self.store = RedisChangeStore(self._redis, prefix)
             self.audit = RedisAuditLog(self._redis, prefix, keep=keep, on_append=self._count)
             self.where = f"redis ({prefix}:changes, {prefix}:audit)"
+            self.backend = "redis"
         else:
             folder = Path(config.changes.state_dir)
             if not folder.is_absolute() and self.gw.config_path is not None:
@@ -106,6 +108,7 @@ class ChangeManager:
             audit.open()
             self.store, self.audit = file_store, audit
             self.where = f"files in {folder}"
+            self.backend = "files"
         self.gw.config_layer = self.overlay_layer
         try:
             await self._sync()
@@ -301,9 +304,10 @@ class ChangeManager:
                 raise APIError(409, f"{change.id} cannot be rolled back: what it changed has changed since "
                                     f"(now {now}, it set {change.after}); roll back the later change first",
                                code="change_conflict")
+            spec, checksums, note = await self._complete(spec)  # a rolled-back-to version must still exist
             undo = Change(id=await store.next_id(), spec=spec, status="pending", needs_approval=False,
                           proposed_by=principal.name, proposed_at=time.time(), before=change.after,
-                          after=change.before, checksums={}, rollback_of=change.id)
+                          after=change.before, checksums=checksums, rollback_of=change.id, note=note)
             await self._put(undo)
             await self._record("proposed", undo, principal.name, f"rollback of {change.id}")
             await self._apply(undo, principal.name)

@@ -207,4 +207,4 @@ async def snapshot(gw: Gateway, manager: ChangeManager, window: AdapterWindow) -
     return {"at": now, "generation": rt.generation, "policy": rt.pipeline.name, "window_s": window.window_s,
             "pods": pods, "adapters": list(dict.fromkeys(allowlisted + sorted(seen - set(allowlisted)))),
             "matrix": matrix, "models": window.stats(), "decisions": decisions, "pending": pending, "audit": audit,
-            "changes": manager.where}
+            "changes": manager.backend}

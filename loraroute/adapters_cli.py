@@ -438,9 +438,10 @@ def cmd_push(args: argparse.Namespace) -> int:
         lines.append(f"  deleted    {', '.join(deleted)}")
     published = [r for r in results if r["status"] != "unchanged"]
     lines.append(f"{len(published)} published, {len(results) - len(published)} unchanged, {len(deleted)} deleted")
-    if any(r["status"] == "changed" for r in results):
-        lines.append("pods that pin a version keep it until a roll is approved: loraroute changes propose roll "
-                     "--base BASE --adapter NAME --version VERSION")
+    for r in results:
+        if r["status"] == "changed":
+            lines.append(f"allowlisted pods keep {r['adapter']} at its pinned version until a roll is approved: "
+                         f"loraroute changes propose roll --base <base> --adapter {r['adapter']} --version {r['version']}")
     _emit(args, {"destination": str(bucket.url), "adapters": results, "deleted": deleted}, lines)
     return 0
 

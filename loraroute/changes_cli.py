@@ -52,12 +52,12 @@ def change_lines(c: dict[str, Any]) -> list[str]:
         lines.append(f"    sha256 {name}: {digest}")
     for e in c.get("effects") or []:
         detail = {"replaced": f"{e.get('previous_version')} -> {e.get('version')}"
-                              + (", swapped into vLLM in place" if e.get("reloaded") else ", on disk"),
+                              + (", swapped into vLLM in place" if e.get("reloaded") else ", on disk (vLLM had not loaded it)"),
                   "current": f"already at {e.get('version')}",
-                  "absent": "does not hold it (fetches the pinned version when needed)",
-                  "no_sidecar": "no sidecar: nothing to swap",
+                  "absent": "does not hold it; fetches the pinned version when a request needs it",
+                  "no_sidecar": "no sidecar, nothing to swap",
                   "failed": e.get("error") or "failed"}[e["status"]]
-        lines.append(f"    {e['pod']}: {e['status']} ({detail})")
+        lines.append(f"    {e['pod']}: {e['status']}: {detail}")
     if c.get("note"):
         lines.append(f"    note: {c['note']}")
     if c.get("error"):

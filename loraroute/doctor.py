@@ -49,7 +49,8 @@ def checklist(args: argparse.Namespace) -> int:
             print(f"loraroute doctor: {exc}", file=sys.stderr)
             return 2
         checks += check_values(values)
-        titles.append(f"chart {args.chart} with {', '.join(args.values)}")
+        chart = "the loraroute chart" if Path(args.chart) == DEFAULT_CHART else f"chart {args.chart}"
+        titles.append(f"{chart} with {', '.join(args.values)}")
     if args.gateway:
         with GatewayClient(args.gateway, args.key, timeout_s=args.timeout) as gw:
             try:
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
     p.add_argument("-f", "--values", action="append", default=[], metavar="VALUES",
                    help="a chart values file (repeatable, merged in order over the chart's defaults)")
-    p.add_argument("--chart", default=str(DEFAULT_CHART), help="the loraroute chart's folder (default: %(default)s)")
+    p.add_argument("--chart", default=str(DEFAULT_CHART), help="the loraroute chart's folder (default: the one beside "
+                                                              "this package, helm/loraroute)")
     add_gateway_arguments(p)
     p.add_argument("--api-key", help="a tenant's API key for the test requests (when the gateway has tenants)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP call (default 60)")

@@ -36,6 +36,11 @@ _STORE_FIX = {
     "s3_credentials": "the sidecar has no keys: check the S3 Secret (sidecar.s3.existingSecret)",
     "s3_auth": "the keys were refused: check the S3 Secret's keys and the bucket policy",
     "bucket_not_found": "check sidecar.s3.bucket",
+    "rank_too_large": "start vLLM and the sidecar with a --max-lora-rank that fits (vllm.lora.maxLoraRank), or retrain "
+                      "the adapter with a smaller r",
+    "base_model_mismatch": "use an adapter trained for the served base, or fix base_model_name_or_path and push again",
+    "adapter_not_found": "push it (loraroute adapters push DIR s3://...) or fix the name; the message lists what is there",
+    "version_not_found": "roll to a version the store holds (loraroute adapters ls shows them)",
 }
 _LAYER_OF = {
     "tls_certificate": "TLS", "s3_connect": "store fetch", "s3_timeout": "store fetch", "s3_credentials": "store fetch",
@@ -151,21 +156,25 @@ def _store(gw: GatewayClient, bases: list[dict[str, Any]]) -> list[Check]:
             out.append(Check("Store", f"store from {answer['pod']}", "FAIL", f"{layer}: {err.get('message')}",
                              _STORE_FIX.get(str(err.get("code")), "see the sidecar log")))
     for served, (base, entry) in sorted(wanted.items()):
-        problems, seen = [], []
+        problems: list[tuple[str, str]] = []  # (code, "pod: [code] message")
+        seen = []
         for answer in reachable:
             item = answer["adapters"].get(served, {})
             if item.get("present") and not item.get("problems"):
                 seen.append(answer["pod"])
             else:
-                problems += [f"{answer['pod']}: [{p['code']}] {p['message']}" for p in item.get("problems", [])]
-        name = f"{base}:{entry['name']} in the store"
+                problems += [(str(p["code"]), f"{answer['pod']}: [{p['code']}] {p['message']}")
+                             for p in item.get("problems", [])]
         if not reachable:
             continue
+        name = f"{base}:{entry['name']} in the store"
         version = f"version {entry['version']}" if entry.get("version") else "the live folder, no pinned version"
         if problems and not seen:
-            out.append(Check("Store", name, "FAIL", problems[0], "push it: loraroute adapters push DIR s3://…"))
+            code, text = problems[0]
+            out.append(Check("Store", name, "FAIL", text, _STORE_FIX.get(code, "push a valid adapter: loraroute "
+                                                                             "adapters validate DIR, then push")))
         elif problems:
-            out.append(Check("Store", name, "WARN", f"ok on {', '.join(seen)}; {problems[0]}"))
+            out.append(Check("Store", name, "WARN", f"ok on {', '.join(seen)}; {problems[0][1]}"))
         else:
             out.append(Check("Store", name, "PASS", f"right layout, rank fits on {', '.join(seen)} ({version})"))
     return out
