@@ -470,7 +470,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     remote = bucket.adapters()
     where: dict[str, list[str]] | None = None
     note = ""
-    if args.gateway:
+    if args.gateway and not args.key:
+        note = (f"residency not shown: no admin key for the gateway at {args.gateway} (set LORAROUTE_ADMIN_KEY "
+                "or --key; any role may read)")
+    elif args.gateway:
         try:
             where = residency(args)
         except GatewayError as exc:

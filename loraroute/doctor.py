@@ -4,7 +4,8 @@
     loraroute doctor --gateway URL [--key KEY] [--api-key TENANT_KEY]            # live: the installation
     loraroute doctor request --model base:adapter --gateway URL [--key KEY]      # one call, layer by layer
 
-Offline and live checks can run together (``-f`` and ``--gateway``). Each line is PASS, WARN,
+Offline and live checks can run together (``-f`` and ``--gateway``; with ``-f``, only an explicit
+``--gateway`` adds the live checks, not ``LORAROUTE_GATEWAY``). Each line is PASS, WARN,
 FAIL or SKIP with the fix; the exit status is 1 when any line FAILs, 2 on bad usage, else 0.
 ``--json`` prints ``{"checks": [...], "summary": {...}}``. What is checked:
 loraroute/doctor_values.py (offline), loraroute/doctor_live.py (live and ``request``).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from loraroute import doctor_report
 from loraroute.doctor_live import check_live, trace_request
 from loraroute.doctor_report import Check
 from loraroute.doctor_values import DEFAULT_CHART, check_values, load_values
-from loraroute.gateway_client import GatewayClient, GatewayError
+from loraroute.gateway_client import ENV_URL, GatewayClient, GatewayError
 from loraroute.gateway_client import add_arguments as add_gateway_arguments
 
 
@@ -37,6 +39,8 @@ def _output(args: argparse.Namespace, title: str, checks: list[Check]) -> int:
 
 
 def checklist(args: argparse.Namespace) -> int:
+    if args.gateway is None and not args.values:
+        args.gateway = os.environ.get(ENV_URL)
     if not args.values and not args.gateway:
         print("loraroute doctor: give -f VALUES (offline) and/or --gateway URL (live); see --help", file=sys.stderr)
         return 2
@@ -62,6 +66,7 @@ def checklist(args: argparse.Namespace) -> int:
 
 
 def request(args: argparse.Namespace) -> int:
+    args.gateway = args.gateway or os.environ.get(ENV_URL)
     if not args.gateway:
         print("loraroute doctor request: --gateway (or LORAROUTE_GATEWAY) is required", file=sys.stderr)
         return 2
@@ -88,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chart", default=str(DEFAULT_CHART), help="the loraroute chart's folder (default: the one beside "
                                                               "this package, helm/loraroute)")
     add_gateway_arguments(p)
+    p.set_defaults(gateway=None)  # resolved in checklist(): the environment counts only without -f
     p.add_argument("--api-key", help="a tenant's API key for the test requests (when the gateway has tenants)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP call (default 60)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -100,6 +106,7 @@ def build_request_parser() -> argparse.ArgumentParser:
                                             "fetch, TLS, validation, GPU load, inference")
     p.add_argument("--model", required=True, help="base:adapter (or a bare base)")
     add_gateway_arguments(p)
+    p.set_defaults(gateway=None)
     p.add_argument("--api-key", help="a tenant's API key (default: the admin key)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP call (default 120)")
     p.add_argument("--json", action="store_true")

@@ -329,8 +329,8 @@ def _store_layers(gw: GatewayClient, t: Trace, served: str) -> bool:
             continue
         item = answer["adapters"].get(served, {})
         if item.get("present") and not item.get("problems"):
-            t.set("store fetch", "PASS", f"{item['location']} ({item.get('version') or 'no manifest'}) seen by "
-                  f"{answer['pod']}")
+            manifest = "" if item.get("version") else " (no manifest: pushed by another tool)"
+            t.set("store fetch", "PASS", f"{item['location']}{manifest} seen by {answer['pod']}")
             t.set("TLS", "PASS", f"{answer['source']} trusted by {answer['pod']}")
             t.set("validation", "PASS", f"rank {item.get('rank')} fits {answer['pod']} (--max-lora-rank "
                   f"{answer.get('max_lora_rank')})")
@@ -344,6 +344,8 @@ def _store_layers(gw: GatewayClient, t: Trace, served: str) -> bool:
         t.set("store fetch", "PASS", "the adapter's files are in the store")
     if layer == "validation" or code in ("adapter_not_found", "version_not_found"):
         t.set("TLS", "PASS", "the store answered")
+    if layer == "TLS":
+        t.set("store fetch", "SKIP", "not attempted: the TLS handshake with the store failed")
     t.set(layer, "FAIL", f"{pod}: [{code}] {err.get('message')}",
           _STORE_FIX.get(code, "push a valid adapter: loraroute adapters validate DIR, then push"))
     return False

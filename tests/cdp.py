@@ -92,11 +92,17 @@ class Page:
                 raise TimeoutError(f"{expression} stayed false for {timeout}s")
             await asyncio.sleep(0.2)
 
-    async def screenshot(self, path: Path) -> bytes:
-        metrics = await self.send("Page.getLayoutMetrics")
-        size = metrics["cssContentSize"]
-        shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                               clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+    async def screenshot(self, path: Path, selector: str | None = None) -> bytes:
+        """A PNG of the whole page, or of the element ``selector`` matches."""
+        if selector is None:
+            size = (await self.send("Page.getLayoutMetrics"))["cssContentSize"]
+            clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+        else:
+            box = await self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+                                      ".getBoundingClientRect(); return {x: r.x + scrollX, y: r.y + scrollY, "
+                                      "width: r.width, height: r.height}; })()")
+            clip = {**box, "scale": 1}
+        shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True, clip=clip)
         data = base64.b64decode(shot["data"])
         path.write_bytes(data)
         return data

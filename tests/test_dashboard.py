@@ -90,6 +90,7 @@ def test_the_dashboard_renders_live_data_and_needs_the_key(procs: ProcRegistry, 
             assert await page.evaluate("document.body.dataset.updated") != before
             panel = await page.evaluate("document.querySelector('[data-request=\"dash-live-check-1\"]').innerText")
             assert f"{BASE}:creative" in panel and "estimated-ttft" in panel
+            await page.screenshot(shots / "dashboard-decisions.png", '[data-panel="decisions"]')
 
             # a wrong key is refused too
             wrong = base64.b64encode(b"sre:not-the-key").decode()

@@ -66,14 +66,14 @@ function drawPods(s) {
     ? el("tr", {}, el("td", {}, p.pod),
         el("td", { class: p.healthy && p.routable ? "ok" : "bad" }, p.healthy ? (p.routable ? "routable" : "not routable") : "unhealthy"),
         el("td", {}, bar(p.kv), ` ${pct(p.kv)}`),
-        el("td", { class: "num" }, p.running), el("td", { class: "num" }, p.waiting), el("td", { class: "num" }, p.deferred),
+        el("td", { class: "num" }, `${p.running} / ${p.waiting} / ${p.deferred}`),
         el("td", { class: "num" }, p.inflight), el("td", { class: "num" }, `${p.age_s} s`),
         el("td", { class: "num", title: "GPU slots / CPU cache / max rank" }, `${p.max_loras}/${p.max_cpu_loras} r${p.max_lora_rank}`),
         el("td", {}, p.sidecar ? "yes" : "no"))
-    : el("tr", {}, el("td", {}, p.pod), el("td", { class: "bad" }, "no state"), el("td", { colspan: "8" }, "")));
+    : el("tr", {}, el("td", {}, p.pod), el("td", { class: "bad" }, "no state"), el("td", { colspan: "6" }, "")));
   if (!rows.length) return fill("pods", "no pod discovered", 0);
-  fill("pods", table([["pod"], ["state"], ["KV cache"], ["running", "num"], ["waiting", "num"], ["deferred", "num"],
-    ["in flight", "num"], ["age", "num"], ["LoRA", "num"], ["sidecar"]], rows), rows.length);
+  fill("pods", table([["pod"], ["state"], ["KV cache"], ["run / wait / defer", "num"], ["in flight", "num"],
+    ["age", "num"], ["LoRA", "num"], ["sidecar"]], rows), rows.length);
 }
 
 function drawModels(s) {
