@@ -3,10 +3,12 @@
     loraroute bench workload SPEC --rate R [--requests N] [--out trace.jsonl]
     loraroute bench run SPEC (--policy NAME | --peer NAME | --direct) [--load 0.6 ...]
                          [--requests N] [--time-scale X] [--capacity R] [--remeasure]
+                         [--replicas N [--spread per-connection|per-request]]
     loraroute bench run SPEC --all [--load ...]       every preset and every installed peer
     loraroute bench report RESULTS... [--out DIR]
     loraroute bench overhead [--requests 300] [--peers all|none|NAME,...] [--out FILE]
     loraroute bench peers setup [NAME ...] | loraroute bench peers list
+    loraroute bench gpu ...                           the offline GPU kit (bench/gpu/cli.py)
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", action="store_true",
                    help="serve every adapter's system prompts once before measuring (steady state); "
                         "results go to <spec>-warm/")
+    r.add_argument("--replicas", type=int, default=1,
+                   help="gateway replicas on the same store (--policy only; default 1)")
+    r.add_argument("--spread", choices=("per-connection", "per-request"), default="per-connection",
+                   help="how the client spreads requests over replicas, as a Service would: round-robin "
+                        "per new connection (default, kube-proxy IPVS) or per request")
     r.add_argument("--keep-logs", action="store_true")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -70,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     ps = pe_sub.add_parser("setup", help="create .bench-venvs/<peer> and pip-install each peer")
     ps.add_argument("names", nargs="*")
     pe_sub.add_parser("list", help="which peers are usable")
+    sub.add_parser("gpu", help="the offline GPU benchmark kit: `loraroute bench gpu --help`", add_help=False)
     return p
 
 
@@ -79,6 +87,11 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gpu"]:
+        from bench.gpu.cli import main as gpu_main
+
+        return gpu_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.cmd in ("run", "overhead"):
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -95,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:>26}: {v}")
         return 0
     if args.cmd == "run":
+        if args.replicas < 1 or (args.replicas > 1 and not args.policy):
+            print("loraroute bench run: error: --replicas N (>= 1) needs --policy", file=sys.stderr)
+            return 2
         from bench import peers
         from bench.cluster import Target
         from bench.runner import RunOptions, run
@@ -108,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     print(f"skipping peer {name}: {reason}", file=sys.stderr)
         elif args.policy:
-            targets = [Target("policy", args.policy)]
+            targets = [Target("policy", args.policy, args.replicas, args.spread)]
         elif args.peer:
             targets = [Target("peer", args.peer)]
         else:

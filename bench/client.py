@@ -14,6 +14,13 @@ Per request (``RequestResult``), all durations in wall seconds as measured here:
 - ``pod``: the ``x-loraroute-pod`` response header when present.
 
 Each request carries ``X-Request-Id: <trace id>`` so a simulated pod's ground truth can be joined.
+
+Several router replicas (``ReplayConfig.urls``) are reached as through a Kubernetes Service
+(``Spreader``): ``per-request`` sends request i to replica i mod N; ``per-connection`` balances
+*connections* round-robin (as kube-proxy's IPVS mode does) and a request rides whichever
+keep-alive connection is idle, the most recently released first (aiohttp's own reuse order),
+opening a new one — on the next replica — only when all are busy. ``RequestResult.replica`` says
+which replica served each request.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
@@ -47,9 +54,53 @@ class RequestResult:
     cached_tokens: int | None = None
     content_chunks: int = 0
     client_delayed: bool = False
+    replica: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+Spread = Literal["per-connection", "per-request"]
+SPREADS: tuple[Spread, ...] = ("per-connection", "per-request")
+
+
+class Spreader:
+    """Which replica each request goes to (see the module docstring).
+
+    ``acquire()`` returns the replica index of the connection a new request rides; ``release(i)``
+    returns that connection to the idle pool when the request is over (per-connection mode)."""
+
+    def __init__(self, replicas: int, spread: Spread) -> None:
+        if replicas < 1:
+            raise ValueError("replicas must be >= 1")
+        if spread not in SPREADS:
+            raise ValueError(f"spread must be one of {', '.join(SPREADS)}, got {spread!r}")
+        self.replicas = replicas
+        self.spread = spread
+        self._next = 0
+        self._idle: list[int] = []      # replica of each idle connection, most recent last
+        self.connections = [0] * replicas
+        self.requests = [0] * replicas
+
+    def _round_robin(self) -> int:
+        i = self._next
+        self._next = (i + 1) % self.replicas
+        return i
+
+    def acquire(self) -> int:
+        if self.spread == "per-request":
+            i = self._round_robin()
+        elif self._idle:
+            i = self._idle.pop()
+        else:
+            i = self._round_robin()
+            self.connections[i] += 1
+        self.requests[i] += 1
+        return i
+
+    def release(self, replica: int) -> None:
+        if self.spread == "per-connection":
+            self._idle.append(replica)
 
 
 @dataclass
@@ -64,6 +115,15 @@ class ReplayConfig:
     progress: bool = True
     extra_body: dict[str, Any] = field(default_factory=dict)
     pod_header: str = "x-loraroute-pod"
+    urls: list[str] = field(default_factory=list)   # several replicas (default: [url])
+    spread: Spread = "per-connection"
+
+    @property
+    def replica_urls(self) -> list[str]:
+        return self.urls or [self.url]
+
+    def spreader(self) -> Spreader:
+        return Spreader(len(self.replica_urls), self.spread)
 
 
 class Progress:
@@ -106,8 +166,8 @@ def _chunk_content(obj: dict[str, Any]) -> str:
 
 
 async def send_one(session: aiohttp.ClientSession, cfg: ReplayConfig, req: TraceRequest,
-                   res: RequestResult) -> None:
-    """POST one streaming chat request and fill ``res``."""
+                   res: RequestResult, url: str | None = None) -> None:
+    """POST one streaming chat request to ``url`` (default ``cfg.url``) and fill ``res``."""
     body = {
         "model": cfg.model_for(req),
         "messages": req.messages,
@@ -124,7 +184,7 @@ async def send_one(session: aiohttp.ClientSession, cfg: ReplayConfig, req: Trace
     t0 = time.perf_counter()
     res.sent_s = time.monotonic()
     try:
-        async with session.post(cfg.url + "/v1/chat/completions", data=payload, headers=headers) as resp:
+        async with session.post((url or cfg.url) + "/v1/chat/completions", data=payload, headers=headers) as resp:
             res.status = resp.status
             res.pod = resp.headers.get(cfg.pod_header)
             if resp.status != 200:
@@ -178,10 +238,10 @@ async def replay(trace: Sequence[TraceRequest], cfg: ReplayConfig) -> list[Reque
     """Replay ``trace`` open-loop; returns one result per request, in trace order."""
     results = [RequestResult(id=r.id, adapter=r.adapter, scheduled_s=r.t * cfg.time_scale) for r in trace]
     sem = asyncio.Semaphore(cfg.max_inflight)
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_connect=10)
     state = {"done": 0, "inflight": 0, "errors": 0}
     bar = Progress(cfg.progress_label, len(trace), cfg.progress)
+    spreader = cfg.spreader()
 
     async def run(req: TraceRequest, res: RequestResult) -> None:
         if sem.locked():
@@ -189,14 +249,14 @@ async def replay(trace: Sequence[TraceRequest], cfg: ReplayConfig) -> list[Reque
         async with sem:
             state["inflight"] += 1
             try:
-                await send_one(session, cfg, req, res)
+                await _send_spread(sessions, spreader, cfg, req, res)
             finally:
                 state["inflight"] -= 1
                 state["done"] += 1
                 if res.error:
                     state["errors"] += 1
 
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with _ReplicaSessions(cfg, timeout) as sessions:
         start = time.monotonic()
         tasks = []
         for req, res in zip(trace, results):
@@ -216,8 +276,8 @@ async def replay(trace: Sequence[TraceRequest], cfg: ReplayConfig) -> list[Reque
 async def closed_loop(trace: Sequence[TraceRequest], cfg: ReplayConfig, concurrency: int) -> list[RequestResult]:
     """Send ``trace`` with ``concurrency`` requests always in flight (arrival times ignored)."""
     results = [RequestResult(id=r.id, adapter=r.adapter, scheduled_s=0.0) for r in trace]
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_connect=10)
+    spreader = cfg.spreader()
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(trace)):
         queue.put_nowait(i)
@@ -231,13 +291,42 @@ async def closed_loop(trace: Sequence[TraceRequest], cfg: ReplayConfig, concurre
             except asyncio.QueueEmpty:
                 return
             state["inflight"] += 1
-            await send_one(session, cfg, trace[i], results[i])
+            await _send_spread(sessions, spreader, cfg, trace[i], results[i])
             state["inflight"] -= 1
             state["done"] += 1
             state["errors"] += 1 if results[i].error else 0
             bar.update(state["done"], state["inflight"], state["errors"])
 
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with _ReplicaSessions(cfg, timeout) as sessions:
         await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     bar.update(state["done"], 0, state["errors"], force=True)
     return results
+
+
+class _ReplicaSessions:
+    """One aiohttp session (its own keep-alive pool) per replica URL."""
+
+    def __init__(self, cfg: ReplayConfig, timeout: aiohttp.ClientTimeout) -> None:
+        self.urls = cfg.replica_urls
+        self.timeout = timeout
+        self.sessions: list[aiohttp.ClientSession] = []
+
+    async def __aenter__(self) -> _ReplicaSessions:
+        for _ in self.urls:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False)
+            self.sessions.append(aiohttp.ClientSession(connector=connector, timeout=self.timeout))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.gather(*(s.close() for s in self.sessions))
+
+
+async def _send_spread(sessions: _ReplicaSessions, spreader: Spreader, cfg: ReplayConfig, req: TraceRequest,
+                       res: RequestResult) -> None:
+    i = spreader.acquire()
+    res.replica = i
+    try:
+        await send_one(sessions.sessions[i], cfg, req, res, sessions.urls[i])
+    finally:
+        if res.status:  # a connection that failed is closed, not reused
+            spreader.release(i)

@@ -8,8 +8,9 @@
 3. Redis (``loraroute.services.start_redis``) and one ``loraroute sidecar`` per pod publishing
    PodState to it, as in production; when the sidecar command is not available the gateway's
    in-process monitors with the in-memory store are used instead (recorded as ``state_plane``);
-4. the router under test: ``loraroute gateway --config FILE`` with a preset, a peer router from
-   its own venv (``bench.peers``), or nothing (``direct``: requests go to pod 0).
+4. the router under test: ``loraroute gateway --config FILE`` with a preset (``start_gateways``:
+   one or several replicas, each its own process on its own port, all on the same store), a peer
+   router from its own venv (``bench.peers``), or nothing (``direct``: requests go to pod 0).
 
 Simulated time: every simulator duration is multiplied by ``time_scale`` (> 1 slows the clock,
 which leaves the CPU headroom so that client and router costs stay small against model time).
@@ -28,7 +29,7 @@ from typing import Any
 import yaml
 
 from bench import peers as peers_mod
-from bench.workload import WorkloadSpec
+from bench.workload import WorkloadSpec, sim_profile_args
 from loraroute import peft
 from loraroute.procs import Proc, consecutive_free_ports, free_port, http_ready, loraroute_cmd, start_process
 from loraroute.services import start_redis
@@ -43,14 +44,29 @@ class Pod:
 
 @dataclass
 class Target:
-    """What routes the requests: ``policy`` (our gateway preset), ``peer`` or ``direct``."""
+    """What routes the requests: ``policy`` (our gateway preset), ``peer`` or ``direct``.
+
+    ``replicas`` > 1 (policies only) runs that many gateway replicas on the same store, reached
+    as through a Service (``spread``: see ``bench.client.Spreader``); the label then reads
+    ``default-x4`` (per-connection) or ``default-x4-req`` (per-request)."""
 
     kind: str
     name: str
+    replicas: int = 1
+    spread: str = "per-connection"
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError("replicas must be >= 1")
+        if self.replicas > 1 and self.kind != "policy":
+            raise ValueError(f"--replicas applies to our gateway only, not to {self.kind} targets")
 
     @property
     def label(self) -> str:
-        return self.name if self.kind == "policy" else f"{self.kind}:{self.name}"
+        base = self.name if self.kind == "policy" else f"{self.kind}:{self.name}"
+        if self.replicas == 1:
+            return base
+        return f"{base}-x{self.replicas}" + ("-req" if self.spread == "per-request" else "")
 
     @classmethod
     def parse(cls, label: str) -> Target:
@@ -112,7 +128,7 @@ class BenchCluster:
             "--model", c.base_model, "--enable-lora", "--allow-runtime-lora-updating",
             "--max-loras", str(c.max_loras), "--max-cpu-loras", str(c.max_cpu_loras),
             "--max-lora-rank", str(c.max_lora_rank), "--adapter-dir", str(adapter_dir),
-            "--time-scale", scale, "--seed", str(self.spec.seed), *c.sim_args,
+            "--time-scale", scale, "--seed", str(self.spec.seed), *sim_profile_args(c), *c.sim_args,
         )
         last = f"http://127.0.0.1:{base_port + n - 1}/health"
         self.sim_proc = start_process("sim", argv, ready_url=last, timeout=90, log_dir=self.log_dir)
@@ -128,6 +144,10 @@ class BenchCluster:
             self._start_state_plane()
         return self
 
+    def adapter_dir_for(self, pod: Pod) -> Path:
+        """The folder a pod's sidecar manages (its vLLM's resolver folder): one shared folder here."""
+        return self.work_dir / "adapters"
+
     def _start_state_plane(self) -> None:
         redis = start_redis(log_dir=self.log_dir)
         self.procs.append(redis)
@@ -138,7 +158,7 @@ class BenchCluster:
             argv = loraroute_cmd(
                 "sidecar", "--vllm-url", pod.url, "--pod-id", pod.id, "--store-url", self.redis_url,
                 "--host", "127.0.0.1", "--port", str(port),
-                "--adapter-dir", str(self.work_dir / "adapters"),
+                "--adapter-dir", str(self.adapter_dir_for(pod)),
                 "--max-loras", str(c.max_loras), "--max-cpu-loras", str(c.max_cpu_loras),
                 "--max-lora-rank", str(c.max_lora_rank), "--base-model", c.base_model,
             )
@@ -171,18 +191,30 @@ class BenchCluster:
             "metrics": {"enabled": True},
         }
 
-    def start_gateway(self, policy: str) -> Proc:
+    def start_gateway(self, policy: str, replica: int | None = None) -> Proc:
         port = free_port()
-        cfg_path = self.work_dir / f"gateway-{policy}.yaml"
+        name = f"gateway-{policy}" if replica is None else f"gateway-{policy}-{replica}"
+        cfg_path = self.work_dir / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(self.gateway_config(policy, port), sort_keys=False))
         argv = loraroute_cmd("gateway", "--config", str(cfg_path))
-        proc = start_process(f"gateway-{policy}", argv, port=port,
+        proc = start_process(name, argv, port=port,
                              ready_url=f"http://127.0.0.1:{port}/health", timeout=60, log_dir=self.log_dir)
         self.procs.append(proc)
         if self.state_plane == "none":
             self.state_plane = "gateway-monitors+memory"
         self._wait_gateway_ready(proc)
         return proc
+
+    def start_gateways(self, policy: str, replicas: int) -> list[Proc]:
+        """``replicas`` gateways with the same configuration on one store (Redis with sidecars).
+
+        Without sidecars each replica would monitor the pods itself into its own memory store,
+        which is not the shared set-up being measured, so several replicas need the sidecars."""
+        if replicas == 1:
+            return [self.start_gateway(policy)]
+        if self.redis_url is None:
+            raise RuntimeError("several gateway replicas need the sidecars and Redis (do not pass --no-sidecars)")
+        return [self.start_gateway(policy, i) for i in range(replicas)]
 
     def _wait_gateway_ready(self, proc: Proc, timeout: float = 30.0) -> None:
         """Until /ready answers 200 (every pod known), bounded."""

@@ -147,6 +147,13 @@ def _litellm_config(pod_urls: Sequence[str], model_names: Sequence[str], path: P
     return path
 
 
+def sglang_argv(python: str, port: int, pod_urls: Sequence[str]) -> list[str]:
+    """sglang-router's ``cache_aware`` policy on ``port`` in front of ``pod_urls``."""
+    return [python, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+            "--policy", "cache_aware", "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+            "--worker-urls", *pod_urls]
+
+
 def start_peer(
     name: str,
     pod_urls: Sequence[str],
@@ -168,10 +175,7 @@ def start_peer(
     env = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     api_key: str | None = None
     if name == "sglang":
-        argv = [str(venv_bin(name, "python", root)), "-m", "sglang_router.launch_router",
-                "--host", "127.0.0.1", "--port", str(port), "--policy", "cache_aware",
-                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
-                "--worker-urls", *pod_urls]
+        argv = sglang_argv(str(venv_bin(name, "python", root)), port, pod_urls)
         ready = lambda: port_open(port)  # noqa: E731
     elif name == "vllm-router":
         argv = [str(venv_bin(name, "vllm-router", root)), "--host", "127.0.0.1", "--port", str(port),

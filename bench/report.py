@@ -56,12 +56,16 @@ def _ms(v: Any) -> str:
     return "–" if v is None else f"{1000 * v:.0f}"
 
 
+def _ms1(v: Any) -> str:
+    return "–" if v is None else f"{1000 * v:.1f}"
+
+
 TABLE_HEAD = (
     "| target | ok / sent | TTFT p50 | p90 | p99 | p99 w/o first use | e2e p50 | p99 | output tok/s | "
     "adapter GPU hit (w/o first use) | "
-    "prefix hit | imbalance | errors | achieved/ideal p50 (client / sim) | sim TTFT p99 | router CPU | "
-    "machine busy |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    "prefix hit | imbalance | errors | achieved/ideal p50 (client / sim) | sim TTFT p50 | p99 | "
+    "client − sim TTFT p50 | router CPU | machine busy |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 )
 
 
@@ -75,7 +79,8 @@ def load_table(summaries: Sequence[dict[str, Any]]) -> str:
             f"{_ms(s['e2e_p99'])} ms | {_f(s['output_tok_s'], 0)} | {_f(s['adapter_gpu_hit'], pct=True)} "
             f"({_f(s.get('adapter_gpu_hit_warm'), pct=True)}) | {_f(s['prefix_hit'], pct=True)} | "
             f"{_f(s['imbalance'], 2)} | {s['errors']} | {_f(s['ideal_ratio_p50'], 2)} / "
-            f"{_f(s.get('sim_ideal_ratio_p50'), 2)} | {_ms(s.get('sim_ttft_p99'))} ms | "
+            f"{_f(s.get('sim_ideal_ratio_p50'), 2)} | {_ms(s.get('sim_ttft_p50'))} ms | {_ms(s.get('sim_ttft_p99'))} ms | "
+            f"{_ms1(s.get('client_extra_p50'))} ms | "
             f"{_f(s['router_cpu_pct'], 0)} % | {_f(s['machine_busy_pct'], 0)} % |\n"
         )
     return "".join(rows)

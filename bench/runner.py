@@ -8,24 +8,31 @@ and computes its lower bound. One JSON document per (target, load) goes to
 ``bench/results/<spec>/<target>-load<NN>.json``::
 
     {"meta": {spec, target, load, rate_rps, capacity_rps, time_scale, requests, pods, state_plane,
+              replicas, spread, replica_requests,
               cpu: {process: {cpu_s, cpu_pct}, machine: {busy_pct, cores, wall_s}}, ...},
-     "requests": [{id, adapter, rank, turn, scheduled_s, sent_s, ttft_s, e2e_s, status, error, pod,
+     "requests": [{id, adapter, rank, turn, scheduled_s, sent_s, ttft_s, e2e_s, status, error, pod, replica,
                    output_tokens, prompt_tokens, cached_tokens, gt_adapter_tier, gt_cached_tokens,
                    gt_prompt_tokens, gt_load_s, gt_queue_s, ideal_ttft_s}, ...],
      "summary": {... bench.stats.summarize ...}}
+
+A target with ``replicas`` > 1 runs that many gateway processes on the same Redis and sidecars;
+the client spreads requests over them (``bench.client.Spreader``); each request row says which
+``replica`` served it, ``cpu.router`` is the replicas' sum and ``cpu["router:<i>"]`` each one.
 
 Client-side times (``ttft_s``, ``e2e_s``, ``sent_s``) are wall seconds; divide by ``time_scale``
 for simulated seconds (``bench.stats`` does). Ground-truth and ideal times are simulated seconds.
 
 Capacity (requests per simulated second), measured once per spec and cached in
-``bench/results/<spec>/capacity.json`` (``--capacity R`` overrides, ``--remeasure`` refreshes):
+``bench/results/<spec>/capacity.json`` with the cost profile it was measured under (reused only
+under the same profile; ``--capacity R`` overrides, ``--remeasure`` refreshes):
 a fresh cluster behind our gateway with the ``least-loaded`` preset (adapter-unaware, evenly
 balanced: what the cluster does without adapter-aware routing) serves the spec's requests
 closed-loop with ``32 × pods`` requests always in flight; capacity = requests completed between
 the 20 % and the 80 % completion marks / the simulated time between them (the steady state,
 without ramp-up and drain).
 
-Lower bound per request: ``vllm_sim.costs.ideal_ttft(profile, prompt_tokens, cached)`` where
+Lower bound per request: ``vllm_sim.costs.ideal_ttft(profile, prompt_tokens, cached, lora=True)``
+(the spec's ``cluster.profile`` and ``cluster.cost``) where
 ``cached`` is the block-aligned token length of the request's shareable prefix (its system prompt
 and earlier turns, rendered with the simulator's chat template), i.e. the TTFT if it ran alone on
 an idle pod with its adapter on GPU and its shareable prefix in the cache.
@@ -50,7 +57,7 @@ from bench.client import ReplayConfig, RequestResult, closed_loop, replay
 from bench.cluster import BenchCluster, Target
 from bench.procstats import CpuMeter
 from bench.stats import summarize
-from bench.workload import TraceRequest, WorkloadSpec, generate, load_spec, system_prompt
+from bench.workload import TraceRequest, WorkloadSpec, generate, load_spec, sim_profile, system_prompt
 
 RESULTS_ROOT = Path("bench/results")
 CAPACITY_POLICY = "least-loaded"
@@ -97,15 +104,6 @@ def model_name(target: Target, spec: WorkloadSpec, req: TraceRequest) -> str:
     return req.adapter
 
 
-def _profile(name: str) -> Any:
-    """The simulator's cost profile for ``cluster.profile`` (only ``8b``, its default, exists)."""
-    from vllm_sim.costs import CostProfile
-
-    if name != "8b":
-        raise ValueError(f"cluster.profile {name!r}: the simulator has only the '8b' profile")
-    return CostProfile()
-
-
 def shareable_tokens(req: TraceRequest) -> int:
     """Block-aligned simulator tokens of the request's shareable prefix: its system prompt and
     earlier turns rendered with the simulator's chat template, plus the header of the next
@@ -137,7 +135,7 @@ def ideal_ttft_s(profile: Any, req: TraceRequest, prompt_tokens: int | None = No
 
     p = prompt_tokens if prompt_tokens is not None else prompt_tokens_of(req)
     cached = max(shareable_tokens(req), int(cached_tokens or 0))
-    return float(ideal_ttft(profile, p, cached))
+    return float(ideal_ttft(profile, p, cached, lora=True))  # every trace request names an adapter
 
 
 # ------------------------------------------------------------------------------------ ground truth
@@ -225,26 +223,29 @@ def join_ground_truth(rows: list[dict[str, Any]], states: dict[str, dict[str, An
 
 
 # ------------------------------------------------------------------------------------ one run
-def _replay_cfg(router_url: str, target: Target, spec: WorkloadSpec, opts: RunOptions, label: str,
+def _replay_cfg(router_urls: list[str], target: Target, spec: WorkloadSpec, opts: RunOptions, label: str,
                 api_key: str | None) -> ReplayConfig:
     return ReplayConfig(
-        url=router_url, model_for=lambda r: model_name(target, spec, r), time_scale=opts.time_scale,
+        url=router_urls[0], urls=router_urls, spread=target.spread,  # type: ignore[arg-type]
+        model_for=lambda r: model_name(target, spec, r), time_scale=opts.time_scale,
         api_key=api_key, max_inflight=opts.max_inflight, progress_label=label, progress=opts.progress,
     )
 
 
-def _start_router(cluster: BenchCluster, target: Target) -> tuple[str, str | None, int | None]:
-    """(url, api key, pid) of the router under test."""
+def _start_router(cluster: BenchCluster, target: Target) -> tuple[list[str], str | None]:
+    """(URLs of the router's replicas, api key) of the router under test; its processes are
+    named ``router`` (one) or ``router:<i>`` (several replicas) for the CPU meter."""
     if target.kind == "policy":
-        proc = cluster.start_gateway(target.name)
-        proc.name = "router"
-        return proc.url, None, proc.popen.pid
+        procs = cluster.start_gateways(target.name, target.replicas)
+        for i, proc in enumerate(procs):
+            proc.name = "router" if len(procs) == 1 else f"router:{i}"
+        return [p.url for p in procs], None
     if target.kind == "peer":
         proc = cluster.start_peer(target.name)
         proc.name = "router"
         key = proc.extra.get("api_key")
-        return proc.url, (str(key) if key else None), proc.popen.pid
-    return cluster.pods[0].url, None, None
+        return [proc.url], (str(key) if key else None)
+    return [cluster.pods[0].url], None
 
 
 def measure_capacity(spec: WorkloadSpec, opts: RunOptions, work_dir: Path) -> dict[str, Any]:
@@ -255,8 +256,8 @@ def measure_capacity(spec: WorkloadSpec, opts: RunOptions, work_dir: Path) -> di
     trace = generate(spec, rate=1.0, requests=n)
     target = Target("policy", CAPACITY_POLICY)
     with BenchCluster(spec, work_dir / "capacity", time_scale=opts.time_scale, sidecars=opts.sidecars) as cl:
-        url, key, _ = _start_router(cl, target)
-        cfg = _replay_cfg(url, target, spec, opts, f"capacity {spec.name}", key)
+        urls, key = _start_router(cl, target)
+        cfg = _replay_cfg(urls, target, spec, opts, f"capacity {spec.name}", key)
         results = asyncio.run(closed_loop(trace, cfg, concurrency))
     done = sorted(r.sent_s + (r.e2e_s or 0.0) for r in results if r.error is None and r.ttft_s is not None)
     if len(done) < 10:
@@ -267,6 +268,7 @@ def measure_capacity(spec: WorkloadSpec, opts: RunOptions, work_dir: Path) -> di
     capacity = (i1 - i0) / span_sim
     return {"capacity_rps": round(capacity, 3), "policy": CAPACITY_POLICY, "inflight": concurrency,
             "requests": n, "ok": len(done), "time_scale": opts.time_scale,
+            "profile": sim_profile(spec.cluster).to_dict(),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -275,7 +277,10 @@ def get_capacity(spec: WorkloadSpec, opts: RunOptions, work_dir: Path) -> dict[s
         return {"capacity_rps": opts.capacity, "policy": "given on the command line"}
     path = opts.out_dir / spec.name / "capacity.json"
     if path.exists() and not opts.remeasure:
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if cached.get("profile") == sim_profile(spec.cluster).to_dict():
+            return cached  # type: ignore[no-any-return]
+        print(f"{path} was measured with another cost profile; measuring again", file=sys.stderr)
     print(f"measuring capacity of {spec.name} ({CAPACITY_POLICY}, closed loop) ...", file=sys.stderr)
     cap = measure_capacity(spec, opts, work_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,6 +310,17 @@ def warmup_trace(spec: WorkloadSpec) -> list[TraceRequest]:
     return out
 
 
+def request_rows(trace: list[TraceRequest], results: list[RequestResult]) -> list[dict[str, Any]]:
+    """One result row per request: the client's measurement plus what the trace says of it."""
+    rows = []
+    for req, res in zip(trace, results):
+        row = res.to_dict()
+        row.update(rank=req.rank, turn=req.turn, conversation=req.conversation,
+                   expected_prompt_tokens=prompt_tokens_of(req))
+        rows.append(row)
+    return rows
+
+
 def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[str, Any],
               work_dir: Path) -> dict[str, Any]:
     """One target at one load level on a fresh cluster; returns the result document."""
@@ -315,17 +331,17 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
     label = f"{target.label} @{int(round(load * 100))}%"
     with BenchCluster(spec, work_dir / f"{target.label.replace(':', '-')}-{load}",
                       time_scale=opts.time_scale, sidecars=opts.sidecars) as cl:
-        url, key, _ = _start_router(cl, target)
+        urls, key = _start_router(cl, target)
         warmed = 0
         if opts.warmup:
             warm = warmup_trace(spec)
-            wcfg = _replay_cfg(url, target, spec, opts, f"{label} warm-up", key)
+            wcfg = _replay_cfg(urls, target, spec, opts, f"{label} warm-up", key)
             warm_results = asyncio.run(closed_loop(warm, wcfg, 2 * spec.cluster.pods))
             warmed = sum(r.error is None for r in warm_results)
         meter = CpuMeter({**cl.pids(), "client": os.getpid()}, own_only={"client"})
         meter.start()
         t0 = time.monotonic()
-        results: list[RequestResult] = asyncio.run(replay(trace, _replay_cfg(url, target, spec, opts, label, key)))
+        results: list[RequestResult] = asyncio.run(replay(trace, _replay_cfg(urls, target, spec, opts, label, key)))
         wall = time.monotonic() - t0
         cpu = meter.stop()
         states = {}
@@ -336,13 +352,8 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
                 states[pod.id] = {"error": str(e)[:200]}
         state_plane = cl.state_plane
         pods = [p.id for p in cl.pods]
-    profile = _profile(spec.cluster.profile)
-    rows = []
-    for req, res in zip(trace, results):
-        row = res.to_dict()
-        row.update(rank=req.rank, turn=req.turn, conversation=req.conversation,
-                   expected_prompt_tokens=prompt_tokens_of(req))
-        rows.append(row)
+    profile = sim_profile(spec.cluster)
+    rows = request_rows(trace, results)
     found = join_ground_truth(rows, states)
     for req, row in zip(trace, rows):
         row["ideal_ttft_s"] = round(ideal_ttft_s(profile, req, row.get("gt_prompt_tokens"),
@@ -354,6 +365,8 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
             "target_kind": target.kind, "load": load, "rate_rps": round(rate, 3),
             "capacity": capacity, "capacity_rps": capacity["capacity_rps"], "time_scale": opts.time_scale,
             "requests": len(rows), "pods": pods, "state_plane": state_plane,
+            "replicas": target.replicas, "spread": target.spread if target.replicas > 1 else None,
+            "replica_requests": _replica_counts(rows, target.replicas),
             "ground_truth_joined": found, "warmup_requests": warmed, "wall_s": round(wall, 2), "cpu": cpu_grouped,
             "cluster": spec.to_dict()["cluster"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "code_version": code_version(), **opts.extra_meta,
@@ -364,19 +377,31 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
     return doc
 
 
+def _replica_counts(rows: list[dict[str, Any]], replicas: int) -> list[int]:
+    counts = [0] * replicas
+    for row in rows:
+        i = row.get("replica")
+        if isinstance(i, int) and 0 <= i < replicas:
+            counts[i] += 1
+    return counts
+
+
 def _group_cpu(cpu: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Sidecars summed under ``sidecars``; gateway replicas summed under ``router`` (each replica
+    also kept as ``router:<i>``)."""
     out: dict[str, dict[str, float]] = {}
-    side_s = side_pct = 0.0
-    n_side = 0
+    groups: dict[str, list[dict[str, float]]] = {"sidecars": [], "router": []}
     for name, v in cpu.items():
         if name.startswith("sidecar:"):
-            side_s += v["cpu_s"]
-            side_pct += v["cpu_pct"]
-            n_side += 1
-        else:
-            out[name] = v
-    if n_side:
-        out["sidecars"] = {"cpu_s": round(side_s, 3), "cpu_pct": round(side_pct, 1), "count": float(n_side)}
+            groups["sidecars"].append(v)
+            continue
+        if name.startswith("router:"):
+            groups["router"].append(v)
+        out[name] = v
+    for group, members in groups.items():
+        if members:
+            out[group] = {"cpu_s": round(sum(v["cpu_s"] for v in members), 3),
+                          "cpu_pct": round(sum(v["cpu_pct"] for v in members), 1), "count": float(len(members))}
     return out
 
 

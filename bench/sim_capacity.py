@@ -1,7 +1,8 @@
 """How many requests per second one simulator process sustains, and the default profile's TTFTs.
 
     python -m bench.sim_capacity [--pods 16] [--rates 50,100,200,300] [--duration 10]
-                                 [--time-scale 1] [--stream-frac 1.0] [--skip-capacity] [--skip-ttft]
+                                 [--time-scale 1] [--stream-frac 1.0] [--profile 8b]
+                                 [--skip-capacity] [--skip-ttft]
 
 Part 1 (capacity): one ``loraroute sim cluster --pods K`` process at ``--time-scale`` (default 1,
 real time), loaded open-loop (Poisson arrivals, round-robin over pods) from this process with an
@@ -17,8 +18,8 @@ sustained when the steady-state completion rate (completions between 25 % and 10
 window) is >= 90 % of offered (Poisson noise), the, lag p50 <= 25 ms and the simulator's CPU < 95 %.
 
 Part 2 (TTFT table): one pod at time-scale 0, requests one at a time, TTFT from ground truth
-(simulated seconds, default CostProfile) for resident / CPU-tier / cold adapters of several ranks
-and for cold vs cached prefixes, beside ``vllm_sim.engine.ideal_ttft``.
+(simulated seconds, the ``--profile`` cost profile, default ``8b``) for resident / CPU-tier / cold
+adapters of several ranks and for cold vs cached prefixes, beside ``vllm_sim.costs.ideal_ttft``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import httpx
 
 from loraroute import peft
 from loraroute.procs import Proc, consecutive_free_ports, free_port, http_ready, loraroute_cmd, start_process
-from vllm_sim.costs import CostProfile, ideal_ttft
+from vllm_sim.costs import PROFILES, get_profile, ideal_ttft
 from vllm_sim.tokenizer import apply_chat_template, count_tokens
 
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
@@ -84,14 +85,14 @@ class RateResult:
 
 # -- part 1 ------------------------------------------------------------------------------------
 def start_cluster(pods: int, adapter_dir: Path, time_scale: float, log_dir: Path, max_loras: int,
-                  stream_interval: int = 1) -> tuple[Proc, list[str]]:
+                  stream_interval: int = 1, profile: str = "8b") -> tuple[Proc, list[str]]:
     base_port = consecutive_free_ports(pods)
     urls = [f"http://127.0.0.1:{base_port + i}" for i in range(pods)]
     argv = loraroute_cmd("sim", "cluster", "--pods", str(pods), "--base-port", str(base_port), "--enable-lora",
                          "--max-loras", str(max_loras), "--max-cpu-loras", str(2 * max_loras), "--max-lora-rank", "16",
                          "--adapter-dir", str(adapter_dir), "--allow-runtime-lora-updating",
                          "--time-scale", str(time_scale), "--state-ring-size", "20000",
-                         "--stream-interval", str(stream_interval))
+                         "--stream-interval", str(stream_interval), "--profile", profile)
     proc = start_process("sim-cluster", argv, ready=lambda: all(http_ready(u + "/health") for u in urls),
                          timeout=60, log_dir=log_dir)
     return proc, urls
@@ -177,7 +178,7 @@ def capacity(args: argparse.Namespace, work: Path) -> list[RateResult]:
     peft.make_adapter_set(adapter_dir, [(n, 8 if i % 2 else 16) for i, n in enumerate(names[1:])])
     systems = {n: f"You are the assistant of team {n}. Follow the style guide carefully. " * 20 for n in names}
     proc, urls = start_cluster(args.pods, adapter_dir, args.time_scale, work / "logs", args.max_loras,
-                               args.stream_interval)
+                               args.stream_interval, args.profile)
     results = []
     try:
         pid = proc.popen.pid
@@ -227,8 +228,8 @@ def print_capacity(results: list[RateResult], args: argparse.Namespace) -> None:
 
 
 # -- part 2 ------------------------------------------------------------------------------------
-def ttft_table(work: Path) -> None:
-    profile = CostProfile()
+def ttft_table(work: Path, profile_name: str) -> None:
+    profile = get_profile(profile_name)
     root = work / "ttft-adapters"
     ranks = {"r8": 8, "r16": 16, "r32": 32, "r64": 64, "cpu16": 16, "evict1": 16, "evict2": 16}
     for name, rank in ranks.items():
@@ -236,7 +237,8 @@ def ttft_table(work: Path) -> None:
     port = free_port()
     proc = start_process("sim-ttft", loraroute_cmd(
         "sim", "--port", str(port), "--enable-lora", "--max-loras", "1", "--max-cpu-loras", "2",
-        "--max-lora-rank", "64", "--adapter-dir", str(root), "--allow-runtime-lora-updating", "--time-scale", "0"),
+        "--max-lora-rank", "64", "--adapter-dir", str(root), "--allow-runtime-lora-updating", "--time-scale", "0",
+        "--profile", profile_name),
         ready_url=f"http://127.0.0.1:{port}/health", timeout=30, log_dir=work / "logs")
     url = f"http://127.0.0.1:{port}"
     system = "You are a careful SQL assistant for the analytics warehouse. " * 64  # ~960 tokens
@@ -250,7 +252,7 @@ def ttft_table(work: Path) -> None:
                           json={"model": model, "messages": msgs, "max_tokens": 1}).raise_for_status()
                 rec = next(r for r in http.get(url + "/sim/state").json()["requests"] if r["request_id"] == rid)
                 n = count_tokens(apply_chat_template(msgs))
-                rec["ideal"] = ideal_ttft(profile, n, rec["cached_tokens"])
+                rec["ideal"] = ideal_ttft(profile, n, rec["cached_tokens"], lora=model != BASE)
                 return rec
 
             for rank_name in ("r8", "r16", "r32", "r64"):
@@ -265,7 +267,7 @@ def ttft_table(work: Path) -> None:
             rows.append(("base model, cached prefix", ask(BASE, "question for the base", "base-cached"), 0))
     finally:
         proc.stop()
-    print("\nTTFT under the default profile (8B on one H100), one request on an idle pod, simulated ms:")
+    print(f"\nTTFT under the {profile.name} profile, one request on an idle pod, simulated ms:")
     print("| case | prompt tokens | cached | adapter tier | queue | adapter load | prefill | TTFT | ideal_ttft (resident) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, r, _ in rows:
@@ -285,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", type=int, default=8, help="adapters in the workload (plus the base model)")
     p.add_argument("--max-loras", type=int, default=8, help="GPU slots per pod (CPU cache: twice that)")
     p.add_argument("--stream-interval", type=int, default=1, help="the simulator's --stream-interval")
+    p.add_argument("--profile", default="8b", choices=sorted(PROFILES), help="the simulator's cost profile")
     p.add_argument("--skip-capacity", action="store_true")
     p.add_argument("--skip-ttft", action="store_true")
     args = p.parse_args(argv)
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sim-capacity-") as tmp:
         work = Path(tmp)
         if not args.skip_ttft:
-            ttft_table(work)
+            ttft_table(work, args.profile)
         if not args.skip_capacity:
             print(f"\nCapacity sweep over {args.rates} req/s ...", flush=True)
             print_capacity(capacity(args, work), args)

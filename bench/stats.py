@@ -12,9 +12,11 @@ All latencies are in *simulated* seconds: wall seconds measured at the client di
   cluster (a pod that got nothing counts as 0).
 - ``ideal_ratio_p50``: median over ok requests of achieved TTFT / ideal TTFT, where ideal is the
   simulator's TTFT alone on an idle pod, adapter resident and shareable prefix cached.
-- ``sim_ideal_ratio_p50``, ``sim_ttft_p99``: the same from the simulator's own TTFT (ground truth,
-  arrival at the engine to first token): routing quality without the HTTP hops and the client's
-  CPU contention.
+- ``sim_ideal_ratio_p50``, ``sim_ttft_p50``, ``sim_ttft_p99``: the same from the simulator's own
+  TTFT (ground truth, arrival at the engine to first token): routing quality without the HTTP hops
+  and the client's CPU contention.
+- ``client_extra_p50``: median over ok requests of client TTFT − simulator TTFT: what the client,
+  the router and the HTTP hops add (it grows with CPU contention, not with routing).
 - ``ttft_p99_warm``, ``adapter_gpu_hit_warm``: the same without each adapter's first request of
   the run (a compulsory cold load from disk whatever the router does; every point starts cold).
 - ``errors``: requests that are not ok.
@@ -108,7 +110,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "imbalance": (max(counts.values()) / mean) if mean > 0 else None,
         "ideal_ratio_p50": percentile(ratios, 50),
         "sim_ideal_ratio_p50": percentile(sim_ratios, 50),
+        "sim_ttft_p50": percentile([r["gt_ttft_s"] for r in ok if r.get("gt_ttft_s") is not None], 50),
         "sim_ttft_p99": percentile([r["gt_ttft_s"] for r in ok if r.get("gt_ttft_s") is not None], 99),
+        "client_extra_p50": percentile([r["ttft_s"] / scale - r["gt_ttft_s"] for r in ok
+                                        if r.get("gt_ttft_s") is not None], 50),
         "pod_counts": counts,
         "router_cpu_pct": (cpu.get("router") or {}).get("cpu_pct"),
         "machine_busy_pct": (cpu.get("machine") or {}).get("busy_pct"),

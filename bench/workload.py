@@ -11,7 +11,8 @@ Spec keys (every key optional except where noted; unknown keys are errors that n
     seed: 1
     cluster:                       # how the runner builds the simulated cluster
       pods: 8
-      profile: 8b                  # simulator cost profile
+      profile: 8b                  # simulator cost profile: 8b (compiled vLLM on an H200) or 8b-eager
+      cost: {}                     # constants of the profile to override, e.g. {load_scale: 3}
       base_model: meta-llama/Llama-3.1-8B-Instruct
       max_loras: 4
       max_cpu_loras: 12
@@ -65,6 +66,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from vllm_sim.costs import CostProfile, ProfileError, get_profile
+
 BYTES_PER_TOKEN = 4
 
 
@@ -107,6 +110,7 @@ class LengthDist:
 class ClusterSpec:
     pods: int = 8
     profile: str = "8b"
+    cost: tuple[tuple[str, float], ...] = ()   # vllm_sim.costs constants overridden (``--cost``)
     base_model: str = "meta-llama/Llama-3.1-8B-Instruct"
     max_loras: int = 4
     max_cpu_loras: int = 12
@@ -195,6 +199,19 @@ class WorkloadSpec:
         return asdict(self)
 
 
+def sim_profile(cluster: ClusterSpec) -> CostProfile:
+    """The simulator's cost profile a spec's cluster runs (``cluster.profile`` + ``cluster.cost``)."""
+    return get_profile(cluster.profile, dict(cluster.cost))
+
+
+def sim_profile_args(cluster: ClusterSpec) -> list[str]:
+    """``loraroute sim cluster`` flags that select that profile."""
+    args = ["--profile", cluster.profile]
+    for key, value in cluster.cost:
+        args += ["--cost", f"{key}={value!r}"]
+    return args
+
+
 def _check_keys(section: str, data: Any, allowed: Iterable[str]) -> dict[str, Any]:
     if data is None:
         return {}
@@ -240,9 +257,13 @@ def parse_spec(data: dict[str, Any]) -> WorkloadSpec:
         "loads", "requests", "duration_s",
     ))
     c = _check_keys("cluster", top.get("cluster"), (
-        "pods", "profile", "base_model", "max_loras", "max_cpu_loras", "max_lora_rank", "sim_args"))
+        "pods", "profile", "cost", "base_model", "max_loras", "max_cpu_loras", "max_lora_rank", "sim_args"))
+    cost = c.get("cost") or {}
+    if not isinstance(cost, dict):
+        raise SpecError("cluster.cost: expected a mapping of constant -> number")
     cluster = ClusterSpec(
         pods=int(c.get("pods", 8)), profile=str(c.get("profile", "8b")),
+        cost=tuple((str(k), v) for k, v in cost.items()),
         base_model=str(c.get("base_model", ClusterSpec.base_model)),
         max_loras=int(c.get("max_loras", 4)), max_cpu_loras=int(c.get("max_cpu_loras", 12)),
         max_lora_rank=int(c.get("max_lora_rank", 64)),
@@ -250,6 +271,10 @@ def parse_spec(data: dict[str, Any]) -> WorkloadSpec:
     )
     if cluster.pods < 1:
         raise SpecError("cluster.pods: must be >= 1")
+    try:
+        sim_profile(cluster)
+    except ProfileError as e:
+        raise SpecError(f"cluster: {e}") from None
     a = _check_keys("adapters", top.get("adapters"), ("count", "ranks", "name_format"))
     adapters = AdapterSpec(count=int(a.get("count", 64)),
                            ranks=tuple(int(r) for r in a.get("ranks", (8, 16, 32, 64))),

@@ -17,7 +17,9 @@ Residency: when the server exposes ``vllm:lora_adapter_loaded`` the tiers are ex
 ``/v1/models`` (a load), names dropped from it (an unload), names in every
 ``lora_requests_info`` series whose timestamp is newer than the previous scrape's newest (each
 was the in-flight set at some moment since then, so requests shorter than the poll interval still
-count), and the caller's own ``note_loaded`` calls. A change
+count; on a first scrape only the newest series counts, the others being history of unknown age;
+after a scrape that showed no series, every series is news), and the caller's own
+``note_loaded`` calls. A change
 of ``process_start_time_seconds``, or a cumulative counter going backwards (vLLM restarted),
 resets the estimate.
 
@@ -254,6 +256,10 @@ class PodMonitor:
                     if since is None or info.timestamp > since:
                         est.observe_running(info.running)
                 self._last_lora_ts = metrics.lora.timestamp
+            elif metrics.lora is None and self._last_lora_ts is None:
+                # no series yet (vLLM writes the first one with the first LoRA request): every
+                # series a later scrape shows is news, not history of unknown age
+                self._last_lora_ts = 0.0
         self._loading -= set(models.adapters) & set(est.gpu)
         if not self._healthy:
             log.info("pod %s: vLLM at %s answering", self.pod_id, self.vllm_url)

@@ -144,6 +144,8 @@ class RoutingRequest:
 
     ``prefix_hashes`` is the chain of block hashes of the prompt (see ``scorer.prefix``), seeded
     with base and adapter so caches never cross adapters. ``prompt_tokens`` is an estimate.
+    ``prompt_token_ids`` are the prompt's tokens as the pods' tokenizer and chat template make
+    them, when the caller knows them (empty otherwise): ``precise-prefix`` hashes them as vLLM does.
     """
 
     adapter: AdapterRef
@@ -152,6 +154,7 @@ class RoutingRequest:
     prefix_hashes: tuple[int, ...] = ()
     session_key: str | None = None
     request_id: str = ""
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

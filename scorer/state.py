@@ -1,4 +1,4 @@
-"""The pipeline's own mutable state: in-flight counts, optimistic adapters, prefix index.
+"""The pipeline's own mutable state: in-flight counts, optimistic adapters, prefix indexes.
 
 Owned by one ``Pipeline`` instance (no globals). ``Pipeline.adopt_state_from`` hands the same
 ``LocalState`` to a pipeline rebuilt on config reload, so nothing learned is lost and requests
@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from operator import is_
 
+from scorer.kv_index import KVBlockIndex
 from scorer.model import PodState, RoutingRequest
 from scorer.prefix import DEFAULT_BLOCK_CHARS, PrefixIndex, pod_capacity_blocks
 from scorer.view import PodView, slot_state
@@ -61,6 +62,9 @@ class LocalState:
         self.max_sessions = max_sessions
         self.prefill_s_per_token = prefill_s_per_token
         self.prefix = PrefixIndex(block_chars)
+        # the precise index: filled from the pods' KV events by whoever runs a KV feed
+        # (podstate.kv_store / podstate.kv_events), read by the precise-prefix scorer
+        self.kv = KVBlockIndex()
         self.pods: dict[str, PodLocal] = {}
         self.views: dict[str, PodView] = {}
         self.sessions: OrderedDict[str, str] = OrderedDict()
@@ -235,6 +239,7 @@ class LocalState:
         self.inc_pods.discard(pod_id)
         self.views.pop(pod_id, None)
         self.prefix.forget(pod_id)
+        self.kv.forget(pod_id)
         stale = [k for k, p in self.sessions.items() if p == pod_id]
         for k in stale:
             del self.sessions[k]

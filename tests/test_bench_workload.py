@@ -15,11 +15,14 @@ from bench.workload import (
     parse_spec,
     pseudo_text,
     read_trace,
+    sim_profile,
+    sim_profile_args,
     summarize,
     system_prompt,
     text_tokens,
     write_trace,
 )
+from vllm_sim.costs import get_profile
 
 SPECS = Path(__file__).resolve().parent.parent / "bench" / "specs"
 
@@ -40,6 +43,16 @@ def test_reference_spec_matches_the_issue(reference) -> None:
     assert reference.loads == (0.3, 0.6, 0.9)
     assert reference.requests >= 2000
     assert reference.arrivals.kind == "poisson"
+
+
+def test_cluster_profile_selects_the_simulators_costs() -> None:
+    """``cluster.profile`` / ``cluster.cost`` reach both the simulator's flags and the runner's
+    lower bound (one profile object for both)."""
+    default = parse_spec({}).cluster
+    assert sim_profile(default) == get_profile("8b") and sim_profile_args(default) == ["--profile", "8b"]
+    slow = parse_spec({"cluster": {"profile": "8b-eager", "cost": {"load_scale": 3}}}).cluster
+    assert sim_profile(slow) == get_profile("8b-eager", {"load_scale": 3.0})
+    assert sim_profile_args(slow) == ["--profile", "8b-eager", "--cost", "load_scale=3"]
 
 
 def test_same_seed_same_trace_and_other_seed_differs(tmp_path, reference) -> None:
@@ -151,6 +164,12 @@ def test_strict_spec_validation(tmp_path) -> None:
         parse_spec({"adapters": {"ranks": [128]}})
     with pytest.raises(SpecError, match="followup_fraction"):
         parse_spec({"prefix": {"followup_fraction": 1.5}})
+    with pytest.raises(SpecError, match="unknown cost profile '8b-eagr'.*did you mean '8b-eager'"):
+        parse_spec({"cluster": {"profile": "8b-eagr"}})
+    with pytest.raises(SpecError, match="unknown cost constant 'load_scal'"):
+        parse_spec({"cluster": {"cost": {"load_scal": 3}}})
+    with pytest.raises(SpecError, match="non-negative number"):
+        parse_spec({"cluster": {"cost": {"load_scale": "fast"}}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nrequets: 10\n")
     with pytest.raises(SpecError, match=r"bad\.yaml: spec\.requets"):

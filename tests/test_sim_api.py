@@ -1,7 +1,8 @@
 """vllm_sim's HTTP surface against real `loraroute sim` processes: payloads, errors, metrics.
 
-Expected shapes come from vLLM 0.33.0 payloads in tests/fixtures/vllm/ and the error table of
-the vLLM reference; every request goes over real HTTP (official `openai` client or httpx).
+Expected shapes come from vLLM 0.33.0 payloads in tests/fixtures/vllm/, the error table of the
+vLLM reference and the error bodies a real vLLM 0.25.1 answered (tests/fixtures/vllm-0.25-real/);
+every request goes over real HTTP (official `openai` client or httpx).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraroute.procs import Proc, free_port, loraroute_cmd
-from vllm_sim.tokenizer import apply_chat_template, count_tokens
+from vllm_sim.costs import get_profile
+from vllm_sim.tokenizer import apply_chat_template, count_tokens, detokenize, tokenize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
+REAL = Path(__file__).parent / "fixtures" / "vllm-0.25-real"
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
 
 
@@ -225,7 +228,8 @@ def test_resolver_loads_on_first_use(procs, make_adapter, tmp_path: Path) -> Non
     assert "fin-lora" in [m.id for m in c.models.list().data]
     state = httpx.get(sim.url + "/sim/state", timeout=10).json()
     rec = next(r for r in state["requests"] if r["request_id"] == "resolved-1")
-    assert rec["adapter_tier"] == "disk" and rec["adapter_load"] > 0.25  # rank 16 cold load, simulated seconds
+    # the resolver loads through an engine utility call: disk + activation + the call, simulated seconds
+    assert rec["adapter_tier"] == "disk" and rec["adapter_load"] == pytest.approx(get_profile().load_api_s(16))
     assert state["gpu_adapters"] == ["fin-lora"]
     for name in ("other-base", "not-lora", "absent"):
         with pytest.raises(openai.NotFoundError):
@@ -245,7 +249,8 @@ def test_a_request_that_waits_for_anothers_resolver_load_is_charged_for_it(procs
     root = tmp_path / "resolver"
     make_adapter("big", rank=64, root=root)
     sim = start_sim(procs, "--enable-lora", "--max-loras", "2", "--max-lora-rank", "64", "--adapter-dir", str(root),
-                    "--allow-runtime-lora-updating", "--time-scale", "0.5")
+                    "--allow-runtime-lora-updating", "--time-scale", "1")
+    load_s = get_profile().load_api_s(64)  # ~0.31 s, simulated = wall here
 
     def send(rid: str) -> float:
         t0 = time.perf_counter()
@@ -256,16 +261,17 @@ def test_a_request_that_waits_for_anothers_resolver_load_is_charged_for_it(procs
 
     with concurrent.futures.ThreadPoolExecutor(2) as ex:
         first = ex.submit(send, "first")
-        time.sleep(0.1)  # the first holds the lock and is loading (~1 s simulated, 0.5 s wall)
+        time.sleep(0.1)  # the first holds the lock and is loading
         second = ex.submit(send, "second")
         wall = {"first": first.result(), "second": second.result()}
     recs = {r["request_id"]: r for r in httpx.get(sim.url + "/sim/state", timeout=10).json()["requests"]}
+    assert recs["first"]["adapter_load"] == pytest.approx(load_s)
+    assert 0.02 < recs["second"]["adapter_load"] < load_s  # the rest of the first one's load
     for rid in ("first", "second"):
         rec = recs[rid]
         assert rec["adapter_tier"] == "disk"  # both arrived while the adapter was on disk only
-        assert rec["adapter_load"] > 0.5, rec
-        # simulated TTFT × time-scale ≈ what the client waited (never far below it)
-        assert rec["ttft"] * 0.5 > wall[rid] - 0.25, (rid, rec, wall)
+        # simulated TTFT ≈ what the client waited (never far below it; a starved machine stretches wall time)
+        assert rec["ttft"] > wall[rid] - 0.5, (rid, rec, wall)
 
 
 def _families(text: str) -> dict[str, tuple[str, set[tuple[str, ...]]]]:
@@ -310,3 +316,158 @@ def test_residency_metric_opt_in(procs, make_adapter) -> None:  # type: ignore[n
     assert fam.type == "gauge"
     assert sorted((s.labels["adapter_name"], s.labels["level"], s.labels["rank"]) for s in fam.samples) == [
         ("a-lora", "cpu", "8"), ("b-lora", "gpu", "16")]
+
+
+def test_tokenizer_endpoints_match_what_the_engine_counts(procs, make_adapter) -> None:  # type: ignore[no-untyped-def]
+    """/tokenize, /detokenize and the two render routes (vLLM 0.33 shapes): the ids are the ones
+    the engine counts and hashes, so a router that tokenizes first sees the pod's blocks."""
+    path = make_adapter("sql-lora", rank=8)
+    sim = start_sim(procs, "--enable-lora", "--lora-modules", f"sql-lora={path}", "--time-scale", "0",
+                    "--max-model-len", "4096")
+    http = httpx.Client(base_url=sim.url, timeout=30)
+    messages = [{"role": "system", "content": "You write SQL."}, {"role": "user", "content": "Tables? é"}]
+    chat = client(sim).chat.completions.create(model="sql-lora", messages=messages, max_tokens=2)  # type: ignore[arg-type]
+    assert chat.usage is not None
+
+    tok = http.post("/tokenize", json={"model": "sql-lora", "messages": messages}).json()
+    assert list(tok) == ["count", "max_model_len", "tokens", "token_strs"]
+    assert tok["count"] == len(tok["tokens"]) == chat.usage.prompt_tokens and tok["max_model_len"] == 4096
+    assert tok["tokens"] == tokenize(apply_chat_template(messages)) and tok["token_strs"] is None
+    open_ended = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert open_ended["tokens"] == tokenize(apply_chat_template(messages, add_generation_prompt=False))
+    bad = http.post("/tokenize", json={"messages": messages, "continue_final_message": True,
+                                       "add_generation_prompt": True})
+    assert bad.status_code == 400 and "continue_final_message" in bad.json()["error"]["message"]
+    continued = http.post("/tokenize", json={"messages": messages, "continue_final_message": True}).json()
+    assert detokenize(continued["tokens"]).endswith("Tables? é")  # the last message stays open
+    text = "SELECT name FROM customers; -- ünïcode"
+    plain = http.post("/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert plain["tokens"] == tokenize(text) and len(plain["token_strs"]) == plain["count"]
+    assert plain["token_strs"][:2] == ["SELE", "CT n"]  # one 4-byte piece per token
+    assert http.post("/detokenize", json={"tokens": plain["tokens"]}).json() == {"prompt": text}
+    assert http.post("/detokenize", json={"tokens": [plain["tokens"][0], 2**40]}).json()["prompt"] == text[:4]
+    for body, param in (({"tokens": [-1]}, "body.tokens"), ({"model": BASE}, "body.tokens"), ({}, "body.prompt")):
+        route = "/detokenize" if param == "body.tokens" else "/tokenize"
+        err = http.post(route, json=body)
+        assert err.status_code == 400 and err.json()["error"]["param"] == param, err.text
+    assert http.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+
+    rendered = http.post("/v1/chat/completions/render", json={"model": "sql-lora", "messages": messages,
+                                                               "max_tokens": 7, "temperature": 0.2}).json()
+    assert list(rendered) == ["request_id", "token_ids", "features", "sampling_params", "model", "stream",
+                              "stream_options", "cache_salt", "priority", "kv_transfer_params"]
+    assert rendered["token_ids"] == tok["tokens"] and rendered["model"] == "sql-lora"
+    assert rendered["request_id"].startswith("chatcmpl-") and rendered["features"] is None
+    assert rendered["sampling_params"]["max_tokens"] == 7 and rendered["sampling_params"]["temperature"] == 0.2
+    many = http.post("/v1/completions/render", json={"model": BASE, "prompt": [text, "SELECT 1"]}).json()
+    assert [m["token_ids"] for m in many] == [tokenize(text), tokenize("SELECT 1")]
+    assert many[0]["sampling_params"]["max_tokens"] == 4096 - len(tokenize(text))  # what is left of the context
+    ids = http.post("/v1/completions/render", json={"model": BASE, "prompt": [[11, 12, 13]]}).json()
+    assert ids[0]["token_ids"] == [11, 12, 13] and ids[0]["request_id"].startswith("cmpl-")
+    too_long = http.post("/v1/completions/render", json={"model": BASE, "prompt": "x" * 40000})
+    assert too_long.status_code == 400 and "maximum context length" in too_long.json()["error"]["message"]
+    missing = http.post("/v1/chat/completions/render", json={"model": "absent", "messages": messages})
+    assert (missing.status_code, missing.json()["error"]["param"]) == (404, "model")
+
+
+def test_error_statuses_and_bodies_match_a_real_vllm(procs, make_adapter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every case a real vLLM 0.25.1 answered (``vllm-0.25-real/errors.json``), replayed in order:
+    same status, type, param and code; the same message, except where vLLM changed it since
+    (0.33 adds ``Valid aliases: ...`` to an unknown model, sanitises paths to ``<path>`` and
+    words the validation error's tail differently)."""
+    cases = json.loads((REAL / "errors.json").read_text())
+    for name, rank in (("ta", 16), ("tc", 16), ("big128", 128)):
+        make_adapter(name, rank=rank)
+    local = {name: str(tmp_path / "adapters" / name) for name in ("ta", "tc", "big128")}
+    sim = start_sim(procs, "--enable-lora", "--served-model-name", "base", "--max-loras", "2", "--max-lora-rank", "64",
+                    "--allow-runtime-lora-updating", "--lora-modules", f"ta={local['ta']}", f"tc={local['tc']}",
+                    "--time-scale", "0")
+    for case in cases:
+        if case["path"]:
+            body = dict(case["req"])
+            if "lora_path" in body:  # the same adapter here, or a path that does not exist
+                body["lora_path"] = local.get(Path(body["lora_path"]).name, str(tmp_path / "does-not-exist"))
+            got = httpx.post(sim.url + case["path"], json=body, timeout=30)
+        else:
+            got = httpx.post(sim.url + "/v1/chat/completions", timeout=30, json={
+                "model": case["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        assert got.status_code == case["status"], (case["label"], got.text)
+        if case["status"] == 200:
+            assert got.text == case["body"], case["label"]
+            continue
+        want, have = json.loads(case["body"])["error"], got.json()["error"]
+        assert {k: have[k] for k in ("type", "param", "code")} == {k: want[k] for k in ("type", "param", "code")}, case
+        if case["label"] == "err_path_missing":
+            assert have["message"] == want["message"].replace(case["req"]["lora_path"], "<path>")
+        elif case["label"] == "err_no_path":
+            assert have["message"].split("\n")[:2] == want["message"].split("\n")[:2]
+        elif want["type"] == "NotFoundError" and want["param"] == "model":
+            assert have["message"] == want["message"] + " Valid aliases: base."
+        else:
+            assert have["message"] == want["message"], case["label"]
+
+
+def _lora_series(sim: Proc) -> dict[tuple[str, str], float]:
+    text = httpx.get(sim.url + "/metrics", timeout=10).text
+    fam = [f for f in text_string_to_metric_families(text) if f.name == "vllm:lora_requests_info"]
+    return {(s.labels["running_lora_adapters"], s.labels["waiting_lora_adapters"]): s.value
+            for s in (fam[0].samples if fam else [])}
+
+
+def test_lora_requests_info_behaves_like_vllm_0_25(procs, make_adapter) -> None:  # type: ignore[no-untyped-def]
+    """As the real capture shows (metrics-*.txt): no series before the first request; a one-token
+    request on an idle pod is never listed (it finishes in the step that admits it); a request
+    that comes during a stream is listed with the stream's adapter, running = waiting; every label
+    set stays exported with its last timestamp."""
+    import threading
+    import time
+
+    a, b = make_adapter("a-lora", rank=8), make_adapter("b-lora", rank=8)
+    sim = start_sim(procs, "--enable-lora", "--max-loras", "2", "--lora-modules", f"a-lora={a}", f"b-lora={b}",
+                    "--time-scale", "0.05")
+    assert _lora_series(sim) == {}
+    c = client(sim)
+    c.completions.create(model="a-lora", prompt="one token, idle pod", max_tokens=1)
+    assert set(_lora_series(sim)) == {("", "")}
+    stop = threading.Event()
+
+    def stream() -> None:
+        with c.completions.create(model="b-lora", prompt="long stream", max_tokens=100_000, stream=True) as s:
+            for _ in s:
+                if stop.is_set():
+                    return
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while ("b-lora", "b-lora") not in _lora_series(sim):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        c.completions.create(model="a-lora", prompt="during the stream", max_tokens=1)
+        seen = _lora_series(sim)
+        assert ("b-lora,a-lora", "b-lora,a-lora") in seen and all(r == w for r, w in seen)
+        stamp = seen[("", "")]
+    finally:
+        stop.set()
+        t.join(30)
+    deadline = time.monotonic() + 20
+    while max(_lora_series(sim).items(), key=lambda kv: kv[1])[0] != ("", ""):  # idle again: newest is empty
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    final = _lora_series(sim)
+    assert set(final) == {("", ""), ("b-lora", "b-lora"), ("b-lora,a-lora", "b-lora,a-lora")}  # stale ones kept
+    assert final[("", "")] > stamp > 1.7e9  # the empty set's timestamp moved on; the others kept theirs
+
+
+def test_profile_flags_are_validated(capsys: pytest.CaptureFixture[str]) -> None:
+    from vllm_sim.cli import main
+
+    for flags, message in ((["--profile", "8b-eagre"], "invalid choice: '8b-eagre'"),
+                           (["--cost", "load_scal=3"], "unknown cost constant 'load_scal'; did you mean 'load_scale'?"),
+                           (["--cost", "load_scale"], "--cost expects KEY=NUMBER")):
+        try:
+            code = main(["--port", "1", *flags])
+        except SystemExit as e:  # argparse
+            code = int(e.code or 0)
+        assert code == 2 and message in capsys.readouterr().err, flags

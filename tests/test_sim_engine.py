@@ -15,13 +15,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraroute.procs import Proc, consecutive_free_ports, free_port, http_ready, loraroute_cmd
-from vllm_sim.costs import CostProfile
-from vllm_sim.engine import ideal_ttft
+from vllm_sim.costs import ProfileError, get_profile, ideal_ttft
 from vllm_sim.kvcache import BlockPool, block_hashes, chain_seed
 from vllm_sim.tokenizer import apply_chat_template, count_tokens, tokenize
 
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
-PROFILE = CostProfile()
+PROFILE = get_profile()  # the default: 8b, compiled
 
 
 def start_sim(procs, *args: str) -> Proc:  # type: ignore[no-untyped-def]
@@ -89,13 +88,35 @@ def test_tokenizer_and_template() -> None:
 
 def test_cost_profile_and_ideal_ttft() -> None:
     p = PROFILE
-    assert p.disk_load_s(8) == pytest.approx(0.104 * 1.05)
-    assert p.disk_load_s(16) == pytest.approx(0.263 * 1.05)
-    assert 0.9 < p.disk_load_s(64) < 1.2
-    assert ideal_ttft(p, 1000, 0) == pytest.approx(p.step_overhead_s + 1000 * p.prefill_token_s)
-    assert ideal_ttft(p, 1000, 992) == pytest.approx(p.step_overhead_s + 8 * p.prefill_token_s)
+    points = dict(p.disk_load_points)
+    assert p.disk_load_s(8) == p.disk_load_s(1) == points[8]  # flat below the smallest measured rank
+    assert p.disk_load_s(24) == pytest.approx((points[16] + points[32]) / 2)
+    assert p.disk_load_s(128) == pytest.approx(points[64] + 2 * (points[64] - points[32]))
+    assert get_profile("8b", {"load_scale": 3}).disk_load_s(16) == pytest.approx(3 * points[16])
+    assert p.tier_extra_s("disk", 16) == p.disk_load_s(16) + p.cpu_to_gpu_s and p.tier_extra_s("gpu", 16) == 0
+    assert p.load_api_s(16) == p.tier_extra_s("disk", 16) + p.load_api_overhead_s
+    # three regimes: a decode-only graph step, a prefill step in a graph (<= 512 tokens), none above
+    assert p.step_time(0, 1, 0) == pytest.approx(p.decode_step_s + p.decode_seq_s)
+    assert p.step_time(0, 1, 0, lora=True) - p.step_time(0, 1, 0) == pytest.approx(p.lora_decode_s)
+    assert p.step_time(500, 0, 0) == pytest.approx(p.prefill_step_s + 500 * p.prefill_graph_token_s)
+    assert p.step_time(600, 0, 0) == p.eager_prefill_step_s  # launch-bound above the graph limit ...
+    assert p.step_time(8192, 0, 0) == pytest.approx(8192 * p.prefill_token_s)  # ... compute-bound far above
+    assert p.step_time(500, 20, 0) > p.step_time(500, 0, 0) + 0.02  # 520 tokens: past the graph limit
+    assert p.step_time(0, 600, 0) == pytest.approx(p.eager_decode_step_s + 600 * p.decode_seq_s)
+    eager = get_profile("8b-eager")
+    assert eager.step_time(100, 0, 0) == eager.eager_prefill_step_s and eager.first_lora_jit_s > 3
+    assert ideal_ttft(p, 1000, 0) == p.step_time(1000, 0, 0)
+    assert ideal_ttft(p, 1000, 0, lora=True) == p.step_time(1000, 0, 0, lora=True)
+    assert ideal_ttft(p, 1000, 992) == pytest.approx(p.step_time(8, 0, 0))
     assert ideal_ttft(p, 1000, 1000) == ideal_ttft(p, 1000, 999)  # the last token is always computed
-    assert ideal_ttft(p, 20000, 0) == pytest.approx(3 * p.step_overhead_s + 20000 * p.prefill_token_s)
+    assert ideal_ttft(p, 20000, 0) == pytest.approx(2 * p.step_time(8192, 0, 0) + p.step_time(20000 - 16384, 0, 0))
+    with pytest.raises(ProfileError, match="did you mean '8b-eager'"):
+        get_profile("8b-eagre")
+    with pytest.raises(ProfileError, match="did you mean 'load_scale'"):
+        get_profile("8b", {"load_scal": 2})
+    truth = p.truth()
+    assert truth.disk_load_s[64] == p.tier_extra_s("disk", 64) and truth.cpu_load_s == p.cpu_to_gpu_s
+    assert 1e-5 < truth.prefill_s_per_token < 4e-5 and truth.lora_surcharge_s > 0
 
 
 def test_block_pool_prefix_cache_and_eviction() -> None:
@@ -136,8 +157,8 @@ def test_prefix_cache_hits_per_adapter(procs, make_adapter) -> None:  # type: ig
     assert (hits1 - hits0, hits2 - hits1, hits3 - hits2) == (0, expected, 0)
     assert (r1["cached_tokens"], r2["cached_tokens"], r3["cached_tokens"]) == (0, expected, 0)
     assert r2["ttft"] < r1["ttft"] / 4
-    assert r1["ttft"] == pytest.approx(ideal_ttft(PROFILE, n, 0), rel=1e-6)
-    assert r2["ttft"] == pytest.approx(ideal_ttft(PROFILE, n, expected), rel=1e-6)
+    assert r1["ttft"] == pytest.approx(ideal_ttft(PROFILE, n, 0, lora=True), rel=1e-6)
+    assert r2["ttft"] == pytest.approx(ideal_ttft(PROFILE, n, expected, lora=True), rel=1e-6)
     assert r3["ttft"] == pytest.approx(r1["ttft"], rel=1e-6)
     assert metric(sim, "vllm:prefix_cache_queries_total") == 3 * n
 
@@ -146,8 +167,8 @@ def test_third_adapter_is_deferred_until_a_slot_frees(procs, make_adapter) -> No
     paths = {name: make_adapter(name, rank=8) for name in ("a-lora", "b-lora", "c-lora")}
     sim = start_sim(procs, "--enable-lora", "--max-loras", "2", "--max-cpu-loras", "3", "--time-scale", "0.1",
                     "--lora-modules", *[f"{k}={v}" for k, v in paths.items()])
-    # A lasts ~12 s simulated (>= 1.2 s wall); B far longer and is not waited for
-    threads = [send(sim, "a-lora", "a", 1500, "A")]
+    # A lasts ~21 s simulated (>= 2.1 s wall); B far longer and is not waited for
+    threads = [send(sim, "a-lora", "a", 3000, "A")]
     send(sim, "b-lora", "b", 20000, "B", may_be_cut=True)
     wait_for(lambda: state(sim)["running"] == 2, what="A and B running")
     threads.append(send(sim, "c-lora", "c", 5, "C"))
@@ -173,7 +194,7 @@ def test_cold_load_stalls_every_running_request(procs, make_adapter) -> None:  #
     sim = start_sim(procs, "--enable-lora", "--max-loras", "2", "--lora-modules", f"warm-lora={warm}",
                     "--adapter-dir", str(root), "--allow-runtime-lora-updating", "--time-scale", "0.2")
     long_prompt = "word " * 96_000  # 480 kB -> ~120k tokens: 15 chunked-prefill steps, ~4 s simulated
-    t_decode = send(sim, "warm-lora", "decode", 400, "D")
+    t_decode = send(sim, "warm-lora", "decode", 1500, "D")  # ~11 s simulated: still decoding when C comes
     wait_for(lambda: state(sim)["running"] == 1, what="D running")
     t_prefill = send(sim, BASE, long_prompt, 2, "P")
     wait_for(lambda: any(r["request_id"] == "P" for r in state(sim)["requests"]), what="P arrived")
@@ -181,7 +202,7 @@ def test_cold_load_stalls_every_running_request(procs, make_adapter) -> None:  #
     for t in (t_decode, t_prefill, t_cold):
         t.join(60)
     d, p, c = record(sim, "D"), record(sim, "P"), record(sim, "C")
-    stall = PROFILE.disk_load_s(16) + PROFILE.cpu_to_gpu_s
+    stall = PROFILE.load_api_s(16)  # the resolver loads it: an engine utility call every request waits for
     assert c["adapter_tier"] == "disk" and c["adapter_load"] == pytest.approx(stall)
     assert d["max_itl"] >= stall  # the decoding request felt the whole load
     # the load happened while P was still prefilling: it shows in P's TTFT
@@ -245,6 +266,6 @@ def test_cluster_pods_are_independent(procs, make_adapter) -> None:  # type: ign
     assert len({s["pod"] for s in states}) == 3
     assert [len(s["requests"]) for s in states] == [0, 1, 0]
     assert [s["gpu_adapters"] for s in states] == [[], ["shared-lora"], []]
-    assert states[1]["now"] > 300 * PROFILE.step_overhead_s  # simulated time advanced with zero delay
+    assert states[1]["now"] > 300 * PROFILE.decode_step_s  # simulated time advanced with zero delay
     page = httpx.get(urls[1] + "/sim/state", params={"since_request": 1}, timeout=10).json()
     assert page["requests"] == [] and page["last_seq"] == 1

@@ -52,6 +52,9 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "--s3-region": ("source.s3.region", str, "region"),
     "--ca-bundle": ("source.s3.ca_bundle", str, "PEM CA bundle for S3 over TLS"),
     "--log-level": ("log_level", str, "debug, info, warning, error"),
+    "--kv-events-endpoint": ("kv_events.endpoint", str, "the pod's KV-event PUB socket, e.g. tcp://127.0.0.1:5557"),
+    "--kv-events-replay-endpoint": ("kv_events.replay_endpoint", str, "the pod's KV-event replay socket"),
+    "--kv-events-topic": ("kv_events.topic", str, "the pod's KV-event topic (default empty)"),
 }
 
 

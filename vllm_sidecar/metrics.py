@@ -9,7 +9,10 @@
 - gauges read at scrape time: ``loraroute_sidecar_disk_bytes``, ``_disk_budget_bytes``,
   ``_disk_adapters``, ``_estimated_adapters{tier="gpu"|"cpu"}``, ``_residency_exact`` (1 when
   vLLM exposes residency), ``_vllm_healthy``, ``_scrapes_total``, ``_scrape_failures_total``,
-  ``_adapter_resident{adapter,tier}`` (one series per adapter estimated on GPU or in CPU).
+  ``_adapter_resident{adapter,tier}`` (one series per adapter estimated on GPU or in CPU);
+  with ``kv_events``: ``_kv_blocks`` (blocks the pod holds, from its events), counters
+  ``_kv_batches_total`` (event batches applied) and ``_kv_resets_total`` (restarts and
+  unrecoverable gaps that reset the pod's block set).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class _StateCollector:
             ("loraroute_sidecar_residency_exact", "1 when vLLM exposes residency, 0 when estimated",
              s["residency_exact"]),
             ("loraroute_sidecar_vllm_healthy", "1 when the last scrape of vLLM succeeded", s["vllm_healthy"]),
+            ("loraroute_sidecar_kv_blocks", "KV blocks the pod holds, from its KV-cache events", s["kv_blocks"]),
         ):
             g = GaugeMetricFamily(name, help_)
             g.add_metric([], float(value))
@@ -55,6 +59,9 @@ class _StateCollector:
             ("loraroute_sidecar_scrapes", "Scrapes of vLLM /metrics and /v1/models", s["scrapes"]),
             ("loraroute_sidecar_scrape_failures", "Failed scrapes of vLLM", s["scrape_failures"]),
             ("loraroute_sidecar_evictions", "Adapters removed from local disk for the budget", s["evictions"]),
+            ("loraroute_sidecar_kv_batches", "KV-cache event batches applied", s["kv_batches"]),
+            ("loraroute_sidecar_kv_resets", "Restarts and lost event history that reset the pod's KV blocks",
+             s["kv_resets"]),
         ):
             c = CounterMetricFamily(name, help_)
             c.add_metric([], float(value))

@@ -2,6 +2,10 @@
 vLLM loader and metrics. ``Sidecar(settings)`` is built by the CLI and by tests; the HTTP app
 (``vllm_sidecar.app``) only calls its methods.
 
+With ``kv_events`` set, the sidecar also follows its pod's KV-cache events (``KVEventSubscriber``)
+and relays the pod's block set through Redis (``KVBlockRelay``: compact deltas and snapshots
+that each gateway replica's ``KVBlockFeed`` applies to its precise prefix index).
+
 ``ensure(name, load, version)``: the adapter is marked ``loading`` in PodState while it is
 fetched and loaded, made present on disk (``AdapterStore.ensure``; a ``version`` pins which one),
 then — when ``load`` — loaded into vLLM at ``<vllm_adapter_dir>/<name>`` and reported to the
@@ -30,6 +34,8 @@ from typing import Any
 import aiohttp
 
 import podstate
+from podstate.kv_events import KVEventSubscriber
+from podstate.kv_store import KVBlockRelay
 from podstate.monitor import PodMonitor
 from podstate.store import PodStateStore
 from vllm_sidecar.adapter_store import AdapterStore
@@ -61,6 +67,9 @@ class Sidecar:
         self.monitor: PodMonitor | None = None
         self.loader: VllmLoader | None = None
         self.adapter_store: AdapterStore | None = None
+        self.kv_relay: KVBlockRelay | None = None
+        self.kv_subscriber: KVEventSubscriber | None = None
+        self._kv_client: Any = None
         self.metrics = SidecarMetrics(self.snapshot)
         self.started_at = time.time()
         self._touch_task: asyncio.Task[None] | None = None
@@ -94,13 +103,41 @@ class Sidecar:
         )
         await self.monitor.start()
         self._touch_task = asyncio.create_task(self._touch_forever(), name="sidecar-touch")
+        if s.kv_events is not None:
+            self._start_kv_relay()
         log.info("sidecar for pod %s watching %s; adapters in %s from %s", s.pod_id, s.vllm_url, s.adapter_dir,
                  source.describe())
         if s.store.url.startswith("memory:") and not self._store_given:
             log.info("state store is memory://: PodState stays inside this process; use store.url "
                      "redis://host:port/db so gateways see this pod")
 
+    def _start_kv_relay(self) -> None:
+        import redis.asyncio as aioredis
+
+        s = self.settings
+        kv = s.kv_events
+        assert kv is not None
+        password = store_password(s)
+        self._kv_client = aioredis.Redis.from_url(s.store.url, socket_connect_timeout=1.0, socket_timeout=2.0,
+                                                  **({"password": password} if password else {}))
+        self.kv_relay = KVBlockRelay(self._kv_client, s.pod_id, key_prefix=s.store.key_prefix,
+                                     flush_interval_s=kv.flush_interval_s, snapshot_interval_s=kv.snapshot_interval_s,
+                                     ttl_s=max(10.0, 3 * kv.snapshot_interval_s))
+        self.kv_relay.start()
+        self.kv_subscriber = KVEventSubscriber(s.pod_id, kv.endpoint, self.kv_relay,
+                                               replay_endpoint=kv.replay_endpoint, topic=kv.topic)
+        self.kv_subscriber.start()
+        log.info("relaying KV-cache events of pod %s from %s (replay %s)", s.pod_id, kv.endpoint,
+                 kv.replay_endpoint or "off")
+
     async def close(self) -> None:
+        if self.kv_subscriber is not None:
+            await self.kv_subscriber.close()
+        if self.kv_relay is not None:
+            await self.kv_relay.close()
+        if self._kv_client is not None:
+            with contextlib.suppress(Exception):
+                await self._kv_client.aclose()
         if self._touch_task is not None:
             self._touch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -275,4 +312,8 @@ class Sidecar:
             "cpu": list(state.cpu_adapters) if state else [],
             "scrapes": self.monitor.scrapes if self.monitor else 0,
             "scrape_failures": self.monitor.scrape_failures if self.monitor else 0,
+            "kv_blocks": len(self.kv_relay.blocks) if self.kv_relay else 0,
+            "kv_batches": self.kv_subscriber.stats.batches if self.kv_subscriber else 0,
+            "kv_resets": (self.kv_subscriber.stats.restarts + self.kv_subscriber.stats.unrecoverable)
+            if self.kv_subscriber else 0,
         }

@@ -23,6 +23,10 @@ Strict: an unknown key is an error that names itself. Example (every key, with i
     heartbeat_s: 1.0
     load_on_ensure: true                # POST /adapters/{name}/ensure also loads into vLLM
     log_level: info
+    kv_events: null                     # relay the pod's KV-cache events to the store, e.g.
+                                        # {endpoint: "tcp://127.0.0.1:5557", replay_endpoint:
+                                        #  "tcp://127.0.0.1:5558", topic: "", flush_interval_s: 0.005,
+                                        #  snapshot_interval_s: 5.0}; needs a redis:// store
     source:
       type: local                       # local | s3
       local: {path: adapter-source, layout: "{adapter}/"}
@@ -106,6 +110,25 @@ class S3Settings(_Strict):
     max_attempts: int = Field(2, ge=1, le=10)
 
 
+class KVEventsSettings(_Strict):
+    """The pod's vLLM ``--kv-events-config`` as this sidecar reaches it (``podstate.kv_store``)."""
+
+    endpoint: str
+    replay_endpoint: str | None = None
+    topic: str = ""
+    flush_interval_s: float = Field(0.005, gt=0, le=1.0)
+    snapshot_interval_s: float = Field(5.0, gt=0)
+
+    @field_validator("endpoint", "replay_endpoint")
+    @classmethod
+    def _zmq(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError("must be a ZMQ endpoint: tcp://host:port or ipc://path")
+        if v is not None and "*" in v:
+            raise ValueError("connect to the pod's address (tcp://127.0.0.1:5557), not a bind wildcard")
+        return v
+
+
 class SourceSettings(_Strict):
     type: Literal["local", "s3"] = "local"
     local: LocalSourceSettings = LocalSourceSettings()
@@ -146,6 +169,7 @@ class SidecarSettings(_Strict):
     load_on_ensure: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: SourceSettings = SourceSettings()
+    kv_events: KVEventsSettings | None = None
 
     @field_validator("vllm_url", "advertise_url", "sidecar_url")
     @classmethod
@@ -165,6 +189,9 @@ class SidecarSettings(_Strict):
             raise ValueError("the source layout uses {base}: set served_model_name or base_model")
         if self.heartbeat_s >= self.ttl_s:
             raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be shorter than ttl_s ({self.ttl_s})")
+        if self.kv_events is not None and self.store.url.startswith("memory:"):
+            raise ValueError("kv_events relays the pod's KV blocks through the store: set store.url to "
+                             "redis://host:port/db")
         return self
 
     # --- derived values -------------------------------------------------------------------------

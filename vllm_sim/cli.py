@@ -7,7 +7,12 @@ process on consecutive ports sharing one adapter directory; pod ``i`` uses seed 
 
 Runtime LoRA updating (load/unload routes, resolver) is on with ``--allow-runtime-lora-updating``
 or ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1|true``. ``--adapter-dir`` (or
-``VLLM_LORA_RESOLVER_CACHE_DIR``) plays vLLM's filesystem resolver.
+``VLLM_LORA_RESOLVER_CACHE_DIR``) plays vLLM's filesystem resolver. ``--kv-events-config JSON``
+publishes KV-cache events as vLLM does (``vllm_sim.kvevents``; in a cluster pod i offsets both
+ports by i).
+
+Costs: ``--profile`` picks a ``vllm_sim.costs.PROFILES`` entry (``8b``: compiled vLLM 0.25.1 on an
+H200, the default; ``8b-eager``); ``--cost KEY=VALUE`` (repeatable) overrides one of its constants.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import signal
 import sys
 from dataclasses import replace
 
+import zmq
 from aiohttp import web
 
 from .adapters import AdapterInvalid, AdapterNotFound
-from .costs import CostProfile
+from .costs import PROFILES, ProfileError, get_profile, parse_override
 from .engine import Engine, EngineConfig
-from .server import Pod, PodConfig, create_app, runtime_updating_from_env
+from .kvevents import KVEventPublisher, KVEventsConfig
+from .server import Pod, PodConfig, create_app, dev_mode_from_env, runtime_updating_from_env
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -66,6 +73,13 @@ def _lora_module(value: str) -> tuple[str, str]:
     return name, path
 
 
+def _cost_override(value: str) -> tuple[str, float]:
+    try:
+        return parse_override(value)
+    except ProfileError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser(cluster: bool) -> argparse.ArgumentParser:
     prog = "loraroute sim cluster" if cluster else "loraroute sim"
     p = argparse.ArgumentParser(prog=prog, description="Simulated vLLM 0.33 OpenAI server(s) with multi-LoRA.")
@@ -97,8 +111,13 @@ def build_parser(cluster: bool) -> argparse.ArgumentParser:
     p.add_argument("--stream-interval", type=int, default=1,
                    help="vLLM's --stream-interval: streamed tokens are sent every N tokens (the first at once)")
     p.add_argument("--state-ring-size", type=int, default=5000, help="requests kept for /sim/state")
-    p.add_argument("--step-overhead-ms", type=float, default=None, help="override CostProfile.step_overhead_s")
-    p.add_argument("--prefill-token-us", type=float, default=None, help="override CostProfile.prefill_token_s")
+    p.add_argument("--kv-events-config", default=None,
+                   help="vLLM's KV-event publisher config as JSON, e.g. "
+                        '\'{"enable_kv_cache_events":true,"endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558"}\'')
+    p.add_argument("--profile", default="8b", choices=sorted(PROFILES),
+                   help="cost profile: 8b (compiled vLLM 0.25.1 on an H200, the default) or 8b-eager")
+    p.add_argument("--cost", action="append", default=[], metavar="KEY=VALUE", type=_cost_override,
+                   help="override one constant of the profile (seconds; repeatable), e.g. --cost load_scale=3")
     return p
 
 
@@ -117,15 +136,20 @@ def _check(args: argparse.Namespace) -> str | None:
             return f"--{name.replace('_', '-')} must be >= 1"
     if args.adapter_dir and not os.path.isdir(args.adapter_dir):
         return f"adapter dir {args.adapter_dir} does not exist"
+    if args.kv_events_config is not None:
+        try:
+            KVEventsConfig.from_json(args.kv_events_config)
+        except ValueError as e:
+            return str(e)
+    try:
+        get_profile(args.profile, dict(args.cost))
+    except ProfileError as e:
+        return str(e)
     return None
 
 
 def make_pods(args: argparse.Namespace, ports: list[int], names: list[str], loop: asyncio.AbstractEventLoop) -> list[Pod]:
-    profile = CostProfile()
-    if args.step_overhead_ms is not None:
-        profile = replace(profile, step_overhead_s=args.step_overhead_ms / 1000)
-    if args.prefill_token_us is not None:
-        profile = replace(profile, prefill_token_s=args.prefill_token_us / 1e6)
+    profile = get_profile(args.profile, dict(args.cost))
     base = EngineConfig(
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks, max_loras=args.max_loras,
@@ -135,6 +159,7 @@ def make_pods(args: argparse.Namespace, ports: list[int], names: list[str], loop
     )
     adapter_dir = args.adapter_dir or os.environ.get("VLLM_LORA_RESOLVER_CACHE_DIR") or None
     runtime = bool(args.allow_runtime_lora_updating or runtime_updating_from_env())
+    kv_config = KVEventsConfig.from_json(args.kv_events_config) if args.kv_events_config else None
     pods = []
     for i, (_port, name) in enumerate(zip(ports, names)):
         engine = Engine(replace(base, seed=args.seed + i), profile, loop)
@@ -142,9 +167,12 @@ def make_pods(args: argparse.Namespace, ports: list[int], names: list[str], loop
             model=args.model, served_model_names=list(args.served_model_name or []),
             enable_lora=args.enable_lora, runtime_lora_updating=runtime, adapter_dir=adapter_dir,
             emit_residency_metrics=args.emit_residency_metrics, pod_name=name,
-            static_loras=list(args.lora_modules),
+            static_loras=list(args.lora_modules), dev_mode=dev_mode_from_env(),
         )
-        pod = Pod(config, engine)
+        publisher = None
+        if kv_config is not None and kv_config.enabled:
+            publisher = KVEventPublisher(kv_config, rank=i, host=args.host, wall_clock=engine.wall_clock)
+        pod = Pod(config, engine, publisher)
         pod.load_static()
         pods.append(pod)
     return pods
@@ -157,6 +185,14 @@ async def _serve(args: argparse.Namespace, ports: list[int], names: list[str]) -
     except (AdapterInvalid, AdapterNotFound) as e:
         print(f"vllm_sim: failed to load a --lora-modules adapter: {e}", file=sys.stderr)
         return 1
+    except (ValueError, zmq.ZMQError) as e:
+        print(f"vllm_sim: cannot publish KV events: {e}", file=sys.stderr)
+        return 1
+    for pod in pods:
+        if pod.kv_events is not None:
+            pod.kv_events.start()
+            print(f"vllm_sim: pod {pod.config.pod_name} publishes KV events on {pod.kv_events.endpoint}"
+                  f" (replay {pod.kv_events.replay_endpoint or 'off'})", flush=True)
     runners = []
     for pod, port in zip(pods, ports):
         runner = web.AppRunner(create_app(pod), access_log=None, handle_signals=False,
@@ -167,7 +203,7 @@ async def _serve(args: argparse.Namespace, ports: list[int], names: list[str]) -
         runners.append(runner)
         print(f"vllm_sim: pod {pod.config.pod_name} serving {pod.config.served[0]} on http://{args.host}:{port}"
               f" (max_loras={pod.engine.config.max_loras}, max_cpu_loras={pod.engine.config.max_cpu_loras},"
-              f" time_scale={args.time_scale})", flush=True)
+              f" time_scale={args.time_scale}, profile={pod.engine.profile.name})", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -175,6 +211,7 @@ async def _serve(args: argparse.Namespace, ports: list[int], names: list[str]) -
     await stop.wait()
     # in-flight requests are cut after a short grace period (a stopped pod, as when vLLM exits)
     await asyncio.gather(*(runner.cleanup() for runner in runners))
+    await asyncio.gather(*(pod.kv_events.close() for pod in pods if pod.kv_events is not None))
     return 0
 
 

@@ -17,14 +17,17 @@ Step (``Engine._begin_step``), as vLLM's ``Scheduler.schedule`` with chunked pre
    cached part plus the scheduled chunk; if the pool cannot supply them, scheduling of waiting
    requests stops (reason ``capacity``).
 3. The batch's adapters are made resident (``lora_cache.LoraTiers.apply``): disk -> CPU and
-   CPU -> GPU loads add their time to this step, which every request in the batch pays.
-4. Duration = ``CostProfile.step_time(prefill tokens, decoding seqs, their KV tokens)`` + load
-   stalls. At the end of the step every request whose computed tokens reach its token count
-   samples one token (the first one ends its prefill: TTFT), full prompt blocks get their prefix
-   hash, finished requests free their blocks.
+   CPU -> GPU loads add their time to this step, which every request in the batch pays; so does
+   the eager profile's one-off LoRA kernel compile on the engine's first step with an adapter.
+4. Duration = ``CostProfile.step_time(prefill tokens, decoding seqs, their KV tokens, any
+   adapter in the batch)`` + load stalls. At the end of the step every request whose computed
+   tokens reach its token count samples one token (the first one ends its prefill: TTFT), full
+   prompt blocks get their prefix hash, finished requests free their blocks.
 
 Runtime ``add_lora`` calls (``/v1/load_lora_adapter``, the resolver) run between steps as their
-own engine step of the load's duration, like vLLM's utility calls in the engine-core loop.
+own engine step of the load's duration (``CostProfile.load_api_s``), like vLLM's utility calls in
+the engine-core loop: they load into the CPU cache and activate into a GPU slot, and every running
+request waits.
 
 Clock: simulated seconds. Wall time = simulated time x ``time_scale`` (0 = no delays at all:
 steps follow each other as fast as the event loop allows and simulated time only advances by
@@ -33,8 +36,10 @@ the wall-clock timer fires, so CPU contention never changes simulated latencies.
 are armed on the ideal wall timeline (start of the busy period + simulated time x scale), so
 timer lateness up to ``MAX_DEBT_S`` is caught up by the following steps instead of stretching
 wall time; beyond that the debt is dropped (wall time stretches). While idle, simulated time
-follows the wall clock (divided by ``time_scale``); while busy it never passes the end of the
-step in flight.
+follows the wall clock (divided by ``time_scale``); while busy ``now()`` never passes the end of
+the step in flight. A request that arrives while a step's timer is late keeps its wall-clock
+arrival (after that step's end) and is never scheduled into a step that began before it, so
+its simulated TTFT never exceeds what its client measures (the catch-up shortens wall time).
 
 Ground truth per request (``Request.record``), simulated seconds::
 
@@ -205,24 +210,31 @@ class Engine:
         self._utility_future: asyncio.Future[float] | None = None
         self._utility_result = 0.0
         self._block_bytes = config.block_size * BYTES_PER_TOKEN
+        self._jit_pending = self.profile.first_lora_jit_s > 0
         self.steps = 0
 
     # -- clock ---------------------------------------------------------------------------------
     def now(self) -> float:
         """Current simulated time (never beyond the end of the step in flight)."""
+        t = self.wall_now()
+        return min(t, self._step_end) if self._busy else t
+
+    def wall_now(self) -> float:
+        """Simulated time by the wall clock: past the step in flight when its timer is late."""
         scale = self.config.time_scale
         if scale <= 0:
             return self._t
-        t = self._t + (self.loop.time() - self._anchor) / scale
-        return min(t, self._step_end) if self._busy else t
+        return self._t + (self.loop.time() - self._anchor) / scale
 
     def _wall_delay(self, sim_seconds: float) -> float:
         return sim_seconds * self.config.time_scale
 
     # -- public API -------------------------------------------------------------------------------
     def add_request(self, req: Request, arrival: float | None = None) -> None:
-        """Queue ``req``; ``arrival`` (simulated) defaults to now."""
-        req.arrival = self.now() if arrival is None else arrival
+        """Queue ``req``; ``arrival`` (simulated) defaults to now by the wall clock: a request that
+        comes while a step's timer is late arrived after that step's end, and ``_schedule`` never
+        puts it in a step that began before it."""
+        req.arrival = self.wall_now() if arrival is None else arrival
         self._seq += 1
         req.seq = self._seq
         if req.lora is not None:
@@ -348,6 +360,9 @@ class Engine:
             now = self._t
             max_loras = cfg.max_loras
             for req in self.waiting:
+                if req.arrival > now:  # came while this step's start was overdue: the next step
+                    remaining.append(req)
+                    continue
                 if stop or budget <= 0 or len(running) >= cfg.max_num_seqs:
                     stop = True
                     req.deferred = False
@@ -393,6 +408,11 @@ class Engine:
             self.waiting = remaining
         self.num_deferred = deferred
         if not scheduled and not running and self.waiting:
+            later = min((r.arrival for r in self.waiting if r.arrival > self._t), default=None)
+            if later is not None:  # only requests that arrive later: idle until the first one
+                self._scheduled = []
+                self._arm(later - self._t)
+                return
             # the head request cannot fit in the whole KV cache even alone: fail it, never spin
             self._finish(self.waiting.pop(0), "error", self._t)
             self.loop.call_soon(self._begin_step)
@@ -401,6 +421,9 @@ class Engine:
         self.loading = []
         if batch_loras:
             stall, self.loading = self.loras.apply(list(batch_loras.values()))
+            if self._jit_pending:  # eager engine: the first LoRA step compiles the LoRA kernels
+                self._jit_pending = False
+                stall += self.profile.first_lora_jit_s
         prefill_tokens = decode_seqs = kv_tokens = 0
         for req, n in scheduled:
             if req.num_output > 0 and req.num_computed + n == req.num_prompt + req.num_output and n == 1:
@@ -413,7 +436,7 @@ class Engine:
         self.stats.iteration_tokens.observe(float(prefill_tokens + decode_seqs))
         self._scheduled = scheduled
         self.steps += 1
-        self._arm(self.profile.step_time(prefill_tokens, decode_seqs, kv_tokens) + stall)
+        self._arm(self.profile.step_time(prefill_tokens, decode_seqs, kv_tokens, bool(batch_loras)) + stall)
 
     def _preempt(self, req: Request) -> None:
         self.pool.free(req.blocks)
@@ -455,10 +478,7 @@ class Engine:
             if req.cached_upto < len(req.hashes):
                 upto = min(req.num_computed // bs, len(req.hashes))
                 if upto > req.cached_upto:
-                    hashes = req.hashes
-                    blocks = req.blocks
-                    for j in range(req.cached_upto, upto):
-                        pool.cache_block(blocks[j], hashes[j])
+                    pool.cache_blocks(req.blocks, req.hashes, req.cached_upto, upto, req.prompt, req.lora)
                     req.cached_upto = upto
             if req.num_computed < req.num_prompt + req.num_output:
                 continue
@@ -485,6 +505,7 @@ class Engine:
         if finished:
             self.running = [r for r in self.running if r.status == RUNNING]
         self._scheduled = []
+        pool.flush_events()  # KV events of this step (stored, evicted), one batch when enabled
         self._update_lora_info()
         self._begin_step()
 

@@ -2,9 +2,13 @@
 
 - ``num_gpu_blocks`` blocks of ``block_size`` tokens. A request holds
   ``ceil(tokens_with_kv / block_size)`` blocks; a decode that crosses a block boundary takes one more.
-- Full prompt blocks get a hash: a chain ``h_i = xxh3_64(block_bytes_i, seed=h_{i-1})`` whose first
-  seed is derived from ``("lora", adapter_name, adapter_path)`` (vLLM >= 0.31 extra keys), so equal
-  text under different adapters never shares a block. The base model has its own seed.
+- Full prompt blocks get vLLM's block hash (``v1/core/kv_cache_utils.py::hash_block_tokens`` with
+  the default ``sha256`` algorithm): ``H_i = sha256(pickle((H_{i-1} or NONE_HASH, tuple(tokens_i),
+  extra_keys)))`` with ``NONE_HASH = sha256(pickle("vllm-none-hash"))`` (deterministic since vLLM
+  0.29) and ``extra_keys = (("lora", adapter_name, adapter_path),)`` for an adapter (vLLM >= 0.31),
+  ``None`` for the base model; so equal text under different adapters never shares a block. A
+  block is known by the low 64 bits of ``H_i`` (what KV events publish). Token ids are the prompt's
+  4-byte pieces (``tokenizer``).
 - Freed blocks go to the tail of a free queue and keep their hash (still a cache hit) until the
   queue's head is reused for a new allocation (LRU eviction). A request's blocks are freed in
   reverse order so its tail is evicted first, as vLLM does. Never-used blocks are handed out first.
@@ -15,32 +19,53 @@
 
 from __future__ import annotations
 
+import hashlib
+import pickle
+import struct
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
-import xxhash
+from .kvevents import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from .lora_cache import LoraRef
+from .tokenizer import BYTES_PER_TOKEN
 
-_MASK = (1 << 64) - 1
-
-
-def chain_seed(adapter_name: str | None, adapter_path: str | None) -> int:
-    """Seed of a prompt's hash chain: the adapter's extra key (None for the base model)."""
-    key = "base" if adapter_name is None else f"lora\x00{adapter_name}\x00{adapter_path or ''}"
-    return xxhash.xxh3_64_intdigest(key.encode("utf-8"))
+ExtraKeys = tuple[tuple[str, str, str], ...] | None
 
 
-def block_hashes(data: bytes, block_bytes: int, seed: int, max_blocks: int) -> list[int]:
-    """Hashes of the first ``max_blocks`` full blocks of ``data`` (``block_bytes`` bytes each)."""
+def _sha256(obj: Any) -> bytes:
+    return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+
+
+NONE_HASH = _sha256("vllm-none-hash")
+
+
+def chain_seed(adapter_name: str | None, adapter_path: str | None) -> ExtraKeys:
+    """The extra keys every block of a prompt is hashed with: the adapter's (None: base model)."""
+    return None if adapter_name is None else (("lora", adapter_name, adapter_path or ""),)
+
+
+def block_hashes(data: bytes, block_bytes: int, seed: ExtraKeys, max_blocks: int) -> list[int]:
+    """vLLM's hashes (low 64 bits) of the first ``max_blocks`` full blocks of ``data``
+    (``block_bytes`` bytes each, 4 bytes per token), hashed with extra keys ``seed``."""
     out = []
-    h = seed
-    mv = memoryview(data)
+    parent = NONE_HASH
+    per_block = block_bytes // BYTES_PER_TOKEN
+    unpack = struct.Struct(f"<{per_block}I").unpack_from
     for i in range(min(max_blocks, len(data) // block_bytes)):
-        h = xxhash.xxh3_64_intdigest(mv[i * block_bytes:(i + 1) * block_bytes], seed=h)
-        out.append(h)
+        parent = _sha256((parent, unpack(data, i * block_bytes), seed))
+        out.append(int.from_bytes(parent[24:], "big"))
     return out
 
 
 class BlockPool:
-    """Blocks, reference counts, the free queue and the hash -> block map."""
+    """Blocks, reference counts, the free queue and the hash -> block map.
+
+    With ``events`` on (``enable_events``) every block that gets a hash, every cached block that
+    is evicted and every reset is recorded as a vLLM KV event; ``flush_events()`` (once per engine
+    step) hands the step's events to the publisher. A block whose hash another block already holds
+    is not cached (first writer wins), and no event says it was: the stream describes exactly
+    the blocks a lookup can hit."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
@@ -51,6 +76,19 @@ class BlockPool:
         self._hash: list[int | None] = []
         self._free: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[int, int] = {}
+        self.events: list[KVEvent] | None = None
+        self._on_events: Callable[[list[KVEvent]], None] | None = None
+
+    def enable_events(self, on_events: Callable[[list[KVEvent]], None]) -> None:
+        self.events = []
+        self._on_events = on_events
+
+    def flush_events(self) -> None:
+        """Hand the events recorded since the last flush to the publisher (one batch)."""
+        events = self.events
+        if events and self._on_events is not None:
+            self.events = []
+            self._on_events(events)
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -92,11 +130,49 @@ class BlockPool:
             ids.append(b)
         return ids
 
-    def cache_block(self, block_id: int, h: int) -> None:
-        """Give a now-full block its hash (first writer wins, like vLLM)."""
+    def cache_block(self, block_id: int, h: int) -> bool:
+        """Give a now-full block its hash (first writer wins); True if it got it."""
         if self._hash[block_id] is None and h not in self._cached:
             self._hash[block_id] = h
             self._cached[h] = block_id
+            return True
+        return False
+
+    def cache_blocks(self, blocks: list[int], hashes: list[int], start: int, end: int, prompt: bytes | None,
+                     lora: LoraRef | None) -> None:
+        """Cache blocks ``start:end`` of a request (``prompt``: its bytes, for the events)."""
+        events = self.events
+        run: list[int] = []
+        first = start
+        for j in range(start, end):
+            if self.cache_block(blocks[j], hashes[j]):
+                if not run:
+                    first = j
+                run.append(hashes[j])
+            elif run and events is not None:
+                events.append(self._stored(hashes, first, run, prompt, lora))
+                run = []
+        if run and events is not None:
+            events.append(self._stored(hashes, first, run, prompt, lora))
+
+    def _stored(self, hashes: list[int], first: int, run: list[int], prompt: bytes | None,
+                lora: LoraRef | None) -> BlockStored:
+        bs = self.block_size
+        n = len(run) * bs
+        tokens = list(struct.unpack_from(f"<{n}I", prompt, first * bs * BYTES_PER_TOKEN)) if prompt else []
+        return BlockStored(run, hashes[first - 1] if first else None, tokens, bs,
+                           None if lora is None else lora.lora_id, None if lora is None else lora.name)
+
+    def reset(self) -> bool:
+        """vLLM's ``reset_prefix_cache``: forget every hash, only when no block is in use."""
+        if any(self._ref):
+            return False
+        for h, b in self._cached.items():
+            self._hash[b] = None
+        self._cached.clear()
+        if self.events is not None:
+            self.events.append(AllBlocksCleared())
+        return True
 
     # -- allocation --------------------------------------------------------------------------
     def allocate(self, n: int) -> list[int] | None:
@@ -118,6 +194,8 @@ class BlockPool:
                     self._hash[b] = None
                     if self._cached.get(h) == b:
                         del self._cached[h]
+                        if self.events is not None:
+                            self.events.append(BlockRemoved([h]))
                 self._ref[b] = 1
             ids.append(b)
         return ids

@@ -1,10 +1,15 @@
 """One simulated pod's HTTP surface (aiohttp), matching vLLM 0.33's OpenAI server.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming and not),
-``GET /v1/models``, ``GET /metrics``, ``GET /health``, ``GET /version``, ``GET /sim/state``
-(simulator-only ground truth), ``GET|POST /sim/faults`` (simulator-only: make the next N
+``GET /v1/models``, ``GET /metrics``, ``GET /health``, ``GET /version``, the tokenizer endpoints
+``POST /tokenize``, ``/detokenize``, ``/v1/chat/completions/render``, ``/v1/completions/render``
+(bodies in ``vllm_sim.render``), ``GET /sim/state`` (simulator-only ground truth),
+``GET /sim/profile`` (simulator-only: the cost profile and its true constants),
+``GET|POST /sim/faults`` (simulator-only: make the next N
 generation requests fail with a 5xx, as an engine that died would — for testing routers) and, only with runtime updating enabled,
-``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter``. Unknown routes answer
+``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter``; with ``VLLM_SERVER_DEV_MODE=1``,
+``POST /reset_prefix_cache`` (``{"success": bool}``: it fails while blocks are in use; a success
+publishes ``AllBlocksCleared`` when KV events are on). Unknown routes answer
 FastAPI's ``404 {"detail":"Not Found"}``.
 
 Model check (``BaseServing._check_model``): base served names, then registered adapters, then,
@@ -25,11 +30,15 @@ import orjson
 from aiohttp import web
 
 from . import protocol as P
+from . import render as R
 from .adapters import AdapterInvalid, AdapterNotFound, inspect_adapter, resolve_from_dir
 from .engine import Engine, Request
+from .kvevents import KVEventPublisher
 from .lora_cache import LoraRef
 from .metrics import MetricsRenderer
-from .tokenizer import apply_chat_template, count_bytes_tokens, token_ids_to_bytes
+from .tokenizer import (
+    apply_chat_template, count_bytes_tokens, detokenize, token_ids_to_bytes, tokenize, tokenize_bytes,
+)
 
 JSON = "application/json"
 _log = logging.getLogger("vllm_sim")
@@ -47,6 +56,7 @@ class PodConfig:
     emit_residency_metrics: bool = False
     pod_name: str = "pod"
     static_loras: list[tuple[str, str]] = field(default_factory=list)
+    dev_mode: bool = False          # VLLM_SERVER_DEV_MODE: /reset_prefix_cache
 
     @property
     def served(self) -> list[str]:
@@ -73,15 +83,22 @@ class ApiError(Exception):
 
 
 def _bad_request_validation(errors: list[dict[str, Any]]) -> ApiError:
-    return ApiError(400, P.validation_message(errors), "Bad Request")
+    """FastAPI's request validation error; ``param`` names the first bad field (``body.lora_path``),
+    as a real vLLM 0.25.1 answered (``tests/fixtures/vllm-0.25-real/errors.json``)."""
+    loc = errors[0].get("loc", ()) if errors else ()
+    param = ".".join(loc) if len(loc) > 1 and all(isinstance(x, str) for x in loc) else None
+    return ApiError(400, P.validation_message(errors), "Bad Request", param)
 
 
 class Pod:
     """A pod: its engine, its adapter names and the HTTP handlers."""
 
-    def __init__(self, config: PodConfig, engine: Engine) -> None:
+    def __init__(self, config: PodConfig, engine: Engine, kv_events: KVEventPublisher | None = None) -> None:
         self.config = config
         self.engine = engine
+        self.kv_events = kv_events
+        if kv_events is not None:
+            engine.pool.enable_events(kv_events.publish)
         self.loras: dict[str, LoraRef] = {}
         self._next_lora_id = 0
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -113,7 +130,8 @@ class Pod:
         old = self.loras.get(name) if inplace else None
         ref = LoraRef(old.lora_id if old else self._new_lora_id(), name, path, info.rank)
         tiers = self.engine.loras
-        seconds = await self.engine.run_utility(lambda: tiers.ensure(ref, reload=True), loading=name)
+        overhead = self.engine.profile.load_api_overhead_s  # the utility call itself blocks the engine too
+        seconds = await self.engine.run_utility(lambda: tiers.ensure(ref, reload=True) + overhead, loading=name)
         return ref, seconds
 
     async def _resolve(self, name: str) -> tuple[LoraRef, float] | None:
@@ -122,7 +140,7 @@ class Pod:
         Returns the adapter and the simulated seconds of its load; a request that found the name
         being resolved by another one waits on the lock, and its load seconds are that wait
         (it paid for the same load)."""
-        started = self.engine.now()
+        started = self.engine.wall_now()
         async with self._locks[name]:
             if name in self.loras:
                 return self.loras[name], max(0.0, self.engine.now() - started)
@@ -171,15 +189,19 @@ class Pod:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
 
+    @staticmethod
+    def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise _bad_request_validation([{"type": "missing" if messages is None else "list_type",
+                                            "loc": ("body", "messages"),
+                                            "msg": "Field required" if messages is None else "Input should be a valid list",
+                                            "input": messages if messages is not None else body}])
+        return messages
+
     def _prompt(self, body: dict[str, Any], chat: bool) -> bytes:
         if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-                raise _bad_request_validation([{"type": "missing" if messages is None else "list_type",
-                                                "loc": ("body", "messages"),
-                                                "msg": "Field required" if messages is None else "Input should be a valid list",
-                                                "input": messages if messages is not None else body}])
-            return apply_chat_template(messages).encode("utf-8")
+            return apply_chat_template(self._messages(body)).encode("utf-8")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
@@ -193,6 +215,25 @@ class Pod:
                                         "msg": "Field required" if prompt is None else "Input should be a valid string",
                                         "input": body if prompt is None else prompt}])
 
+    def _max_tokens(self, body: dict[str, Any], chat: bool, num_prompt: int) -> int | None:
+        """The request's ``max_tokens`` (chat: ``max_completion_tokens`` first), checked against the
+        context length as vLLM checks it; None when not given."""
+        max_len = self.engine.config.max_model_len
+        max_tokens = body.get("max_completion_tokens") if chat else None
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+            raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}.", "BadRequestError", "max_tokens")
+        if num_prompt >= max_len:
+            raise ApiError(400, f"This model's maximum context length is {max_len} tokens. However, your request has "
+                           f"{num_prompt} input tokens. Please reduce the length of the input messages.",
+                           "BadRequestError", "messages" if chat else "prompt")
+        if max_tokens is not None and num_prompt + max_tokens > max_len:
+            raise ApiError(400, f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+                           f"maximum context length is {max_len} tokens and your request has {num_prompt} input "
+                           f"tokens ({max_tokens} > {max_len} - {num_prompt}).", "BadRequestError", "max_tokens")
+        return max_tokens
+
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         if self.fail_next > 0:
             self.fail_next -= 1
@@ -200,25 +241,12 @@ class Pod:
             return ApiError(self.fail_status, FAULT_MESSAGES[self.fail_status],
                             "InternalServerError" if self.fail_status == 500 else "ServiceUnavailableError").response()
         try:
-            arrival = self.engine.now()
+            arrival = self.engine.wall_now()  # see Engine.add_request
             body = await self._parse(request)
             lora, resolved = await self._check_model(body.get("model"))
             prompt = self._prompt(body, chat)
             num_prompt = max(1, count_bytes_tokens(prompt))
-            max_len = self.engine.config.max_model_len
-            max_tokens = body.get("max_completion_tokens") if chat else None
-            if max_tokens is None:
-                max_tokens = body.get("max_tokens")
-            if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-                raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}.", "BadRequestError", "max_tokens")
-            if num_prompt >= max_len:
-                raise ApiError(400, f"This model's maximum context length is {max_len} tokens. However, your request has "
-                               f"{num_prompt} input tokens. Please reduce the length of the input messages.",
-                               "BadRequestError", "messages" if chat else "prompt")
-            if max_tokens is not None and num_prompt + max_tokens > max_len:
-                raise ApiError(400, f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
-                               f"maximum context length is {max_len} tokens and your request has {num_prompt} input "
-                               f"tokens ({max_tokens} > {max_len} - {num_prompt}).", "BadRequestError", "max_tokens")
+            max_tokens = self._max_tokens(body, chat, num_prompt)
             n = body.get("n", 1)
             if n not in (1, None):
                 raise ApiError(400, "The simulator supports n=1 only.", "BadRequestError", "n")
@@ -304,6 +332,83 @@ class Pod:
         await resp.write_eof()
         return resp
 
+    # -- tokenizer routes (vllm_sim.render) ---------------------------------------------------------
+    async def tokenize_route(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._parse(request)
+            await self._check_model(body.get("model"))
+            if "messages" in body:
+                if body.get("continue_final_message") and body.get("add_generation_prompt"):  # both given
+                    raise ApiError(400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                                   "BadRequestError")
+                messages = self._messages(body)
+                text = apply_chat_template(messages, bool(body.get("add_generation_prompt", True)),
+                                           bool(body.get("continue_final_message")))
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str):
+                    raise _bad_request_validation([{
+                        "type": "missing" if prompt is None else "string_type", "loc": ("body", "prompt"),
+                        "msg": "Field required" if prompt is None else "Input should be a valid string",
+                        "input": body if prompt is None else prompt}])
+                text = prompt
+        except ApiError as e:
+            return e.response()
+        ids = tokenize(text)
+        return web.Response(body=R.tokenize_body(ids, self.engine.config.max_model_len,
+                                                 bool(body.get("return_token_strs"))), content_type=JSON)
+
+    async def detokenize_route(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._parse(request)
+            await self._check_model(body.get("model"))
+            tokens = body.get("tokens")
+            if not isinstance(tokens, list) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**63 for t in tokens):
+                raise _bad_request_validation([{
+                    "type": "missing" if tokens is None else "list_type", "loc": ("body", "tokens"),
+                    "msg": "Field required" if tokens is None else "Input should be a valid list of integers in [0, 2**63)",
+                    "input": body if tokens is None else tokens}])
+        except ApiError as e:
+            return e.response()
+        return web.Response(body=R.detokenize_body(detokenize(tokens)), content_type=JSON)
+
+    async def render_chat_route(self, request: web.Request) -> web.Response:
+        return await self._render(request, chat=True)
+
+    async def render_completion_route(self, request: web.Request) -> web.Response:
+        return await self._render(request, chat=False)
+
+    async def _render(self, request: web.Request, chat: bool) -> web.Response:
+        """What the engine would receive for a chat / completion request, without running it."""
+        try:
+            body = await self._parse(request)
+            await self._check_model(body.get("model"))
+            prompts = body.get("prompt")
+            if chat or not (isinstance(prompts, list) and len(prompts) > 1
+                            and all(isinstance(p, (str, list)) for p in prompts)):
+                prompts = [None]  # one prompt, read by _prompt
+            items = []
+            for one in prompts:
+                single = body if one is None else {**body, "prompt": one}
+                ids = self._prompt_ids(single, chat)
+                max_tokens = self._max_tokens(single, chat, len(ids))
+                left = self.engine.config.max_model_len - len(ids)
+                items.append(R.generate_request("chatcmpl" if chat else "cmpl", ids, single,
+                                                max_tokens if max_tokens is not None else left))
+        except ApiError as e:
+            return e.response()
+        return web.Response(body=orjson.dumps(items[0] if chat else items), content_type=JSON)
+
+    def _prompt_ids(self, body: dict[str, Any], chat: bool) -> list[int]:
+        """The token ids of a request's prompt: as given, or the pseudo-tokenizer's."""
+        prompt = body.get("prompt")
+        if not chat and isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list):
+            prompt = prompt[0]
+        if not chat and isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return [int(t) for t in prompt]
+        return tokenize_bytes(self._prompt(body, chat))
+
     # -- other routes ------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
         created = P.now_unix()
@@ -330,26 +435,53 @@ class Pod:
         except ValueError:
             return ApiError(400, "since_request and limit must be integers", "BadRequestError").response()
         state = {"pod": self.config.pod_name, **self.engine.state(since, limit)}
+        if self.kv_events is not None:
+            state["kv_events"] = {"endpoint": self.kv_events.endpoint, "replay_endpoint": self.kv_events.replay_endpoint,
+                                  "next_seq": self.kv_events.next_seq}
         return web.Response(body=orjson.dumps(state), content_type=JSON)
 
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's dev-mode route: drop every cached prefix block unless some are in use."""
+        ok = self.engine.pool.reset()
+        self.engine.pool.flush_events()
+        return web.Response(body=orjson.dumps({"success": ok}), content_type=JSON)
+
+    async def sim_profile(self, request: web.Request) -> web.Response:
+        """The cost profile this pod runs (every constant) and the scorer-facing truths it implies."""
+        profile = self.engine.profile
+        return web.Response(body=orjson.dumps({"pod": self.config.pod_name, "profile": profile.name,
+                                               "constants": profile.to_dict(), "truth": profile.truth().to_dict()},
+                                              option=orjson.OPT_NON_STR_KEYS), content_type=JSON)
+
     async def faults(self, request: web.Request) -> web.Response:
-        """``POST /sim/faults {"fail_next": N, "status": 500|502|503|504}``: the next N chat or
-        completion requests answer that status with an OpenAI-shaped error (500: vLLM's
-        ``EngineDeadError`` text); ``GET`` shows the pending count and how many failed so far."""
+        """``POST /sim/faults {"fail_next": N, "status": 500|502|503|504, "kv_events": bool}``: the
+        next N chat or completion requests answer that status with an OpenAI-shaped error (500:
+        vLLM's ``EngineDeadError`` text); ``kv_events: false`` stops sending KV events (they are
+        still numbered and buffered for replay, as when vLLM's PUB socket drops them), ``true``
+        sends them again. ``GET`` shows the pending count, how many failed so far and whether KV
+        events are sent."""
         if request.method == "POST":
             try:
                 body = await self._parse(request)
                 n = body.get("fail_next", 0)
                 status = body.get("status", 500)
+                kv = body.get("kv_events")
                 if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                     raise ApiError(400, "fail_next must be a non-negative integer", "BadRequestError", "fail_next")
                 if status not in FAULT_MESSAGES:
                     raise ApiError(400, f"status must be one of {sorted(FAULT_MESSAGES)}", "BadRequestError", "status")
+                if kv is not None and (not isinstance(kv, bool) or self.kv_events is None):
+                    raise ApiError(400, "kv_events must be true or false, on a pod started with --kv-events-config",
+                                   "BadRequestError", "kv_events")
             except ApiError as e:
                 return e.response()
-            self.fail_next, self.fail_status = n, status
-        return web.Response(body=orjson.dumps({"fail_next": self.fail_next, "status": self.fail_status,
-                                               "failed": self.failed}), content_type=JSON)
+            if kv is None or "fail_next" in body or "status" in body:
+                self.fail_next, self.fail_status = n, status
+            if kv is not None and self.kv_events is not None:
+                self.kv_events.sending = kv
+        body = {"fail_next": self.fail_next, "status": self.fail_status, "failed": self.failed,
+                "kv_events": self.kv_events.sending if self.kv_events is not None else None}
+        return web.Response(body=orjson.dumps(body), content_type=JSON)
 
     async def load_lora(self, request: web.Request) -> web.Response:
         try:
@@ -432,15 +564,27 @@ def create_app(pod: Pod) -> web.Application:
     app.router.add_get("/metrics", pod.metrics_route)
     app.router.add_get("/health", pod.health)
     app.router.add_get("/version", pod.version)
+    app.router.add_post("/tokenize", pod.tokenize_route)
+    app.router.add_post("/detokenize", pod.detokenize_route)
+    app.router.add_post("/v1/chat/completions/render", pod.render_chat_route)
+    app.router.add_post("/v1/completions/render", pod.render_completion_route)
     app.router.add_get("/sim/state", pod.sim_state)
+    app.router.add_get("/sim/profile", pod.sim_profile)
     app.router.add_get("/sim/faults", pod.faults)
     app.router.add_post("/sim/faults", pod.faults)
     if pod.config.runtime_lora_updating:
         app.router.add_post("/v1/load_lora_adapter", pod.load_lora)
         app.router.add_post("/v1/unload_lora_adapter", pod.unload_lora)
+    if pod.config.dev_mode:
+        app.router.add_post("/reset_prefix_cache", pod.reset_prefix_cache)
     app["pod"] = pod
     return app
 
 
 def runtime_updating_from_env() -> bool:
     return os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() in ("1", "true")
+
+
+def dev_mode_from_env() -> bool:
+    """``VLLM_SERVER_DEV_MODE`` (vLLM reads it as an integer flag)."""
+    return os.environ.get("VLLM_SERVER_DEV_MODE", "").strip().lower() in ("1", "true")

@@ -6,6 +6,9 @@ which is close to real BPE tokenizers on English text (about 4 bytes per token).
 the piece read as a little-endian unsigned integer plus ``2**32 * (4 - len(piece))`` for a short
 last piece, so different texts give different ids and equal prefixes give equal ids.
 
+``detokenize(ids)`` inverts ``tokenize`` exactly; there are no special tokens (``<|begin_of_text|>``
+is text the chat template writes), so ``add_special_tokens`` changes nothing.
+
 Because tokens are fixed byte windows, two prompts that share their first ``64 * k`` bytes share
 their first ``k`` KV blocks of 16 tokens -- the property prefix caching needs. A block's content is
 exactly 64 bytes of prompt, which the engine hashes directly (``prompt_bytes``).
@@ -45,7 +48,11 @@ def count_bytes_tokens(data: bytes) -> int:
 
 def tokenize(text: str) -> list[int]:
     """Token ids of ``text`` (see the module docstring for the id formula)."""
-    data = text.encode("utf-8")
+    return tokenize_bytes(text.encode("utf-8"))
+
+
+def tokenize_bytes(data: bytes) -> list[int]:
+    """Token ids of a prompt's bytes."""
     full = len(data) // BYTES_PER_TOKEN
     ids = list(struct.unpack(f"<{full}I", data[: full * BYTES_PER_TOKEN])) if full else []
     rest = data[full * BYTES_PER_TOKEN:]
@@ -54,9 +61,37 @@ def tokenize(text: str) -> list[int]:
     return ids
 
 
+#: one past the largest token id ``tokenize`` produces (a 1-byte last piece: 3 * 2**32 + 255)
+VOCAB_SIZE = 4 * 2**32
+
+
+def piece_bytes(token_id: int) -> bytes | None:
+    """The bytes of one token id (the inverse of ``tokenize``); None outside the vocabulary."""
+    short, value = divmod(int(token_id), 2**32)
+    if not 0 <= short < BYTES_PER_TOKEN or value >= 1 << (8 * (BYTES_PER_TOKEN - short)):
+        return None
+    return value.to_bytes(BYTES_PER_TOKEN - short, "little")
+
+
 def token_ids_to_bytes(ids: Sequence[int]) -> bytes:
-    """A byte string standing for a prompt given as token ids (4 bytes per id, for hashing)."""
-    return b"".join(int(i & 0xFFFFFFFF).to_bytes(4, "little") for i in ids)
+    """A byte string standing for a prompt given as token ids: the bytes ``tokenize`` read them
+    from; an id outside the vocabulary stands for its low 4 bytes (for hashing)."""
+    out = []
+    for i in ids:
+        piece = piece_bytes(i)
+        out.append(piece if piece is not None else int(i & 0xFFFFFFFF).to_bytes(4, "little"))
+    return b"".join(out)
+
+
+def detokenize(ids: Sequence[int]) -> str:
+    """The text of token ids (``tokenize``'s inverse): ids outside the vocabulary are skipped,
+    invalid UTF-8 becomes U+FFFD."""
+    return b"".join(piece_bytes(i) or b"" for i in ids).decode("utf-8", errors="replace")
+
+
+def token_strs(ids: Sequence[int]) -> list[str]:
+    """Each token's own text (``/tokenize`` with ``return_token_strs``)."""
+    return [(piece_bytes(i) or b"").decode("utf-8", errors="replace") for i in ids]
 
 
 def _content_text(content: Any) -> str:
@@ -75,13 +110,19 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
-def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-    """The prompt text for a list of chat messages (see the module docstring)."""
+def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                        continue_final_message: bool = False) -> str:
+    """The prompt text for a list of chat messages (see the module docstring).
+
+    ``continue_final_message``: the last message stays open (no ``<|eot_id|>``, no generation
+    prompt), so the model continues it."""
     out = [BEGIN]
     for message in messages:
         out.append(_HEADER.format(role=message.get("role", "user")))
         out.append(_content_text(message.get("content")))
         out.append(EOT)
-    if add_generation_prompt:
+    if continue_final_message and messages:
+        out.pop()
+    elif add_generation_prompt:
         out.append(_HEADER.format(role="assistant"))
     return "".join(out)

@@ -8,6 +8,7 @@ from scorer.plugins import (  # noqa: F401
     kv_usage,
     lora_affinity,
     max_score,
+    precise_prefix,
     prefix_cache,
     queue,
     random_pick,

@@ -1,0 +1,334 @@
+"""Learn the TTFT model's constants where the router runs: robust online regression per pod group.
+
+Every streamed request a router completes is one observation of the model ``estimated-ttft``
+predicts with::
+
+    ttft = base_s
+         + lora_s             × [adapter request]          (LoRA surcharge, even on a GPU hit)
+         + cpu_load_s         × [adapter in the CPU tier]
+         + disk(rank)         × [adapter on disk or remote]
+         + fetch_s_per_rank   × rank × [adapter remote]
+         + prefill_s_per_token × uncached prompt tokens
+         + queue_scale        × queue                       (the scorer's queue term at dispatch)
+
+    disk(rank) = prior_disk(rank) + disk_lo_delta_s × (64 − rank) / 48
+                                  + disk_hi_delta_s × (rank − 16) / 48
+
+``prior_disk`` is the scorer's configured table (``disk_load_s`` × ``model_scale``), so with no
+data the learned model *is* the configured one; the data learns an affine correction to it,
+written as its values at two anchor ranks (16 and 64). Real vLLM's disk tier is affine in rank
+(≈ 31 ms + 3.9 ms × rank on an 8B model, real-vllm-0.25.md), and two anchor values, unlike an
+intercept and a slope, are on one scale and barely correlated, so one ridge strength shrinks
+both fairly.
+
+Estimator: exponentially weighted ridge regression towards the defaults, with Huber weights::
+
+    θ = argmin  Σᵢ λ^(n−i) wᵢ (yᵢ − xᵢ·θ)²  +  ρ Σⱼ (θⱼ − θ0ⱼ)²        (standardised features)
+
+    yᵢ = ttftᵢ − prior_disk(rankᵢ) × [disk or remote]
+    xᵢ = (1, uncached, adapter?, cpu?, disk? × (64 − rank) / 48, disk? × (rank − 16) / 48,
+          remote? × rank, queue) / scale
+    θ0 = the defaults (disk deltas 0, queue_scale 1)
+    λ  = 0.5 ** (1 / half_life)             (observations; 1000 by default)
+    ρ  = prior_obs                          (pseudo-observations on each standardised feature)
+    wᵢ = min(1, k σ_c / |rᵢ|)               (Huber, k = 2; rᵢ the residual under the current θ,
+                                             σ_c a running residual scale per tier class
+                                             c ∈ {GPU or base, CPU, disk, remote})
+
+The sufficient statistics ``A = Σ λ^(n−i) wᵢ xᵢxᵢᵀ`` and ``b = Σ λ^(n−i) wᵢ xᵢyᵢ`` are updated in
+O(d²) per observation and ``(A + ρI) θ = b + ρ θ0`` is solved every ``refit_every`` observations.
+The ridge term is what makes it safe online: a direction the data has not excited (no CPU-tier
+request seen lately) decays back to its default instead of drifting (no RLS wind-up), and thin
+data stays near the defaults. Each learned constant is clamped to a sane range (``BOUNDS``);
+pinned constants keep their configured value and the rest is solved around them.
+
+Pod group: pods that serve the same bases with the same LoRA shape (``group_key``); each group
+learns its own constants (a cluster of two GPU types learns two models).
+
+Observations the model cannot explain are not fed to it: failed or non-streamed requests,
+adapters that were incoming/loading (their wait depends on a load already under way), and
+requests deferred behind saturated slots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# tier classes of an observation
+C_GPU, C_CPU, C_DISK, C_REMOTE = range(4)
+CLASS_NAMES = ("gpu", "cpu", "disk", "remote")
+
+# coefficient order (the standardised regression's columns)
+NAMES = (
+    "base_s", "prefill_s_per_token", "lora_s", "cpu_load_s",
+    "disk_lo_delta_s", "disk_hi_delta_s", "fetch_s_per_rank", "queue_scale",
+)
+R_LO, R_HI = 16, 64  # the anchor ranks of the learned disk line
+D = len(NAMES)
+# typical magnitude of each feature: standardises the columns so one ridge strength fits all
+_SCALE = np.array([1.0, 1000.0, 1.0, 1.0, 1.0, 1.0, 32.0, 0.1])
+MIN_DISK_S = 0.001  # a learned disk load never goes below this (nor below cpu_load_s)
+MAX_DISK_S = 60.0
+# sane ranges of the learned constants (seconds, seconds per token / per rank, or a factor)
+BOUNDS: dict[str, tuple[float, float]] = {
+    "base_s": (0.0, 2.0),
+    "prefill_s_per_token": (1e-7, 1e-3),
+    "lora_s": (0.0, 1.0),
+    "cpu_load_s": (0.0, 1.0),
+    "disk_lo_delta_s": (-MAX_DISK_S, MAX_DISK_S),
+    "disk_hi_delta_s": (-MAX_DISK_S, MAX_DISK_S),
+    "fetch_s_per_rank": (0.0, 0.1),
+    "queue_scale": (0.25, 4.0),
+}
+HUBER_K = 2.0
+MAX_GROUPS = 64
+
+
+def group_key(bases: Iterable[str], max_loras: int, max_cpu_loras: int, max_lora_rank: int) -> str:
+    """The pod group: same served bases and LoRA shape → same learned constants."""
+    return f"{'+'.join(sorted(bases)) or '-'}|loras={max_loras}|cpu={max_cpu_loras}|rank={max_lora_rank}"
+
+
+def interpolate_load(table: Mapping[int, float], rank: int) -> float:
+    """Piecewise-linear in rank; flat below the smallest rank, proportional above the largest."""
+    ranks = sorted(table)
+    if rank <= ranks[0]:
+        return table[ranks[0]]
+    if rank >= ranks[-1]:
+        return table[ranks[-1]] * rank / ranks[-1]
+    for lo, hi in zip(ranks, ranks[1:]):
+        if lo <= rank <= hi:
+            f = (rank - lo) / (hi - lo)
+            return table[lo] + f * (table[hi] - table[lo])
+    return table[ranks[-1]]  # unreachable
+
+
+@dataclass(frozen=True, slots=True)
+class CostPrior:
+    """The configured constants: the starting point and the fallback of the fit."""
+
+    base_s: float
+    prefill_s_per_token: float
+    lora_s: float
+    cpu_load_s: float
+    fetch_s_per_rank: float
+    disk_table: tuple[tuple[int, float], ...]  # (rank, seconds), before model_scale
+    model_scale: float = 1.0
+
+    def disk_s(self, rank: int) -> float:
+        """The configured disk-tier seconds for ``rank`` (table interpolated × model_scale)."""
+        return self.model_scale * interpolate_load(dict(self.disk_table), rank)
+
+    def theta0(self) -> np.ndarray:
+        return np.array([
+            self.base_s, self.prefill_s_per_token, self.lora_s, self.cpu_load_s,
+            0.0, 0.0, self.fetch_s_per_rank, 1.0,
+        ])
+
+
+@dataclass(frozen=True, slots=True)
+class LearnSettings:
+    """How the fit learns (the ``learn_*`` and ``pin`` parameters of ``estimated-ttft``)."""
+
+    enabled: bool = True
+    half_life: float = 1000.0   # observations until an observation's weight halves
+    prior_obs: float = 1.0      # ridge strength, in pseudo-observations per feature
+    refit_every: int = 10       # observations between solves
+    pin: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One completed, streamed request as the router saw it (seconds, tokens)."""
+
+    ttft_s: float
+    uncached_tokens: float
+    adapter: bool
+    tier: int       # C_GPU (base or GPU hit), C_CPU, C_DISK or C_REMOTE
+    rank: int
+    queue_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class CostConstants:
+    """The constants in force for one pod group (learned, clamped, pins applied)."""
+
+    base_s: float
+    prefill_s_per_token: float
+    lora_s: float
+    cpu_load_s: float
+    disk_lo_delta_s: float
+    disk_hi_delta_s: float
+    fetch_s_per_rank: float
+    queue_scale: float
+    prior: CostPrior = field(repr=False, compare=False)
+    version: int = 0
+
+    def disk_s(self, rank: int) -> float:
+        """Disk-tier seconds for ``rank``: the configured table plus the learned correction."""
+        f = (rank - R_LO) / (R_HI - R_LO)
+        t = self.prior.disk_s(rank) + self.disk_lo_delta_s * (1.0 - f) + self.disk_hi_delta_s * f
+        return min(MAX_DISK_S, max(MIN_DISK_S, self.cpu_load_s, t))
+
+    def as_dict(self, ranks: Iterable[int] = (8, 16, 32, 64)) -> dict[str, object]:
+        return {
+            **{n: getattr(self, n) for n in NAMES},
+            "disk_s_by_rank": {int(r): round(self.disk_s(int(r)), 6) for r in ranks},
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_theta(cls, theta: np.ndarray, prior: CostPrior, version: int) -> CostConstants:
+        vals = {n: float(v) for n, v in zip(NAMES, theta)}
+        return cls(**vals, prior=prior, version=version)  # type: ignore[arg-type]
+
+
+def _clamp(theta: np.ndarray) -> np.ndarray:
+    out = theta.copy()
+    for j, n in enumerate(NAMES):
+        lo, hi = BOUNDS[n]
+        v = out[j]
+        out[j] = lo if not math.isfinite(v) or v < lo else (hi if v > hi else v)
+    return out
+
+
+class CostFit:
+    """The online fit of one pod group (see the module docstring)."""
+
+    def __init__(self, prior: CostPrior, settings: LearnSettings) -> None:
+        self.prior = prior
+        self.settings = settings
+        self._lam = 0.5 ** (1.0 / settings.half_life) if settings.half_life > 0 else 1.0
+        self._theta0 = prior.theta0()
+        self._pinned = np.array([n in settings.pin for n in NAMES])
+        self._A = np.zeros((D, D))
+        self._b = np.zeros(D)
+        self._theta = self._theta0.copy()
+        self._sigma = [0.05, 0.05, 0.1, 0.1]   # running residual scale per tier class, seconds
+        self.counts = [0.0] * 4                # decayed observation count per tier class
+        self.observed = 0
+        self.rejected = 0
+        self._version = 0
+        self.constants = CostConstants.from_theta(self._theta, prior, 0)
+
+    def _features(self, obs: Observation) -> np.ndarray:
+        disk = 1.0 if obs.tier in (C_DISK, C_REMOTE) else 0.0
+        remote = 1.0 if obs.tier == C_REMOTE else 0.0
+        return np.array([
+            1.0, obs.uncached_tokens, 1.0 if obs.adapter else 0.0, 1.0 if obs.tier == C_CPU else 0.0,
+            disk * (R_HI - obs.rank) / (R_HI - R_LO), disk * (obs.rank - R_LO) / (R_HI - R_LO),
+            remote * obs.rank, obs.queue_s,
+        ])
+
+    def predict(self, obs: Observation) -> float:
+        """The current model's TTFT for the observation's features."""
+        prior_disk = self.prior.disk_s(obs.rank) if obs.tier in (C_DISK, C_REMOTE) else 0.0
+        return float(self._features(obs) @ self._theta) + prior_disk
+
+    def observe(self, obs: Observation) -> bool:
+        """Add one observation; False when it was refused as unusable (non-finite, negative)."""
+        vals = (obs.ttft_s, obs.uncached_tokens, obs.queue_s)
+        if not all(math.isfinite(v) for v in vals) or obs.ttft_s < 0 or obs.uncached_tokens < 0 or obs.queue_s < 0:
+            self.rejected += 1
+            return False
+        x = self._features(obs)
+        y = obs.ttft_s - (self.prior.disk_s(obs.rank) if obs.tier in (C_DISK, C_REMOTE) else 0.0)
+        r = y - float(x @ self._theta)
+        c = obs.tier
+        sigma = self._sigma[c]
+        w = 1.0 if abs(r) <= HUBER_K * sigma else HUBER_K * sigma / abs(r)
+        # robust running scale: mean absolute residual (clipped at 3σ) × 1.25 ≈ σ for a normal
+        self._sigma[c] = max(1e-4, sigma + 0.05 * (1.25 * min(abs(r), 3.0 * sigma + 1e-3) - sigma))
+        xs = x / _SCALE
+        lam = self._lam
+        self._A *= lam
+        self._b *= lam
+        self._A += w * np.outer(xs, xs)
+        self._b += (w * y) * xs
+        for k in range(4):
+            self.counts[k] *= lam
+        self.counts[c] += 1.0
+        self.observed += 1
+        if self.observed % self.settings.refit_every == 0:
+            self.refit()
+        return True
+
+    def refit(self) -> CostConstants:
+        """Solve the ridge system now and publish the clamped constants."""
+        rho = self.settings.prior_obs
+        t0s = self._theta0 * _SCALE  # defaults in standardised units
+        free = ~self._pinned
+        ts = t0s.copy()
+        if free.any():
+            A = self._A[np.ix_(free, free)] + rho * np.eye(int(free.sum()))
+            rhs = self._b[free] + rho * t0s[free]
+            if self._pinned.any():
+                rhs -= self._A[np.ix_(free, self._pinned)] @ t0s[self._pinned]
+            try:
+                ts[free] = np.linalg.solve(A, rhs)
+            except np.linalg.LinAlgError:
+                return self.constants
+        theta = _clamp(ts / _SCALE)
+        theta[self._pinned] = self._theta0[self._pinned]
+        self._theta = theta
+        self._version += 1
+        self.constants = CostConstants.from_theta(theta, self.prior, self._version)
+        return self.constants
+
+    def snapshot(self) -> dict[str, object]:
+        """The learned constants with the evidence behind them (admin API, metrics)."""
+        return {
+            "constants": self.constants.as_dict(),
+            "defaults": CostConstants.from_theta(self._theta0, self.prior, 0).as_dict(),
+            "pinned": sorted(self.settings.pin),
+            "observations": self.observed,
+            "rejected": self.rejected,
+            "recent_by_tier": {CLASS_NAMES[k]: round(v, 1) for k, v in enumerate(self.counts)},
+            "residual_scale_s": {CLASS_NAMES[k]: round(v, 6) for k, v in enumerate(self._sigma)},
+        }
+
+
+class CostLearner:
+    """One ``CostFit`` per pod group; the pipeline owns it and feeds it from ``on_complete``."""
+
+    def __init__(self, prior: CostPrior, settings: LearnSettings) -> None:
+        self.prior = prior
+        self.settings = settings
+        self._defaults = CostConstants.from_theta(prior.theta0(), prior, 0)
+        self.fits: OrderedDict[str, CostFit] = OrderedDict()
+
+    def constants(self, group: str) -> CostConstants:
+        """The constants in force for ``group`` (the defaults until it has learned)."""
+        fit = self.fits.get(group)
+        return fit.constants if fit is not None else self._defaults
+
+    def observe(self, group: str, obs: Observation) -> None:
+        if not self.settings.enabled:
+            return
+        fit = self.fits.get(group)
+        if fit is None:
+            fit = self.fits[group] = CostFit(self.prior, self.settings)
+            while len(self.fits) > MAX_GROUPS:
+                self.fits.popitem(last=False)
+        fit.observe(obs)
+
+    def reconfigure(self, prior: CostPrior, settings: LearnSettings) -> CostLearner:
+        """The learner for a reloaded config: keeps what was learned when the prior and settings
+        did not change, starts over otherwise (the old data was fitted against other defaults)."""
+        if prior == self.prior and settings == self.settings:
+            return self
+        return CostLearner(prior, settings)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "enabled": self.settings.enabled,
+            "half_life": self.settings.half_life,
+            "prior_obs": self.settings.prior_obs,
+            "groups": {g: f.snapshot() for g, f in self.fits.items()},
+            "defaults": self._defaults.as_dict(),
+        }
