@@ -140,8 +140,27 @@ def _tier(state: Any, adapter: str) -> str | None:
     return None
 
 
+class _ChangesCache:
+    """Pending changes and the newest audit entries, read from the change store at most every
+    ``ttl_s`` however many dashboards poll (with Redis, a read is a hash scan)."""
+
+    def __init__(self, manager: ChangeManager, ttl_s: float = 2.0) -> None:
+        self.manager = manager
+        self.ttl_s = ttl_s
+        self._at = -math.inf
+        self._value: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+
+    async def get(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        if self.manager.store is not None and time.monotonic() - self._at > self.ttl_s:
+            pending = [c.to_api() for c in await self.manager.changes("pending", 20)]
+            audit = [e.to_dict() for e in await self.manager.audit_entries(12)][::-1]
+            self._value, self._at = (pending, audit), time.monotonic()
+        return self._value
+
+
 def dashboard_router(gw: Gateway, manager: ChangeManager, window: AdapterWindow) -> APIRouter:
     router = APIRouter(prefix="/dashboard")
+    changes = _ChangesCache(manager)
 
     def viewer(request: Request) -> None:
         require(gw.runtime.config, request, Role.VIEWER, basic_realm=REALM)
@@ -167,12 +186,13 @@ def dashboard_router(gw: Gateway, manager: ChangeManager, window: AdapterWindow)
     @router.get("/state")
     async def state(request: Request) -> JSONResponse:
         viewer(request)
-        return JSONResponse(await snapshot(gw, manager, window), headers=_HEADERS)
+        return JSONResponse(await snapshot(gw, manager, window, changes), headers=_HEADERS)
 
     return router
 
 
-async def snapshot(gw: Gateway, manager: ChangeManager, window: AdapterWindow) -> dict[str, Any]:
+async def snapshot(gw: Gateway, manager: ChangeManager, window: AdapterWindow,
+                   changes: _ChangesCache) -> dict[str, Any]:
     now = time.time()
     rt = gw.runtime
     view = gw.store.view()
@@ -199,11 +219,7 @@ async def snapshot(gw: Gateway, manager: ChangeManager, window: AdapterWindow) -
         d = rec.to_dict()
         decisions.append({k: d[k] for k in ("at", "request_id", "model", "picked", "status", "policy", "reason",
                                             "candidates", "filtered")})
-    pending: list[dict[str, Any]] = []
-    audit: list[dict[str, Any]] = []
-    if manager.store is not None:
-        pending = [c.to_api() for c in await manager.changes("pending", 20)]
-        audit = [e.to_dict() for e in await manager.audit_entries(12)][::-1]
+    pending, audit = await changes.get()
     return {"at": now, "generation": rt.generation, "policy": rt.pipeline.name, "window_s": window.window_s,
             "pods": pods, "adapters": list(dict.fromkeys(allowlisted + sorted(seen - set(allowlisted)))),
             "matrix": matrix, "models": window.stats(), "decisions": decisions, "pending": pending, "audit": audit,

@@ -63,19 +63,23 @@ class Page:
         return reply.get("result", {})  # type: ignore[no-any-return]
 
     async def navigate(self, url: str, timeout: float = 30.0) -> tuple[int, dict[str, str]]:
-        """Load ``url``; returns the HTTP status and headers (lower-case names) of the document."""
+        """Load ``url``; returns the HTTP status and headers (lower-case names) of the document.
+        Only events of this navigation count (its ``loaderId``): a late load event of the page
+        before it is ignored."""
         while not self.events.empty():
             self.events.get_nowait()
-        await self.send("Page.navigate", url=url)
+        loader = (await self.send("Page.navigate", url=url)).get("loaderId")
         status, headers = 0, {}
         deadline = time.monotonic() + timeout
         while True:
             event = await asyncio.wait_for(self.events.get(), max(0.1, deadline - time.monotonic()))
-            if event["method"] == "Network.responseReceived" and event["params"]["type"] == "Document":
-                response = event["params"]["response"]
+            params = event["params"]
+            if event["method"] == "Network.responseReceived" and params.get("loaderId") == loader \
+                    and params["type"] == "Document":
+                response = params["response"]
                 status = int(response["status"])
                 headers = {k.lower(): v for k, v in response["headers"].items()}
-            if event["method"] == "Page.loadEventFired":
+            if event["method"] == "Page.loadEventFired" and status:
                 return status, headers
 
     async def evaluate(self, expression: str) -> Any:

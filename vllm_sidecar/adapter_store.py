@@ -261,7 +261,9 @@ class AdapterStore:
 
     def _place(self, tmp: Path, final: Path, *, replace: bool) -> None:
         """Rename the checked folder into place; when replacing, the old one is moved aside first
-        (two renames on one filesystem: vLLM reads either the old or the new complete folder)."""
+        (two renames on one filesystem: the folder is never half written; for the instant between
+        the renames it is absent, and vLLM only reads it when it loads the adapter, which the
+        sidecar does after the swap)."""
         if replace:
             old = self.dir / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)

@@ -4,7 +4,7 @@
   sidecar runs (vLLM's health is reported, not mirrored: restarting the sidecar would not help).
 - ``GET /metrics`` -> Prometheus text, ``loraroute_sidecar_*``.
 - ``GET /adapters`` -> JSON list of local adapters ``{"adapter", "path", "size_bytes", "rank",
-  "last_used", "on_gpu", "in_cpu", "registered"}``, least recently used first.
+  "last_used", "on_gpu", "in_cpu", "registered", "version"}``, least recently used first.
 - ``POST /adapters/{name}/ensure`` body optional ``{"load": true|false, "version": "<12 hex>"}``
   -> 200 ``{"adapter", "path", "source": "cached"|"downloaded"|"replaced", "seconds", "loaded",
   "reloaded", "rank", "size_bytes", "version", "previous_version"}``; errors

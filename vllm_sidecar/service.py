@@ -206,7 +206,6 @@ class Sidecar:
                 log.info("adapter %s: version %s swapped in place of %s", name, result.version,
                          result.previous_version)
             elif load:
-                registered = monitor.models is not None and name in monitor.models.adapters
                 state = monitor.state
                 if registered and state is not None and name in state.gpu_adapters:
                     loaded = True
