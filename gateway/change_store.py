@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
+from gateway.change_model import Change, Overlay
 from gateway.errors import APIError
 
 KEEP = 1000
@@ -40,23 +41,23 @@ _LOCK_WAIT_S = 30.0
 class ChangeStore(Protocol):
     async def next_id(self) -> str: ...
 
-    async def get(self, change_id: str) -> dict[str, Any] | None: ...
+    async def get(self, change_id: str) -> Change | None: ...
 
-    async def put(self, change: dict[str, Any]) -> None: ...
+    async def put(self, change: Change) -> None: ...
 
-    async def all(self) -> list[dict[str, Any]]: ...
+    async def all(self) -> list[Change]: ...
 
-    async def overlay(self) -> dict[str, Any] | None: ...
+    async def overlay(self) -> Overlay | None: ...
 
-    async def set_overlay(self, overlay: dict[str, Any]) -> None: ...
+    async def set_overlay(self, overlay: Overlay) -> None: ...
 
     def lock(self) -> contextlib.AbstractAsyncContextManager[None]: ...
 
 
-def _prune(changes: list[dict[str, Any]], keep: int) -> list[str]:
+def _prune(changes: list[Change], keep: int) -> list[str]:
     """Ids of the oldest decided changes beyond ``keep``."""
-    decided = sorted((c for c in changes if c.get("status") != "pending"), key=lambda c: c.get("proposed_at", 0))
-    return [c["id"] for c in decided[: max(0, len(decided) - keep)]]
+    decided = sorted((c for c in changes if c.status != "pending"), key=lambda c: c.proposed_at)
+    return [c.id for c in decided[: max(0, len(decided) - keep)]]
 
 
 class FileChangeStore:
@@ -84,26 +85,26 @@ class FileChangeStore:
         await asyncio.to_thread(self._save)
         return f"chg-{self._data['seq']}"
 
-    async def get(self, change_id: str) -> dict[str, Any] | None:
+    async def get(self, change_id: str) -> Change | None:
         found = self._data["changes"].get(change_id)
-        return json.loads(json.dumps(found)) if found is not None else None
+        return Change.model_validate(found) if found is not None else None
 
-    async def put(self, change: dict[str, Any]) -> None:
+    async def put(self, change: Change) -> None:
         changes = self._data["changes"]
-        changes[change["id"]] = change
-        for old in _prune(list(changes.values()), self.keep):
+        changes[change.id] = change.model_dump(mode="json")
+        for old in _prune([Change.model_validate(c) for c in changes.values()], self.keep):
             del changes[old]
         await asyncio.to_thread(self._save)
 
-    async def all(self) -> list[dict[str, Any]]:
-        return json.loads(json.dumps(list(self._data["changes"].values())))
+    async def all(self) -> list[Change]:
+        return [Change.model_validate(c) for c in self._data["changes"].values()]
 
-    async def overlay(self) -> dict[str, Any] | None:
+    async def overlay(self) -> Overlay | None:
         found = self._data.get("overlay")
-        return json.loads(json.dumps(found)) if found is not None else None
+        return Overlay.model_validate(found) if found is not None else None
 
-    async def set_overlay(self, overlay: dict[str, Any]) -> None:
-        self._data["overlay"] = overlay
+    async def set_overlay(self, overlay: Overlay) -> None:
+        self._data["overlay"] = overlay.model_dump(mode="json")
         await asyncio.to_thread(self._save)
 
     @contextlib.asynccontextmanager
@@ -126,26 +127,26 @@ class RedisChangeStore:
     async def next_id(self) -> str:
         return f"chg-{int(await self._redis.incr(self._seq))}"
 
-    async def get(self, change_id: str) -> dict[str, Any] | None:
+    async def get(self, change_id: str) -> Change | None:
         raw = await self._redis.hget(self._changes, change_id)
-        return json.loads(raw) if raw is not None else None
+        return Change.model_validate_json(raw) if raw is not None else None
 
-    async def put(self, change: dict[str, Any]) -> None:
-        await self._redis.hset(self._changes, change["id"], json.dumps(change, sort_keys=True))
+    async def put(self, change: Change) -> None:
+        await self._redis.hset(self._changes, change.id, change.model_dump_json())
         if await self._redis.hlen(self._changes) > self.keep + 50:
             old = _prune(await self.all(), self.keep)
             if old:
                 await self._redis.hdel(self._changes, *old)
 
-    async def all(self) -> list[dict[str, Any]]:
-        return [json.loads(v) for v in (await self._redis.hgetall(self._changes)).values()]
+    async def all(self) -> list[Change]:
+        return [Change.model_validate_json(v) for v in (await self._redis.hgetall(self._changes)).values()]
 
-    async def overlay(self) -> dict[str, Any] | None:
+    async def overlay(self) -> Overlay | None:
         raw = await self._redis.get(self._overlay)
-        return json.loads(raw) if raw is not None else None
+        return Overlay.model_validate_json(raw) if raw is not None else None
 
-    async def set_overlay(self, overlay: dict[str, Any]) -> None:
-        await self._redis.set(self._overlay, json.dumps(overlay, sort_keys=True))
+    async def set_overlay(self, overlay: Overlay) -> None:
+        await self._redis.set(self._overlay, overlay.model_dump_json())
 
     @contextlib.asynccontextmanager
     async def lock(self) -> AsyncIterator[None]:

@@ -149,10 +149,10 @@ class ChangeManager:
             if not self.overlay.empty:
                 log.warning("the store lost the approved changes; writing back generation %d",
                             self.overlay.generation)
-                await self.store.set_overlay(self.overlay.model_dump(mode="json"))
+                await self.store.set_overlay(self.overlay)
             return
-        if int(stored.get("generation", 0)) > self.overlay.generation:
-            self.overlay = Overlay.model_validate(stored)
+        if stored.generation > self.overlay.generation:
+            self.overlay = stored
             self._reload(f"approved changes (overlay generation {self.overlay.generation})")
 
     async def _sync_forever(self) -> None:
@@ -180,14 +180,14 @@ class ChangeManager:
 
     async def _get(self, change_id: str) -> Change:
         store, _ = self._require()
-        raw = await store.get(change_id)
-        if raw is None:
+        change = await store.get(change_id)
+        if change is None:
             raise APIError(404, f"no change {change_id!r}; GET /admin/changes lists them", code="change_not_found")
-        return Change.model_validate(raw)
+        return change
 
     async def _put(self, change: Change) -> None:
         store, _ = self._require()
-        await store.put(change.model_dump(mode="json"))
+        await store.put(change)
 
     def _state(self) -> tuple[GatewayConfig, dict[str, float]]:
         rt = self.gw.runtime
@@ -338,8 +338,7 @@ class ChangeManager:
         store, _ = self._require()
         n = 0
         async with store.lock():
-            for raw in await store.all():
-                change = Change.model_validate(raw)
+            for change in await store.all():
                 if change.status == "pending" and self._expired(change):
                     await self._expire(change)
                     n += 1
@@ -369,7 +368,7 @@ class ChangeManager:
             await self._record("failed", change, by, change.error)
             return
         try:
-            await store.set_overlay(nxt.model_dump(mode="json"))
+            await store.set_overlay(nxt)
         except Exception:
             self.overlay = previous  # not stored: not in effect anywhere, here neither
             self._reload("a change that could not be stored")
@@ -397,8 +396,7 @@ class ChangeManager:
     # --- reading ----------------------------------------------------------------------------
     async def changes(self, status: str | None = None, limit: int = 100) -> list[Change]:
         store, _ = self._require()
-        found = [Change.model_validate(c) for c in await store.all()]
-        found = [c for c in found if status is None or c.status == status]
+        found = [c for c in await store.all() if status is None or c.status == status]
         found.sort(key=lambda c: c.proposed_at, reverse=True)
         return found[:limit]
 
