@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from gateway.changes import ChangeManager
 from gateway.errors import APIError
-from gateway.roles import Role, require
+from gateway.roles import Principal, Role, require
 from gateway.service import Gateway
 
 _MAX_BODY = 64 * 1024
@@ -72,7 +72,7 @@ def _note(body: dict[str, Any]) -> str:
 def changes_router(gw: Gateway, manager: ChangeManager) -> APIRouter:
     router = APIRouter(prefix="/admin")
 
-    def need(request: Request, role: Role) -> Any:
+    def need(request: Request, role: Role) -> Principal:
         return require(gw.runtime.config, request, role)
 
     @router.get("/whoami")
