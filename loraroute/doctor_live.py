@@ -168,13 +168,20 @@ def _store(gw: GatewayClient, bases: list[dict[str, Any]]) -> list[Check]:
         if not reachable:
             continue
         name = f"{base}:{entry['name']} in the store"
-        version = f"version {entry['version']}" if entry.get("version") else "the live folder, no pinned version"
+        version = f"version {entry['version']}"
         if problems and not seen:
             code, text = problems[0]
             out.append(Check("Store", name, "FAIL", text, _STORE_FIX.get(code, "push a valid adapter: loraroute "
                                                                              "adapters validate DIR, then push")))
         elif problems:
             out.append(Check("Store", name, "WARN", f"ok on {', '.join(seen)}; {problems[0][1]}"))
+        elif not entry.get("version"):
+            live = next((a["adapters"][served].get("version") for a in reachable
+                         if a["adapters"].get(served, {}).get("version")), None) or "<version>"
+            out.append(Check("Store", name, "WARN", f"right layout, rank fits on {', '.join(seen)}; not pinned: pods "
+                             "fetch whatever the live folder holds, so a push changes it without an approved change",
+                             f"pin it: loraroute changes propose roll --base {base} --adapter {entry['name']} "
+                             f"--version {live}"))
         else:
             out.append(Check("Store", name, "PASS", f"right layout, rank fits on {', '.join(seen)} ({version})"))
     return out

@@ -194,10 +194,11 @@ def test_doctor_names_the_layer_that_fails(stack: OpsStack, tmp_path: Path, caps
     """Adapters put in the allowlist through the config file (the Git path, no store check):
     one not in the store, one whose rank no pod accepts."""
     push(stack, peft.make_adapter(tmp_path / "w" / "wide", rank=32, base_model=BASE).parent, "--max-lora-rank", "32")
+    plain = push(stack, peft.make_adapter(tmp_path / "p" / "plain", rank=8, base_model=BASE).parent)["plain"]
     path = stack.root / "gateway-0.yaml"
     original = path.read_text()
     cfg = gateway_config(stack.gateways[0].port or 0, stack.redis_url, stack.prefix,
-                         ["ghost", {"name": "wide", "rank": 32}], TWO_PERSON)
+                         ["ghost", {"name": "wide", "rank": 32}, "plain"], TWO_PERSON)
     path.write_text(yaml.safe_dump(cfg))
     with stack.admin("alice") as c:
         assert c.post("/admin/reload").status_code == 200
@@ -210,6 +211,9 @@ def test_doctor_names_the_layer_that_fails(stack: OpsStack, tmp_path: Path, caps
         assert checks[f"{BASE}:wide in the store"]["status"] == "FAIL"
         assert "[rank_too_large]" in checks[f"{BASE}:wide in the store"]["detail"]
         assert checks["a pod fits every adapter's rank"]["status"] == "FAIL"
+        unpinned = checks[f"{BASE}:plain in the store"]
+        assert unpinned["status"] == "WARN" and "not pinned" in unpinned["detail"]
+        assert unpinned["fix"].endswith(f"--adapter plain --version {plain}")
 
         def trace(model: str) -> dict[str, dict]:
             rc = doctor.main(["request", "--model", model, "--gateway", stack.url, "--key", KEYS["alice"], "--json"])
