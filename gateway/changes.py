@@ -167,7 +167,7 @@ class ChangeManager:
             except Exception as exc:  # the store is down: keep serving, try again later
                 log.warning("change sync failed (%s); retrying", type(exc).__name__)
 
-    # --- helpers ----------------------------------------------------------------------------
+    # --- internals ----------------------------------------------------------------------------
     def _require(self) -> tuple[ChangeStore, AuditLog]:
         if self.store is None or self.audit is None:
             raise APIError(503, "run-time changes are off (changes.enabled: false)", code="changes_disabled")

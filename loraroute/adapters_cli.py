@@ -115,7 +115,7 @@ def check_layout(url: S3Url, settings: SidecarSettings, given: bool) -> str | No
 
 
 # --------------------------------------------------------------------------------------------
-# output helpers
+# output
 # --------------------------------------------------------------------------------------------
 def _size(n: int) -> str:
     for unit in ("B", "kB", "MB", "GB"):
