@@ -7,8 +7,10 @@
 - ``POST /admin/reload`` — re-read the config file; 200 ``{"status": "reloaded", "generation",
   "restart_required"}`` or 400 with the reason (the previous config keeps serving).
 
-Auth: ``Authorization: Bearer <admin key>`` or ``x-loraroute-admin-key: <admin key>``; 401 without
-a valid key, 403 when the config has no admin key at all.
+Auth (gateway/roles.py): ``Authorization: Bearer <admin key>`` or ``x-loraroute-admin-key: <admin
+key>``; reading needs the viewer role, a reload the operator role. 401 without a valid key, 403
+when the key lacks the role or the config has no admin key at all. Run-time changes, the audit
+log and the dashboard have their own routers (gateway/changes_api.py, gateway/dashboard.py).
 """
 
 from __future__ import annotations
@@ -20,18 +22,8 @@ from fastapi import APIRouter, Request
 
 from gateway.config import ConfigError
 from gateway.errors import APIError
+from gateway.roles import Role, require
 from gateway.service import Gateway
-
-
-def _require_admin(gw: Gateway, request: Request) -> None:
-    policy = gw.runtime.policy
-    if not policy.admin_configured:
-        raise APIError(403, "the admin API is off: set admin.api_key_sha256 (or admin.api_key_sha256_file)",
-                       code="admin_disabled")
-    header = request.headers.get("x-loraroute-admin-key")
-    if policy.is_admin(request.headers.get("authorization")) or (header and policy.is_admin("Bearer " + header)):
-        return
-    raise APIError(401, "admin key missing or wrong: send 'Authorization: Bearer <admin key>'", code="invalid_admin_key")
 
 
 def admin_router(gw: Gateway) -> APIRouter:
@@ -39,7 +31,7 @@ def admin_router(gw: Gateway) -> APIRouter:
 
     @router.get("/decisions")
     async def decisions(request: Request, limit: int = 50) -> dict[str, Any]:
-        _require_admin(gw, request)
+        require(gw.runtime.config, request, Role.VIEWER)
         limit = max(1, min(limit, 10_000))
         recent = list(gw.decisions)[-limit:]
         recent.reverse()
@@ -47,7 +39,7 @@ def admin_router(gw: Gateway) -> APIRouter:
 
     @router.get("/pods")
     async def pods(request: Request) -> dict[str, Any]:
-        _require_admin(gw, request)
+        require(gw.runtime.config, request, Role.VIEWER)
         now = time.time()
         view = gw.store.view()
         ids = sorted(set(gw.endpoints) | set(gw.pods))
@@ -71,7 +63,7 @@ def admin_router(gw: Gateway) -> APIRouter:
 
     @router.post("/reload")
     async def reload(request: Request) -> dict[str, Any]:
-        _require_admin(gw, request)
+        require(gw.runtime.config, request, Role.OPERATOR)
         try:
             restart = gw.reload()
         except ConfigError as e:

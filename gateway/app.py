@@ -9,7 +9,12 @@ docs/gateway.md); everything else goes to a small FastAPI app:
   ``GET /metrics`` (Prometheus).
 - ``GET /admin/decisions``, ``GET /admin/pods``, ``POST /admin/reload``, ``GET /admin/demand``,
   ``GET /admin/placement`` — admin key required
-  (``Authorization: Bearer <admin key>`` or ``x-loraroute-admin-key: <admin key>``).
+  (``Authorization: Bearer <admin key>`` or ``x-loraroute-admin-key: <admin key>``; roles:
+  gateway/roles.py).
+- ``/admin/changes``, ``/admin/audit``, ``/admin/allowlist``, ``/admin/store``, ``/admin/ensure`` —
+  audited run-time changes (gateway/changes_api.py), served by a ``ChangeManager`` the app starts
+  and stops with the gateway.
+- ``GET /dashboard`` — the live dashboard (gateway/dashboard.py, files in gateway/static/).
 
 Every error, including unknown routes and unexpected exceptions, is in OpenAI's shape; a stack
 trace goes to the log (never to the client).
@@ -29,28 +34,42 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admin import admin_router
+from gateway.changes import ChangeManager
+from gateway.changes_api import changes_router
+from gateway.dashboard import AdapterWindow, dashboard_router
 from gateway.errors import APIError
 from gateway.metrics import CONTENT_TYPE
 from gateway.placement_admin import placement_router
 from gateway.proxy import CompletionsEndpoint, Receive, Scope, Send
+from gateway.roles import AdminAuthError
 from gateway.service import Gateway
 
 log = logging.getLogger("loraroute.gateway")
 
 
 def error_response(err: APIError) -> JSONResponse:
-    headers = {"www-authenticate": "Bearer"} if err.status == 401 else None
+    headers = None
+    if err.status == 401:
+        realm = err.realm if isinstance(err, AdminAuthError) else None
+        headers = {"www-authenticate": f'Basic realm="{realm}", charset="UTF-8"' if realm else "Bearer"}
     return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
 
 
 def _fastapi(gw: Gateway, manage_lifecycle: bool) -> FastAPI:
+    changes = ChangeManager(gw)
+    window = AdapterWindow(gw.metrics.registry)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await changes.start()  # first: the approved overlay is in the runtime before the first request
         if manage_lifecycle:
             await gw.start()
+        await window.start()
         try:
             yield
         finally:
+            await window.close()
+            await changes.close()
             if manage_lifecycle:
                 await gw.close()
 
@@ -129,6 +148,8 @@ def _fastapi(gw: Gateway, manage_lifecycle: bool) -> FastAPI:
 
     api.include_router(admin_router(gw))
     api.include_router(placement_router(gw))
+    api.include_router(changes_router(gw, changes))
+    api.include_router(dashboard_router(gw, changes, window))
     return api
 
 

@@ -129,11 +129,14 @@ class ServerConfig(_Strict):
 # bases and adapters (the allowlist)
 # --------------------------------------------------------------------------------------------
 class AdapterConfig(_Strict):
-    """One adapter a base may use. ``served_name`` is the name vLLM knows (default: ``name``)."""
+    """One adapter a base may use. ``served_name`` is the name vLLM knows (default: ``name``);
+    ``version`` pins the version the sidecars fetch (as ``loraroute adapters push`` prints it;
+    default: whatever the store's live folder holds)."""
 
     name: str
     rank: int | None = Field(None, ge=1, le=1024)
     served_name: str | None = None
+    version: str | None = Field(None, pattern=r"^[0-9a-f]{12}$")
 
     @field_validator("name")
     @classmethod
@@ -224,9 +227,63 @@ class TenantConfig(_KeyDigests):
     adapters: tuple[str, ...] = ("*",)
     base_models: bool = True
 
+Role = Literal["viewer", "operator", "approver"]
+ChangeKind = Literal["allowlist.add", "allowlist.retire", "adapter.roll", "pipeline.weights"]
+CHANGE_KINDS: tuple[str, ...] = ("allowlist.add", "allowlist.retire", "adapter.roll", "pipeline.weights")
+
+
+class AdminKey(_KeyDigests):
+    """A named admin key with roles (gateway/roles.py): ``viewer`` reads the admin API and the
+    dashboard, ``operator`` also proposes and rolls back changes and reloads, ``approver`` also
+    approves or rejects them. The name is what the audit log records."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    roles: tuple[Role, ...] = ("viewer",)
+
+
 class AdminConfig(_KeyDigests):
-    """The admin key (digest) that unlocks /admin/* and the x-loraroute-explain header.
-    Without one, admin endpoints answer 403."""
+    """The admin key (digest) that unlocks /admin/* and the x-loraroute-explain header; it holds
+    every role and is named ``admin`` in the audit log. ``keys`` adds named keys with roles.
+    Without any, admin endpoints answer 403."""
+
+    keys: tuple[AdminKey, ...] = ()
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AdminConfig:
+        names = [k.name for k in self.keys]
+        if len(set(names)) != len(names) or "admin" in names:
+            raise ValueError("admin.keys: names must be unique and not 'admin' (the name of admin.api_key_sha256)")
+        seen = set(self.api_key_sha256)
+        for k in self.keys:
+            if seen & set(k.api_key_sha256):
+                raise ValueError(f"admin.keys: a digest of key {k.name!r} is also another admin key's")
+            seen |= set(k.api_key_sha256)
+        return self
+
+
+class ChangesConfig(_Strict):
+    """Run-time changes through the admin API (gateway/changes.py): proposals, approvals and the
+    audit log. They live in the store when it is Redis, else in ``state_dir``."""
+
+    enabled: bool = True
+    #: change kinds that take effect only after a second key (role approver, not the proposer)
+    #: approves them; ``all`` for every kind
+    two_person: tuple[ChangeKind, ...] = ()
+    #: folder for proposals and the audit log when the store is memory:// (relative: to the config file)
+    state_dir: str = "loraroute-state"
+    #: pending proposals older than this expire
+    proposal_ttl_s: float = Field(7 * 86400.0, gt=0)
+    #: audit entries kept (Redis list length; the file is rotated once beyond this many lines)
+    audit_keep: int = Field(100_000, ge=100)
+    #: seconds between checks for changes approved on another gateway replica
+    sync_s: float = Field(1.0, gt=0)
+    #: limit for one sidecar call made by a change (a roll's refresh, a store check)
+    sidecar_timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("two_person", mode="before")
+    @classmethod
+    def _all(cls, v: Any) -> Any:
+        return CHANGE_KINDS if v == "all" or v == ["all"] else v
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +399,7 @@ class GatewayConfig(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     #: demand, placement plan and placer (gateway/placement_config.py, docs/placement.md)
     placement: PlacementConfig = PlacementConfig()
+    changes: ChangesConfig = ChangesConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> GatewayConfig:

@@ -4,6 +4,10 @@ Concurrent requests for the same (pod, adapter) share one call: the first create
 others await it (shielded, so one client going away does not cancel it for the rest). A success is
 remembered for ``ensure.remember_s`` seconds, enough for the pod's PodState to show the adapter.
 
+When the allowlist pins the adapter's version (``bases[].adapters[].version``, set by a roll),
+the ensure asks for exactly that version (``{"version": ...}``), so a pod fetching the adapter
+for the first time gets the same version as the pods that already hold it.
+
 Outcome -> what the request sees:
 
 - 200 -> forward to the pod.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.parse
+from collections.abc import Callable, Mapping
 
 import aiohttp
 import orjson
@@ -48,9 +53,11 @@ def _sidecar_message(body: bytes) -> str:
 
 
 class Ensurer:
-    def __init__(self, upstream: Upstream, metrics: GatewayMetrics) -> None:
+    def __init__(self, upstream: Upstream, metrics: GatewayMetrics,
+                 versions: Callable[[], Mapping[str, str]] = dict) -> None:
         self._upstream = upstream
         self._metrics = metrics
+        self._versions = versions
         self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._done: dict[tuple[str, str], float] = {}
 
@@ -72,9 +79,11 @@ class Ensurer:
         session = self._upstream.session
         assert session is not None
         url = f"{sidecar_url}/adapters/{urllib.parse.quote(adapter, safe='')}/ensure"
+        version = self._versions().get(adapter)
         started = time.perf_counter()
         try:
-            async with session.post(url, timeout=self._upstream.ensure_timeout) as resp:
+            async with session.post(url, json={"version": version} if version else None,
+                                    timeout=self._upstream.ensure_timeout) as resp:
                 body = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:

@@ -15,6 +15,11 @@ Series (labels in braces):
 - ``loraroute_routed_residency_total{pod,tier}`` — for each routed request, where the chosen pod
   held the adapter according to the gateway's view (``gpu``, ``cpu``, ``disk``, ``loading``,
   ``none``; ``base`` for base-model requests): the predicted residency hit rate.
+- ``loraroute_adapter_routed_total{base,adapter,tier}`` — per model, where the chosen pod held the
+  adapter when it was picked (the scorers' placement: ``gpu``, ``cpu``, ``incoming``, ``loading``,
+  ``disk``, ``remote``; ``unscored`` for pipelines whose scorers do not look at adapters): the
+  adapter cache hit rate per adapter.
+- ``loraroute_audit_events_total{event,kind}`` — audit log entries (gateway/audit.py).
 - ``loraroute_prefix_blocks_total{pod}`` / ``loraroute_prefix_matched_blocks_total{pod}`` — prompt
   blocks routed and blocks the prefix index predicted cached on the chosen pod.
 - ``loraroute_retries_total{reason}`` — attempts moved to the next-best pod.
@@ -36,7 +41,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from scorer.model import PodState
+from scorer.decision import LazyDecision
+from scorer.model import Decision, PodState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _DECISION_BUCKETS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
@@ -91,6 +97,8 @@ class GatewayMetrics:
         self._ensures = Counter("loraroute_ensures", "Sidecar ensure calls", ["pod", "outcome"], registry=r)
         self.ensure_seconds = Histogram("loraroute_ensure_seconds", "Sidecar ensure duration", buckets=_ENSURE_BUCKETS, registry=r)
         self._reloads = Counter("loraroute_config_reloads", "Config reloads", ["outcome"], registry=r)
+        self._adapter_routed = Counter("loraroute_adapter_routed", "Routed adapter requests by where the chosen pod held the adapter", ["base", "adapter", "tier"], registry=r)
+        self._audit = Counter("loraroute_audit_events", "Audit log entries", ["event", "kind"], registry=r)
         r.register(_PodCollector(pods, inflight))
         self._children: dict[tuple[object, ...], object] = {}
 
@@ -131,6 +139,17 @@ class GatewayMetrics:
 
     def reload(self, outcome: str) -> None:
         self._child(self._reloads, outcome).inc()  # type: ignore[attr-defined]
+
+    def routed(self, base: str, adapter: str, decision: Decision) -> None:
+        """One routed adapter request: the requested adapter's pick-time placement on the chosen pod."""
+        if not adapter or decision.pod_id is None:
+            return
+        placement = decision.placement(decision.pod_id) if isinstance(decision, LazyDecision) else None
+        tier = placement.split("/", 1)[0] if placement else "unscored"
+        self._child(self._adapter_routed, base, adapter, tier).inc()  # type: ignore[attr-defined]
+
+    def audit(self, event: str, kind: str) -> None:
+        self._child(self._audit, event, kind).inc()  # type: ignore[attr-defined]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

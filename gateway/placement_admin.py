@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from gateway.admin import _require_admin
+from gateway.roles import Role, require
 from gateway.service import Gateway
 
 
@@ -26,13 +26,13 @@ def placement_router(gw: Gateway) -> APIRouter:
 
     @router.get("/demand")
     async def demand(request: Request, limit: int = 200) -> dict[str, Any]:
-        _require_admin(gw, request)
+        require(gw.runtime.config, request, Role.VIEWER)
         limit = max(1, min(limit, 100_000))
         return {"object": "demand", "shared": gw.placer is not None, **gw.current_demand().to_dict(limit)}
 
     @router.get("/placement")
     async def placement(request: Request, limit: int = 200) -> dict[str, Any]:
-        _require_admin(gw, request)
+        require(gw.runtime.config, request, Role.VIEWER)
         limit = max(1, min(limit, 100_000))
         if gw.placer is None:
             return {"enabled": False, "at": round(time.time(), 3),

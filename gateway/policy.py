@@ -87,6 +87,10 @@ class AccessPolicy:
             for d in t.api_key_sha256:
                 self._tenants_by_digest[d] = tenant
         self._admin_digests = tuple(config.admin.api_key_sha256)
+        #: adapter name as vLLM knows it -> pinned version (the sidecars fetch exactly that one)
+        self.adapter_versions: dict[str, str] = {
+            a.vllm_name: a.version for b in config.bases for a in b.adapters if a.version is not None
+        }
         self._cache: dict[tuple[str | None, str], Resolved | APIError] = {}
 
     @staticmethod

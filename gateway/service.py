@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,7 +124,11 @@ class Gateway:
         self.decisions: collections.deque[DecisionRecord] = collections.deque(maxlen=config.server.decisions_kept)
         self.metrics = GatewayMetrics(config.metrics.latency_buckets, lambda: self.pods, lambda: self.inflight)
         self.upstream = Upstream(config.server)
-        self.ensurer = Ensurer(self.upstream, self.metrics)
+        self.ensurer = Ensurer(self.upstream, self.metrics, lambda: self.runtime.policy.adapter_versions)
+        #: the config as read (file or given), before ``config_layer`` (approved run-time changes,
+        #: gateway/changes.py) is laid over it on every reload
+        self.base_config = config
+        self.config_layer: Callable[[GatewayConfig], GatewayConfig] | None = None
         self._monitors: dict[str, Any] = {}
         self._watch_task: asyncio.Task[None] | None = None
         self._mtime = self._config_mtime()
@@ -288,9 +292,10 @@ class Gateway:
         """Load and validate a new config, then swap it in. Raises ``ConfigError`` and keeps the
         old config when the new one is invalid. Returns keys that need a restart to take effect."""
         src = source if source is not None else self.config_path
-        if src is None:
+        if src is None and self.config_layer is None:
             raise ConfigError("this gateway was started without a config file; nothing to reload")
-        new = load_config(src, env=self._env)
+        base = load_config(src, env=self._env) if src is not None else self.base_config
+        new = self.config_layer(base) if self.config_layer is not None else base
         old = self.runtime
         pipeline = build_pipeline(new.pipeline)
         if hasattr(pipeline, "adopt_state_from"):
@@ -312,6 +317,7 @@ class Gateway:
             restart.append("discovery.static (switching discovery kinds)")
         self.runtime = Runtime(new, AccessPolicy(new), pipeline, old.generation + 1)
         self._configure_demand(new)
+        self.base_config = base
         self.upstream.configure(new.server)
         if self.decisions.maxlen != new.server.decisions_kept:
             self.decisions = collections.deque(self.decisions, maxlen=new.server.decisions_kept)
@@ -342,6 +348,9 @@ class Gateway:
     def record(self, rec: DecisionRecord) -> None:
         if self.decisions.maxlen:
             self.decisions.append(rec)
+        base, _, adapter = rec.model.partition(":")
+        known = self.runtime.policy.bases.get(base)
+        self.metrics.routed(known.name if known else base, adapter, rec.decision)
 
 
 def _open_store(config: GatewayConfig) -> PodStateStore:

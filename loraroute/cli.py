@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module, one-line help). Each module exposes ``main(argv: list[str]) -> int``.
@@ -12,6 +13,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sidecar": ("vllm_sidecar.cli", "run the sidecar beside one vLLM pod"),
     "sim": ("vllm_sim.cli", "run simulated vLLM pods (one, or a cluster)"),
     "bench": ("bench.cli", "workloads, benchmark runs and reports"),
+    "adapters": ("loraroute.adapters_cli", "validate, diff, push and list adapters in S3 / MinIO"),
+    "changes": ("loraroute.changes_cli", "propose, approve, roll back run-time changes; the audit log"),
+    "doctor": ("loraroute.doctor", "the pre-production checklist, offline (chart values) or live"),
 }
 
 
@@ -32,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loraroute: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except BrokenPipeError:  # `loraroute ... | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

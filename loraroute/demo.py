@@ -6,10 +6,12 @@ Starts:
 2. a simulated vLLM cluster (``loraroute sim cluster`` as a child process, runtime LoRA
    updating on, adapters resolved from that folder on first use);
 3. the gateway in this process: in-process pod monitors publishing into an in-memory store, the
-   ``default`` pipeline, uvicorn on 127.0.0.1.
+   ``default`` pipeline, uvicorn on 127.0.0.1; run-time changes need a second person (the
+   admin key proposes, the approver key approves), proposals and the audit log in the
+   temporary folder.
 
-Then prints a working ``curl`` and ``openai`` example with the real port and model names, and
-runs until Ctrl-C (or ``--duration`` seconds). Shutdown is clean: the gateway stops accepting,
+Then prints a working ``curl`` and ``openai`` example with the real port and model names, the
+dashboard's address and the two keys, and runs until Ctrl-C (or ``--duration`` seconds). Shutdown is clean: the gateway stops accepting,
 monitors stop, the cluster is terminated and the temporary folder removed.
 """
 
@@ -48,11 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def demo_config(port: int, pod_urls: list[str], admin_digest: str, pipeline: str, max_cpu_loras: int) -> dict[str, Any]:
+def demo_config(port: int, pod_urls: list[str], admin_digest: str, pipeline: str, max_cpu_loras: int,
+                approver_digest: str, state_dir: Path) -> dict[str, Any]:
     return {
         "server": {"host": "127.0.0.1", "port": port, "reload_poll_s": 0},
         "bases": [{"name": BASE, "adapters": [{"name": n, "rank": r} for n, r in ADAPTERS]}],
-        "admin": {"api_key_sha256": [admin_digest]},
+        "admin": {"api_key_sha256": [admin_digest],
+                  "keys": [{"name": "approver", "roles": ["approver"], "api_key_sha256": [approver_digest]}]},
+        "changes": {"two_person": "all", "state_dir": str(state_dir)},
         "discovery": {
             "static": [
                 {"id": f"pod-{i}", "url": url, "max_lora_rank": 16, "max_cpu_loras": max_cpu_loras}
@@ -65,7 +70,7 @@ def demo_config(port: int, pod_urls: list[str], admin_digest: str, pipeline: str
     }
 
 
-def usage_text(port: int, admin_key: str, pods: int) -> str:
+def usage_text(port: int, admin_key: str, pods: int, approver_key: str) -> str:
     url = f"http://127.0.0.1:{port}"
     names = ", ".join(f"{BASE}:{n}" for n, _ in ADAPTERS)
     return f"""
@@ -90,6 +95,11 @@ Why a pod was chosen (admin key of this run: {admin_key}):
     -H 'Content-Type: application/json' -d '{{"model": "{BASE}:sql", "messages": [{{"role": "user", "content": "hi"}}]}}'
   curl -s {url}/admin/decisions?limit=5 -H 'Authorization: Bearer {admin_key}'
   curl -s {url}/metrics | grep ^loraroute_
+
+Live dashboard: {url}/dashboard (any user name; password: the admin key)
+Run-time changes need two people: the admin key proposes, the approver key ({approver_key}) approves:
+  LORAROUTE_GATEWAY={url} LORAROUTE_ADMIN_KEY={admin_key} .venv/bin/loraroute changes propose weights prefix-cache=2
+  LORAROUTE_GATEWAY={url} LORAROUTE_ADMIN_KEY={approver_key} .venv/bin/loraroute changes approve chg-1
 
 Ctrl-C stops everything.
 """.strip("\n")
@@ -159,14 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     peft.make_adapter_set(adapter_dir, ADAPTERS, base_model=BASE)
     admin_key = secrets.token_urlsafe(18)
     admin_digest = hashlib.sha256(admin_key.encode()).hexdigest()
+    approver_key = secrets.token_urlsafe(18)
+    approver_digest = hashlib.sha256(approver_key.encode()).hexdigest()
     print(f"loraroute demo: starting {args.pods} simulated pods and the gateway ...", flush=True)
     cluster: Proc | None = None
     try:
         cluster, urls = start_cluster(adapter_dir, args, workdir / "logs")
-        config = demo_config(port, urls, admin_digest, args.pipeline, args.max_cpu_loras)
+        config = demo_config(port, urls, admin_digest, args.pipeline, args.max_cpu_loras, approver_digest,
+                             workdir / "state")
         import uvloop
 
-        uvloop.run(run_gateway(config, args.duration, lambda: print(usage_text(port, admin_key, args.pods), flush=True)))
+        uvloop.run(run_gateway(config, args.duration,
+                               lambda: print(usage_text(port, admin_key, args.pods, approver_key), flush=True)))
     except KeyboardInterrupt:
         pass
     except Exception as e:  # a start-up failure: say what, not a trace

@@ -419,6 +419,9 @@ def test_rendered_gateway_config_is_accepted_by_load_config(value_set: str, tmp_
     existing = {
         # what an operator puts in the pre-created Secret for the production value set
         "admin.sha256": hashlib.sha256(b"admin-key").hexdigest() + "\n",
+        "key-alice.sha256": hashlib.sha256(b"alice-key").hexdigest() + "\n",
+        "key-bob.sha256": hashlib.sha256(b"bob-key").hexdigest() + "\n",
+        "key-grafana.sha256": hashlib.sha256(b"grafana-key").hexdigest() + "\n",
         "tenant-analytics.sha256": hashlib.sha256(b"analytics-key").hexdigest() + "\n",
         "tenant-writers.sha256": "# rotated monthly\n" + hashlib.sha256(b"writers-key").hexdigest() + "\n",
     }
@@ -431,6 +434,10 @@ def test_rendered_gateway_config_is_accepted_by_load_config(value_set: str, tmp_
         assert cfg.keys_configured and cfg.tenants[0].api_key_sha256 == (hashlib.sha256(b"analytics-key").hexdigest(),)
         assert cfg.store.url == "rediss://:s3cretPassw0rd@redis.example.internal:6380/0"
         assert cfg.admin.api_key_sha256 == (hashlib.sha256(b"admin-key").hexdigest(),)
+        assert [(k.name, k.roles, k.api_key_sha256) for k in cfg.admin.keys] == [
+            (name, (role,), (hashlib.sha256(f"{name}-key".encode()).hexdigest(),))
+            for name, role in (("alice", "operator"), ("bob", "approver"), ("grafana", "viewer"))]
+        assert cfg.changes.two_person == ("allowlist.add", "allowlist.retire", "adapter.roll", "pipeline.weights")
     if value_set == "kserve":
         digests = values["gateway"]["auth"]["tenantKeyDigests"]["acme"]
         assert cfg.tenants[0].api_key_sha256 == tuple(digests) and cfg.tenants[1].api_key_sha256 == ()
@@ -584,7 +591,8 @@ def test_rendered_sidecar_settings_are_accepted_by_the_sidecar(value_set: str, t
     assert settings.store.type == "redis" and settings.store.password_env == "LORAROUTE_REDIS_PASSWORD"
     assert env.get("LORAROUTE_REDIS_PASSWORD") == "from-secret"
     # sidecar and gateway share one store: same URL and key prefix
-    gw_cfg, gw_env = materialise_gateway(docs, tmp_path / "gw", {"admin.sha256": "", "tenant-analytics.sha256": "", "tenant-writers.sha256": ""})
+    gw_cfg, gw_env = materialise_gateway(docs, tmp_path / "gw", {f: "" for f in ("admin.sha256", "key-alice.sha256", "key-bob.sha256", "key-grafana.sha256",
+                                                                            "tenant-analytics.sha256", "tenant-writers.sha256")})
     from gateway.config import load_config
 
     gw = load_config(gw_cfg, env={})
@@ -690,3 +698,23 @@ def test_generated_chart_files_are_current(script: str, target: str) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (CHART / target).read_text() == module.render(), f"run: python helm/tools/{script}"
+
+
+def test_named_admin_keys_reach_the_gateway_through_the_chart_made_secret(tmp_path: Path) -> None:
+    """gateway.auth.roleKeys: one digest file per key in the chart's Secret, named keys with roles
+    in the config, and the gateway's own loader reads them back."""
+    from gateway.config import load_config
+
+    alice = hashlib.sha256(b"alice-key").hexdigest()
+    docs = render_with("--set-json", f'gateway.auth.roleKeys=[{{"name": "alice", "roles": ["operator"], '
+                                     f'"digests": ["{alice}"]}}, {{"name": "bob", "roles": ["approver", "viewer"]}}]',
+                       "--set-json", 'gateway.config.changes={"two_person": "all"}')
+    secret = one(docs, "Secret", "-gateway-auth")["stringData"]
+    assert secret["key-alice.sha256"].split() == [alice] and secret["key-bob.sha256"].split() == []
+    cfg_path, env = materialise_gateway(docs, tmp_path)
+    cfg = load_config(cfg_path, env=env)
+    assert [(k.name, k.roles, k.api_key_sha256) for k in cfg.admin.keys] == [
+        ("alice", ("operator",), (alice,)), ("bob", ("approver", "viewer"), ())]
+    assert cfg.changes.two_person == ("allowlist.add", "allowlist.retire", "adapter.roll", "pipeline.weights")
+    res = run_helm("template", "lr", str(CHART), "--set-json", 'gateway.auth.roleKeys=[{"name": "x", "roles": ["root"]}]')
+    assert res.returncode != 0 and "roleKeys" in res.stderr

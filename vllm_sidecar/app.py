@@ -4,12 +4,20 @@
   sidecar runs (vLLM's health is reported, not mirrored: restarting the sidecar would not help).
 - ``GET /metrics`` -> Prometheus text, ``loraroute_sidecar_*``.
 - ``GET /adapters`` -> JSON list of local adapters ``{"adapter", "path", "size_bytes", "rank",
-  "last_used", "on_gpu", "in_cpu", "registered"}``, least recently used first.
-- ``POST /adapters/{name}/ensure`` body optional ``{"load": true|false}`` -> 200
-  ``{"adapter", "path", "source": "cached"|"downloaded", "seconds", "load_seconds", "loaded",
-  "rank", "size_bytes"}``; errors ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad name
-  or body), 404 (not in the store; diagnostics in the message), 422 (invalid adapter), 503 (store
-  unreachable; which layer), 502 (vLLM refused the load; its message).
+  "last_used", "on_gpu", "in_cpu", "registered", "version"}``, least recently used first.
+- ``POST /adapters/{name}/ensure`` body optional ``{"load": true|false, "version": "<12 hex>"}``
+  -> 200 ``{"adapter", "path", "source": "cached"|"downloaded"|"replaced", "seconds",
+  "load_seconds", "loaded", "reloaded", "rank", "size_bytes", "version", "previous_version"}``; errors
+  ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad name or body), 404 (not in the
+  store; diagnostics in the message), 422 (invalid adapter), 503 (store unreachable; which
+  layer), 502 (vLLM refused the load; its message).
+- ``POST /adapters/{name}/refresh`` body ``{"version": "<12 hex>" | null}`` -> 200 ``{"adapter",
+  "status": "absent"|"current"|"replaced", "version", "previous_version", "reloaded"}``: a
+  version roll on this pod (``reloaded``: swapped into vLLM with an in-place load).
+- ``GET /store?adapter=a&adapter=b@<version>`` -> 200 ``{"pod_id", "source", "max_lora_rank", "ok",
+  "error": {"code", "message", "layer"} | null, "adapters": {name: {"present", "version",
+  "versions", "rank", "size_bytes", "sha256", "problems": [{"code", "message"}]}}}`` (at most 100
+  names; ``@<version>`` looks at that version's immutable copy instead of the live folder).
 """
 
 from __future__ import annotations
@@ -72,27 +80,51 @@ async def list_adapters(request: web.Request) -> web.Response:
     return web.json_response(request.app[SIDECAR_KEY].adapters())
 
 
+async def _body(request: web.Request, fields: dict[str, str]) -> dict[str, object]:
+    """A JSON object body (or none) with only ``fields`` (name -> what it holds, for messages)."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    example = json.dumps({k: None for k in fields})
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadRequest(f"request body must be JSON, e.g. {example}, or empty") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, e.g. {example}")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        known = ", ".join(f"'{k}' ({v})" for k, v in fields.items())
+        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; the fields are {known}", param=unknown[0])
+    if "load" in body and not isinstance(body["load"], bool):
+        raise BadRequest("'load' must be true or false", param="load")
+    if body.get("version") is not None and not isinstance(body["version"], str):
+        raise BadRequest("'version' must be a version string or null", param="version")
+    return body
+
+
 async def ensure(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR_KEY]
-    name = request.match_info["name"]
-    load: bool | None = None
-    raw = await request.read()
-    if raw.strip():
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise BadRequest('request body must be JSON, e.g. {"load": true}, or empty') from None
-        if not isinstance(body, dict):
-            raise BadRequest('request body must be a JSON object, e.g. {"load": true}')
-        unknown = sorted(set(body) - {"load"})
-        if unknown:
-            raise BadRequest(f"unknown field(s) {', '.join(unknown)}; the only field is 'load' (true or false)",
-                             param=unknown[0])
-        if "load" in body:
-            if not isinstance(body["load"], bool):
-                raise BadRequest("'load' must be true or false", param="load")
-            load = body["load"]
-    return web.json_response(await sidecar.ensure(name, load))
+    body = await _body(request, {"load": "true or false", "version": "an adapter version"})
+    load = body.get("load")
+    version = body.get("version")
+    return web.json_response(await sidecar.ensure(request.match_info["name"], load if isinstance(load, bool) else None,
+                                                  version if isinstance(version, str) else None))
+
+
+async def refresh(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR_KEY]
+    body = await _body(request, {"version": "an adapter version, or null for the store's current one"})
+    version = body.get("version")
+    return web.json_response(await sidecar.refresh(request.match_info["name"],
+                                                   version if isinstance(version, str) else None))
+
+
+async def store(request: web.Request) -> web.Response:
+    names = request.query.getall("adapter", [])
+    if len(names) > 100:
+        raise BadRequest("at most 100 adapters per store check", param="adapter")
+    return web.json_response(await request.app[SIDECAR_KEY].inspect_store(list(dict.fromkeys(names))))
 
 
 def create_app(sidecar: Sidecar) -> web.Application:
@@ -103,4 +135,6 @@ def create_app(sidecar: Sidecar) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/adapters", list_adapters)
     app.router.add_post("/adapters/{name:.+}/ensure", ensure)
+    app.router.add_post("/adapters/{name:.+}/refresh", refresh)
+    app.router.add_get("/store", store)
     return app

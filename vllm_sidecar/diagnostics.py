@@ -39,6 +39,8 @@ def _children(listing: Sequence[ObjectInfo], parent: str) -> tuple[set[str], set
         if not obj.key.startswith(parent):
             continue
         rest = obj.key[len(parent):]
+        if rest.startswith(".versions/"):
+            continue  # the versions `loraroute adapters push` keeps; never an adapter folder
         if "/" in rest:
             folders.add(rest.split("/", 1)[0])
         elif rest:

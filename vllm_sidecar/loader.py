@@ -2,10 +2,11 @@
 
 ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` registers the adapter and activates it
 into a GPU slot (vLLM's ``add_lora``); it needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``.
-A 400 "has already been loaded" counts as success (``already_loaded``): vLLM did nothing. With
-``inplace`` the body carries ``"load_inplace": true``, which makes vLLM read a registered adapter
-from disk again and activate it (the way to bring back one its CPU cache evicted). Any other
-refusal becomes ``LoadRefused`` (502) carrying vLLM's own message.
+A 400 "has already been loaded" counts as success (``already_loaded``): vLLM did nothing. Any
+other refusal becomes ``LoadRefused`` (502) carrying vLLM's own message. ``inplace=True`` sends
+``"load_inplace": true``: vLLM reads the weights of an adapter it already knows under the same
+name and id again and activates it — the way to bring back one its CPU cache evicted, and to
+swap in a new version without an unload.
 """
 
 from __future__ import annotations

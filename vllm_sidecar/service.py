@@ -6,13 +6,22 @@ With ``kv_events`` set, the sidecar also follows its pod's KV-cache events (``KV
 and relays the pod's block set through Redis (``KVBlockRelay``: compact deltas and snapshots
 that each gateway replica's ``KVBlockFeed`` applies to its precise prefix index).
 
-``ensure(name, load)``: the adapter is marked ``loading`` in PodState while it is fetched and
-loaded, made present on disk (``AdapterStore.ensure``), then — when ``load`` — loaded into
-vLLM at ``<vllm_adapter_dir>/<name>`` and reported to the monitor, so the next PodState shows it
-on GPU without waiting for a scrape. An adapter already registered in vLLM and estimated on GPU
-or in the CPU cache is not loaded again (its first request activates it); one registered but
-evicted from both is read again in place (``load_inplace``): vLLM refuses a plain second load of
-a registered name and would leave it cold.
+``ensure(name, load, version)``: the adapter is marked ``loading`` in PodState while it is
+fetched and loaded, made present on disk (``AdapterStore.ensure``; a ``version`` pins which one),
+then — when ``load`` — loaded into vLLM at ``<vllm_adapter_dir>/<name>`` and reported to the
+monitor, so the next PodState shows it on GPU without waiting for a scrape. An adapter already
+registered in vLLM and estimated on GPU or in the CPU cache is not loaded again; one
+registered but evicted from both is read again in place (``load_inplace``): vLLM refuses a
+plain second load of a registered name and would leave it cold. When the folder was replaced by
+another version while vLLM has the adapter registered, the new weights are swapped in with
+vLLM's in-place load (same name, same id, no unload).
+
+``refresh(name, version)``: the same for an adapter this pod already holds on disk (a version
+roll): fetched, validated, swapped in place; an adapter the pod does not hold is left alone
+(``absent``: it will be fetched at the pinned version when a request needs it).
+
+``inspect_store(names)``: whether the store answers (TLS, credentials, endpoint: the failing
+layer is named) and what it holds for each name, checked against this pod's limits.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from podstate.kv_store import KVBlockRelay
 from podstate.monitor import PodMonitor
 from podstate.store import PodStateStore
 from vllm_sidecar.adapter_store import AdapterStore
-from vllm_sidecar.errors import SidecarError
+from vllm_sidecar.errors import AdapterNotFound, BadRequest, InvalidName, SidecarError, StoreUnreachable
 from vllm_sidecar.loader import VllmLoader
 from vllm_sidecar.metrics import SidecarMetrics
 from vllm_sidecar.settings import SidecarSettings, store_password
@@ -174,7 +183,8 @@ class Sidecar:
             return str(Path(self.settings.vllm_adapter_dir) / name)
         return str(Path(self.settings.adapter_dir).resolve() / name)
 
-    async def ensure(self, name: str, load: bool | None = None) -> dict[str, Any]:
+    async def ensure(self, name: str, load: bool | None = None, version: str | None = None, *,
+                     latest: bool = False) -> dict[str, Any]:
         """Make ``name`` present (and loaded when ``load``); raises ``SidecarError`` subclasses."""
         assert self.adapter_store is not None and self.monitor is not None and self.loader is not None
         load = self.settings.load_on_ensure if load is None else load
@@ -185,12 +195,21 @@ class Sidecar:
             validate_name(name)
             monitor.note_loading(name)
             noted = True
-            result = await self.adapter_store.ensure(name)
+            result = await self.adapter_store.ensure(name, version, latest=latest)
             self.metrics.ensure_total.labels(result.source).inc()
-            loaded = False
+            loaded = reloaded = False
             load_seconds = 0.0
-            if load:
-                registered = monitor.models is not None and name in monitor.models.adapters
+            registered = monitor.models is not None and name in monitor.models.adapters
+            if result.source == "replaced" and registered:
+                t0 = time.monotonic()
+                await self.loader.load(name, self.vllm_path(name), inplace=True)
+                load_seconds = time.monotonic() - t0
+                self.metrics.load_seconds.observe(load_seconds)
+                monitor.note_loaded(name, result.info.rank)
+                loaded = reloaded = True
+                log.info("adapter %s: version %s swapped in place of %s", name, result.version,
+                         result.previous_version)
+            elif load:
                 state = monitor.state
                 resident = state is not None and (name in state.gpu_adapters or name in state.cpu_adapters)
                 if registered and resident:
@@ -211,8 +230,11 @@ class Sidecar:
                 "seconds": round(time.monotonic() - started, 6),
                 "load_seconds": round(load_seconds, 6),
                 "loaded": loaded,
+                "reloaded": reloaded,
                 "rank": result.info.rank,
                 "size_bytes": result.info.size_bytes,
+                "version": result.version,
+                "previous_version": result.previous_version,
             }
         except SidecarError as exc:
             if noted:
@@ -221,6 +243,43 @@ class Sidecar:
             self.metrics.failures_total.labels(exc.code).inc()
             log.warning("ensure %r failed (%s): %s", name, exc.code, exc.message)
             raise
+
+    async def refresh(self, name: str, version: str | None) -> dict[str, Any]:
+        """Bring an adapter this pod holds to ``version`` (None: the store's current one)."""
+        assert self.adapter_store is not None
+        validate_name(name)
+        if name not in self.adapter_store.names():
+            return {"adapter": name, "status": "absent", "version": None, "previous_version": None,
+                    "reloaded": False}
+        result = await self.ensure(name, load=False, version=version, latest=version is None)
+        status = "replaced" if result["source"] == "replaced" else "current"
+        return {"adapter": name, "status": status, "version": result["version"],
+                "previous_version": result["previous_version"] if status == "replaced" else result["version"],
+                "reloaded": result["reloaded"]}
+
+    async def inspect_store(self, names: list[str]) -> dict[str, Any]:
+        """Whether the store answers, and what it holds for each of ``names`` (``name`` or
+        ``name@version``; see the module docstring). Store failures are reported in the answer,
+        not raised."""
+        store = self.adapter_store
+        assert store is not None
+        out: dict[str, Any] = {"pod_id": self.settings.pod_id, "source": store.source.describe(store.root()),
+                               "max_lora_rank": self.settings.max_lora_rank, "ok": True, "error": None,
+                               "adapters": {}}
+        try:
+            await asyncio.to_thread(store.source.list, store.root(), limit=1)
+            for item in names:
+                name, _, version = item.partition("@")
+                try:
+                    remote = await asyncio.to_thread(store.inspect_remote, name, version or None)
+                    out["adapters"][item] = remote.to_dict()
+                except (InvalidName, BadRequest, AdapterNotFound) as exc:
+                    out["adapters"][item] = {"adapter": name, "present": False,
+                                             "problems": [{"code": exc.code, "message": exc.message}]}
+        except SidecarError as exc:
+            layer = exc.layer if isinstance(exc, StoreUnreachable) else None
+            out.update(ok=False, error={"code": exc.code, "message": exc.message, "layer": layer})
+        return out
 
     def adapters(self) -> list[dict[str, Any]]:
         """Local adapters with size, rank, last use and where the estimator thinks they are."""
@@ -239,6 +298,7 @@ class Sidecar:
                 "on_gpu": a.name in gpu,
                 "in_cpu": a.name in cpu,
                 "registered": a.name in registered,
+                "version": a.version,
             }
             for a in self.adapter_store.local()
         ]

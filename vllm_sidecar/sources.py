@@ -119,8 +119,10 @@ class S3Source:
         self._client_obj: Any = None
 
     @property
-    def _client(self) -> Any:
-        """The boto3 client, built on first use (a missing Secret file is a 503, not a crash)."""
+    def client(self) -> Any:
+        """The boto3 client, built on first use (a missing Secret file is a 503, not a crash).
+        ``loraroute adapters`` writes through this same client, so it honours the same endpoint,
+        credentials, CA bundle and timeouts as the sidecar."""
         if self._client_obj is None:
             import boto3
             from botocore.config import Config
@@ -162,7 +164,8 @@ class S3Source:
     def describe(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{key}"
 
-    def _translate(self, exc: BaseException) -> Exception:
+    def translate(self, exc: BaseException) -> Exception:
+        """A botocore error as the sidecar's typed error naming the failing layer."""
         from botocore import exceptions as bx
 
         if isinstance(exc, bx.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
@@ -208,7 +211,7 @@ class S3Source:
 
         out: list[ObjectInfo] = []
         try:
-            paginator = self._client.get_paginator("list_objects_v2")
+            paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix,
                                            PaginationConfig={"PageSize": min(1000, limit)}):
                 for obj in page.get("Contents", []):
@@ -216,7 +219,7 @@ class S3Source:
                     if len(out) >= limit:
                         return out
         except (bx.BotoCoreError, bx.ClientError) as exc:
-            raise self._translate(exc) from None
+            raise self.translate(exc) from None
         return out
 
     def download(self, key: str, dest: Path, *, max_bytes: int) -> int:
@@ -224,7 +227,7 @@ class S3Source:
 
         total = 0
         try:
-            resp = self._client.get_object(Bucket=self.bucket, Key=key)
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
             body = resp["Body"]
             with dest.open("wb") as f:
                 while True:
@@ -237,5 +240,5 @@ class S3Source:
                                              code="too_large")
                     f.write(chunk)
         except (bx.BotoCoreError, bx.ClientError) as exc:
-            raise self._translate(exc) from None
+            raise self.translate(exc) from None
         return total

@@ -89,9 +89,6 @@ row("Latency")
 panel("TTFT p50 / p95 / p99 (gateway, all requests)", [(q("loraroute_ttft_seconds", 0.5, "namespace"), "p50"),
       (q("loraroute_ttft_seconds", 0.95, "namespace"), "p95"), (q("loraroute_ttft_seconds", 0.99, "namespace"), "p99")], unit="s",
       desc="Time to first token measured at the gateway (request arrival to first byte to the client).")
-panel("TTFT p50 / p95 / p99 per adapter (gateway)", [(q("loraroute_adapter_ttft_seconds", 0.5, "base, adapter"), "p50 {{base}}:{{adapter}}"),
-      (q("loraroute_adapter_ttft_seconds", 0.95, "base, adapter"), "p95 {{base}}:{{adapter}}"), (q("loraroute_adapter_ttft_seconds", 0.99, "base, adapter"), "p99 {{base}}:{{adapter}}")], unit="s",
-      desc="The same TTFT split by model; an empty adapter is the base model.")
 panel("TTFT per pod, p50 / p95 / p99 (gateway)", [(q("loraroute_ttft_seconds", 0.5, "pod"), "p50 {{pod}}"),
       (q("loraroute_ttft_seconds", 0.95, "pod"), "p95 {{pod}}"), (q("loraroute_ttft_seconds", 0.99, "pod"), "p99 {{pod}}")], unit="s")
 panel("End-to-end latency p95 per pod (gateway)", [(q("loraroute_e2e_seconds", 0.95, "pod"), "{{pod}}")], unit="s")
@@ -99,6 +96,21 @@ panel("TTFT p95 per pod (vLLM's own)", [(q("vllm:time_to_first_token_seconds", 0
       desc="vLLM's histogram, scraped by the PodMonitor; compare with the gateway's to see network and queueing outside vLLM.")
 panel("Routing decision time (pick)", [(q("loraroute_decision_seconds", 0.5, "namespace"), "p50"), (q("loraroute_decision_seconds", 0.99, "namespace"), "p99")], unit="s")
 panel("vLLM queue time p95 per pod", [(q("vllm:request_queue_time_seconds", 0.95, "pod"), "{{pod}}")], unit="s")
+endrow()
+
+row("Adapters (the live dashboard's per-adapter panel, over time)")
+panel("TTFT p50 / p99 per adapter (gateway)", [(q("loraroute_adapter_ttft_seconds", 0.5, "base, adapter"), "p50 {{base}}:{{adapter}}"),
+      (q("loraroute_adapter_ttft_seconds", 0.99, "base, adapter"), "p99 {{base}}:{{adapter}}")], unit="s",
+      desc="Gateway-measured TTFT of streamed requests, split by model (allowlisted names only); an empty adapter is the base model.")
+panel("Adapter cache hit rate per adapter", [
+      (f'sum by (base, adapter) (rate(loraroute_adapter_routed_total{{{NS},tier="gpu"}}[{R}])) / sum by (base, adapter) (rate(loraroute_adapter_routed_total{{{NS}}}[{R}]))', "GPU {{base}}:{{adapter}}"),
+      (f'sum by (base, adapter) (rate(loraroute_adapter_routed_total{{{NS},tier=~"gpu|cpu"}}[{R}])) / sum by (base, adapter) (rate(loraroute_adapter_routed_total{{{NS}}}[{R}]))', "GPU+CPU {{base}}:{{adapter}}")],
+      unit="percentunit", max_=1,
+      desc="Share of each adapter's requests routed to a pod that held it on GPU (or in CPU memory) when it was picked; the rest needed a load from disk or a fetch.")
+panel("Routed requests per adapter by tier", [(f'sum by (adapter, tier) (rate(loraroute_adapter_routed_total{{{NS}}}[{R}]))', "{{adapter}} {{tier}}")], unit="reqps", stack=True,
+      desc="gpu / cpu / incoming / loading / disk / remote (not on the pod at all) per adapter.")
+panel("Audit log events (run-time changes)", [(f'sum by (event, kind) (increase(loraroute_audit_events_total{{{NS}}}[{R}]))', "{{event}} {{kind}}")],
+      desc="Proposals, approvals, rejections, applied and failed run-time changes (GET /admin/audit has the entries).")
 endrow()
 
 row("Routing")

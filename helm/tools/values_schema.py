@@ -67,6 +67,11 @@ schema = obj({
                     "targetCPUUtilizationPercentage": {"type": "integer", "minimum": 1, "maximum": 100}}),
         "auth": obj({"existingSecret": S,
                      "adminKeyDigests": {"type": "array", "items": DIGEST},
+                     "roleKeys": {"type": "array", "items": obj({
+                         "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                         "roles": {"type": "array", "minItems": 1,
+                                   "items": {"enum": ["viewer", "operator", "approver"]}},
+                         "digests": {"type": "array", "items": DIGEST}}, ["name", "roles"])},
                      "tenantKeyDigests": {"type": "object", "additionalProperties": {"type": "array", "items": DIGEST}}}),
         "config": obj({
             # chart-owned keys (discovery, store, admin, server.host/port) are refused here
@@ -78,13 +83,14 @@ schema = obj({
                     {"type": "string", "pattern": ADAPTER},
                     obj({"name": {"type": "string", "pattern": ADAPTER},
                          "rank": {"type": "integer", "minimum": 1, "maximum": 1024},
-                         "served_name": S}, ["name"])]}}}, ["name"])},
+                         "served_name": S, "version": {"type": "string", "pattern": "^[0-9a-f]{12}$"}},
+                        ["name"])]}}}, ["name"])},
             "tenants": {"type": "array", "items": obj({
                 "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$"},
                 "adapters": {"type": "array", "items": {"type": "string", "minLength": 1}},
                 "base_models": B}, ["name"])},
             "pipeline": {"type": ["string", "object"]},
-            "ensure": MAP, "metrics": MAP, "placement": MAP,
+            "ensure": MAP, "metrics": MAP, "placement": MAP, "changes": MAP,
         }),
     }),
     "discovery": obj({"mode": {"enum": ["kubernetes", "redis"]}, "labelSelector": S, "namespace": S}),
