@@ -117,9 +117,7 @@ def _ranked_ids(decision: Decision) -> Iterator[str]:
     """The picked pod, then (only if a retry needs them) the other candidates, best first."""
     assert decision.pod_id is not None
     yield decision.pod_id
-    pod_ids = getattr(decision, "pod_ids", None)  # LazyDecision: order without building candidates
-    rest = pod_ids() if pod_ids is not None else [c.pod_id for c in decision.ranked]
-    for pod_id in rest:
+    for pod_id in decision.ranked_ids():  # the pipeline's decisions: without building candidates
         if pod_id != decision.pod_id:
             yield pod_id
 
@@ -162,9 +160,7 @@ def _explain_header(decision: Decision) -> bytes:
 
 def _matched_blocks(decision: Decision, pod_id: str) -> float:
     """Prompt blocks the prefix scorer found cached on ``pod_id`` at pick time (0 if it did not run)."""
-    matched = getattr(decision, "matched_blocks", None)
-    blocks = matched(pod_id) if matched is not None else None
-    return float(blocks or 0)
+    return float(decision.matched_blocks(pod_id))
 
 
 class CompletionsEndpoint:
@@ -413,7 +409,7 @@ class CompletionsEndpoint:
                 gw.inflight[pod_id] -= 1
                 if gw.inflight[pod_id] <= 0:
                     del gw.inflight[pod_id]
-                gw.runtime.pipeline.on_complete(pod_id, req, time.time(), ok)
+                gw.runtime.pipeline.on_complete(pod_id, req, ok)
         if last is None:
             last = APIError(503, "no reachable pod for this request", code="no_pod_available")
         elif len(record.attempts) > 1:
