@@ -25,26 +25,28 @@ from pathlib import Path
 from typing import Any
 
 import podstate
+import scorer.errors
+import scorer.pipeline
 from gateway.config import ConfigError, GatewayConfig, StaticPod, load_config
 from gateway.discovery import Discovery, Endpoint, StaticDiscovery, StoreDiscovery
 from gateway.ensure import Ensurer
 from gateway.metrics import GatewayMetrics
 from gateway.policy import AccessPolicy
 from gateway.upstream import Upstream
+from podstate.monitor import MonitorSettings, PodMonitor
 from podstate.store import PodStateStore
 from scorer.model import Decision, PodState
+from scorer.pipeline import Pipeline
 
 log = logging.getLogger("loraroute.gateway")
 
 
-def build_pipeline(spec: str | dict[str, Any]) -> Any:
+def build_pipeline(spec: str | dict[str, Any]) -> Pipeline:
     """``scorer.pipeline.build_pipeline`` with its ConfigError turned into ours (key path kept)."""
-    from scorer.pipeline import build_pipeline as _build
-
     try:
-        return _build(spec)
-    except Exception as e:  # scorer.errors.ConfigError and friends
-        raise ConfigError(str(e) if str(e).startswith("pipeline") else f"pipeline: {e}") from None
+        return scorer.pipeline.build_pipeline(spec)
+    except scorer.errors.ConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +97,8 @@ class Gateway:
         self.config_path = Path(config_path) if config_path else None
         self._env = env
         self._own_store = store is None
-        self.store: PodStateStore = store if store is not None else _open_store(config)
+        self.store: PodStateStore = store if store is not None else podstate.open_store(
+            config.store.url, key_prefix=config.store.key_prefix)
         self._static: StaticDiscovery | None = None
         if discovery is not None:
             self.discovery: Discovery = discovery
@@ -120,7 +123,7 @@ class Gateway:
         self.metrics = GatewayMetrics(config.metrics.latency_buckets, lambda: self.pods, lambda: self.inflight)
         self.upstream = Upstream(config.server)
         self.ensurer = Ensurer(self.upstream, self.metrics)
-        self._monitors: dict[str, Any] = {}
+        self._monitors: dict[str, PodMonitor] = {}
         self._watch_task: asyncio.Task[None] | None = None
         self._mtime = self._config_mtime()
         self.started_at = 0.0
@@ -204,14 +207,13 @@ class Gateway:
         for pod_id, pod in wanted.items():
             if pod_id in self._monitors:
                 continue
-            from podstate.monitor import PodMonitor
-
             cfg = self.runtime.config.discovery
-            monitor = PodMonitor(
-                pod_id, pod.url, self.store, interval_s=cfg.monitor_interval_s, ttl_s=cfg.monitor_ttl_s,
-                sidecar_url=pod.sidecar_url, max_lora_rank=pod.max_lora_rank, max_cpu_loras=pod.max_cpu_loras,
-                request_timeout_s=cfg.monitor_timeout_s, unhealthy_after_s=cfg.monitor_unhealthy_after_s,
+            settings = MonitorSettings(
+                interval_s=cfg.monitor_interval_s, ttl_s=cfg.monitor_ttl_s, request_timeout_s=cfg.monitor_timeout_s,
+                unhealthy_after_s=cfg.monitor_unhealthy_after_s, max_lora_rank=pod.max_lora_rank,
+                max_cpu_loras=pod.max_cpu_loras,
             )
+            monitor = PodMonitor(pod_id, pod.url, self.store, settings, sidecar_url=pod.sidecar_url)
             self._monitors[pod_id] = monitor
             await monitor.start()
 
@@ -286,13 +288,3 @@ class Gateway:
     def record(self, rec: DecisionRecord) -> None:
         if self.decisions.maxlen:
             self.decisions.append(rec)
-
-
-def _open_store(config: GatewayConfig) -> PodStateStore:
-    url = config.store.url
-    if url.startswith("memory:"):
-        return podstate.open_store(url)
-    try:
-        return podstate.open_store(url, key_prefix=config.store.key_prefix)
-    except TypeError:
-        return podstate.open_store(url)
