@@ -32,6 +32,7 @@ from gateway.discovery import Discovery, Endpoint, StaticDiscovery, StoreDiscove
 from gateway.ensure import Ensurer
 from gateway.metrics import GatewayMetrics
 from gateway.policy import AccessPolicy
+from gateway.suspects import Suspects
 from gateway.upstream import Upstream
 from podstate.monitor import MonitorSettings, PodMonitor
 from podstate.store import PodStateStore
@@ -55,7 +56,7 @@ class Runtime:
 
     config: GatewayConfig
     policy: AccessPolicy
-    pipeline: Any
+    pipeline: Pipeline
     generation: int
 
 
@@ -115,12 +116,11 @@ class Gateway:
         self.runtime = Runtime(config, AccessPolicy(config), build_pipeline(config.pipeline), 1)
         self.pods: dict[str, PodState] = {}
         self.endpoints: Mapping[str, Endpoint] = {}
-        self.inflight: collections.Counter[str] = collections.Counter()
-        # pod id -> monotonic time until which a pod that refused a connection is tried last
-        # (the state plane notices a dead pod within about a second; this covers that second)
-        self.suspect_until: dict[str, float] = {}
+        self.suspects = Suspects()
         self.decisions: collections.deque[DecisionRecord] = collections.deque(maxlen=config.server.decisions_kept)
-        self.metrics = GatewayMetrics(config.metrics.latency_buckets, lambda: self.pods, lambda: self.inflight)
+        # requests in flight are the pipeline's own count (one per dispatch, shared across reloads)
+        self.metrics = GatewayMetrics(config.metrics.latency_buckets, lambda: self.pods,
+                                      lambda: self.runtime.pipeline.inflight_counts())
         self.upstream = Upstream(config.server)
         self.ensurer = Ensurer(self.upstream, self.metrics)
         self._monitors: dict[str, PodMonitor] = {}
@@ -241,8 +241,7 @@ class Gateway:
         new = load_config(src, env=self._env)
         old = self.runtime
         pipeline = build_pipeline(new.pipeline)
-        if hasattr(pipeline, "adopt_state_from"):
-            pipeline.adopt_state_from(old.pipeline)
+        pipeline.adopt_state_from(old.pipeline)
         restart = [
             key
             for key, a, b in (

@@ -1,4 +1,4 @@
-"""HTTP clients to vLLM pods and sidecars.
+"""HTTP clients to vLLM pods and sidecars, and the one place their errors become typed failures.
 
 - Completions to ``http://`` pods go through ``gateway.h1client.Pool``: keep-alive connections per
   pod (``server.pool_per_pod`` idle ones kept), body bytes handed over as they arrive. Chosen by
@@ -7,10 +7,12 @@
 - ``https://`` pods and everything off the hot path (sidecar ensures) use one
   ``aiohttp.ClientSession`` (``limit_per_host`` = ``server.pool_per_pod``).
 
-``await upstream.post(base_url, path, body)`` returns an ``UpstreamResponse`` either way:
-``status``, ``headers`` (look up lower-case names), ``read_chunk()`` (``b""`` at the end),
-``read_all()``, ``complete``, ``release()``, ``close()``. Failures raise ``UpstreamError`` (an
-``OSError``) or ``asyncio.TimeoutError`` (``server.timeouts.total_s`` for the whole exchange).
+``await upstream.open(pod_id, base_url, path, body, request_id)`` returns a ``Reply`` once the
+status and headers are in, whichever client carried it: ``status``, ``headers`` (lower-case
+names), ``await read_chunk()`` (``b""`` at the end), ``await read_all()``, ``release()``. Every
+failure of either client — connect errors, resets, malformed or cut responses, the
+``server.timeouts.total_s`` limit on the whole exchange — leaves as a ``gateway.failures``
+``ConnectFailed`` or ``FirstByteTimeout`` naming the pod, translated by ``_failure`` below.
 """
 
 from __future__ import annotations
@@ -21,12 +23,24 @@ from typing import Protocol
 import aiohttp
 
 from gateway.config import ServerConfig
-from gateway.h1client import Pool, UpstreamError, build_head, split_url
+from gateway.failures import ConnectFailed, FirstByteTimeout, UpstreamFailure
+from gateway.h1client import Pool, build_head, split_url
 
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "*/*"}
+#: what the two clients raise: OSError (h1client's UpstreamError included), TimeoutError, aiohttp's own
+_CLIENT_ERRORS = (OSError, TimeoutError, aiohttp.ClientError)
 
 
-class UpstreamResponse(Protocol):
+def _failure(pod_id: str, exc: BaseException, limit_s: float) -> UpstreamFailure:
+    """The typed failure for one client error (the one translation of both clients' errors)."""
+    if isinstance(exc, TimeoutError):
+        return FirstByteTimeout(pod_id, limit_s)
+    if isinstance(exc, aiohttp.ClientError):
+        return ConnectFailed(pod_id, type(exc).__name__)
+    return ConnectFailed(pod_id, str(exc) or type(exc).__name__)
+
+
+class _ClientResponse(Protocol):
     status: int
     headers: Mapping[str, str]
 
@@ -34,16 +48,11 @@ class UpstreamResponse(Protocol):
 
     async def read_all(self) -> bytes: ...
 
-    @property
-    def complete(self) -> bool: ...
-
     def release(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class _AiohttpResponse:
-    """aiohttp's response behind the same small interface (errors mapped to UpstreamError)."""
+    """aiohttp's response behind the lean client's small interface."""
 
     __slots__ = ("_resp", "status", "headers")
 
@@ -53,20 +62,10 @@ class _AiohttpResponse:
         self.headers = {k.lower(): v for k, v in resp.headers.items()}
 
     async def read_chunk(self) -> bytes:
-        try:
-            return await self._resp.content.readany()
-        except aiohttp.ClientError as e:
-            raise UpstreamError(f"upstream failed while sending the body ({type(e).__name__})") from None
+        return await self._resp.content.readany()
 
     async def read_all(self) -> bytes:
-        try:
-            return await self._resp.read()
-        except aiohttp.ClientError as e:
-            raise UpstreamError(f"upstream failed while sending the body ({type(e).__name__})") from None
-
-    @property
-    def complete(self) -> bool:
-        return self._resp.content.at_eof()
+        return await self._resp.content.read()
 
     def release(self) -> None:
         if self._resp.content.at_eof():
@@ -74,8 +73,34 @@ class _AiohttpResponse:
         else:
             self._resp.close()
 
-    def close(self) -> None:
-        self._resp.close()
+
+class Reply:
+    """A pod's answer, whichever client carried it; reads raise only ``UpstreamFailure``."""
+
+    __slots__ = ("pod_id", "status", "headers", "_resp", "_limit_s")
+
+    def __init__(self, pod_id: str, resp: _ClientResponse, limit_s: float) -> None:
+        self.pod_id = pod_id
+        self.status = resp.status
+        self.headers = resp.headers
+        self._resp = resp
+        self._limit_s = limit_s
+
+    async def read_chunk(self) -> bytes:
+        try:
+            return await self._resp.read_chunk()
+        except _CLIENT_ERRORS as e:
+            raise _failure(self.pod_id, e, self._limit_s) from None
+
+    async def read_all(self) -> bytes:
+        try:
+            return await self._resp.read_all()
+        except _CLIENT_ERRORS as e:
+            raise _failure(self.pod_id, e, self._limit_s) from None
+
+    def release(self) -> None:
+        """Back to the pool when fully read (keep-alive), else the connection is closed."""
+        self._resp.release()
 
 
 class Upstream:
@@ -95,7 +120,6 @@ class Upstream:
         self.ensure_timeout = aiohttp.ClientTimeout(total=t.ensure_s, sock_connect=t.connect_s)
         self.first_byte_s = t.first_byte_s
         self.pool.connect_timeout_s = t.connect_s
-        self.retries = server.retries
 
     async def start(self) -> None:
         if self.session is None:
@@ -125,18 +149,21 @@ class Upstream:
             self._targets[base_url] = target
             return target
 
-    async def post(self, base_url: str, path: str, body: bytes, request_id: str | None = None) -> UpstreamResponse:
+    async def open(self, pod_id: str, base_url: str, path: str, body: bytes, request_id: str | None = None) -> Reply:
         """POST ``body`` (JSON) to ``base_url + path``; returns once the status and headers are in.
         ``request_id`` goes out as ``X-Request-Id`` (vLLM builds its response ids from it)."""
         headers = _JSON_HEADERS if not request_id else {**_JSON_HEADERS, "X-Request-Id": request_id}
         target = self._target(base_url)
-        if target is not None:
-            host, port, prefix = target
-            head = build_head("POST", prefix + path, host, port, headers, len(body))
-            return await self.pool.request(host, port, head, body, self.total_s)
-        assert self.session is not None
+        resp: _ClientResponse
         try:
-            resp = await self.session.post(base_url + path, data=body, headers=headers, timeout=self.timeout)
-        except aiohttp.ClientError as e:
-            raise UpstreamError(f"cannot reach {base_url} ({type(e).__name__})") from None
-        return _AiohttpResponse(resp)
+            if target is not None:
+                host, port, prefix = target
+                head = build_head("POST", prefix + path, host, port, headers, len(body))
+                resp = await self.pool.request(host, port, head, body, self.total_s)
+            else:
+                assert self.session is not None, "Upstream.start() was not awaited"
+                resp = _AiohttpResponse(
+                    await self.session.post(base_url + path, data=body, headers=headers, timeout=self.timeout))
+        except _CLIENT_ERRORS as e:
+            raise _failure(pod_id, e, self.total_s) from None
+        return Reply(pod_id, resp, self.total_s)
