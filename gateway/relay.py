@@ -3,7 +3,8 @@
 - ``send_reply(gw, ex, send, reply, first)``: a non-streamed reply (or any non-200) goes out in one
   piece with its ``content-length``; a 200 stream starts with the pod's first body chunk (already
   read by ``gateway.forward``, so a pod that fails before it could still be retried) and then
-  passes every chunk through as it arrives, untouched. A pod failing mid-stream
+  passes every chunk through as it arrives. The ``model`` vLLM echoes is rewritten to the client's
+  name (``gateway.echo``) in successful replies; nothing else is touched. A pod failing mid-stream
   ends the stream with ``data: {"error": {...}}`` and ``data: [DONE]`` (vLLM's own mid-stream error
   form; status counted as 502).
 - ``send_error(send, ex, err, pod)``: an ``APIError`` in OpenAI's shape.
@@ -75,7 +76,10 @@ async def send_reply(gw: Gateway, ex: Exchange, send: Send, reply: Reply, first:
     rid = reply.headers.get("x-request-id")
     if rid:
         headers.append((b"x-request-id", rid.encode("latin-1")))
+    echo = ex.resolved.echo
     if not (ex.request.stream and reply.status == 200):
+        if echo is not None and reply.status < 300:
+            first = echo.body(first)
         headers.append((b"content-length", str(len(first)).encode()))
         ex.responded = True
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
@@ -83,27 +87,37 @@ async def send_reply(gw: Gateway, ex: Exchange, send: Send, reply: Reply, first:
         return reply.status
 
     headers.append((b"cache-control", b"no-cache"))
+    held = b""
+    if echo is not None:
+        first, held = echo.chunk(first)
     ex.responded = True
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": first, "more_body": True})
     ex.ttft_s = time.perf_counter() - ex.arrived
     gw.metrics.ttft(pod, ex.base_label, ex.adapter_label, ex.ttft_s)
-    return await _stream_rest(send, reply, first)
+    return await _stream_rest(ex, send, reply, first, held)
 
 
-async def _stream_rest(send: Send, reply: Reply, tail: bytes) -> int:
-    """Pass the rest of the stream through; ``tail``: the last bytes sent."""
+async def _stream_rest(ex: Exchange, send: Send, reply: Reply, tail: bytes, held: bytes) -> int:
+    """Pass the rest of the stream through; ``tail``: the last bytes sent, ``held``: bytes the
+    model echo held back."""
+    echo = ex.resolved.echo
     status = 200
     read = reply.read_chunk
     try:
         while chunk := await read():
+            if echo is not None:
+                chunk, held = echo.chunk(held + chunk)
+                if not chunk:
+                    continue
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             tail = chunk
     except UpstreamFailure as cause:
         broken = StreamBroken(reply.pod_id, cause)
         log.warning("%s", broken.message)
         status = broken.status
-        sep = b"" if tail.endswith(b"\n\n") else b"\n\n"
-        await send({"type": "http.response.body", "body": sep + broken.error().sse_event(), "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        sep = b"" if (held or tail).endswith(b"\n\n") else b"\n\n"
+        await send({"type": "http.response.body", "body": held + sep + broken.error().sse_event(), "more_body": True})
+        held = b""
+    await send({"type": "http.response.body", "body": held, "more_body": False})
     return status

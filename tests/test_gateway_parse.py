@@ -1,4 +1,4 @@
-"""The request path's pure pieces: body parsing, the failure policies."""
+"""The request path's pure pieces: body parsing, the model-name echo, the failure policies."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from gateway.echo import ModelEcho
 from gateway.errors import APIError, error_message
 from gateway.failures import (
     BadStatus, ConnectFailed, EmptyStream, EnsureFailed, FirstByteTimeout, StreamBroken, UpstreamFailure,
@@ -58,6 +59,28 @@ def test_bad_bodies_are_400s_naming_the_field(raw: bytes, kind: Kind, param: str
     with pytest.raises(APIError) as e:
         parse_request(raw, kind)
     assert e.value.status == 400 and e.value.param == param and fragment in e.value.message
+
+
+# --- the model echo ------------------------------------------------------------------------------------
+def test_echo_rewrites_the_served_name_in_whole_bodies_only_once() -> None:
+    echo = ModelEcho("sql", "tsuzumi-base:sql")
+    out = echo.body(b'{"id":"x","model":"sql","choices":[{"text":"model: sql"}],"usage":{}}')
+    assert json.loads(out)["model"] == "tsuzumi-base:sql" and b'"text":"model: sql"' in out
+    spaced = echo.body(b'{"model": "sql", "x": {"model": "sql"}}')
+    assert spaced == b'{"model": "tsuzumi-base:sql", "x": {"model": "sql"}}'
+    assert echo.body(b'{"model":"sql-v2"}') == b'{"model":"sql-v2"}'  # another name is left alone
+    assert echo.body(b'{"content":"\\"model\\":\\"sql\\""}') == b'{"content":"\\"model\\":\\"sql\\""}'
+
+
+def test_echo_in_a_stream_survives_a_name_cut_by_the_network() -> None:
+    echo = ModelEcho("sql", "tsuzumi-base:sql")
+    stream = b'data: {"model":"sql","n":1}\n\ndata: {"model":"sql","n":2}\n\ndata: [DONE]\n\n'
+    for cut in range(1, len(stream)):
+        out, held = echo.chunk(stream[:cut])
+        rest, held = echo.chunk(held + stream[cut:])
+        assert out + rest + held == stream.replace(b'"model":"sql"', b'"model":"tsuzumi-base:sql"'), cut
+    ready, held = echo.chunk(b'data: {"n":0}\n\n')
+    assert held == b"" and ready == b'data: {"n":0}\n\n'  # an event-aligned piece is never held back
 
 
 # --- failures ------------------------------------------------------------------------------------------

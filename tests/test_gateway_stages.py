@@ -126,19 +126,20 @@ async def call_app(app: Any, body: dict[str, Any], gone_after: Callable[[dict[st
 
 
 # --- route --------------------------------------------------------------------------------------------
-def test_answers_carry_the_pod_and_the_explanation() -> None:
+def test_answers_carry_the_pod_the_explanation_and_the_clients_model_name() -> None:
     async def scenario() -> None:
         async with ScriptedServer(vllm) as pod, gateway([state("pod-a", pod.url, gpu_adapters=("sql",))]) as env:
             r = await env.post(chat(), headers={"x-loraroute-debug": "1", "x-loraroute-admin-key": "admin-key",
                                                 "x-request-id": "req-1"})
             assert r.status_code == 200 and r.headers["x-loraroute-pod"] == "pod-a"
-            assert pod.requests[0].json()["model"] == "sql"  # sent the name vLLM knows
+            assert r.json()["model"] == f"{BASE}:sql"  # vLLM said "sql"
+            assert pod.requests[0].json()["model"] == "sql"  # ... because it was sent the name it knows
             assert pod.requests[0].headers["x-request-id"] == "req-1"
             assert json.loads(r.headers["x-loraroute-explain"])["picked"] == "pod-a"
             r = await env.post(chat(stream=True), headers={"x-loraroute-debug": "1"})  # no admin key
             assert "x-loraroute-explain" not in r.headers
             events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
-            assert len(events) == 2 and r.text.endswith("data: [DONE]\n\n")
+            assert [e["model"] for e in events] == [f"{BASE}:sql"] * 2 and r.text.endswith("data: [DONE]\n\n")
             assert env.gw.runtime.pipeline.inflight("pod-a") == (0, 0)  # the books are closed
 
     run(scenario)
