@@ -171,13 +171,17 @@ class BenchCluster:
             "metrics": {"enabled": True},
         }
 
-    def start_gateway(self, policy: str) -> Proc:
+    def start_gateway(self, policy: str, source: Path | None = None, name: str | None = None) -> Proc:
+        """Our gateway with ``policy``; ``source``: run the code of another loraroute checkout
+        instead of this one (the A/B of two versions in ``bench.overhead``)."""
         port = free_port()
-        cfg_path = self.work_dir / f"gateway-{policy}.yaml"
+        name = name or f"gateway-{policy}"
+        cfg_path = self.work_dir / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(self.gateway_config(policy, port), sort_keys=False))
         argv = loraroute_cmd("gateway", "--config", str(cfg_path))
-        proc = start_process(f"gateway-{policy}", argv, port=port,
-                             ready_url=f"http://127.0.0.1:{port}/health", timeout=60, log_dir=self.log_dir)
+        env = {"PYTHONPATH": str(source)} if source is not None else None
+        proc = start_process(name, argv, port=port, ready_url=f"http://127.0.0.1:{port}/health", timeout=60,
+                             log_dir=self.log_dir, env=env, cwd=str(source) if source is not None else None)
         self.procs.append(proc)
         if self.state_plane == "none":
             self.state_plane = "gateway-monitors+memory"
