@@ -40,9 +40,10 @@ class ModelEcho:
 
     def chunk(self, data: bytes) -> tuple[bytes, bytes]:
         """(bytes ready to send, tail held back because it may be the start of a match)."""
-        for old, new in self._pairs:
-            if old in data:
-                data = data.replace(old, new)
+        if b'"model":' in data:  # one scan decides whether the two exact ones are worth looking for
+            for old, new in self._pairs:
+                if old in data:
+                    data = data.replace(old, new)
         if data.endswith(b"\n"):
             return data, b""
         for k in range(min(self._longest - 1, len(data)), 0, -1):

@@ -61,6 +61,10 @@ class CompletionsEndpoint:
     def __init__(self, gw: Gateway, kind: Kind) -> None:
         self.gw = gw
         self.kind = kind
+        # kept, not looked up per request: asyncio.get_running_loop() costs a getpid() system
+        # call, and the session header's name is the same for a whole config generation
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session_header = (0, b"")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gw
@@ -84,8 +88,11 @@ class CompletionsEndpoint:
         except Exception as exc:  # never a stack trace to the client
             await self._internal_error(ex, send, exc)
             return
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         try:
-            with ClientWatch(receive) as client:
+            with ClientWatch(receive, loop) as client:
                 await forward.run(gw, ex, send)
         except Exception as exc:
             await self._internal_error(ex, send, exc)
@@ -98,7 +105,10 @@ class CompletionsEndpoint:
         rt = self.gw.runtime
         ex = Exchange(self.kind, rt, time.perf_counter())
         h = _Headers()
-        session_header = rt.config.server.session_header.lower().encode()
+        generation, session_header = self._session_header
+        if generation != rt.generation:
+            session_header = rt.config.server.session_header.lower().encode()
+            self._session_header = (rt.generation, session_header)
         for k, v in scope["headers"]:
             if k == b"authorization":
                 h.authorization = v.decode("latin-1")
@@ -193,9 +203,8 @@ class ClientWatch:
 
     __slots__ = ("_flag", "_task", "_watcher", "_cancelling")
 
-    def __init__(self, receive: Receive) -> None:
-        """Call inside the task to protect (``with ClientWatch(receive)``): watching starts here."""
-        loop = asyncio.get_running_loop()
+    def __init__(self, receive: Receive, loop: asyncio.AbstractEventLoop) -> None:
+        """Call inside the task to protect (``with ClientWatch(receive, loop)``): watching starts here."""
         task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("ClientWatch needs a running task")

@@ -35,7 +35,7 @@ from gateway import relay
 from gateway.discovery import Endpoint
 from gateway.errors import APIError, error_message
 from gateway.exchange import Exchange, Send
-from gateway.failures import BadStatus, EmptyStream, EnsureFailed, FirstByteTimeout, UpstreamFailure
+from gateway.failures import BadStatus, EmptyStream, EnsureFailed, UpstreamFailure
 from gateway.route import fallback_order
 from gateway.service import Gateway
 from gateway.upstream import Reply
@@ -132,18 +132,11 @@ async def _ensure(gw: Gateway, ex: Exchange, pod_id: str, endpoint: Endpoint) ->
 
 
 async def _open(gw: Gateway, ex: Exchange, pod_id: str, url: str) -> tuple[Reply, bytes]:
-    """The pod's reply and its first body bytes (the whole body when not streaming)."""
-    upstream = gw.upstream
-    path = ex.kind.value
-    if not ex.request.stream:
-        reply = await upstream.open(pod_id, url, path, ex.body, ex.routing.request_id)
-        return reply, await _first(reply, whole=True)
-    try:
-        async with asyncio.timeout(upstream.first_byte_s):
-            reply = await upstream.open(pod_id, url, path, ex.body, ex.routing.request_id)
-            return reply, await _first(reply, whole=reply.status != 200)
-    except TimeoutError:
-        raise FirstByteTimeout(pod_id, upstream.first_byte_s) from None
+    """The pod's reply and its first body bytes (the whole body when not streaming); a stream's
+    first byte is bounded by ``timeouts.first_byte_s`` (the upstream client keeps that timer)."""
+    stream = ex.request.stream
+    reply = await gw.upstream.open(pod_id, url, ex.kind.value, ex.body, ex.routing.request_id, first_byte=stream)
+    return reply, await _first(reply, whole=not stream or reply.status != 200)
 
 
 async def _first(reply: Reply, whole: bool) -> bytes:

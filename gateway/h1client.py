@@ -10,8 +10,9 @@ one uvicorn uses), so a request costs a few dict operations and one ``transport.
   headers. A CR, LF or NUL in the path, a header name or a value is refused (``ValueError``): no
   caller can split the request. An IPv6 host is written in brackets.
 - ``Pool(connect_timeout_s, max_idle_per_host)``: idle connections per ``(host, port)``, LIFO.
-  ``await pool.request(host, port, head, body, timeout_s)`` -> ``Response`` once the headers are
-  in; ``timeout_s`` bounds the whole exchange, body included. A connection reused from the pool
+  ``await pool.request(host, port, head, body, timeout_s, first_byte_s)`` -> ``Response`` once the
+  headers are in; ``timeout_s`` bounds the whole exchange, body included, ``first_byte_s`` the
+  time to the first body byte (a timer on the loop, not a cancel scope). A connection reused from the pool
   that turns out to be closed by the server (nothing received) is retried once on a new
   connection — the usual keep-alive race, invisible to the caller.
 - ``Response``: ``status``, ``headers`` (lower-case names -> str), ``await read_chunk()`` (the
@@ -23,7 +24,8 @@ one uvicorn uses), so a request costs a few dict operations and one ``transport.
   ``close``, ``done``).
 - Back-pressure: reading from the socket pauses while more than 1 MiB waits unread.
 - Errors: ``UpstreamError`` (an ``OSError``) for connection failures, resets, malformed responses
-  and a response cut short; ``asyncio.TimeoutError`` for the connect timeout and ``timeout_s``.
+  and a response cut short; ``asyncio.TimeoutError`` for the connect timeout and ``timeout_s``,
+  ``NoFirstByte`` (one) for ``first_byte_s``.
   ``gateway.upstream`` turns both into the gateway's typed failures. Plain ``http://`` only.
 """
 
@@ -42,6 +44,10 @@ _FORBIDDEN = frozenset("\r\n\x00")
 
 class UpstreamError(OSError):
     pass
+
+
+class NoFirstByte(asyncio.TimeoutError):
+    """No body byte (nor the end of a body-less response) within ``first_byte_s``."""
 
 
 def _check(text: str, what: str) -> str:
@@ -77,6 +83,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "transport", "parser", "pool", "key", "status", "headers", "headers_done", "_chunks", "_buffered",
         "_waiter", "_complete", "closed", "_error", "_paused", "received", "_keep_alive", "_timer", "_loop",
+        "_first_timer",
     )
 
     def __init__(self, pool: Pool, key: tuple[str, int]) -> None:
@@ -89,6 +96,7 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._first_timer: asyncio.TimerHandle | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -115,11 +123,13 @@ class Connection(asyncio.Protocol):
         """Fully read, still open, and the server allows another request on it."""
         return self.complete and self._keep_alive and not self.closed
 
-    async def send(self, head: bytes, body: bytes, timeout_s: float | None) -> None:
+    async def send(self, head: bytes, body: bytes, timeout_s: float | None, first_byte_s: float | None = None) -> None:
         """Write one request and wait for the response's headers (``status``, ``headers``)."""
         assert self.transport is not None
         if timeout_s is not None:
             self._timer = self._loop.call_later(timeout_s, self._on_timeout)
+        if first_byte_s is not None:
+            self._first_timer = self._loop.call_later(first_byte_s, self._on_no_first_byte)
         if len(body) < 65536:
             self.transport.write(head + body)
         else:
@@ -200,6 +210,9 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._first_timer is not None:
+            self._first_timer.cancel()
+            self._first_timer = None
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -209,6 +222,9 @@ class Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._complete = True
+        if self._first_timer is not None:
+            self._first_timer.cancel()
+            self._first_timer = None
         self._wake()
 
     # --- helpers ----------------------------------------------------------------------------------
@@ -222,10 +238,18 @@ class Connection(asyncio.Protocol):
         self._fail(asyncio.TimeoutError("upstream exchange exceeded its total timeout"))
         self.close()
 
+    def _on_no_first_byte(self) -> None:
+        self._first_timer = None
+        self._fail(NoFirstByte("no response body byte within the first-byte limit"))
+        self.close()
+
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._first_timer is not None:
+            self._first_timer.cancel()
+            self._first_timer = None
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
@@ -311,9 +335,13 @@ class Pool:
         if idle and conn in idle:
             idle.remove(conn)
 
-    async def request(self, host: str, port: int, head: bytes, body: bytes, timeout_s: float | None = None) -> Response:
+    async def request(
+        self, host: str, port: int, head: bytes, body: bytes, timeout_s: float | None = None,
+        first_byte_s: float | None = None,
+    ) -> Response:
         """Send, wait for the headers. ``timeout_s`` bounds the whole exchange, body included:
-        when it passes, the pending read raises ``asyncio.TimeoutError`` and the connection closes."""
+        when it passes, the pending read raises ``asyncio.TimeoutError`` and the connection closes;
+        ``first_byte_s`` likewise the wait for the first body byte (``NoFirstByte``)."""
         key = (host, port)
         idle = self._idle.get(key)
         while idle:
@@ -321,7 +349,7 @@ class Pool:
             if conn.closed or conn.transport is None or conn.transport.is_closing():
                 continue
             try:
-                await conn.send(head, body, timeout_s)
+                await conn.send(head, body, timeout_s, first_byte_s)
                 return Response(conn)
             except UpstreamError:
                 if conn.received:
@@ -329,7 +357,7 @@ class Pool:
                 # the server closed an idle keep-alive connection: retry once on a fresh one
                 break
         conn = await self._connect(key)
-        await conn.send(head, body, timeout_s)
+        await conn.send(head, body, timeout_s, first_byte_s)
         return Response(conn)
 
     def close(self) -> None:
@@ -342,4 +370,4 @@ class Pool:
         return {k: len(v) for k, v in self._idle.items()}
 
 
-__all__ = ["Connection", "Pool", "Response", "UpstreamError", "build_head", "split_url"]
+__all__ = ["Connection", "NoFirstByte", "Pool", "Response", "UpstreamError", "build_head", "split_url"]

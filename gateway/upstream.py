@@ -7,18 +7,23 @@
 - ``https://`` pods and everything off the hot path (sidecar ensures) use one
   ``aiohttp.ClientSession`` (``limit_per_host`` = ``server.pool_per_pod``).
 
-``await upstream.open(pod_id, base_url, path, body, request_id)`` returns a ``Reply`` once the
-status and headers are in, whichever client carried it: ``status``, ``headers`` (lower-case
-names), ``await read_chunk()`` (``b""`` at the end), ``await read_all()``, ``release()``. Every
-failure of either client — connect errors, resets, malformed or cut responses, the
-``server.timeouts.total_s`` limit on the whole exchange — leaves as a ``gateway.failures``
-``ConnectFailed`` or ``FirstByteTimeout`` naming the pod, translated by ``_failure`` below.
+``await upstream.open(pod_id, base_url, path, body, request_id, first_byte)`` returns a ``Reply``
+once the status and headers are in, whichever client carried it: ``status``, ``headers``
+(lower-case names), ``await read_chunk()`` (``b""`` at the end), ``await read_all()``,
+``release()``. With ``first_byte`` (streaming), the first body byte must arrive within
+``server.timeouts.first_byte_s`` of sending (the lean client arms a timer on the loop for it).
+Every failure of either client — connect errors, resets, malformed or cut responses, the
+first-byte limit, the ``server.timeouts.total_s`` limit on the whole exchange — leaves as a
+``gateway.failures`` ``ConnectFailed`` or ``FirstByteTimeout`` naming the pod, translated by
+``_failure`` below.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Protocol
+
+import asyncio
 
 import aiohttp
 
@@ -31,10 +36,10 @@ _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "*/*"}
 _CLIENT_ERRORS = (OSError, TimeoutError, aiohttp.ClientError)
 
 
-def _failure(pod_id: str, exc: BaseException, limit_s: float) -> UpstreamFailure:
+def _failure(pod_id: str, exc: BaseException, total_s: float, first_byte_s: float | None) -> UpstreamFailure:
     """The typed failure for one client error (the one translation of both clients' errors)."""
-    if isinstance(exc, TimeoutError):
-        return FirstByteTimeout(pod_id, limit_s)
+    if isinstance(exc, TimeoutError):  # a stream's limit is the first byte's; the others' the total
+        return FirstByteTimeout(pod_id, first_byte_s if first_byte_s is not None else total_s)
     if isinstance(exc, aiohttp.ClientError):
         return ConnectFailed(pod_id, type(exc).__name__)
     return ConnectFailed(pod_id, str(exc) or type(exc).__name__)
@@ -75,28 +80,37 @@ class _AiohttpResponse:
 
 
 class Reply:
-    """A pod's answer, whichever client carried it; reads raise only ``UpstreamFailure``."""
+    """A pod's answer, whichever client carried it; reads raise only ``UpstreamFailure``.
+    ``first_by``: the loop time by which the first body byte must be in (aiohttp only; the lean
+    client keeps that timer itself)."""
 
-    __slots__ = ("pod_id", "status", "headers", "_resp", "_limit_s")
+    __slots__ = ("pod_id", "status", "headers", "_resp", "_total_s", "_first_byte_s", "_first_by")
 
-    def __init__(self, pod_id: str, resp: _ClientResponse, limit_s: float) -> None:
+    def __init__(self, pod_id: str, resp: _ClientResponse, total_s: float, first_byte_s: float | None,
+                 first_by: float | None = None) -> None:
         self.pod_id = pod_id
         self.status = resp.status
         self.headers = resp.headers
         self._resp = resp
-        self._limit_s = limit_s
+        self._total_s = total_s
+        self._first_byte_s = first_byte_s
+        self._first_by = first_by
 
     async def read_chunk(self) -> bytes:
         try:
-            return await self._resp.read_chunk()
+            if self._first_by is None:
+                return await self._resp.read_chunk()
+            async with asyncio.timeout_at(self._first_by):
+                self._first_by = None
+                return await self._resp.read_chunk()
         except _CLIENT_ERRORS as e:
-            raise _failure(self.pod_id, e, self._limit_s) from None
+            raise _failure(self.pod_id, e, self._total_s, self._first_byte_s) from None
 
     async def read_all(self) -> bytes:
         try:
             return await self._resp.read_all()
         except _CLIENT_ERRORS as e:
-            raise _failure(self.pod_id, e, self._limit_s) from None
+            raise _failure(self.pod_id, e, self._total_s, self._first_byte_s) from None
 
     def release(self) -> None:
         """Back to the pool when fully read (keep-alive), else the connection is closed."""
@@ -149,21 +163,24 @@ class Upstream:
             self._targets[base_url] = target
             return target
 
-    async def open(self, pod_id: str, base_url: str, path: str, body: bytes, request_id: str | None = None) -> Reply:
+    async def open(
+        self, pod_id: str, base_url: str, path: str, body: bytes, request_id: str | None = None, first_byte: bool = False,
+    ) -> Reply:
         """POST ``body`` (JSON) to ``base_url + path``; returns once the status and headers are in.
         ``request_id`` goes out as ``X-Request-Id`` (vLLM builds its response ids from it)."""
         headers = _JSON_HEADERS if not request_id else {**_JSON_HEADERS, "X-Request-Id": request_id}
         target = self._target(base_url)
-        resp: _ClientResponse
+        first_s = self.first_byte_s if first_byte else None
         try:
             if target is not None:
                 host, port, prefix = target
                 head = build_head("POST", prefix + path, host, port, headers, len(body))
-                resp = await self.pool.request(host, port, head, body, self.total_s)
-            else:
-                assert self.session is not None, "Upstream.start() was not awaited"
-                resp = _AiohttpResponse(
-                    await self.session.post(base_url + path, data=body, headers=headers, timeout=self.timeout))
+                return Reply(pod_id, await self.pool.request(host, port, head, body, self.total_s, first_s),
+                             self.total_s, first_s)
+            assert self.session is not None, "Upstream.start() was not awaited"
+            first_by = asyncio.get_running_loop().time() + first_s if first_s is not None else None
+            async with asyncio.timeout_at(first_by):
+                resp = await self.session.post(base_url + path, data=body, headers=headers, timeout=self.timeout)
+            return Reply(pod_id, _AiohttpResponse(resp), self.total_s, first_s, first_by)
         except _CLIENT_ERRORS as e:
-            raise _failure(pod_id, e, self.total_s) from None
-        return Reply(pod_id, resp, self.total_s)
+            raise _failure(pod_id, e, self.total_s, first_s) from None

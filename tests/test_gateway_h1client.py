@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from scripted_http import Script, ScriptedServer
 
-from gateway.h1client import Pool, UpstreamError, build_head, split_url
+from gateway.h1client import NoFirstByte, Pool, UpstreamError, build_head, split_url
 from loraroute.procs import free_port, loraroute_cmd
 
 # path -> what the server writes (a float: a pause), and whether it then closes the connection
@@ -30,6 +30,7 @@ SCRIPTS: dict[str, Script] = {
     "/error": Script([b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}"]),
     # 3 MiB, more than the 1 MiB read-ahead: read whole, it must not stall on back-pressure
     "/big": Script([b"HTTP/1.1 200 OK\r\nContent-Length: 3145728\r\n\r\n" + b"x" * 3145728]),
+    "/slow-body": Script([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 0.5, b"2\r\nok\r\n0\r\n\r\n"]),
 }
 
 
@@ -90,6 +91,15 @@ def test_connection_close_malformed_and_cut_responses() -> None:
             resp.release()
             # a 5xx is just a response here (the gateway decides what it means)
             assert (await get(pool, srv.port, "/error"))[0] == 503
+            # the first-byte limit: headers in time are not enough, the first body byte must be too
+            head = build_head("POST", "/slow-body", "127.0.0.1", srv.port, {}, 0)
+            resp = await pool.request("127.0.0.1", srv.port, head, b"", 5, first_byte_s=0.2)
+            with pytest.raises(NoFirstByte):
+                await resp.read_chunk()
+            resp.release()
+            resp = await pool.request("127.0.0.1", srv.port, head, b"", 5, first_byte_s=2.0)
+            assert await resp.read_all() == b"ok"
+            resp.release()
             head = build_head("POST", "/big", "127.0.0.1", srv.port, {}, 0)
             resp = await pool.request("127.0.0.1", srv.port, head, b"", 5)
             assert len(await resp.read_all()) == 3145728 and resp.complete
