@@ -8,8 +8,8 @@ peer (``bench.peers``). Requests: a short chat prompt (about 60 tokens) for adap
 
 1. Latency at concurrency 1: ``requests`` sequential requests per target and mode after 20
    warm-up requests, on one keep-alive connection. Targets are interleaved in ``rounds`` rounds
-   (5; each round sends requests/rounds per target and mode) so that machine noise hits every
-   target alike. Modes: ``non-streaming`` (time to the full JSON body), ``streaming-ttft`` (time
+   (5; each round sends requests/rounds per target and mode, and starts with the next target in
+   turn) so that machine noise hits every target alike. Modes: ``non-streaming`` (time to the full JSON body), ``streaming-ttft`` (time
    to the first content chunk) and ``streaming`` (time to ``data: [DONE]``). ``added`` = target
    percentile − direct percentile, same mode; ``added_p50_rounds_ms`` = the same per round (paired
    with direct's samples of that round, which cancels slow drifts of a shared machine), whose
@@ -137,7 +137,8 @@ async def sequential(targets: list[TargetEndpoint], requests: int, progress: boo
                 await _one(sessions[t.name], t, False)
                 await _one(sessions[t.name], t, True)
         for rnd in range(rounds):
-            for t in targets:
+            k = rnd % len(targets)  # each round starts with another target: no one always follows another
+            for t in targets[k:] + targets[:k]:
                 s = sessions[t.name]
                 mine = samples[t.name]
                 for _ in range(per_round):
