@@ -4,7 +4,7 @@ Set-up: one zero-delay simulated pod (``loraroute sim --time-scale 0``, its own 
 gateway in this process exactly as ``loraroute gateway`` serves it (uvicorn on uvloop + httptools,
 the ``default`` preset, the lean upstream client), one pod whose state says it holds the adapter
 (published once, never stale, so no monitor runs beside the requests), and a client in another
-process sending ``--requests`` sequential keep-alive requests (chat, a 240-character prompt,
+process sending ``--requests`` sequential keep-alive requests (chat, a 258-character prompt,
 ``max_tokens`` 4; ``--stream`` for SSE).
 
 Two passes over the same set-up:
