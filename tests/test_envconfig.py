@@ -1,4 +1,4 @@
-"""The one environment-override helper, and that the gateway config and the sidecar settings both use it."""
+"""The one environment-override function, and that the gateway config and the sidecar settings both use it."""
 
 from __future__ import annotations
 
