@@ -8,7 +8,8 @@
     loraroute bench run SPEC --policy NAME --placement [--no-persisted-demand] [--plan-weight W]
     loraroute bench report RESULTS... [--out DIR]
     loraroute bench plan SPEC                         the placement plan from yesterday's demand
-    loraroute bench overhead [--requests 300] [--peers all|none|NAME,...] [--out FILE]
+    loraroute bench overhead [--requests 300] [--peers all|none|NAME,...] [--rounds 5]
+                             [--baseline-tree DIR] [--out FILE]
     loraroute bench peers setup [NAME ...] | loraroute bench peers list
     loraroute bench gpu ...                           the offline GPU kit (bench/gpu/cli.py)
 """
@@ -82,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="offered rates (req/s) tried for throughput, ascending")
     o.add_argument("--rate-duration", type=float, default=5.0, help="seconds per offered rate")
     o.add_argument("--out", type=Path, default=Path("bench/results/overhead/overhead.json"))
+    o.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the latency phase (default 5)")
+    o.add_argument("--baseline-tree", type=Path, default=None,
+                   help="another loraroute checkout whose gateway runs as one more interleaved target (A/B)")
 
     pe = sub.add_parser("peers", help="install or list the peer routers")
     pe_sub = pe.add_subparsers(dest="peers_cmd", required=True)
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         rates = [float(x) for x in args.rates.split(",") if x.strip()]
         path = run_overhead(OverheadOptions(
             requests=args.requests, peers=args.peers, p99_bound_ms=args.p99_bound_ms, rates=rates,
-            rate_duration_s=args.rate_duration, out=args.out))
+            rate_duration_s=args.rate_duration, out=args.out, rounds=args.rounds,
+            baseline_tree=args.baseline_tree.resolve() if args.baseline_tree else None))
         print(path)
         return 0
     if args.cmd == "peers":

@@ -198,15 +198,18 @@ class BenchCluster:
         }
 
     def start_gateway(self, policy: str, replica: int | None = None, extra: dict[str, Any] | None = None,
-                      ready_timeout: float = 30.0) -> Proc:
-        """``extra``: top-level config sections that replace the generated ones (e.g. placement)."""
+                      ready_timeout: float = 30.0, source: Path | None = None, name: str | None = None) -> Proc:
+        """Our gateway with ``policy``. ``extra``: top-level config sections that replace the
+        generated ones (e.g. placement); ``source``: run the code of another loraroute checkout
+        instead of this one (the A/B of two versions in ``bench.overhead``)."""
         port = free_port()
-        name = f"gateway-{policy}" if replica is None else f"gateway-{policy}-{replica}"
+        name = name or (f"gateway-{policy}" if replica is None else f"gateway-{policy}-{replica}")
         cfg_path = self.work_dir / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump({**self.gateway_config(policy, port), **(extra or {})}, sort_keys=False))
         argv = loraroute_cmd("gateway", "--config", str(cfg_path))
-        proc = start_process(name, argv, port=port,
-                             ready_url=f"http://127.0.0.1:{port}/health", timeout=60, log_dir=self.log_dir)
+        env = {"PYTHONPATH": str(source)} if source is not None else None
+        proc = start_process(name, argv, port=port, ready_url=f"http://127.0.0.1:{port}/health", timeout=60,
+                             log_dir=self.log_dir, env=env, cwd=str(source) if source is not None else None)
         self.procs.append(proc)
         if self.state_plane == "none":
             self.state_plane = "gateway-monitors+memory"

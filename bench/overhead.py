@@ -7,11 +7,18 @@ peer (``bench.peers``). Requests: a short chat prompt (about 60 tokens) for adap
 ``max_tokens`` 16.
 
 1. Latency at concurrency 1: ``requests`` sequential requests per target and mode after 20
-   warm-up requests, on one keep-alive connection. Targets are interleaved in 5 rounds (each
-   round sends requests/5 per target and mode) so that machine noise hits every target alike.
-   Modes: ``non-streaming`` (time to the full JSON body), ``streaming-ttft`` (time to the first
-   content chunk) and ``streaming`` (time to ``data: [DONE]``). ``added`` = target percentile −
-   direct percentile, same mode.
+   warm-up requests, on one keep-alive connection. Targets are interleaved in ``rounds`` rounds
+   (5; each round sends requests/rounds per target and mode, and starts with the next target in
+   turn) so that machine noise hits every target alike. Modes: ``non-streaming`` (time to the full JSON body), ``streaming-ttft`` (time
+   to the first content chunk) and ``streaming`` (time to ``data: [DONE]``). ``added`` = target
+   percentile − direct percentile, same mode; ``added_p50_rounds_ms`` = the same per round (paired
+   with direct's samples of that round, which cancels slow drifts of a shared machine), whose
+   median and range are the figure to quote. ``cpu_us_per_request``: the router process's CPU
+   time over the latency phase, less what it burns idle (its in-process monitors: measured for
+   ``IDLE_S`` seconds before and after, averaged, scaled to the phase's length), divided by the
+   requests it served.
+   ``--baseline-tree DIR`` adds a second gateway run from another checkout (e.g. a ``git worktree``
+   of an older commit) as one more interleaved target: an A/B of two versions in one run.
 2. Throughput: non-streaming requests open-loop (Poisson) at each offered rate in ``rates`` for
    ``rate_duration_s`` seconds; a rate is sustained when every request succeeds, the achieved
    completion rate is ≥ 90 % of the offered one (Poisson counts vary) and p99 latency ≤ ``p99_bound_ms``. Stops at the
@@ -40,12 +47,13 @@ import aiohttp
 from bench import peers as peers_mod
 from bench.cluster import BenchCluster
 from bench.procstats import CpuMeter
+from bench.runner import code_version
 from bench.stats import percentile
 from bench.workload import AdapterSpec, ClusterSpec, WorkloadSpec
 
 MODES = ("non-streaming", "streaming-ttft", "streaming")
-ROUNDS = 5
 WARMUP = 20
+IDLE_S = 3.0  # seconds the routers' CPU is measured with no traffic, subtracted per request
 
 
 @dataclass
@@ -57,6 +65,8 @@ class OverheadOptions:
     rate_duration_s: float = 5.0
     out: Path = Path("bench/results/overhead/overhead.json")
     progress: bool = True
+    rounds: int = 5
+    baseline_tree: Path | None = None
 
 
 @dataclass
@@ -109,11 +119,15 @@ async def _one(session: aiohttp.ClientSession, t: TargetEndpoint, stream: bool) 
         return time.perf_counter() - t0, None, False
 
 
-async def sequential(targets: list[TargetEndpoint], requests: int, progress: bool) -> dict[str, dict[str, list[float]]]:
-    """Interleaved sequential latency samples: target -> mode -> seconds."""
-    samples: dict[str, dict[str, list[float]]] = {t.name: {m: [] for m in MODES} for t in targets}
+Samples = dict[str, dict[str, list[list[float]]]]
+
+
+async def sequential(targets: list[TargetEndpoint], requests: int, progress: bool, rounds: int = 5) -> Samples:
+    """Interleaved sequential latency samples: target -> mode -> one list of seconds per round
+    (the key ``errors`` holds the failure count)."""
+    samples: Samples = {t.name: {m: [[] for _ in range(rounds)] for m in MODES} for t in targets}
     errors: dict[str, int] = {t.name: 0 for t in targets}
-    per_round = max(1, requests // ROUNDS)
+    per_round = max(1, requests // rounds)
     timeout = aiohttp.ClientTimeout(total=60)
     sessions = {t.name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), timeout=timeout)
                 for t in targets}
@@ -122,31 +136,51 @@ async def sequential(targets: list[TargetEndpoint], requests: int, progress: boo
             for _ in range(WARMUP):
                 await _one(sessions[t.name], t, False)
                 await _one(sessions[t.name], t, True)
-        for rnd in range(ROUNDS):
-            for t in targets:
+        for rnd in range(rounds):
+            k = rnd % len(targets)  # each round starts with another target: no one always follows another
+            for t in targets[k:] + targets[:k]:
                 s = sessions[t.name]
+                mine = samples[t.name]
                 for _ in range(per_round):
                     total, _, ok = await _one(s, t, False)
                     if ok:
-                        samples[t.name]["non-streaming"].append(total)
+                        mine["non-streaming"][rnd].append(total)
                     else:
                         errors[t.name] += 1
                 for _ in range(per_round):
                     total, first, ok = await _one(s, t, True)
                     if ok and first is not None:
-                        samples[t.name]["streaming"].append(total)
-                        samples[t.name]["streaming-ttft"].append(first)
+                        mine["streaming"][rnd].append(total)
+                        mine["streaming-ttft"][rnd].append(first)
                     else:
                         errors[t.name] += 1
             if progress:
-                print(f"overhead latency: round {rnd + 1}/{ROUNDS} done", file=sys.stderr, flush=True)
+                print(f"overhead latency: round {rnd + 1}/{rounds} done", file=sys.stderr, flush=True)
     finally:
         for s in sessions.values():
             await s.close()
     for name, n in errors.items():
         if n:
-            samples[name]["errors"] = [float(n)]
+            samples[name]["errors"] = [[float(n)]]
     return samples
+
+
+def latency_entry(mine: list[list[float]], direct: list[list[float]] | None, cpu_pct: float | None) -> dict[str, Any]:
+    """p50/p99 over every sample; per round, the p50 paired with direct's p50 of the same round."""
+    xs = [x for r in mine for x in r]
+    p50, p99 = 1000 * (percentile(xs, 50) or 0.0), 1000 * (percentile(xs, 99) or 0.0)
+    out: dict[str, Any] = {"n": len(xs), "p50_ms": p50, "p99_ms": p99, "added_p50_ms": None, "added_p99_ms": None,
+                           "router_cpu_pct": cpu_pct}
+    if direct is not None:
+        ds = [x for r in direct for x in r]
+        d50, d99 = percentile(ds, 50), percentile(ds, 99)
+        out["added_p50_ms"] = None if d50 is None else p50 - 1000 * d50
+        out["added_p99_ms"] = None if d99 is None else p99 - 1000 * d99
+        rounds = [1000 * (percentile(a, 50) - percentile(b, 50))  # type: ignore[operator]
+                  for a, b in zip(mine, direct) if a and b]
+        out["added_p50_rounds_ms"] = rounds
+        out["added_p50_round_median_ms"] = percentile(rounds, 50)
+    return out
 
 
 async def open_loop(t: TargetEndpoint, rate: float, duration_s: float, seed: int = 0) -> dict[str, Any]:
@@ -208,6 +242,15 @@ def _peer_names(sel: str) -> list[str]:
     return [s.strip() for s in sel.split(",") if s.strip()]
 
 
+def idle_cpu_s(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds each router burns in ``IDLE_S`` seconds without a request (its monitors)."""
+    meter = CpuMeter(pids)
+    meter.start()
+    time.sleep(IDLE_S)
+    used = meter.stop()
+    return {name: used[name]["cpu_s"] for name in pids}
+
+
 def run_overhead(opts: OverheadOptions) -> Path:
     spec = overhead_spec()
     work = Path(tempfile.mkdtemp(prefix="loraroute-overhead-"))
@@ -220,9 +263,15 @@ def run_overhead(opts: OverheadOptions) -> Path:
         with BenchCluster(spec, work, zero_delay=True, sidecars=False) as cl:
             adapter = spec.adapters.name(0)
             targets = [TargetEndpoint("direct", cl.pods[0].url, adapter)]
+            model = f"{spec.cluster.base_model}:{adapter}"
             gw = cl.start_gateway("default")
-            targets.append(TargetEndpoint("loraroute (default)", gw.url, f"{spec.cluster.base_model}:{adapter}",
+            targets.append(TargetEndpoint(f"loraroute (default, {code_version() or 'this checkout'})", gw.url, model,
                                           pid=gw.popen.pid))
+            if opts.baseline_tree is not None:
+                base = cl.start_gateway("default", source=opts.baseline_tree, name="gateway-baseline")
+                label = code_version(opts.baseline_tree) or str(opts.baseline_tree)
+                targets.append(TargetEndpoint(f"loraroute (default, baseline {label})", base.url, model,
+                                              pid=base.popen.pid))
             for name in _peer_names(opts.peers):
                 ok, reason = peers_mod.peer_available(name)
                 if not ok:
@@ -237,28 +286,30 @@ def run_overhead(opts: OverheadOptions) -> Path:
                 key = proc.extra.get("api_key")
                 targets.append(TargetEndpoint(f"peer:{name}", proc.url, adapter, str(key) if key else None,
                                               proc.popen.pid))
-            meter = CpuMeter({t.name: t.pid for t in targets if t.pid})
+            pids = {t.name: t.pid for t in targets if t.pid}
+            idle_before = idle_cpu_s(pids)
+            meter = CpuMeter(pids)
             meter.start()
-            samples = asyncio.run(sequential(targets, opts.requests, opts.progress))
+            samples = asyncio.run(sequential(targets, opts.requests, opts.progress, opts.rounds))
             cpu = meter.stop()
+            idle_after = idle_cpu_s(pids)
+            served = 2 * (WARMUP + opts.rounds * max(1, opts.requests // opts.rounds))
+            wall = cpu["machine"]["wall_s"]
             direct = samples["direct"]
             for t in targets:
-                lat = {}
-                for mode in MODES:
-                    xs = samples[t.name][mode]
-                    if not xs:
-                        continue
-                    p50, p99 = 1000 * percentile(xs, 50), 1000 * percentile(xs, 99)
-                    d50 = percentile(direct[mode], 50)
-                    d99 = percentile(direct[mode], 99)
-                    lat[mode] = {"n": len(xs), "p50_ms": p50, "p99_ms": p99,
-                                 "added_p50_ms": None if t.name == "direct" or d50 is None else p50 - 1000 * d50,
-                                 "added_p99_ms": None if t.name == "direct" or d99 is None else p99 - 1000 * d99,
-                                 "router_cpu_pct": (cpu.get(t.name) or {}).get("cpu_pct")}
+                used = cpu.get(t.name) or {}
+                lat = {mode: latency_entry(samples[t.name][mode], None if t.name == "direct" else direct[mode],
+                                           used.get("cpu_pct"))
+                       for mode in MODES if any(samples[t.name][mode])}
+                idle_s = (idle_before.get(t.name, 0.0) + idle_after.get(t.name, 0.0)) / 2 * wall / IDLE_S
                 entry = {"target": t.name, "latency": lat,
-                         "errors": int(samples[t.name].get("errors", [0])[0])}
+                         "errors": int(samples[t.name].get("errors", [[0]])[0][0]),
+                         "cpu_us_per_request": (round(1e6 * max(0.0, used["cpu_s"] - idle_s) / served, 1)
+                                                if "cpu_s" in used else None)}
                 doc["targets"].append(entry)
             doc["meta"]["machine_busy_pct"] = cpu["machine"]["busy_pct"]
+            doc["meta"]["rounds"] = opts.rounds
+            doc["meta"]["loadavg"] = os.getloadavg()
             for t, entry in zip(targets, doc["targets"]):
                 entry["throughput"] = throughput(t, opts)
     finally:

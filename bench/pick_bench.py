@@ -107,7 +107,7 @@ def bench(preset: str, n_pods: int, n: int, seed: int) -> dict[str, tuple[float,
         if d.pod_id is not None:
             pl.on_dispatch(d.pod_id, r, now)
             if i % 10:
-                pl.on_complete(d.pod_id, r, now, True)
+                pl.on_complete(d.pod_id, r, True)
     m = len(reqs)
     start = t0 + 20000 * tick
     res = {}
@@ -118,7 +118,7 @@ def bench(preset: str, n_pods: int, n: int, seed: int) -> dict[str, tuple[float,
         now = start + (n + i) * tick
         d = pl.pick(r, pods, now)
         pl.on_dispatch(d.pod_id, r, now)  # type: ignore[arg-type]
-        pl.on_complete(d.pod_id, r, now, True)  # type: ignore[arg-type]
+        pl.on_complete(d.pod_id, r, True)  # type: ignore[arg-type]
 
     res["+dispatch"] = stats(timed(with_dispatch, n))
     res["+explain"] = stats(timed(lambda i: pl.pick(reqs[i % m], pods, start + 2 * n * tick).ranked, max(1000, n // 10)))

@@ -261,13 +261,18 @@ def overhead_section(doc: dict[str, Any], out: Path, png: str = "overhead.png") 
     lines = [f"## Gateway overhead ({meta.get('spec', '')}; {Path(doc.get('_path', '')).parent.name})\n\n",
              f"Zero-delay simulated pod; {meta.get('sequential')} sequential requests per mode at concurrency 1; "
              f"throughput: highest offered rate with p99 under {meta.get('p99_bound_ms')} ms. "
-             f"Machine: {meta.get('cores')} cores.\n\n",
-             "| target | mode | p50 | p99 | added p50 | added p99 | router CPU |\n|---|---|---|---|---|---|---|\n"]
+             f"Machine: {meta.get('cores')} cores, {_f(meta.get('machine_busy_pct'), 0)} % busy during the latency "
+             f"phase{_loadavg(meta)}; {meta.get('rounds', 5)} interleaved rounds.\n\n",
+             "| target | mode | p50 | p99 | added p50 | added p50 per round: median (range) | added p99 | router CPU "
+             "| CPU / request |\n|---|---|---|---|---|---|---|---|---|\n"]
     for t in doc["targets"]:
         for mode, m in t.get("latency", {}).items():
+            per_round = m.get("added_p50_rounds_ms") or []
+            spread = (f"{_f(m.get('added_p50_round_median_ms'), 3)} ms ({min(per_round):.3f} – {max(per_round):.3f})"
+                      if per_round else "—")
             lines.append(f"| {t['target']} | {mode} | {m['p50_ms']:.3f} ms | {m['p99_ms']:.3f} ms | "
-                         f"{_f(m.get('added_p50_ms'), 3)} ms | {_f(m.get('added_p99_ms'), 3)} ms | "
-                         f"{_f(m.get('router_cpu_pct'), 0)} % |\n")
+                         f"{_f(m.get('added_p50_ms'), 3)} ms | {spread} | {_f(m.get('added_p99_ms'), 3)} ms | "
+                         f"{_f(m.get('router_cpu_pct'), 0)} % | {_f(t.get('cpu_us_per_request'), 0)} µs |\n")
     lines.append("\n| target | sustained req/s (p99 under bound) | p99 at that rate | rates tried |\n|---|---|---|---|\n")
     for t in doc["targets"]:
         if t.get("skipped"):
@@ -288,6 +293,11 @@ def overhead_section(doc: dict[str, Any], out: Path, png: str = "overhead.png") 
     except Exception as e:  # noqa: BLE001 - the table is the main output
         lines.append(f"\n(plot failed: {e})\n")
     return "".join(lines)
+
+
+def _loadavg(meta: dict[str, Any]) -> str:
+    load = meta.get("loadavg")
+    return f", load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}" if load else ""
 
 
 def plot_overhead(doc: dict[str, Any], path: Path) -> Path:

@@ -43,7 +43,7 @@ import aiohttp
 from loraroute import peft
 from loraroute.procs import free_port, loraroute_cmd, start_process
 from podstate import MemoryStore
-from podstate.monitor import PodMonitor
+from podstate.monitor import MonitorSettings, PodMonitor
 from podstate.residency import ResidencyEstimator
 
 
@@ -95,8 +95,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     store = MemoryStore()
     policies = list(ResidencyEstimator.CROWDED_POLICIES) if args.compare_crowded else [args.crowded]
     monitors = {
-        policy: PodMonitor(f"pod-0-{policy}", sim.url, store, max_loras=args.max_loras,
-                           max_cpu_loras=args.max_cpu_loras, interval_s=args.interval,
+        policy: PodMonitor(f"pod-0-{policy}", sim.url, store,
+                           MonitorSettings(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+                                           interval_s=args.interval),
                            estimator=ResidencyEstimator(args.max_loras, args.max_cpu_loras, crowded=policy))
         for policy in policies
     }

@@ -76,11 +76,12 @@ CAPACITY_INFLIGHT_PER_POD = 32
 BLOCK_TOKENS = 16
 
 
-def code_version() -> str | None:
-    """``git describe --always --dirty`` of the checkout the benchmark runs from (None outside
-    git): which code produced a result file."""
+def code_version(checkout: Path | None = None) -> str | None:
+    """``git describe --always --dirty`` of the checkout the benchmark runs from (or of
+    ``checkout``; None outside git): which code produced a result file."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+        out = subprocess.run(["git", "describe", "--always", "--dirty"],
+                             cwd=checkout or Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None

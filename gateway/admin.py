@@ -45,7 +45,7 @@ def admin_router(gw: Gateway) -> APIRouter:
         ids = sorted(set(gw.endpoints) | set(gw.pods))
         data = []
         pipeline = gw.runtime.pipeline
-        local = pipeline.snapshot() if hasattr(pipeline, "snapshot") else {}
+        local = pipeline.snapshot()
         for pod_id in ids:
             ep = gw.endpoint(pod_id)
             state = gw.pods.get(pod_id) or view.get(pod_id)
@@ -54,7 +54,7 @@ def admin_router(gw: Gateway) -> APIRouter:
                 "url": ep.url if ep else None,
                 "sidecar_url": ep.sidecar_url if ep else None,
                 "routable": pod_id in gw.pods,
-                "inflight": gw.inflight.get(pod_id, 0),
+                "inflight": pipeline.inflight(pod_id)[0],
                 "state_age_s": round(state.age(now), 3) if state else None,
                 "router": local.get(pod_id),
                 "state": state.to_dict() if state else None,

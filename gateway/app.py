@@ -1,6 +1,6 @@
 """The ASGI application: ``create_app(gateway) -> ASGI app``.
 
-The two completion routes are served by ``gateway.proxy.CompletionsEndpoint`` directly (a raw
+The two completion routes are served by ``gateway.edge.CompletionsEndpoint`` directly (a raw
 ASGI handler: no routing table walk, no middleware, no request object — measured cheaper,
 docs/gateway.md); everything else goes to a small FastAPI app:
 
@@ -38,9 +38,11 @@ from gateway.changes import ChangeManager
 from gateway.changes_api import changes_router
 from gateway.dashboard import AdapterWindow, dashboard_router
 from gateway.errors import APIError
+from gateway.edge import CompletionsEndpoint
+from gateway.exchange import Receive, Scope, Send
 from gateway.metrics import CONTENT_TYPE
+from gateway.parse import Kind
 from gateway.placement_admin import placement_router
-from gateway.proxy import CompletionsEndpoint, Receive, Scope, Send
 from gateway.roles import AdminAuthError
 from gateway.service import Gateway
 
@@ -156,32 +158,13 @@ def _fastapi(gw: Gateway, manage_lifecycle: bool) -> FastAPI:
 def create_app(gw: Gateway, *, manage_lifecycle: bool = True) -> Any:
     """The gateway's ASGI app. With ``manage_lifecycle`` the ASGI lifespan starts and closes ``gw``."""
     api = _fastapi(gw, manage_lifecycle)
-    chat = CompletionsEndpoint(gw, "/v1/chat/completions")
-    completions = CompletionsEndpoint(gw, "/v1/completions")
-    hot = {"/v1/chat/completions": chat, "/v1/completions": completions}
+    hot = {kind.value: CompletionsEndpoint(gw, kind) for kind in Kind}
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             handler = hot.get(scope["path"])
             if handler is not None:
-                started = False
-
-                async def tracking_send(message: Any) -> None:
-                    nonlocal started
-                    if message["type"] == "http.response.start":
-                        started = True
-                    await send(message)
-
-                try:
-                    await handler(scope, receive, tracking_send)
-                except Exception as exc:  # never a stack trace to the client
-                    log.error("unexpected error on %s: %s", scope["path"], type(exc).__name__, exc_info=exc)
-                    if not started:
-                        body = APIError(500, "internal error in the gateway; see its log", code="internal_error").body()
-                        await send({"type": "http.response.start", "status": 500,
-                                    "headers": [(b"content-type", b"application/json"),
-                                                (b"content-length", str(len(body)).encode())]})
-                        await send({"type": "http.response.body", "body": body})
+                await handler(scope, receive, send)  # answers every error itself, a 500 included
                 return
         await api(scope, receive, send)
 

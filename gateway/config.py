@@ -6,9 +6,9 @@ section forbids unknown keys; a validation error names the key path that is wron
 
 Environment overrides: a variable ``LORAROUTE__<SECTION>__<KEY>[__<KEY>...]`` sets the key at that
 path (case-insensitive, ``__`` separates levels, list items by index: ``LORAROUTE__TENANTS__0__NAME``).
-The value is parsed as a YAML scalar or flow collection, so ``8080``, ``true``, ``[a, b]`` and
-``{id: p0, url: "http://..."}`` work. Overrides are applied before validation, so they are checked
-exactly like the file.
+The value is parsed as YAML, so ``8080``, ``true``, ``[a, b]`` and ``{id: p0, url: "http://..."}``
+work; an empty value is null. Overrides are applied before validation, so they are checked
+exactly like the file (``podstate.envconfig``, shared with the sidecar).
 
 Secrets: API keys are never stored in clear. ``api_key_sha256`` holds lowercase hex SHA-256 digests
 (``printf %s "$KEY" | sha256sum``); ``api_key_sha256_file`` names a file (a mounted Kubernetes Secret)
@@ -30,6 +30,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gateway.placement_config import PlacementConfig
+from podstate import check_store_url
+from podstate.envconfig import EnvOverrideError, apply_env_overrides
 
 ENV_PREFIX = "LORAROUTE__"
 
@@ -359,9 +361,7 @@ class StoreConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _scheme(cls, v: str) -> str:
-        if not v.startswith(("memory:", "redis://", "rediss://", "unix://")):
-            raise ValueError("use memory:// or redis://host:port/db (rediss:// for TLS)")
-        return v
+        return check_store_url(v)
 
 
 class EnsureConfig(_Strict):
@@ -429,57 +429,6 @@ class GatewayConfig(_Strict):
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
-def _set_path(data: dict[str, Any], parts: list[str], value: Any) -> None:
-    node: Any = data
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit():
-                raise ConfigError(f"environment override: {'.'.join(parts[:i])} is a list; use an index, not {part!r}")
-            idx = int(part)
-            while len(node) <= idx:
-                node.append({})
-            if last:
-                node[idx] = value
-            else:
-                if not isinstance(node[idx], dict | list):
-                    node[idx] = {}
-                node = node[idx]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"environment override: {'.'.join(parts[:i])} is not a section")
-        if last:
-            node[part] = value
-        else:
-            nxt = node.get(part)
-            if not isinstance(nxt, dict | list):
-                nxt = [] if parts[i + 1].isdigit() else {}
-                node[part] = nxt
-            elif isinstance(nxt, tuple):
-                nxt = list(nxt)
-                node[part] = nxt
-            node = nxt
-
-
-def apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
-    """Apply ``LORAROUTE__A__B=value`` overrides in place; returns the dotted paths set."""
-    applied = []
-    for key in sorted(env):
-        if not key.upper().startswith(ENV_PREFIX):
-            continue
-        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
-        if not parts:
-            continue
-        raw = env[key]
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        _set_path(data, parts, value)
-        applied.append(".".join(parts))
-    return applied
-
-
 def format_validation_error(err: ValidationError) -> str:
     """One line per problem: ``key.path: message``; input values are never echoed."""
     lines = []
@@ -527,7 +476,10 @@ def load_config(
             data = {}
     if not isinstance(data, dict):
         raise ConfigError("the config must be a mapping of sections (server, bases, tenants, ...)")
-    apply_env_overrides(data, env)
+    try:
+        apply_env_overrides(data, env, ENV_PREFIX)
+    except EnvOverrideError as e:
+        raise ConfigError(str(e)) from None
     try:
         return GatewayConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as e:

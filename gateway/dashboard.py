@@ -207,7 +207,7 @@ async def snapshot(gw: Gateway, manager: ChangeManager, window: AdapterWindow,
             continue
         pods.append({"pod": pod_id, "healthy": s.healthy, "routable": pod_id in gw.pods, "state": True,
                      "kv": round(s.kv_cache_usage, 4), "running": s.num_running, "waiting": s.num_waiting,
-                     "deferred": s.num_deferred, "inflight": gw.inflight.get(pod_id, 0),
+                     "deferred": s.num_deferred, "inflight": rt.pipeline.inflight(pod_id)[0],
                      "age_s": round(max(0.0, now - s.observed_at), 2), "max_loras": s.max_loras,
                      "max_cpu_loras": s.max_cpu_loras, "max_lora_rank": s.max_lora_rank,
                      "sidecar": bool(ep and ep.sidecar_url)})

@@ -11,10 +11,13 @@ for the first time gets the same version as the pods that already hold it.
 Outcome -> what the request sees:
 
 - 200 -> forward to the pod.
-- 404 / 422 from the sidecar (the adapter is missing from the store or invalid — the same on every
-  pod) -> ``EnsureError(permanent=True)``: a 502 carrying the sidecar's message, no other pod tried.
-- 502 / 503 / connection error / timeout (this pod's trouble) -> ``EnsureError(permanent=False)``:
+- 400 / 404 / 422 from the sidecar (the adapter is missing from the store or invalid — the same on
+  every pod) -> ``EnsureFailed(permanent=True)``: a 502 carrying the sidecar's message, no other
+  pod tried.
+- 502 / 503 / connection error / timeout (this pod's trouble) -> ``EnsureFailed(permanent=False)``:
   the next-best pod is tried; when none is left, a 503 with the reason.
+
+``EnsureFailed`` is one of the typed upstream failures (``gateway.failures``).
 """
 
 from __future__ import annotations
@@ -25,31 +28,11 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 
 import aiohttp
-import orjson
 
+from gateway.errors import error_message
+from gateway.failures import EnsureFailed
 from gateway.metrics import GatewayMetrics
 from gateway.upstream import Upstream
-
-
-class EnsureError(Exception):
-    def __init__(self, message: str, *, permanent: bool, status: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.permanent = permanent
-        self.status = status
-
-
-def _sidecar_message(body: bytes) -> str:
-    try:
-        data = orjson.loads(body)
-        err = data.get("error") if isinstance(data, dict) else None
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return err["message"]
-        if isinstance(data, dict) and isinstance(data.get("detail"), str):
-            return data["detail"]
-    except orjson.JSONDecodeError:
-        pass
-    return body[:300].decode("utf-8", "replace")
 
 
 class Ensurer:
@@ -66,7 +49,7 @@ class Ensurer:
         return at is not None and time.monotonic() - at < remember_s
 
     async def ensure(self, pod_id: str, sidecar_url: str, adapter: str) -> None:
-        """Make sure ``adapter`` is on ``pod_id``'s disk. Raises ``EnsureError``."""
+        """Make sure ``adapter`` is on ``pod_id``'s disk. Raises ``EnsureFailed``."""
         key = (pod_id, adapter)
         task = self._pending.get(key)
         if task is None:
@@ -77,7 +60,7 @@ class Ensurer:
 
     async def _call(self, pod_id: str, sidecar_url: str, adapter: str) -> None:
         session = self._upstream.session
-        assert session is not None
+        assert session is not None, "Upstream.start() was not awaited"
         url = f"{sidecar_url}/adapters/{urllib.parse.quote(adapter, safe='')}/ensure"
         version = self._versions().get(adapter)
         started = time.perf_counter()
@@ -88,11 +71,11 @@ class Ensurer:
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             self._metrics.ensure(pod_id, "unreachable")
-            raise EnsureError(
+            raise EnsureFailed(
+                pod_id,
                 f"the sidecar of pod {pod_id!r} did not answer the ensure of adapter {adapter!r} "
                 f"({type(e).__name__})",
                 permanent=False,
-                status=503,
             ) from None
         finally:
             self._metrics.ensure_seconds.observe(time.perf_counter() - started)
@@ -102,15 +85,13 @@ class Ensurer:
             if len(self._done) > 50_000:
                 self._done.clear()
             return
-        message = _sidecar_message(body)
+        message = error_message(body)
         if status in (404, 422, 400):
             self._metrics.ensure(pod_id, "rejected")
-            raise EnsureError(
-                f"adapter {adapter!r} cannot be materialised: {message}", permanent=True, status=502
-            )
+            raise EnsureFailed(pod_id, f"adapter {adapter!r} cannot be materialised: {message}", permanent=True)
         self._metrics.ensure(pod_id, "failed")
-        raise EnsureError(
+        raise EnsureFailed(
+            pod_id,
             f"pod {pod_id!r} could not materialise adapter {adapter!r} (sidecar status {status}): {message}",
             permanent=False,
-            status=503,
         )

@@ -56,3 +56,19 @@ class APIError(Exception):
     def sse_event(self) -> bytes:
         """The same error as one SSE event followed by ``[DONE]`` (vLLM's mid-stream error form)."""
         return b"data: " + self.body() + b"\n\ndata: [DONE]\n\n"
+
+
+def error_message(body: bytes, limit: int = 300) -> str:
+    """The message of an error body another service sent: OpenAI's ``{"error": {"message"}}``,
+    FastAPI's ``{"detail": "..."}``, else the body's first ``limit`` characters."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+        if isinstance(data.get("detail"), str):
+            return str(data["detail"])
+    return body[:limit].decode("utf-8", "replace")

@@ -2,73 +2,182 @@
 
 Why not aiohttp or httpx here: measured at concurrency 1 against a zero-delay pod, the client's
 own per-request cost dominated the gateway's added latency (docs/gateway.md, "Overhead"). This
-client does only what the proxy needs — POST a ready body, read the status line and headers, hand
-the body over as it arrives — on an ``asyncio.Protocol`` with the ``httptools`` parser (the one
-uvicorn uses), so a request costs a few dict operations and one ``transport.write``.
+client does only what the gateway needs — POST a ready body, read the status line and headers,
+hand the body over as it arrives — on an ``asyncio.Protocol`` with the ``httptools`` parser (the
+one uvicorn uses), so a request costs a few dict operations and one ``transport.write``.
 
+- ``build_head(method, path, host, port, headers, body_len) -> bytes``: the request line and
+  headers. A CR, LF or NUL in the path, a header name or a value is refused (``ValueError``): no
+  caller can split the request. An IPv6 host is written in brackets.
 - ``Pool(connect_timeout_s, max_idle_per_host)``: idle connections per ``(host, port)``, LIFO.
-- ``await pool.request(host, port, head, body)`` -> ``Response`` once the headers are in.
-  ``head`` is the request line and headers as bytes (``build_head``). A connection reused from
-  the pool that turns out to be closed by the server (nothing received) is retried once on a new
+  ``await pool.request(host, port, head, body, timeout_s, first_byte_s)`` -> ``Response`` once the
+  headers are in; ``timeout_s`` bounds the whole exchange, body included, ``first_byte_s`` the
+  time to the first body byte (a timer on the loop, not a cancel scope). A connection reused from the pool
+  that turns out to be closed by the server (nothing received) is retried once on a new
   connection — the usual keep-alive race, invisible to the caller.
-- ``Response``: ``status``, ``headers`` (lower-case names -> str), ``await read_chunk()`` (``b""``
-  at the end), ``await read_all()``, ``release()`` (back to the pool when fully read and
-  keep-alive), ``close()``. Chunked transfer encoding is decoded by the parser; the bytes handed
-  over are the body bytes exactly as the server sent them.
+- ``Response``: ``status``, ``headers`` (lower-case names -> str), ``await read_chunk()`` (the
+  body bytes as they arrived, ``b""`` at the end), ``await read_all()``, ``complete``,
+  ``release()`` (back to the pool when fully read and keep-alive, else closed), ``close()``.
+  Chunked transfer encoding is decoded by the parser; a 204 and a 304 have no body.
+- ``Connection``: one keep-alive connection; its public surface is what ``Pool`` and ``Response``
+  use (``send``, ``read``, ``read_all``, ``complete``, ``reusable``, ``received``, ``closed``,
+  ``close``, ``done``).
 - Back-pressure: reading from the socket pauses while more than 1 MiB waits unread.
-- Errors: ``UpstreamError`` (an ``OSError``) for connection failures, resets and malformed
-  responses; ``asyncio.TimeoutError`` for the connect timeout. Plain ``http://`` only; the
-  gateway's aiohttp session is used for anything else (``https://`` pods, sidecars).
+- Errors: ``UpstreamError`` (an ``OSError``) for connection failures, resets, malformed responses
+  and a response cut short; ``asyncio.TimeoutError`` for the connect timeout and ``timeout_s``,
+  ``NoFirstByte`` (one) for ``first_byte_s``.
+  ``gateway.upstream`` turns both into the gateway's typed failures. Plain ``http://`` only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
 import httptools
 
 _HIGH_WATER = 1 << 20
+_FORBIDDEN = frozenset("\r\n\x00")
 
 
 class UpstreamError(OSError):
     pass
 
 
+class NoFirstByte(asyncio.TimeoutError):
+    """No body byte (nor the end of a body-less response) within ``first_byte_s``."""
+
+
+def _check(text: str, what: str) -> str:
+    if not _FORBIDDEN.isdisjoint(text):
+        raise ValueError(f"{what} contains a CR, LF or NUL character")
+    return text
+
+
 def build_head(method: str, path: str, host: str, port: int, headers: dict[str, str], body_len: int) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {body_len}"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
+    """``METHOD path HTTP/1.1`` with ``Host``, ``Content-Length`` and ``headers``; see the module docstring."""
+    _check(path, "the request path")
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {_check(authority, 'the host')}", f"Content-Length: {body_len}"]
+    for k, v in headers.items():
+        lines.append(f"{_check(k, 'a header name')}: {_check(v, f'header {k!r}')}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-class _Conn(asyncio.Protocol):
+def split_url(url: str) -> tuple[str, int, str]:
+    """``http://host:port/prefix`` -> (host, port, path prefix without trailing slash); IPv6
+    hosts in brackets (``http://[::1]:8000``) come back without them."""
+    if not url.startswith("http://"):
+        raise ValueError("the lean client speaks plain http:// only")
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ValueError(f"no host in {url!r}")
+    return parts.hostname, parts.port or 80, parts.path.rstrip("/")
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection to ``key`` = (host, port), parsing responses with httptools."""
+
     __slots__ = (
-        "transport", "parser", "pool", "key", "status", "headers", "_hname", "_headers_done",
-        "_chunks", "_buffered", "_waiter", "_complete", "_closed", "_error", "_paused", "received", "keep_alive",
-        "_timer",
+        "transport", "parser", "pool", "key", "status", "headers", "headers_done", "_chunks", "_buffered",
+        "_waiter", "_complete", "closed", "_error", "_paused", "received", "_keep_alive", "_timer", "_loop",
+        "_first_timer",
     )
 
     def __init__(self, pool: Pool, key: tuple[str, int]) -> None:
         self.pool = pool
         self.key = key
+        # the loop it was created on, kept: asyncio.get_running_loop() costs a getpid() system call
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self._closed = False
+        self.closed = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._reset()
+        self._first_timer: asyncio.TimerHandle | None = None
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Ready for the next exchange on this connection."""
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: dict[str, str] = {}
-        self._hname = b""
-        self._headers_done = False
+        self.headers_done = False
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._complete = False
         self._paused = False
         self.received = False
-        self.keep_alive = False
+        self._keep_alive = False
+
+    # --- the public surface -------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        """The whole response has arrived and been read."""
+        return self._complete and not self._chunks
+
+    @property
+    def reusable(self) -> bool:
+        """Fully read, still open, and the server allows another request on it."""
+        return self.complete and self._keep_alive and not self.closed
+
+    async def send(self, head: bytes, body: bytes, timeout_s: float | None, first_byte_s: float | None = None) -> None:
+        """Write one request and wait for the response's headers (``status``, ``headers``)."""
+        assert self.transport is not None
+        if timeout_s is not None:
+            self._timer = self._loop.call_later(timeout_s, self._on_timeout)
+        if first_byte_s is not None:
+            self._first_timer = self._loop.call_later(first_byte_s, self._on_no_first_byte)
+        if len(body) < 65536:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            self.transport.write(body)
+        try:
+            while not self.headers_done:
+                await self._wait()
+        except BaseException:
+            self.close()
+            raise
+
+    async def read(self) -> bytes:
+        """The body bytes that arrived since the last read; ``b""`` once the body is complete."""
+        while not self._chunks:
+            if self._complete:
+                return b""
+            await self._wait()
+        return self._take()
+
+    async def read_all(self) -> bytes:
+        """The rest of the body, once it is complete (no back-pressure: all of it is wanted)."""
+        while not self._complete:
+            self._resume()
+            await self._wait()
+        return self._take() if self._chunks else b""
+
+    def _take(self) -> bytes:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        self._resume()
+        return data
+
+    def _resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self._cancel_timer()
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def done(self) -> None:
+        """The exchange is over (read or abandoned): stop its timer."""
+        self._cancel_timer()
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -80,15 +189,14 @@ class _Conn(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._fail(UpstreamError(f"malformed response from upstream: {e}"))
-            if self.transport is not None:
-                self.transport.close()
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
+        self.closed = True
         self._cancel_timer()
         if not self._complete:
             self._fail(UpstreamError("upstream closed the connection" + (f" ({exc})" if exc else "")))
-        self.pool._discard(self)
+        self.pool.discard(self)
 
     # --- httptools callbacks --------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -97,11 +205,14 @@ class _Conn(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         # read it now: llhttp forgets it once the message is complete
-        self.keep_alive = self.parser.should_keep_alive()
-        self._headers_done = True
+        self._keep_alive = self.parser.should_keep_alive()
+        self.headers_done = True
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._first_timer is not None:
+            self._first_timer.cancel()
+            self._first_timer = None
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -111,6 +222,9 @@ class _Conn(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._complete = True
+        if self._first_timer is not None:
+            self._first_timer.cancel()
+            self._first_timer = None
         self._wake()
 
     # --- helpers ----------------------------------------------------------------------------------
@@ -122,13 +236,20 @@ class _Conn(asyncio.Protocol):
     def _on_timeout(self) -> None:
         self._timer = None
         self._fail(asyncio.TimeoutError("upstream exchange exceeded its total timeout"))
-        if self.transport is not None:
-            self.transport.close()
+        self.close()
+
+    def _on_no_first_byte(self) -> None:
+        self._first_timer = None
+        self._fail(NoFirstByte("no response body byte within the first-byte limit"))
+        self.close()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._first_timer is not None:
+            self._first_timer.cancel()
+            self._first_timer = None
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
@@ -140,7 +261,7 @@ class _Conn(asyncio.Protocol):
     async def _wait(self) -> None:
         if self._error is not None:
             raise self._error
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:
@@ -148,149 +269,105 @@ class _Conn(asyncio.Protocol):
 
 
 class Response:
-    __slots__ = ("_conn", "status", "headers", "_done")
+    """One response on a pooled ``Connection``; see the module docstring."""
 
-    def __init__(self, conn: _Conn) -> None:
+    __slots__ = ("_conn", "status", "headers", "read_chunk", "read_all", "_done")
+
+    def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self.status = conn.status
         self.headers = conn.headers
+        #: ``await read_chunk()``: the next body bytes as they arrived; ``b""`` once complete
+        self.read_chunk: Callable[[], Awaitable[bytes]] = conn.read
+        #: ``await read_all()``: the rest of the body, once complete
+        self.read_all: Callable[[], Awaitable[bytes]] = conn.read_all
         self._done = False
-
-    async def read_chunk(self) -> bytes:
-        """The next body bytes as they arrived; ``b""`` once the body is complete."""
-        c = self._conn
-        while True:
-            if c._chunks:
-                if len(c._chunks) == 1:
-                    data = c._chunks.popleft()
-                else:
-                    data = b"".join(c._chunks)
-                    c._chunks.clear()
-                c._buffered = 0
-                if c._paused and c.transport is not None:
-                    c._paused = False
-                    c.transport.resume_reading()
-                return data
-            if c._complete:
-                return b""
-            await c._wait()
-
-    async def read_all(self) -> bytes:
-        parts = []
-        while True:
-            chunk = await self.read_chunk()
-            if not chunk:
-                return b"".join(parts)
-            parts.append(chunk)
 
     @property
     def complete(self) -> bool:
-        return self._conn._complete and not self._conn._chunks
+        return self._conn.complete
 
     def release(self) -> None:
         """Return the connection to the pool if the body was read completely, else close it."""
         if self._done:
             return
         self._done = True
-        c = self._conn
-        c._cancel_timer()
-        if c._complete and not c._chunks and not c._closed and c.keep_alive:
-            self._conn.pool._put(c)
+        conn = self._conn
+        conn.done()
+        if conn.reusable:
+            conn.pool.put(conn)
         else:
-            self.close()
+            conn.close()
 
     def close(self) -> None:
         self._done = True
-        c = self._conn
-        c._cancel_timer()
-        if c.transport is not None and not c._closed:
-            c.transport.close()
+        self._conn.close()
 
 
 class Pool:
     def __init__(self, connect_timeout_s: float = 2.0, max_idle_per_host: int = 256) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.max_idle_per_host = max_idle_per_host
-        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._idle: dict[tuple[str, int], list[Connection]] = {}
 
-    async def _connect(self, key: tuple[str, int]) -> _Conn:
+    async def _connect(self, key: tuple[str, int]) -> Connection:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Conn(self, key), key[0], key[1]), self.connect_timeout_s
+                loop.create_connection(lambda: Connection(self, key), key[0], key[1]), self.connect_timeout_s
             )
         except OSError as e:
             raise UpstreamError(f"cannot connect to {key[0]}:{key[1]} ({e.strerror or type(e).__name__})") from None
         return conn
 
-    def _put(self, conn: _Conn) -> None:
+    def put(self, conn: Connection) -> None:
+        """Keep a fully read keep-alive connection for the next request to its host."""
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= self.max_idle_per_host:
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.close()
             return
-        conn._reset()
+        conn.reset()
         idle.append(conn)
 
-    def _discard(self, conn: _Conn) -> None:
+    def discard(self, conn: Connection) -> None:
+        """The connection closed: forget it if it was idle."""
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
 
-    async def request(self, host: str, port: int, head: bytes, body: bytes, timeout_s: float | None = None) -> Response:
+    async def request(
+        self, host: str, port: int, head: bytes, body: bytes, timeout_s: float | None = None,
+        first_byte_s: float | None = None,
+    ) -> Response:
         """Send, wait for the headers. ``timeout_s`` bounds the whole exchange, body included:
-        when it passes, the pending read raises ``asyncio.TimeoutError`` and the connection closes."""
+        when it passes, the pending read raises ``asyncio.TimeoutError`` and the connection closes;
+        ``first_byte_s`` likewise the wait for the first body byte (``NoFirstByte``)."""
         key = (host, port)
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if conn._closed or conn.transport is None or conn.transport.is_closing():
+            if conn.closed or conn.transport is None or conn.transport.is_closing():
                 continue
             try:
-                return await self._send(conn, head, body, timeout_s)
+                await conn.send(head, body, timeout_s, first_byte_s)
+                return Response(conn)
             except UpstreamError:
                 if conn.received:
                     raise
                 # the server closed an idle keep-alive connection: retry once on a fresh one
                 break
-        return await self._send(await self._connect(key), head, body, timeout_s)
-
-    async def _send(self, conn: _Conn, head: bytes, body: bytes, timeout_s: float | None) -> Response:
-        assert conn.transport is not None
-        if timeout_s is not None:
-            conn._timer = asyncio.get_running_loop().call_later(timeout_s, conn._on_timeout)
-        conn.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            conn.transport.write(body)
-        try:
-            while not conn._headers_done:
-                await conn._wait()
-        except BaseException:
-            conn._cancel_timer()
-            if conn.transport is not None:
-                conn.transport.close()
-            raise
+        conn = await self._connect(key)
+        await conn.send(head, body, timeout_s, first_byte_s)
         return Response(conn)
 
     def close(self) -> None:
         for conns in self._idle.values():
             for c in conns:
-                if c.transport is not None:
-                    c.transport.close()
+                c.close()
         self._idle.clear()
 
     def idle_count(self) -> dict[tuple[str, int], int]:
         return {k: len(v) for k, v in self._idle.items()}
 
 
-def split_url(url: str) -> tuple[str, int, str]:
-    """``http://host:port/prefix`` -> (host, port, path prefix without trailing slash)."""
-    if not url.startswith("http://"):
-        raise ValueError("the lean client speaks plain http:// only")
-    rest = url[7:]
-    hostport, _, path = rest.partition("/")
-    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "80")
-    return host.strip("[]"), int(port), ("/" + path).rstrip("/") if path else ""
-
-
-__all__ = ["Pool", "Response", "UpstreamError", "build_head", "split_url"]
+__all__ = ["Connection", "NoFirstByte", "Pool", "Response", "UpstreamError", "build_head", "split_url"]

@@ -12,9 +12,9 @@ Series (labels in braces):
 - ``loraroute_e2e_seconds{pod}`` — request arrival to the last byte sent.
 - ``loraroute_decisions_total{policy,pod}`` — routing decisions by pipeline (preset name) and chosen pod.
 - ``loraroute_decision_seconds`` — time inside ``pipeline.pick``.
-- ``loraroute_routed_residency_total{pod,tier}`` — for each routed request, where the chosen pod
-  held the adapter according to the gateway's view (``gpu``, ``cpu``, ``disk``, ``loading``,
-  ``none``; ``base`` for base-model requests): the predicted residency hit rate.
+- ``loraroute_routed_residency_total{pod,tier}`` — for each routed request, where the chosen pod's
+  own state held the adapter at pick time (``scorer.view.stored_tier``: ``gpu``, ``loading``,
+  ``cpu``, ``disk``, ``remote``; ``base`` for base-model requests): the predicted residency hit rate.
 - ``loraroute_adapter_routed_total{base,adapter,tier}`` — per model, where the chosen pod held the
   adapter when it was picked (the scorers' placement: ``gpu``, ``cpu``, ``incoming``, ``loading``,
   ``disk``, ``remote``; ``unscored`` for pipelines whose scorers do not look at adapters): the

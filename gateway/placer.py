@@ -68,18 +68,45 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import aiohttp
+
+from gateway.discovery import Endpoint
 from gateway.placement_config import PlacementConfig
 from gateway.placement_loader import AdapterLoader
 from podstate.background import Background
 from podstate.placement_store import PlacementStore, PlacerStatus
-from scorer.demand import Demand, DemandSnapshot, merge_demand, resume_from
+from scorer.demand import Demand, DemandKey, DemandSnapshot, merge_demand, resume_from
 from scorer.model import PodState
+from scorer.pipeline import Pipeline
 from scorer.placement import HOT, WARM, PlacementPlan, load_cost_s, plan_placement
 
-if TYPE_CHECKING:
-    from gateway.service import Gateway
+
+
+class _Runtime(Protocol):
+    @property
+    def pipeline(self) -> Pipeline: ...
+
+
+class _Upstream(Protocol):
+    @property
+    def session(self) -> aiohttp.ClientSession: ...
+
+
+class PlacerHost(Protocol):
+    """What the placer needs of the gateway it runs in (``gateway.service.Gateway`` is one; the
+    placer does not import it, so the two modules form no circle)."""
+
+    @property
+    def runtime(self) -> _Runtime: ...
+    @property
+    def upstream(self) -> _Upstream: ...
+    def pod_states(self) -> dict[str, PodState]: ...
+    def refresh_routable(self) -> None: ...
+    def adapter_ranks(self) -> dict[DemandKey, int]: ...
+    def note_loaded(self, pod_id: str, adapter: str, rank: int | None) -> None: ...
+    def endpoint(self, pod_id: str) -> Endpoint | None: ...
 
 log = logging.getLogger("loraroute.gateway.placer")
 
@@ -166,7 +193,7 @@ class _Cycles(Background):
 
 
 class Placer:
-    def __init__(self, gw: Gateway, config: PlacementConfig, store: PlacementStore,
+    def __init__(self, gw: PlacerHost, config: PlacementConfig, store: PlacementStore,
                  replica_id: str | None = None) -> None:
         self.gw = gw
         self.config = config

@@ -21,6 +21,7 @@ import hmac
 from dataclasses import dataclass
 
 from gateway.config import AdapterConfig, BaseConfig, GatewayConfig, TenantConfig
+from gateway.echo import ModelEcho
 from gateway.errors import APIError
 from gateway.naming import parse_model_name
 from scorer.model import AdapterRef
@@ -30,12 +31,19 @@ _CACHE_MAX = 20_000
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
-    """A request's model, checked: the client name, the base, the adapter, and what vLLM calls it."""
+    """A request's model, checked: the client name, the base, the adapter, and what vLLM calls it.
+    ``echo`` rewrites vLLM's name back to the client's in the response (None when they agree)."""
 
     client_name: str
     base: BaseConfig
     adapter: AdapterConfig | None
     ref: AdapterRef
+    echo: ModelEcho | None = None
+
+    @classmethod
+    def of(cls, client_name: str, base: BaseConfig, adapter: AdapterConfig | None, ref: AdapterRef) -> Resolved:
+        served = ref.vllm_model
+        return cls(client_name, base, adapter, ref, ModelEcho(served, client_name) if served != client_name else None)
 
     @property
     def base_label(self) -> str:
@@ -196,7 +204,7 @@ class AccessPolicy:
                     param="model",
                     code="model_not_allowed",
                 )
-            return Resolved(str(name), base, None, AdapterRef(base.vllm_name, None))
+            return Resolved.of(str(name), base, None, AdapterRef(base.vllm_name, None))
         adapter = self._adapters[base.name].get(name.adapter)
         if adapter is None:
             raise APIError(
@@ -217,4 +225,4 @@ class AccessPolicy:
                 param="model",
                 code="adapter_not_allowed",
             )
-        return Resolved(str(name), base, adapter, AdapterRef(base.vllm_name, adapter.vllm_name, adapter.rank))
+        return Resolved.of(str(name), base, adapter, AdapterRef(base.vllm_name, adapter.vllm_name, adapter.rank))

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import podstate
+import scorer.errors
+import scorer.pipeline
 from gateway.config import ConfigError, GatewayConfig, StaticPod, load_config
 from gateway.discovery import Discovery, Endpoint, StaticDiscovery, StoreDiscovery
 from gateway.ensure import Ensurer
@@ -33,23 +35,24 @@ from gateway.metrics import GatewayMetrics
 from gateway.placement_metrics import PlacementCollector
 from gateway.placer import Placer
 from gateway.policy import AccessPolicy
+from gateway.suspects import Suspects
 from gateway.upstream import Upstream
 from podstate.placement_store import open_placement_store
+from podstate.monitor import MonitorSettings, PodMonitor
 from podstate.store import PodStateStore
 from scorer.demand import Demand, DemandKey, merge_demand
 from scorer.model import Decision, PodState
+from scorer.pipeline import Pipeline
 
 log = logging.getLogger("loraroute.gateway")
 
 
-def build_pipeline(spec: str | dict[str, Any]) -> Any:
+def build_pipeline(spec: str | dict[str, Any]) -> Pipeline:
     """``scorer.pipeline.build_pipeline`` with its ConfigError turned into ours (key path kept)."""
-    from scorer.pipeline import build_pipeline as _build
-
     try:
-        return _build(spec)
-    except Exception as e:  # scorer.errors.ConfigError and friends
-        raise ConfigError(str(e) if str(e).startswith("pipeline") else f"pipeline: {e}") from None
+        return scorer.pipeline.build_pipeline(spec)
+    except scorer.errors.ConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +61,7 @@ class Runtime:
 
     config: GatewayConfig
     policy: AccessPolicy
-    pipeline: Any
+    pipeline: Pipeline
     generation: int
 
 
@@ -100,7 +103,8 @@ class Gateway:
         self.config_path = Path(config_path) if config_path else None
         self._env = env
         self._own_store = store is None
-        self.store: PodStateStore = store if store is not None else _open_store(config)
+        self.store: PodStateStore = store if store is not None else podstate.open_store(
+            config.store.url, key_prefix=config.store.key_prefix)
         self._static: StaticDiscovery | None = None
         if discovery is not None:
             self.discovery: Discovery = discovery
@@ -117,19 +121,18 @@ class Gateway:
         self.runtime = Runtime(config, AccessPolicy(config), build_pipeline(config.pipeline), 1)
         self.pods: dict[str, PodState] = {}
         self.endpoints: Mapping[str, Endpoint] = {}
-        self.inflight: collections.Counter[str] = collections.Counter()
-        # pod id -> monotonic time until which a pod that refused a connection is tried last
-        # (the state plane notices a dead pod within about a second; this covers that second)
-        self.suspect_until: dict[str, float] = {}
+        self.suspects = Suspects()
         self.decisions: collections.deque[DecisionRecord] = collections.deque(maxlen=config.server.decisions_kept)
-        self.metrics = GatewayMetrics(config.metrics.latency_buckets, lambda: self.pods, lambda: self.inflight)
+        # requests in flight are the pipeline's own count (one per dispatch, shared across reloads)
+        self.metrics = GatewayMetrics(config.metrics.latency_buckets, lambda: self.pods,
+                                      lambda: self.runtime.pipeline.inflight_counts())
         self.upstream = Upstream(config.server)
         self.ensurer = Ensurer(self.upstream, self.metrics, lambda: self.runtime.policy.adapter_versions)
         #: the config as read (file or given), before ``config_layer`` (approved run-time changes,
         #: gateway/changes.py) is laid over it on every reload
         self.base_config = config
         self.config_layer: Callable[[GatewayConfig], GatewayConfig] | None = None
-        self._monitors: dict[str, Any] = {}
+        self._monitors: dict[str, PodMonitor] = {}
         self._watch_task: asyncio.Task[None] | None = None
         self._mtime = self._config_mtime()
         self.started_at = 0.0
@@ -262,14 +265,13 @@ class Gateway:
         for pod_id, pod in wanted.items():
             if pod_id in self._monitors:
                 continue
-            from podstate.monitor import PodMonitor
-
             cfg = self.runtime.config.discovery
-            monitor = PodMonitor(
-                pod_id, pod.url, self.store, interval_s=cfg.monitor_interval_s, ttl_s=cfg.monitor_ttl_s,
-                sidecar_url=pod.sidecar_url, max_lora_rank=pod.max_lora_rank, max_cpu_loras=pod.max_cpu_loras,
-                request_timeout_s=cfg.monitor_timeout_s, unhealthy_after_s=cfg.monitor_unhealthy_after_s,
+            settings = MonitorSettings(
+                interval_s=cfg.monitor_interval_s, ttl_s=cfg.monitor_ttl_s, request_timeout_s=cfg.monitor_timeout_s,
+                unhealthy_after_s=cfg.monitor_unhealthy_after_s, max_lora_rank=pod.max_lora_rank,
+                max_cpu_loras=pod.max_cpu_loras,
             )
+            monitor = PodMonitor(pod_id, pod.url, self.store, settings, sidecar_url=pod.sidecar_url)
             self._monitors[pod_id] = monitor
             await monitor.start()
 
@@ -298,8 +300,7 @@ class Gateway:
         new = self.config_layer(base) if self.config_layer is not None else base
         old = self.runtime
         pipeline = build_pipeline(new.pipeline)
-        if hasattr(pipeline, "adopt_state_from"):
-            pipeline.adopt_state_from(old.pipeline)
+        pipeline.adopt_state_from(old.pipeline)
         restart = [
             key
             for key, a, b in (
@@ -351,13 +352,3 @@ class Gateway:
         base, _, adapter = rec.model.partition(":")
         known = self.runtime.policy.bases.get(base)
         self.metrics.routed(known.name if known else base, adapter, rec.decision)
-
-
-def _open_store(config: GatewayConfig) -> PodStateStore:
-    url = config.store.url
-    if url.startswith("memory:"):
-        return podstate.open_store(url)
-    try:
-        return podstate.open_store(url, key_prefix=config.store.key_prefix)
-    except TypeError:
-        return podstate.open_store(url)

@@ -1,7 +1,8 @@
 """Watch one vLLM pod and publish its PodState: the loop shared by the sidecar and the gateway.
 
 Every ``interval_s`` (default 0.05 s) ``PodMonitor`` fetches ``/metrics`` and ``/v1/models``
-concurrently (each with a ``request_timeout_s`` = 0.45 s limit), parses them
+concurrently (each with a ``request_timeout_s`` = 0.45 s limit; every knob is a field of
+``MonitorSettings``), parses them
 (``podstate.vllm_metrics``), feeds the residency estimator (``podstate.residency``) and builds a
 ``PodState``. It publishes to the store when the content changed (at once) and otherwise as a
 heartbeat every ``heartbeat_s`` (default 1 s), always with ``ttl_s`` (default 3 s).
@@ -27,7 +28,7 @@ resets the estimate.
 published in PodState for the gateway (they differ when the sidecar reaches vLLM over loopback).
 
 Engine limits vLLM does not expose (``max_cpu_loras``, ``max_lora_rank``) come from the
-constructor; ``max_loras`` falls back to the ``max_lora`` label of ``lora_requests_info``.
+settings; ``max_loras`` falls back to the ``max_lora`` label of ``lora_requests_info``.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 
@@ -49,51 +51,70 @@ from scorer.model import PodState
 log = logging.getLogger("loraroute.podstate.monitor")
 
 
+@dataclass(frozen=True, slots=True)
+class MonitorSettings:
+    """How a ``PodMonitor`` polls one pod and publishes its state.
+
+    ``interval_s`` between scrapes; ``request_timeout_s`` per scrape of ``/metrics`` or
+    ``/v1/models``; ``unhealthy_after_s`` without a good scrape marks the pod unhealthy (a refused
+    connection does at once); ``ttl_s`` of each published record and ``heartbeat_s`` between
+    unchanged ones; the engine limits vLLM does not expose (``max_loras`` falls back to the
+    ``max_lora`` label of ``lora_requests_info``, ``max_cpu_loras`` to ``max_loras``,
+    ``max_lora_rank``); ``withdraw_on_close`` removes the pod from the store at once on close.
+    """
+
+    interval_s: float = 0.05
+    ttl_s: float = 3.0
+    heartbeat_s: float = 1.0
+    request_timeout_s: float = 0.45
+    unhealthy_after_s: float = 0.6
+    max_loras: int | None = None
+    max_cpu_loras: int | None = None
+    max_lora_rank: int = 16
+    withdraw_on_close: bool = True
+
+
+class DiskAdapters(Protocol):
+    """The adapters on the pod's local disk (the sidecar's adapter store)."""
+
+    def names(self) -> Iterable[str]: ...
+
+    def ranks(self) -> Mapping[str, int]: ...
+
+
 class PodMonitor:
-    """Poll one vLLM pod, estimate its adapter residency, publish PodState to ``store``."""
+    """Poll one vLLM pod, estimate its adapter residency, publish PodState to ``store``.
+
+    ``advertise_url`` / ``sidecar_url`` are published for the gateway; ``disk`` lists the pod's
+    local adapters (none without one); ``session`` is shared HTTP (one of its own without);
+    ``estimator`` replaces the default ``ResidencyEstimator``.
+    """
 
     def __init__(
         self,
         pod_id: str,
         vllm_url: str,
         store: PodStateStore,
+        settings: MonitorSettings = MonitorSettings(),
         *,
-        interval_s: float = 0.05,
-        ttl_s: float = 3.0,
-        heartbeat_s: float = 1.0,
-        sidecar_url: str | None = None,
-        disk_adapters: Callable[[], Iterable[str]] | None = None,
-        adapter_ranks: Callable[[], Mapping[str, int]] | None = None,
-        session: aiohttp.ClientSession | None = None,
-        max_loras: int | None = None,
-        max_cpu_loras: int | None = None,
-        max_lora_rank: int = 16,
-        request_timeout_s: float = 0.45,
-        unhealthy_after_s: float = 0.6,
-        withdraw_on_close: bool = True,
         advertise_url: str | None = None,
+        sidecar_url: str | None = None,
+        disk: DiskAdapters | None = None,
+        session: aiohttp.ClientSession | None = None,
         estimator: ResidencyEstimator | None = None,
     ) -> None:
         self.pod_id = pod_id
         self.vllm_url = vllm_url.rstrip("/")
         self.advertise_url = (advertise_url or vllm_url).rstrip("/")
         self.store = store
-        self.interval_s = interval_s
-        self.ttl_s = ttl_s
-        self.heartbeat_s = heartbeat_s
+        self.settings = settings
         self.sidecar_url = sidecar_url
-        self._disk_adapters = disk_adapters
-        self._adapter_ranks = adapter_ranks
+        self._disk = disk
         self._session = session
         self._own_session = session is None
-        self._max_loras = max_loras
-        self._max_cpu_loras = max_cpu_loras
-        self.max_lora_rank = max_lora_rank
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
-        self.unhealthy_after_s = unhealthy_after_s
-        self.withdraw_on_close = withdraw_on_close
+        self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s)
 
-        self.estimator = estimator or ResidencyEstimator(max_loras or 1, max_cpu_loras)
+        self.estimator = estimator or ResidencyEstimator(settings.max_loras or 1, settings.max_cpu_loras)
         self.metrics: VllmMetrics | None = None
         self.models: VllmModels | None = None
         self._known_models: set[str] | None = None
@@ -132,7 +153,7 @@ class PodMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self.withdraw_on_close:
+        if self.settings.withdraw_on_close:
             with contextlib.suppress(Exception):
                 await self.store.withdraw(self.pod_id)
         if self._own_session and self._session is not None:
@@ -178,7 +199,7 @@ class PodMonitor:
                 raise
             except Exception:  # never let one bad cycle stop the monitor
                 log.exception("pod %s: monitor cycle failed", self.pod_id)
-            remaining = self.interval_s - (time.monotonic() - started)
+            remaining = self.settings.interval_s - (time.monotonic() - started)
             if remaining > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=remaining)
@@ -211,7 +232,8 @@ class PodMonitor:
         self.scrape_failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"[:300]
         refused = isinstance(exc, aiohttp.ClientConnectorError)
-        stale = self._last_ok_mono is None or time.monotonic() - self._last_ok_mono >= self.unhealthy_after_s
+        stale = (self._last_ok_mono is None
+                 or time.monotonic() - self._last_ok_mono >= self.settings.unhealthy_after_s)
         if self._healthy and (refused or stale):
             log.warning("pod %s: vLLM at %s not answering (%s); marking unhealthy", self.pod_id,
                         self.vllm_url, type(exc).__name__)
@@ -229,8 +251,9 @@ class PodMonitor:
             self._known_models = None
             self._last_lora_ts = None
         self._start_time = metrics.process_start_time
-        max_loras = self._max_loras or (metrics.lora.max_lora if metrics.lora else None) or est.max_loras
-        est.set_limits(max_loras, self._max_cpu_loras or max(max_loras, est.max_cpu_loras))
+        limits = self.settings
+        max_loras = limits.max_loras or (metrics.lora.max_lora if metrics.lora else None) or est.max_loras
+        est.set_limits(max_loras, limits.max_cpu_loras or max(max_loras, est.max_cpu_loras))
 
         if metrics.exact_gpu is not None:
             est.observe_exact(metrics.exact_gpu, metrics.exact_cpu or ())
@@ -270,9 +293,9 @@ class PodMonitor:
 
     def _ranks(self) -> dict[str, int]:
         ranks: dict[str, int] = {}
-        if self._adapter_ranks is not None:
+        if self._disk is not None:
             with contextlib.suppress(Exception):
-                ranks.update(self._adapter_ranks())
+                ranks.update(self._disk.ranks())
         if self.metrics is not None:
             ranks.update(self.metrics.exact_ranks)
         ranks.update(self._noted_ranks)
@@ -281,9 +304,9 @@ class PodMonitor:
     def _build_state(self) -> PodState:
         m, est = self.metrics, self.estimator
         disk: tuple[str, ...] = ()
-        if self._disk_adapters is not None:
+        if self._disk is not None:
             with contextlib.suppress(Exception):
-                disk = tuple(sorted(self._disk_adapters()))
+                disk = tuple(sorted(self._disk.names()))
         bases = self.models.base_models if self.models and self.models.base_models else (m.model_names if m else ())
         state = PodState(
             pod_id=self.pod_id,
@@ -293,7 +316,7 @@ class PodMonitor:
             healthy=self._healthy,
             max_loras=est.max_loras,
             max_cpu_loras=est.max_cpu_loras,
-            max_lora_rank=self.max_lora_rank,
+            max_lora_rank=self.settings.max_lora_rank,
             block_size=(m.block_size if m and m.block_size else 16),
             num_gpu_blocks=(m.num_gpu_blocks if m and m.num_gpu_blocks else 0),
             kv_cache_usage=(m.kv_cache_usage if m and m.kv_cache_usage is not None else 0.0),
@@ -318,10 +341,10 @@ class PodMonitor:
     async def _publish_if_needed(self) -> None:
         state = self._build_state()
         now = time.monotonic()
-        if state.same_content(self._published) and now - self._last_publish_mono < self.heartbeat_s:
+        if state.same_content(self._published) and now - self._last_publish_mono < self.settings.heartbeat_s:
             return
         try:
-            await self.store.publish(state, self.ttl_s)
+            await self.store.publish(state, self.settings.ttl_s)
         except Exception as exc:  # a store outage must not stop the monitor
             log.warning("pod %s: publishing state failed (%s)", self.pod_id, type(exc).__name__)
             return
@@ -336,13 +359,12 @@ class MonitorGroup:
         self,
         pods: Mapping[str, str] | Iterable[tuple[str, str]],
         store: PodStateStore,
-        **monitor_kwargs: Any,
+        settings: MonitorSettings = MonitorSettings(),
     ) -> None:
         items = pods.items() if isinstance(pods, Mapping) else pods
         self.store = store
-        self._session: aiohttp.ClientSession | None = monitor_kwargs.pop("session", None)
-        self._own_session = self._session is None
-        self._kwargs = monitor_kwargs
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
         self._pods = dict(items)
         self.monitors: dict[str, PodMonitor] = {}
 
@@ -350,14 +372,14 @@ class MonitorGroup:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         for pod_id, url in self._pods.items():
-            monitor = PodMonitor(pod_id, url, self.store, session=self._session, **self._kwargs)
+            monitor = PodMonitor(pod_id, url, self.store, self.settings, session=self._session)
             self.monitors[pod_id] = monitor
             await monitor.start()
 
     async def close(self) -> None:
         await asyncio.gather(*(m.close() for m in self.monitors.values()), return_exceptions=True)
         self.monitors.clear()
-        if self._own_session and self._session is not None:
+        if self._session is not None:
             await self._session.close()
             self._session = None
 

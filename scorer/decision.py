@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from scorer.model import Candidate, Decision
-from scorer.view import PickContext, PodView, code_name
+from scorer.view import PickContext, PodView, code_name, stored_tier
 
 _RANKED = Decision.__dict__["ranked"]
 _REASON = Decision.__dict__["reason"]
@@ -110,20 +110,33 @@ class LazyDecision(Decision):
     def reason(self, value: str) -> None:
         _REASON.__set__(self, value)
 
-    def pod_ids(self) -> list[str]:
+    def ranked_ids(self) -> list[str]:
         """Pod ids best first (the fallback order) without building the explanation."""
         views = self._views
         return [views[i].pod_id for i in self._order()]
 
-    def matched_blocks(self, pod_id: str) -> int | None:
-        """Prompt blocks the prefix index attributed to ``pod_id`` at pick time; None when no
+    def matched_blocks(self, pod_id: str) -> int:
+        """Prompt blocks the prefix index attributed to ``pod_id`` at pick time; 0 when no
         scorer looked at the prefix index for this decision."""
         match = self._ctx.computed_match()
-        return None if match is None else match.get(pod_id, 0)
+        return 0 if match is None else match.get(pod_id, 0)
+
+    def stored_tier(self, pod_id: str) -> int | None:
+        """``scorer.view.stored_tier`` of the requested adapter on the candidate ``pod_id``, from
+        the view the pick scored (the picked pod is found first); None for a non-candidate."""
+        views = self._views
+        view = views[self._picked]
+        if view.pod_id != pod_id:
+            found = [v for v in views if v.pod_id == pod_id]
+            if not found:
+                return None
+            view = found[0]
+        return stored_tier(view, self._ctx.adapter)
 
     def placement(self, pod_id: str) -> str | None:
-        """The requested adapter's placement on ``pod_id`` at pick time (e.g. ``"cpu/free"``);
-        None when no scorer computed placements or the pod was not a candidate."""
+        """The requested adapter's placement on ``pod_id`` as the scorers priced it at pick time
+        (``code_name``, e.g. ``"cpu/free"``); None when no scorer computed placements or the pod
+        was not a candidate."""
         codes = self._ctx.computed_codes()
         if codes is None:
             return None
@@ -131,9 +144,6 @@ class LazyDecision(Decision):
             if v.pod_id == pod_id:
                 return code_name(c)
         return None
-
-    def totals(self) -> dict[str, float]:
-        return {v.pod_id: t for v, t in zip(self._views, self._totals)}
 
     def __repr__(self) -> str:
         return f"LazyDecision(pod_id={self.pod_id!r}, policy={self.policy!r}, candidates={len(self._views)})"

@@ -20,6 +20,12 @@ from typing import Any, Literal
 
 SCHEMA_VERSION = 1
 
+# Where a requested adapter sits on a pod, best first (``scorer.view.placement`` decides it):
+# the base model itself, on GPU, just sent there by this router, being loaded, in vLLM's CPU
+# LoRA cache, on the pod's disk, nowhere on the pod.
+T_BASE, T_GPU, T_INCOMING, T_LOADING, T_CPU, T_DISK, T_REMOTE = range(7)
+TIER_NAMES = ("base", "gpu", "incoming", "loading", "cpu", "disk", "remote")
+
 ResidencySource = Literal["exact", "estimated", "none"]
 
 
@@ -172,6 +178,11 @@ class Decision:
 
     ``ranked`` holds every candidate that passed the filters, best first, so the gateway can
     fall back to the next one; ``filtered`` names the pods removed and by which filter.
+
+    What the gateway asks of a decision, besides its fields: ``ranked_ids()`` (the fallback
+    order), ``matched_blocks(pod)`` and ``stored_tier(pod)``. A decision built from plain data
+    (a copy, an unpickled one) answers 0 and None for the last two; the pipeline's own
+    decisions (``scorer.decision.LazyDecision``) answer from what it saw at pick time.
     """
 
     pod_id: str | None
@@ -180,6 +191,19 @@ class Decision:
     policy: str
     elapsed_us: float = 0.0
     reason: str = ""
+
+    def ranked_ids(self) -> list[str]:
+        """Candidate pod ids, best first (the picked pod first): the fallback order."""
+        return [c.pod_id for c in self.ranked]
+
+    def matched_blocks(self, pod_id: str) -> int:
+        """Leading prompt blocks the prefix index attributed to ``pod_id`` at pick time."""
+        return 0
+
+    def stored_tier(self, pod_id: str) -> int | None:
+        """Where ``pod_id``'s own state put the requested adapter at pick time (a ``T_*`` tier;
+        ``T_BASE`` for a base-model request); None when the pod was not a candidate."""
+        return None
 
     def explain(self) -> dict[str, Any]:
         return {

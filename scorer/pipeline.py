@@ -36,13 +36,14 @@ from collections.abc import Mapping
 from time import perf_counter
 from typing import Any
 
+import scorer.plugins  # noqa: F401  (registers the built-in plugins)
 from scorer.decision import DecisionMeta, LazyDecision
 from scorer.demand import DemandTracker
 from scorer.errors import ConfigError
 from scorer.model import Decision, PodState, RoutingRequest
 from scorer.params import Param, unknown_key, validate_params
 from scorer.placement import PlacementPlan
-from scorer.plugin import Filter, Picker, Scorer
+from scorer.plugin import Filter, HintsReason, KnowsPrefillRate, Picker, PricesLoadStall, Scorer
 from scorer.prefix import DEFAULT_BLOCK_CHARS, prompt_block_hashes
 from scorer.presets import PRESETS
 from scorer.registry import lookup
@@ -74,27 +75,28 @@ class Pipeline:
         picker: Picker,
         state: Mapping[str, Any] | None = None,
         spec: Mapping[str, Any] | None = None,
+        *,
+        path: str = "pipeline",
     ) -> None:
+        """``state`` is the raw ``state:`` mapping, validated here (errors name ``{path}.state``)."""
         self.name = name
         self.filters = list(filters)
         self.scorers = list(scorers)
         self.picker = picker
-        self.state_config = validate_params(state, STATE_PARAMS, "pipeline.state")
+        self.state_config = validate_params(state, STATE_PARAMS, f"{path}.state")
         self.spec: dict[str, Any] = copy.deepcopy(dict(spec)) if spec is not None else {}
         self._names = [n for n, _, _ in self.scorers]
-        hints = [(i, sc.reason_hint) for i, (_, sc, _) in enumerate(self.scorers) if hasattr(sc, "reason_hint")]
-        self._meta = DecisionMeta(self._names, hints)  # type: ignore[arg-type]
+        # capabilities, resolved once (scorer.plugin): reason hints, the load-stall price (the
+        # first scorer that offers one, i.e. estimated-ttft) and the prefill rate
+        hints = [(i, sc.reason_hint) for i, (_, sc, _) in enumerate(self.scorers) if isinstance(sc, HintsReason)]
+        self._meta = DecisionMeta(self._names, hints)
+        self._stall: PricesLoadStall | None = next(
+            (sc for _, sc, _ in self.scorers if isinstance(sc, PricesLoadStall)), None)
+        rate = next((sc for _, sc, _ in self.scorers if isinstance(sc, KnowsPrefillRate)), None)
+        self._prefill_s_per_token = rate.prefill_s_per_token if rate is not None else DEFAULT_PREFILL_S_PER_TOKEN
         self._bounded = all(sc.BOUNDED for _, sc, _ in self.scorers)
         self._sum = _weighted_sum([float(w) for _, _, w in self.scorers])
         self._sums: dict[tuple[bool, ...], Any] = {}
-        self._prefill_s_per_token = DEFAULT_PREFILL_S_PER_TOKEN
-        # the first scorer that can price an adapter load's engine stall (estimated-ttft)
-        self._stall = next((sc for _, sc, _ in self.scorers if hasattr(sc, "load_stall_s")), None)
-        for _, sc, _ in self.scorers:
-            pst = getattr(sc, "params", {}).get("prefill_s_per_token")
-            if isinstance(pst, float):
-                self._prefill_s_per_token = pst
-                break
         self._local = LocalState(
             block_chars=self.state_config["block_chars"],
             incoming_ttl_s=self.state_config["incoming_ttl_s"],
@@ -163,8 +165,10 @@ class Pipeline:
         """
         t0 = perf_counter()
         local = self._local
+        if now >= local.inc_next_check:
+            local.expire_due(now)  # once per pick, before any plugin reads a placement
         views = local.views_of(pods)
-        ctx = PickContext(request, now, local)
+        ctx = PickContext(request, now, local.prefix, local.sessions, local.picks, local.kv, local.plan)
         filtered: dict[str, str] = {}
         for fname, flt in self.filters:
             if not views:
@@ -197,6 +201,7 @@ class Pipeline:
         else:
             totals = self._sum(cols) if cols else [0.0] * len(views)
         picked = self.picker.pick(totals, views, ctx)
+        local.picks += 1
         d = LazyDecision(views, totals, cols, self._meta, picked, filtered, self.name, ctx)
         d.elapsed_us = (perf_counter() - t0) * 1e6
         return d
@@ -213,13 +218,14 @@ class Pipeline:
         request counts once in the demand estimate (a retry on another pod does not count again).
         """
         local = self._local
+        local.expire_due(now)
         local.demand.observe(request, now)
         stall = 0.0
         name = request.adapter.name
         if self._stall is not None and name is not None:
             view = local.views.get(pod_id)
             if view is not None:
-                code = tier_codes(name, [view], now, local)[0]
+                code = tier_codes(name, [view])[0]
                 rank = request.adapter.rank
                 stall = self._stall.load_stall_s(rank if rank is not None else view.ranks.get(name), code)
         local.dispatch(pod_id, request, now, stall)
@@ -229,7 +235,7 @@ class Pipeline:
         pod's pending queue, so estimated-ttft steers requests away while it runs."""
         self._local.add_stall(pod_id, stall_s, now)
 
-    def on_complete(self, pod_id: str, request: RoutingRequest, now: float, ok: bool) -> None:
+    def on_complete(self, pod_id: str, request: RoutingRequest, ok: bool) -> None:
         """The request sent to ``pod_id`` finished (``ok`` False: failed or cancelled)."""
         self._local.complete(pod_id, request, ok)
 
@@ -241,6 +247,10 @@ class Pipeline:
         """(requests, tokens) this router has in flight on ``pod_id``."""
         loc = self._local.pods.get(pod_id)
         return (loc.inflight, loc.inflight_tokens) if loc is not None else (0, 0)
+
+    def inflight_counts(self) -> dict[str, int]:
+        """Requests this router has in flight, per pod it has dispatched to (for metrics)."""
+        return {pod_id: loc.inflight for pod_id, loc in self._local.pods.items()}
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per-pod local state for metrics and the admin API (not for the hot path)."""
@@ -384,8 +394,4 @@ def build_pipeline(spec: str | Mapping[str, Any] | None, *, path: str = "pipelin
     pcls = lookup("picker", entry["type"], f"{path}.picker.type")
     picker = pcls(entry.get("parameters"), f"{path}.picker.parameters")
 
-    state = effective.get("state")
-    if state is not None and not isinstance(state, Mapping):
-        raise ConfigError(f"{path}.state", "expected a mapping")
-    validate_params(state, STATE_PARAMS, f"{path}.state")
-    return Pipeline(name, filters, scorers, picker, state, effective)  # type: ignore[arg-type]
+    return Pipeline(name, filters, scorers, picker, effective.get("state"), effective, path=path)

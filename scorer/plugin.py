@@ -12,12 +12,21 @@ call per plugin rather than one per plugin per pod.
 - ``Picker.pick(totals, views, ctx) -> int``: the index of the chosen view.
 
 Parameters are validated strictly at construction from ``PARAMS`` (see ``scorer.params``).
+
+Optional capabilities are declared as ``runtime_checkable`` Protocols below; the pipeline finds
+the plugins that offer one once, when it is built (never on the hot path):
+
+- ``PricesLoadStall``: ``load_stall_s(rank, code)``, the engine seconds an adapter load with that
+  placement code stalls its pod (the pipeline adds it to the pod's pending work on dispatch).
+- ``HintsReason``: ``reason_hint(score)``, a phrase for the decision's reason (a predicted TTFT).
+- ``KnowsPrefillRate``: ``prefill_s_per_token``, the rate at which the pipeline drains the
+  pending prefill it keeps per pod.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from scorer.params import Param, validate_params
 from scorer.view import PickContext, PodView
@@ -100,3 +109,19 @@ class Picker(Plugin):
 
     def pick(self, totals: list[float], views: list[PodView], ctx: PickContext) -> int:
         raise NotImplementedError
+
+
+@runtime_checkable
+class PricesLoadStall(Protocol):
+    def load_stall_s(self, rank: int | None, code: int) -> float: ...
+
+
+@runtime_checkable
+class HintsReason(Protocol):
+    def reason_hint(self, score: float) -> str: ...
+
+
+@runtime_checkable
+class KnowsPrefillRate(Protocol):
+    @property
+    def prefill_s_per_token(self) -> float: ...

@@ -22,7 +22,6 @@ produces errors, which would not make a fair baseline either.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 SAFETY_FILTERS: list[Any] = ["healthy-fresh", "serves-base", "rank-fits"]
@@ -58,8 +57,3 @@ PRESETS: dict[str, dict[str, Any]] = {
         "picker": {"type": "max-score"},
     },
 }
-
-
-def preset(name: str) -> dict[str, Any]:
-    """A deep copy of one preset's spec (KeyError if unknown)."""
-    return copy.deepcopy(PRESETS[name])

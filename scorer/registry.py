@@ -1,7 +1,9 @@
 """Plugin registry: stable type name → plugin class, one table per kind.
 
-Plugins register themselves with ``@register`` when ``scorer.plugins`` is imported; the tables
-are static (classes, not instances), so every pipeline builds its own plugin instances.
+Plugins register themselves with ``@register`` when their module is imported (``scorer.pipeline``
+imports ``scorer.plugins``, which imports every built-in one); the tables are static (classes,
+not instances), so every pipeline builds its own plugin instances. This module imports no
+plugin, so the plugins can import it without a circle.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import difflib
 from typing import TypeVar
 
 from scorer.errors import ConfigError
-from scorer.plugin import Filter, Picker, Plugin, Scorer
+from scorer.plugin import Plugin
 
 P = TypeVar("P", bound=type[Plugin])
 
@@ -26,16 +28,9 @@ def register(cls: P) -> P:
     return cls
 
 
-def plugin_types(kind: str) -> dict[str, type[Plugin]]:
-    """All registered plugins of one kind ("filter", "scorer", "picker")."""
-    import scorer.plugins  # noqa: F401  (registers the built-in plugins)
-
-    return dict(_TABLES[kind])
-
-
 def lookup(kind: str, type_name: object, path: str) -> type[Plugin]:
     """The class for ``type_name`` or a ConfigError naming the path and the nearest names."""
-    table = plugin_types(kind)
+    table = _TABLES[kind]
     if not isinstance(type_name, str):
         raise ConfigError(path, f"expected a {kind} type name, got {type_name!r}")
     cls = table.get(type_name)
@@ -44,15 +39,3 @@ def lookup(kind: str, type_name: object, path: str) -> type[Plugin]:
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ConfigError(path, f"unknown {kind} type {type_name!r}{hint}; known: {', '.join(sorted(table))}")
     return cls
-
-
-def filter_types() -> dict[str, type[Filter]]:
-    return plugin_types("filter")  # type: ignore[return-value]
-
-
-def scorer_types() -> dict[str, type[Scorer]]:
-    return plugin_types("scorer")  # type: ignore[return-value]
-
-
-def picker_types() -> dict[str, type[Picker]]:
-    return plugin_types("picker")  # type: ignore[return-value]

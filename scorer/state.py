@@ -4,12 +4,16 @@ the demand it has dispatched and the placement plan it was given.
 Owned by one ``Pipeline`` instance (no globals). ``Pipeline.adopt_state_from`` hands the same
 ``LocalState`` to a pipeline rebuilt on config reload, so nothing learned is lost and requests
 dispatched under the old pipeline complete against the same counters.
+
+The views (``scorer.view.PodView``) are immutable; everything that changes between two state
+pushes lives here, in one ``PodLocal`` per pod. Optimistic incoming adapters expire in
+``expire_due``, which the pipeline calls once at the start of every pick and on every dispatch.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from operator import is_
 from typing import TYPE_CHECKING
 
@@ -17,7 +21,7 @@ from scorer.demand import DemandTracker
 from scorer.kv_index import KVBlockIndex
 from scorer.model import PodState, RoutingRequest
 from scorer.prefix import DEFAULT_BLOCK_CHARS, PrefixIndex, pod_capacity_blocks
-from scorer.view import PodView, slot_state
+from scorer.view import PodLocal, PodView
 
 if TYPE_CHECKING:
     from scorer.placement import PlacementPlan
@@ -25,30 +29,6 @@ if TYPE_CHECKING:
 MAX_INCOMING = 16  # optimistic adapters remembered per pod (oldest dropped)
 
 DEFAULT_PREFILL_S_PER_TOKEN = 0.000031  # h100-calibration.md: ≈ 0.031 ms/token from 2k tokens up
-
-
-class PodLocal:
-    """What this router itself knows about one pod, exactly and instantly.
-
-    ``inflight`` / ``inflight_tokens``: requests dispatched and not completed, and their
-    prompt + max_tokens. ``pending_until``: when the pod will have worked off what this router
-    sent it: the uncached prompt tokens (drained at the prefill rate) and the adapter loads they
-    trigger (each stalls the engine). ``incoming``: adapter
-    → expiry time of the optimistic belief that it is being loaded there.
-    """
-
-    __slots__ = (
-        "inflight", "inflight_tokens", "pending_until", "incoming", "dispatched", "inc_check_at",
-    )
-
-    def __init__(self) -> None:
-        self.inflight = 0
-        self.inflight_tokens = 0
-        self.pending_until = 0.0
-        self.incoming: dict[str, float] = {}
-        self.dispatched = 0
-        # The earliest expiry among ``incoming`` (inf when empty).
-        self.inc_check_at = float("inf")
 
 
 class LocalState:
@@ -74,7 +54,8 @@ class LocalState:
         self.pods: dict[str, PodLocal] = {}
         self.views: dict[str, PodView] = {}
         self.sessions: OrderedDict[str, str] = OrderedDict()
-        self.rr_counter = 0
+        # picks that had candidates (round-robin's counter, see PickContext.seq)
+        self.picks = 0
         # pods with optimistic incoming adapters, and the earliest time one of them expires
         self.inc_pods: set[str] = set()
         self._last_states: list[PodState] = []
@@ -114,57 +95,28 @@ class LocalState:
             loc = self.pods[pod_id] = PodLocal()
         return loc
 
+    def _capacity(self, state: PodState | None) -> int:
+        if state is None:
+            cap = pod_capacity_blocks(0, 0, self.block_chars)
+        else:
+            cap = pod_capacity_blocks(state.num_gpu_blocks, state.block_size, self.block_chars)
+        if self.max_blocks_per_pod and cap > self.max_blocks_per_pod:
+            cap = self.max_blocks_per_pod
+        return cap
+
     def make_view(self, pod_id: str, state: PodState) -> PodView:
         """Build (and cache) the view of a new PodState; drop incoming beliefs it confirms."""
         loc = self.pod(pod_id)
-        cap = pod_capacity_blocks(state.num_gpu_blocks, state.block_size, self.block_chars)
-        if self.max_blocks_per_pod and cap > self.max_blocks_per_pod:
-            cap = self.max_blocks_per_pod
-        view = PodView(pod_id, state, loc, cap, self.views.get(pod_id))
+        view = PodView(pod_id, state, loc, self._capacity(state), self.views.get(pod_id))
         self.views[pod_id] = view
         self._last_states = []
-        if loc.incoming:
-            self.refresh_incoming(pod_id, loc, float("-inf"), view_changed=True)  # expiry: expire_incoming
-        return view
-
-    # --- optimistic incoming adapters -------------------------------------------------------
-    def refresh_incoming(self, pod_id: str, loc: PodLocal, now: float, view_changed: bool = False) -> None:
-        """Drop expired (and, for a new view, confirmed) incoming adapters of one pod; update
-        its view's slot state and the expiry bookkeeping."""
         inc = loc.incoming
-        view = self.views.get(pod_id)
-        if inc and now >= loc.inc_check_at:
-            for name in [n for n, until in inc.items() if until <= now]:
-                del inc[name]
-        if inc and view_changed and view is not None:
+        if inc:
             gpu, loading = view.gpu, view.loading
             for name in [n for n in inc if n in gpu or n in loading]:
                 del inc[name]
-        if view is not None:
-            extra = len(inc)
-            view.slot = slot_state(view.n_gpu + extra, view.n_running + extra, view.max_loras) if extra else view.base_slot
-        if inc:
-            loc.inc_check_at = min(inc.values())
-            self.inc_pods.add(pod_id)
-            if loc.inc_check_at < self.inc_next_check:
-                self.inc_next_check = loc.inc_check_at
-        else:
-            loc.inc_check_at = float("inf")
-            self.inc_pods.discard(pod_id)
-
-    def expire_incoming(self, now: float) -> None:
-        """Called when the earliest expiry has passed: refresh the pods concerned."""
-        nxt = float("inf")
-        for pod_id in list(self.inc_pods):
-            loc = self.pods.get(pod_id)
-            if loc is None:
-                self.inc_pods.discard(pod_id)
-                continue
-            if loc.inc_check_at <= now:
-                self.refresh_incoming(pod_id, loc, now)
-            if loc.inc_check_at < nxt:
-                nxt = loc.inc_check_at
-        self.inc_next_check = nxt
+        self._incoming_changed(pod_id, loc)
+        return view
 
     def views_of(self, pods: Mapping[str, PodState]) -> list[PodView]:
         """The views of ``pods`` in mapping order, reusing the last list when no state changed.
@@ -175,21 +127,52 @@ class LocalState:
         last = self._last_states
         if len(last) == len(pods) and all(map(is_, pods.values(), last)):
             return self._last_views
-        views = self._build_views(pods)
-        self._last_states = [v.state for v in views]
-        self._last_views = views
-        return views
-
-    def _build_views(self, pods: Mapping[str, PodState]) -> list[PodView]:
         cache = self.views
-        out: list[PodView] = []
-        app = out.append
+        views: list[PodView] = []
+        app = views.append
         for pid, st in pods.items():
             v = cache.get(pid)
             if v is None or v.state is not st:
                 v = self.make_view(pid, st)
             app(v)
-        return out
+        self._last_states = [v.state for v in views]
+        self._last_views = views
+        return views
+
+    # --- optimistic incoming adapters -------------------------------------------------------
+    def _incoming_changed(self, pod_id: str, loc: PodLocal) -> None:
+        """Recompute the pod's slot state and the expiry bookkeeping after its incoming changed."""
+        inc = loc.incoming
+        view = self.views.get(pod_id)
+        if view is not None:
+            loc.slot = view.slot_with(len(inc))
+        if inc:
+            loc.inc_check_at = min(inc.values())
+            self.inc_pods.add(pod_id)
+            if loc.inc_check_at < self.inc_next_check:
+                self.inc_next_check = loc.inc_check_at
+        else:
+            loc.inc_check_at = float("inf")
+            self.inc_pods.discard(pod_id)
+
+    def expire_due(self, now: float) -> None:
+        """Drop the incoming beliefs that have expired by ``now`` (cheap when none has)."""
+        if now < self.inc_next_check:
+            return
+        nxt = float("inf")
+        for pod_id in list(self.inc_pods):
+            loc = self.pods.get(pod_id)
+            if loc is None:
+                self.inc_pods.discard(pod_id)
+                continue
+            if loc.inc_check_at <= now:
+                inc = loc.incoming
+                for name in [n for n, until in inc.items() if until <= now]:
+                    del inc[name]
+                self._incoming_changed(pod_id, loc)
+            if loc.inc_check_at < nxt:
+                nxt = loc.inc_check_at
+        self.inc_next_check = nxt
 
     # --- updates ---------------------------------------------------------------------------
     def dispatch(self, pod_id: str, request: RoutingRequest, now: float, stall_s: float = 0.0) -> None:
@@ -201,12 +184,7 @@ class LocalState:
         loc.inflight_tokens += max(0, request.prompt_tokens) + max(0, request.max_tokens)
         hashes = request.prefix_hashes
         view = self.views.get(pod_id)
-        if view is not None:
-            cap = view.capacity_blocks
-        else:
-            cap = pod_capacity_blocks(0, 0, self.block_chars)
-            if self.max_blocks_per_pod and cap > self.max_blocks_per_pod:
-                cap = self.max_blocks_per_pod
+        cap = view.capacity_blocks if view is not None else self._capacity(None)
         if hashes:
             matched = self.prefix.match_one(pod_id, hashes)
             uncached = max(0, request.prompt_tokens) * (1.0 - matched / len(hashes))
@@ -222,7 +200,7 @@ class LocalState:
             inc[name] = now + self.incoming_ttl_s
             while len(inc) > MAX_INCOMING:
                 del inc[next(iter(inc))]
-            self.refresh_incoming(pod_id, loc, now)
+            self._incoming_changed(pod_id, loc)
         key = request.session_key
         if key:
             sessions = self.sessions
@@ -245,7 +223,7 @@ class LocalState:
         if not ok and request.adapter.name is not None:
             # The optimistic belief that the adapter is arriving there is no longer supported.
             if loc.incoming.pop(request.adapter.name, None) is not None:
-                self.refresh_incoming(pod_id, loc, float("-inf"))
+                self._incoming_changed(pod_id, loc)
 
     def forget(self, pod_id: str) -> None:
         self._last_states = []
@@ -257,6 +235,3 @@ class LocalState:
         stale = [k for k, p in self.sessions.items() if p == pod_id]
         for k in stale:
             del self.sessions[k]
-
-    def known_pods(self) -> Iterable[str]:
-        return self.pods.keys()

@@ -1,11 +1,15 @@
-"""Derived, per-state-version views of pods and the per-pick context shared by plugins.
+"""What plugins read about pods: immutable per-state views, the router's live counters, the pick context.
 
-A ``PodView`` is computed once per ``PodState`` object (the pipeline caches it and rebuilds it
-only when the state object for a pod changes), so the hot path reads frozensets and ints instead
-of re-deriving them from tuples on every pick.
+- ``PodView`` is derived once per ``PodState`` object (the pipeline caches it and rebuilds it only
+  when the state object for a pod changes) and never written afterwards, so the hot path reads
+  frozensets and ints instead of re-deriving them from tuples on every pick.
+- ``PodLocal`` is what this router itself knows about one pod, exactly and instantly (requests in
+  flight, pending work, adapters it has just sent there). It is mutable and owned by
+  ``scorer.state.LocalState``; every view of the pod points to the same ``PodLocal``.
+- ``PickContext`` holds the per-pick values computed at most once and shared by every plugin.
 
-Adapter placement of the requested adapter on a pod is summarised as one *code*
-``tier * 3 + slot`` (see ``tier_codes``):
+Adapter placement of the requested adapter on a pod is one *tier* (``placement``), and together
+with the pod's slot state one *code* ``tier * 3 + slot`` (``tier_codes``):
 
 tiers (where the adapter is)        slots (whether it can get a GPU slot)
   BASE     request for the base       FREE       fewer adapters on GPU than max_loras
@@ -15,32 +19,73 @@ tiers (where the adapter is)        slots (whether it can get a GPU slot)
   CPU      in vLLM's CPU LoRA cache                in flight: a new adapter waits ("deferred")
   DISK     on the pod's local disk
   REMOTE   nowhere on the pod (fetch + load)
+
+``stored_tier`` is the tier the pod's own state reports (GPU, LOADING, CPU, DISK or REMOTE, best
+first; the order is fixed once per view in ``PodView.tier3``); ``placement`` adds this router's
+belief that it has just sent the adapter there (INCOMING, which outranks every stored tier but
+GPU). The scorers use ``placement``; the gateway's decision to ask a sidecar to fetch the adapter
+uses ``stored_tier``, because only the pod itself can say the adapter is on its disk.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from scorer.model import PodState, RoutingRequest
+from scorer.model import (
+    T_BASE, T_CPU, T_DISK, T_GPU, T_INCOMING, T_LOADING, T_REMOTE, TIER_NAMES, PodState, RoutingRequest,
+)
+from scorer.kv_index import KVBlockIndex
+from scorer.prefix import PrefixIndex
 
 if TYPE_CHECKING:
-    from scorer.state import LocalState, PodLocal
+    from scorer.placement import PlacementPlan
 
-T_BASE, T_GPU, T_INCOMING, T_LOADING, T_CPU, T_DISK, T_REMOTE = range(7)
+__all__ = [
+    "N_CODES", "S_FREE", "S_FREEABLE", "S_SATURATED", "SLOT_NAMES", "T_BASE", "T_CPU", "T_DISK", "T_GPU",
+    "T_INCOMING", "T_LOADING", "T_REMOTE", "TIER_NAMES", "PickContext", "PodLocal", "PodView", "code_name",
+    "placement", "slot_state", "stored_tier", "tier_codes",
+]
+
 S_FREE, S_FREEABLE, S_SATURATED = range(3)
-TIER_NAMES = ("base", "gpu", "incoming", "loading", "cpu", "disk", "remote")
 SLOT_NAMES = ("free", "freeable", "saturated")
 N_CODES = 21
 
 
+class PodLocal:
+    """What this router itself knows about one pod, exactly and instantly.
+
+    ``inflight`` / ``inflight_tokens``: requests dispatched and not completed, and their
+    prompt + max_tokens. ``pending_until``: when the pod will have worked off what this router
+    sent it: the uncached prompt tokens (drained at the prefill rate) and the adapter loads they
+    trigger (each stalls the engine). ``incoming``: adapter → expiry time of the optimistic
+    belief that it is being loaded there. ``slot``: the slot state of the pod's current view with
+    the incoming adapters counted as occupying slots (kept up to date by ``LocalState``).
+    """
+
+    __slots__ = (
+        "inflight", "inflight_tokens", "pending_until", "incoming", "dispatched", "inc_check_at", "slot",
+    )
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.inflight_tokens = 0
+        self.pending_until = 0.0
+        self.incoming: dict[str, float] = {}
+        self.dispatched = 0
+        # The earliest expiry among ``incoming`` (inf when empty).
+        self.inc_check_at = float("inf")
+        self.slot = S_FREE
+
+
 class PodView:
-    """What the plugins read about one pod: its PodState, derived sets, and local state."""
+    """What the plugins read about one pod: its PodState, derived sets, and its ``PodLocal``."""
 
     __slots__ = (
         "pod_id", "state", "local", "healthy", "observed_at", "bases", "gpu", "cpu", "disk",
         "loading", "running", "n_gpu", "n_running", "max_loras", "max_lora_rank", "ranks",
-        "kv", "num_running", "num_waiting", "num_deferred", "capacity_blocks", "slot",
-        "tier3", "load", "defer_factor", "base_slot", "incoming", "kv_free",
+        "kv", "num_running", "num_waiting", "num_deferred", "capacity_blocks",
+        "tier3", "load", "defer_factor", "base_slot", "kv_free",
     )
 
     def __init__(
@@ -72,19 +117,21 @@ class PodView:
             # vLLM lists adapters of deferred requests among the "running" ones too, so an adapter
             # with requests in flight is known to hold a GPU slot only while nothing is deferred;
             # with deferrals, trust the residency estimate when there is one.
-            self.gpu = frozenset(state.gpu_adapters)
-            if state.num_deferred == 0 or not self.gpu:
-                self.gpu |= running
+            gpu = frozenset(state.gpu_adapters)
+            if state.num_deferred == 0 or not gpu:
+                gpu |= running
+            self.gpu = gpu
             self.cpu = frozenset(state.cpu_adapters)
             self.disk = frozenset(state.disk_adapters)
             self.loading = frozenset(state.loading_adapters)
             self.running = running
-            # adapter name -> tier * 3 (the placement code without the slot), best tier wins
+            # adapter name -> stored tier * 3 (the placement code without the slot): the one
+            # place that orders the tiers a pod reports; the best tier wins
             tier3: dict[str, int] = dict.fromkeys(self.disk, T_DISK * 3)
             tier3.update(dict.fromkeys(self.cpu, T_CPU * 3))
             tier3.update(dict.fromkeys(self.loading, T_LOADING * 3))
             tier3.update(dict.fromkeys(self.gpu, T_GPU * 3))
-            self.tier3 = tier3
+            self.tier3: Mapping[str, int] = tier3
         self.n_gpu = len(self.gpu)
         self.n_running = len(self.running)
         self.max_loras = max(1, state.max_loras)
@@ -96,15 +143,17 @@ class PodView:
         self.num_waiting = max(0, state.num_waiting)
         self.num_deferred = max(0, state.num_deferred)
         self.capacity_blocks = capacity_blocks
-        # ``slot`` counts the router's optimistic incoming adapters as occupying slots; the
-        # local state keeps it up to date (``LocalState.refresh_incoming``). ``base_slot`` is
-        # what the PodState alone says. ``incoming`` is the pod's (long-lived) incoming dict.
-        # a deferred request means every slot is held by an adapter with requests running
+        # What the PodState alone says about slots; ``local.slot`` adds the incoming adapters.
+        # A deferred request means every slot is held by an adapter with requests running.
         self.base_slot = S_SATURATED if self.num_deferred else slot_state(self.n_gpu, self.n_running, self.max_loras)
-        self.slot = self.base_slot
-        self.incoming = local.incoming
         self.load = self.num_running + self.num_waiting
         self.defer_factor = 1.0 + self.num_deferred / self.max_loras
+
+    def slot_with(self, extra: int) -> int:
+        """The slot state with ``extra`` more adapters occupying slots (incoming ones)."""
+        if not extra:
+            return self.base_slot
+        return slot_state(self.n_gpu + extra, self.n_running + extra, self.max_loras)
 
 
 def slot_state(n_gpu: int, n_running: int, max_loras: int) -> int:
@@ -116,16 +165,71 @@ def slot_state(n_gpu: int, n_running: int, max_loras: int) -> int:
     return S_SATURATED
 
 
+_REMOTE3 = T_REMOTE * 3
+_INCOMING3 = T_INCOMING * 3
+_BASE3 = T_BASE * 3
+
+
+def stored_tier(view: PodView, adapter: str | None) -> int:
+    """Where the pod's own state puts ``adapter`` (None: the base model): T_BASE, T_GPU,
+    T_LOADING, T_CPU, T_DISK or T_REMOTE."""
+    if adapter is None:
+        return T_BASE
+    return view.tier3.get(adapter, _REMOTE3) // 3
+
+
+def placement(view: PodView, adapter: str | None) -> int:
+    """The tier the scorers price: ``stored_tier``, or T_INCOMING when this router has just sent
+    ``adapter`` to the pod and the pod does not show it on GPU yet."""
+    if adapter is not None and adapter in view.local.incoming:
+        return T_INCOMING
+    return stored_tier(view, adapter)
+
+
+def tier_codes(adapter: str | None, views: list[PodView]) -> list[int]:
+    """``placement(v, adapter) * 3 + v.local.slot`` for each view, in one comprehension.
+
+    Incoming entries are current: ``LocalState.expire_due`` runs once at the start of each pick
+    and on each dispatch, before any code is computed.
+    """
+    if adapter is None:
+        return [_BASE3 + v.local.slot for v in views]
+    r3 = _REMOTE3
+    i3 = _INCOMING3
+    return [
+        (i3 if adapter in (loc := v.local).incoming else v.tier3.get(adapter, r3)) + loc.slot for v in views
+    ]
+
+
+def code_name(code: int) -> str:
+    """Human-readable placement, e.g. ``"cpu/saturated"``."""
+    return f"{TIER_NAMES[code // 3]}/{SLOT_NAMES[code % 3]}"
+
+
 class PickContext:
-    """Per-pick values computed at most once and shared by every plugin of the pipeline."""
+    """Per-pick values computed at most once and shared by every plugin of the pipeline.
 
-    __slots__ = ("request", "now", "local", "adapter", "_match", "_codes", "_rank")
+    ``prefix`` and ``sessions`` are the pipeline's prefix index and session bindings, ``kv`` its
+    index of the blocks pods reported through KV events, ``plan`` the placement plan a placer
+    installed (None without one) — all read only here; ``seq`` counts the pipeline's earlier picks
+    that had candidates (round-robin's counter; it lives in the local state, so it survives a
+    config reload).
+    """
 
-    def __init__(self, request: RoutingRequest, now: float, local: LocalState) -> None:
+    __slots__ = ("request", "now", "adapter", "prefix", "sessions", "seq", "kv", "plan", "_match", "_codes", "_rank")
+
+    def __init__(
+        self, request: RoutingRequest, now: float, prefix: PrefixIndex, sessions: Mapping[str, str], seq: int,
+        kv: KVBlockIndex | None = None, plan: PlacementPlan | None = None,
+    ) -> None:
         self.request = request
         self.now = now
-        self.local = local
         self.adapter = request.adapter.name
+        self.prefix = prefix
+        self.sessions = sessions
+        self.seq = seq
+        self.kv = kv if kv is not None else KVBlockIndex()
+        self.plan = plan
         self._match: dict[str, int] | None = None
         self._codes: list[int] | None = None
         self._rank: int | None = -1
@@ -134,7 +238,7 @@ class PickContext:
         """pod id → leading prompt blocks that pod is believed to hold (absent: 0)."""
         m = self._match
         if m is None:
-            m = self._match = self.local.prefix.match(self.request.prefix_hashes)
+            m = self._match = self.prefix.match(self.request.prefix_hashes)
         return m
 
     def adapter_rank(self, views: list[PodView]) -> int | None:
@@ -162,25 +266,5 @@ class PickContext:
         """Placement code (tier * 3 + slot) of the requested adapter on each view."""
         c = self._codes
         if c is None:
-            c = self._codes = tier_codes(self.adapter, views, self.now, self.local)
+            c = self._codes = tier_codes(self.adapter, views)
         return c
-
-
-_REMOTE3 = T_REMOTE * 3
-_INCOMING3 = T_INCOMING * 3
-
-
-def tier_codes(adapter: str | None, views: list[PodView], now: float, local: LocalState) -> list[int]:
-    """See the module docstring; optimistic incoming adapters count as occupying a slot."""
-    if now >= local.inc_next_check:
-        local.expire_incoming(now)
-    if adapter is None:
-        return [T_BASE * 3 + v.slot for v in views]
-    r3 = _REMOTE3
-    i3 = _INCOMING3
-    return [i3 + v.slot if adapter in v.incoming else v.tier3.get(adapter, r3) + v.slot for v in views]
-
-
-def code_name(code: int) -> str:
-    """Human-readable placement, e.g. ``"cpu/saturated"``."""
-    return f"{TIER_NAMES[code // 3]}/{SLOT_NAMES[code % 3]}"

@@ -6,6 +6,10 @@
 - ``s3_server``: moto's S3 HTTP server (session-wide); ``s3_server.extra['endpoint_url']``.
 - ``tls_ca`` / ``s3_tls_server``: a throwaway CA and an S3 server behind TLS signed by it.
 - ``make_adapter``: write a tiny real PEFT adapter folder.
+
+Each service fixture checks itself once before handing the service out (a key with a TTL in
+Redis, a bucket round trip in S3, TLS that trusts only the throwaway CA), so a broken fixture
+fails there, by name, instead of somewhere inside a loraroute test.
 """
 
 from __future__ import annotations
@@ -40,7 +44,13 @@ def session_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_server(session_log_dir: Path) -> Iterator[Proc]:
+    import redis
+
     proc = start_redis(log_dir=session_log_dir)
+    client = redis.Redis.from_url(str(proc.extra["url"]))
+    client.set("fixture-self-check", "v", px=500)
+    assert client.get("fixture-self-check") == b"v", "the Redis fixture does not keep a key"
+    client.close()
     yield proc
     proc.stop()
 
@@ -56,9 +66,20 @@ def redis_url(redis_server: Proc) -> Iterator[str]:
     yield str(redis_server.extra["url"])
 
 
+def _s3_self_check(endpoint_url: str, **client_kw: object) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1", **client_kw)
+    s3.create_bucket(Bucket="fixture-self-check")
+    s3.put_object(Bucket="fixture-self-check", Key="k", Body=b"{}")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="fixture-self-check")["Contents"]]
+    assert keys == ["k"], "the S3 fixture does not keep an object"
+
+
 @pytest.fixture(scope="session")
 def s3_server(session_log_dir: Path) -> Iterator[Proc]:
     proc = start_s3(log_dir=session_log_dir)
+    _s3_self_check(str(proc.extra["endpoint_url"]))
     yield proc
     proc.stop()
 
@@ -82,6 +103,13 @@ def s3_tls_server(tls_ca, tmp_path_factory: pytest.TempPathFactory, session_log_
     tls_ca.cert_pem.write_to_path(str(ca_file))
     proc = start_s3(cert_file=str(cert_file), key_file=str(key_file), log_dir=session_log_dir)
     proc.extra["ca_file"] = str(ca_file)
+    import boto3
+    import botocore.exceptions
+
+    url = str(proc.extra["endpoint_url"])
+    _s3_self_check(url, verify=str(ca_file))
+    with pytest.raises(botocore.exceptions.SSLError):  # TLS for real: without the CA it is refused
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1").list_buckets()
     yield proc
     proc.stop()
 

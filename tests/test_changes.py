@@ -66,6 +66,7 @@ class Env:
 
     def chat(self, model: str) -> str:
         client = OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        # the reply echoes the name the client sent (the gateway rewrites vLLM's adapter name)
         return client.chat.completions.create(model=model, max_tokens=2,
                                               messages=[{"role": "user", "content": "hi"}]).model
 
@@ -133,7 +134,7 @@ def test_roles_and_the_two_person_rule(env: Env) -> None:
         assert r.status_code == 200 and r.json()["status"] == "applied" and r.json()["decided_by"] == "bob"
         again = c.post(f"/admin/changes/{change['id']}/approve")
         assert again.status_code == 409 and again.json()["error"]["code"] == "change_not_pending"
-    assert env.chat(f"{BASE}:summarize") == "summarize"
+    assert env.chat(f"{BASE}:summarize") == f"{BASE}:summarize"
 
     with env.as_("carol") as c:
         entries = c.get("/admin/audit", params={"limit": 1000}).json()["data"]
@@ -149,7 +150,7 @@ def test_reject_rollback_and_conflicts(env: Env, capsys: pytest.CaptureFixture[s
     with env.as_("bob") as c:
         r = c.post(f"/admin/changes/{retire['id']}/reject", json={"note": "sql is still used by analytics"})
         assert r.json()["status"] == "rejected"
-    assert env.chat(f"{BASE}:sql") == "sql"
+    assert env.chat(f"{BASE}:sql") == f"{BASE}:sql"
 
     # weights need no approval here: applied at once, and a rollback is one command
     r = propose(env, "alice", {"kind": "pipeline.weights", "weights": {"prefix-cache": 0.0, "kv-usage": 4.0}})
@@ -184,12 +185,12 @@ def test_reject_rollback_and_conflicts(env: Env, capsys: pytest.CaptureFixture[s
 
 
 def test_changes_survive_a_restart_and_the_audit_log_is_json_lines(env: Env) -> None:
-    assert env.chat(f"{BASE}:summarize") == "summarize"
+    assert env.chat(f"{BASE}:summarize") == f"{BASE}:summarize"
     assert env.gateway is not None
     env.gateway.stop()
     env.procs.started.remove(env.gateway)
     env.start_gateway(proposal_ttl_s=1.0)
-    assert env.chat(f"{BASE}:summarize") == "summarize"  # the approved add is still in effect
+    assert env.chat(f"{BASE}:summarize") == f"{BASE}:summarize"  # the approved add is still in effect
     lines = (env.root / "state" / "audit.jsonl").read_text().splitlines()
     entries = [json.loads(line) for line in lines]
     assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))
@@ -206,7 +207,7 @@ def test_changes_survive_a_restart_and_the_audit_log_is_json_lines(env: Env) -> 
     with env.as_("carol") as c:
         last = c.get("/admin/audit", params={"limit": 1}).json()["data"][0]
     assert (last["event"], last["change_id"], last["by"]) == ("expired", pending["id"], "gateway")
-    assert env.chat(f"{BASE}:summarize") == "summarize"
+    assert env.chat(f"{BASE}:summarize") == f"{BASE}:summarize"
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def test_demo_serves_the_printed_examples(procs) -> None:  # type: ignore[no-unt
     assert "tsuzumi-base:sql" in models and "tsuzumi-base:summarize" in models
     chat = client.chat.completions.create(model="tsuzumi-base:sql", max_tokens=8,
                                           messages=[{"role": "user", "content": "List the tables"}])
-    assert chat.model == "sql" and chat.choices[0].message.content
+    assert chat.model == "tsuzumi-base:sql" and chat.choices[0].message.content  # the name the client sent
     text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="tsuzumi-base:summarize", stream=True, max_tokens=8,
         messages=[{"role": "user", "content": "Summarise this text"}]) if c.choices)

@@ -1,13 +1,12 @@
-"""The shared pieces every other part builds on: PodState, the memory store, test services."""
+"""The shared pieces every other part builds on: PodState, the memory store, the made adapters.
+(The test services check themselves in their fixtures, tests/conftest.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
-import boto3
 import pytest
-import redis
 from safetensors import safe_open
 
 from loraroute import peft
@@ -63,28 +62,3 @@ def test_made_adapter_is_real_peft(tmp_path) -> None:  # type: ignore[no-untyped
         b = f.get_tensor("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")
     assert keys == set(peft.tensor_names(("q_proj", "down_proj")))
     assert a.shape == (16, 64) and b.shape == (64, 16)
-
-
-def test_real_redis_answers(redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    client.set("k", "v", px=500)
-    assert client.get("k") == b"v"
-
-
-def test_real_s3_answers(s3_server) -> None:  # type: ignore[no-untyped-def]
-    s3 = boto3.client("s3", endpoint_url=s3_server.extra["endpoint_url"], region_name="us-east-1")
-    s3.create_bucket(Bucket="foundation")
-    s3.put_object(Bucket="foundation", Key="adapters/x/adapter_config.json", Body=b"{}")
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="foundation")["Contents"]]
-    assert keys == ["adapters/x/adapter_config.json"]
-
-
-def test_s3_over_tls_needs_the_ca(s3_tls_server) -> None:  # type: ignore[no-untyped-def]
-    import botocore.exceptions
-
-    url = s3_tls_server.extra["endpoint_url"]
-    trusted = boto3.client("s3", endpoint_url=url, region_name="us-east-1", verify=s3_tls_server.extra["ca_file"])
-    trusted.create_bucket(Bucket="tls-ok")
-    untrusted = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-    with pytest.raises(botocore.exceptions.SSLError):
-        untrusted.list_buckets()

@@ -115,7 +115,7 @@ def test_chat_and_completions_streaming_and_not(env: Env) -> None:
         model=f"{BASE}:sql", messages=[{"role": "user", "content": "List the tables"}], max_tokens=5)
     assert raw.headers["x-loraroute-pod"] in env.pods
     chat = raw.parse()
-    assert chat.model == "sql"  # rewritten to the name vLLM knows, echoed by the pod
+    assert chat.model == f"{BASE}:sql"  # the name the client sent, not the adapter name vLLM knows
     assert chat.choices[0].message.content and chat.usage.completion_tokens == 5
 
     with client.chat.completions.with_streaming_response.create(
@@ -127,10 +127,10 @@ def test_chat_and_completions_streaming_and_not(env: Env) -> None:
         chunks = list(resp.parse())
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip() and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
-    assert {c.model for c in chunks} == {"summarize"}
+    assert {c.model for c in chunks} == {f"{BASE}:summarize"}  # every chunk
 
     comp = client.completions.create(model="tsuzumi:creative", prompt="Once upon a time", max_tokens=4)
-    assert comp.model == "creative" and comp.choices[0].text
+    assert comp.model == "tsuzumi:creative" and comp.choices[0].text  # the alias, as sent
     pieces = list(client.completions.create(model=BASE, prompt="SELECT", max_tokens=4, stream=True))
     assert "".join(p.choices[0].text for p in pieces if p.choices)
     assert {p.model for p in pieces} == {BASE}

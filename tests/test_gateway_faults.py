@@ -61,6 +61,16 @@ def start_gateway(procs, tmp_path: Path, config: dict, name: str = "gateway") ->
     return proc, path
 
 
+def finished_decisions(gw: Proc, n: int) -> list[dict]:
+    """The last ``n`` decisions once every one has its status: a stream's record is completed
+    when the pod's stream has ended, which may be just after the client read ``[DONE]``."""
+    def get() -> list[dict]:
+        return httpx.get(gw.url + f"/admin/decisions?limit={n}", headers=ADMIN).json()["data"]
+
+    wait_until(lambda: all(d["status"] for d in get()), 5, "the last requests' records")
+    return get()
+
+
 def base_config(pods: list[dict], adapters: list[str]) -> dict:
     return {
         "server": {"reload_poll_s": 0},
@@ -144,7 +154,7 @@ def test_retry_on_the_next_pod_when_the_chosen_one_was_killed(procs, tmp_path: P
                 assert "".join(c.choices[0].delta.content or "" for c in parsed if c.choices)
             else:
                 assert parsed.choices[0].message.content
-        decisions = httpx.get(gw.url + "/admin/decisions?limit=4", headers=ADMIN).json()["data"]
+        decisions = finished_decisions(gw, 4)
         assert all(d["status"] == 200 and d["attempts"][-1] == "pod-b" for d in decisions)
         # the first request after the kill went to pod-a first; pod-a then refused a connection, so
         # for the next seconds it is tried last: no later request pays the failed connect again
@@ -181,7 +191,7 @@ def test_a_5xx_before_the_first_byte_is_retried_on_the_next_pod(procs, tmp_path:
                     else parsed.choices[0].message.content)
             assert text
         failed = httpx.get(a.url + "/sim/faults").json()["failed"]
-        decisions = httpx.get(gw.url + "/admin/decisions?limit=4", headers=ADMIN).json()["data"]
+        decisions = finished_decisions(gw, 4)
         # a 5xx does not make the pod suspect (it answered): each request tried pod-a, then pod-b
         assert [d["attempts"] for d in decisions] == [["pod-a", "pod-b"]] * 4
         assert failed == 4

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loraroute.procs import free_port
 from podstate import MemoryStore
-from podstate.monitor import PodMonitor
+from podstate.monitor import MonitorSettings, PodMonitor
 from podstate.vllm_metrics import WANTED, parse_metrics, parse_models, wanted_samples
 from scorer.model import PodState
 from vllm_sidecar.errors import LoadRefused
@@ -129,7 +129,7 @@ def test_monitor_watching_from_start_up() -> None:
         replay, store = Replay(), MemoryStore()
         replay.show("metrics-startup.txt", "models-startup.json")
         async with replay.running():
-            monitor = PodMonitor("real", replay.url, store, interval_s=0.02, max_loras=2, max_cpu_loras=4)
+            monitor = PodMonitor("real", replay.url, store, MonitorSettings(interval_s=0.02, max_loras=2, max_cpu_loras=4))
             await monitor.start()
             try:
                 st = await scraped(monitor, store, lambda s: s.healthy)
@@ -165,7 +165,7 @@ def test_monitor_starting_late_ignores_the_stale_series() -> None:
         replay, store = Replay(), MemoryStore()
         replay.show("metrics-after-lora.txt", "models-loaded.json")
         async with replay.running():
-            monitor = PodMonitor("late", replay.url, store, interval_s=0.02, max_cpu_loras=4)
+            monitor = PodMonitor("late", replay.url, store, MonitorSettings(interval_s=0.02, max_cpu_loras=4))
             await monitor.start()
             try:
                 st = await scraped(monitor, store, lambda s: s.healthy)

@@ -16,7 +16,7 @@ import pytest
 from loraroute import peft
 from loraroute.procs import Proc, consecutive_free_ports, free_port, loraroute_cmd, start_process
 from podstate import MemoryStore
-from podstate.monitor import MonitorGroup, PodMonitor
+from podstate.monitor import MonitorGroup, MonitorSettings, PodMonitor
 
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -66,7 +66,7 @@ def test_estimate_follows_loads_and_in_flight_requests(cluster: list[str], adapt
     async def go() -> None:
         store = MemoryStore()
         await store.start()
-        monitor = PodMonitor("p0", url, store, max_cpu_loras=3)
+        monitor = PodMonitor("p0", url, store, MonitorSettings(max_cpu_loras=3))
         await monitor.start()
         try:
             await until(lambda: monitor.state is not None and monitor.state.healthy)
@@ -103,7 +103,7 @@ def test_estimate_follows_loads_and_in_flight_requests(cluster: list[str], adapt
 def test_monitor_group_watches_every_pod(cluster: list[str]) -> None:
     async def go() -> None:
         store = MemoryStore()
-        group = MonitorGroup({"x": cluster[0], "y": cluster[1]}, store, heartbeat_s=0.2)
+        group = MonitorGroup({"x": cluster[0], "y": cluster[1]}, store, MonitorSettings(heartbeat_s=0.2))
         await group.start()
         try:
             await until(lambda: set(store.view()) == {"x", "y"} and all(s.healthy for s in store.view().values()))

@@ -6,8 +6,9 @@ from collections import Counter
 
 import pytest
 
-from scorer.model import AdapterRef, PodState, RoutingRequest
-from scorer.pipeline import Pipeline, build_pipeline
+from scorer.model import T_GPU, T_REMOTE, AdapterRef, PodState, RoutingRequest
+from scorer.pipeline import STATE_PARAMS, Pipeline, build_pipeline
+from scorer.plugins.adapter_residency import AdapterResidency
 from scorer.plugins.estimated_ttft import EstimatedTTFT, interpolate_load
 from scorer.prefix import prompt_block_hashes
 
@@ -84,12 +85,19 @@ def residency_pods() -> list[PodState]:
     ]
 
 
+RESIDENCY = {k: p.default for k, p in AdapterResidency.PARAMS.items()}
+INCOMING_TTL_S = STATE_PARAMS["incoming_ttl_s"].default
+
+
 def test_adapter_residency_tiers() -> None:
     s = one({"type": "adapter-residency"}, residency_pods(), req())
+    d = RESIDENCY
     assert s == {
-        "gpu": 1.0, "running": 1.0, "loading": 0.85, "cpu": 0.7, "disk": 0.5, "free": 0.4, "freeable": 0.3,
-        "saturated": 0.0, "cpu-saturated": 0.0,
+        "gpu": d["gpu"], "running": d["gpu"], "loading": d["loading"], "cpu": d["cpu"], "disk": d["disk"],
+        "free": d["free_slot"], "freeable": d["slot_freeable"], "saturated": d["saturated"],
+        "cpu-saturated": d["saturated"],
     }
+    assert len(set(s.values())) == 7  # every tier of the table is told apart
     custom = {"type": "adapter-residency", "parameters": {"cpu": 0.95, "disk": 0.1, "saturated": 0.05}}
     s = one(custom, residency_pods(), req())
     assert (s["cpu"], s["disk"], s["saturated"], s["cpu-saturated"]) == (0.95, 0.1, 0.05, 0.05)
@@ -99,16 +107,18 @@ def test_adapter_residency_tiers() -> None:
 def test_adapter_residency_counts_optimistic_incoming() -> None:
     pl = build_pipeline({"filters": [], "scorers": ["adapter-residency"]})
     pods = [pod("p1"), pod("p2")]
-    assert set(scores_of(pl, pods, req()).values()) == {0.4}
+    free, incoming = RESIDENCY["free_slot"], RESIDENCY["incoming"]
+    assert set(scores_of(pl, pods, req()).values()) == {free}
     pl.on_dispatch("p1", req(), NOW)
-    assert scores_of(pl, pods, req(), NOW + 0.1) == {"p1": 0.9, "p2": 0.4}
+    assert scores_of(pl, pods, req(), NOW + 0.1) == {"p1": incoming, "p2": free}
     # incoming adapters take slots: three other new adapters on a 4-slot pod + this one = full
     for name in ("x", "y", "z"):
         pl.on_dispatch("p2", req(adapter=name), NOW)
     pods2 = [pod("p1"), pod("p2", gpu_adapters=("w",), running_adapters=("w",))]
-    assert scores_of(pl, pods2, req(adapter="q"), NOW + 0.1)["p2"] == 0.0  # saturated by incoming
-    # the belief expires after state.incoming_ttl_s (default 5 s)
-    assert scores_of(pl, pods, req(), NOW + 6.0) == {"p1": 0.4, "p2": 0.4}
+    assert scores_of(pl, pods2, req(adapter="q"), NOW + 0.1)["p2"] == RESIDENCY["saturated"]  # by incoming
+    # the belief expires after state.incoming_ttl_s
+    assert scores_of(pl, pods, req(), NOW + INCOMING_TTL_S - 0.1)["p1"] == incoming
+    assert scores_of(pl, pods, req(), NOW + INCOMING_TTL_S + 0.1) == {"p1": free, "p2": free}
 
 
 def test_incoming_cleared_when_state_confirms_and_on_failure() -> None:
@@ -118,7 +128,7 @@ def test_incoming_cleared_when_state_confirms_and_on_failure() -> None:
     scores_of(pl, [pod("p1", gpu_adapters=("a",))], req(), NOW + 0.1)
     assert pl.snapshot()["p1"]["incoming_adapters"] == []
     pl.on_dispatch("p1", req(adapter="b"), NOW)
-    pl.on_complete("p1", req(adapter="b"), NOW, ok=False)
+    pl.on_complete("p1", req(adapter="b"), ok=False)
     assert pl.snapshot()["p1"]["incoming_adapters"] == []
 
 
@@ -195,7 +205,7 @@ def test_inflight_capacity_minmax_tokens() -> None:
             "tok": {"p1": 0.7, "p2": 0.1, "p3": 1.0},
         }[name]
         assert got == pytest.approx(expected), name
-        pl.on_complete("p2", req(prompt_tokens=100, max_tokens=50), NOW, ok=True)
+        pl.on_complete("p2", req(prompt_tokens=100, max_tokens=50), ok=True)
         assert pl.inflight("p2") == (5, 750)
 
 
@@ -237,7 +247,7 @@ def test_estimated_ttft_prediction_terms() -> None:
     s = scores_of(pl, pods, r)
     t = {k: p["scale_s"] / v - p["scale_s"] for k, v in s.items()}  # back to seconds
     prefill = 1000 * p["prefill_s_per_token"]
-    disk = 1.05 * 0.51
+    disk = p["model_scale"] * p["disk_load_s"][32]
     assert t["gpu"] == pytest.approx(p["base_s"] + prefill)
     assert t["cpu"] - t["gpu"] == pytest.approx(p["cpu_load_s"])
     assert t["disk"] - t["gpu"] == pytest.approx(disk)
@@ -264,8 +274,11 @@ def test_estimated_ttft_prefix_pending_and_minmax() -> None:
     assert 0.5 / later["p2"] - 0.5 / later["p1"] == pytest.approx(1000 * pst - p["per_running_s"], abs=1e-6)  # pending_until is an absolute time: ~2e-7 s resolution
     mm = build_pipeline({"filters": [], "scorers": [{"type": "estimated-ttft", "parameters": {"normalize": "minmax"}}]})
     s = scores_of(mm, [pod("g", gpu_adapters=("a",)), pod("c", cpu_adapters=("a",)), pod("r")], req())
-    assert s == {"g": 1.0, "c": pytest.approx(s["c"]), "r": 0.0}
-    assert 0.9 < s["c"] < 1.0
+    # min-max over the predictions: the CPU pod sits cpu_load_s above the GPU one, and the remote
+    # one a disk load plus a fetch above it (rank 16: the interpolation table's own point)
+    mp = mm.scorers[0][1].params
+    remote = mp["model_scale"] * mp["disk_load_s"][16] + 16 * mp["fetch_s_per_rank"]
+    assert s == {"g": 1.0, "c": pytest.approx(1.0 - mp["cpu_load_s"] / remote), "r": 0.0}
 
 
 def test_estimated_ttft_counts_the_engine_stall_of_a_load_it_triggers() -> None:
@@ -365,4 +378,5 @@ def test_deferred_adapter_is_not_counted_on_gpu() -> None:
     req = RoutingRequest(adapter=AdapterRef(base="b", name="z", rank=8), prompt_tokens=100)
     decision = pipeline.pick(req, {"deferred": deferred, "resident": resident}, now=100.0)
     assert decision.pod_id == "resident"
-    assert decision.placement("deferred") != decision.placement("resident")
+    assert (decision.stored_tier("deferred"), decision.stored_tier("resident")) == (T_REMOTE, T_GPU)
+    assert "adapter z: gpu/" in decision.reason

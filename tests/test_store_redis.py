@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from loraroute.services import restart_redis, start_redis
-from podstate import open_store
+from podstate import MemoryStore, check_store_url, open_store
 from podstate.redis_store import RedisStore, redact_url
 from scorer.model import PodState
 
@@ -167,8 +167,7 @@ def test_redis_restart_heals_and_nothing_crashes(tmp_path) -> None:  # type: ign
         nonlocal server
         url = str(server.extra["url"])
         writer = open_store(url, reader=False)
-        reader = open_store(url, resync_interval_s=0.2)
-        assert isinstance(reader, RedisStore)
+        reader = RedisStore(url, resync_interval_s=0.2)
         await writer.start()
         await reader.start()
         await until(lambda: reader.connected)
@@ -199,7 +198,12 @@ def test_redis_restart_heals_and_nothing_crashes(tmp_path) -> None:  # type: ign
 
 
 def test_open_store_and_redaction() -> None:
-    assert isinstance(open_store("redis://127.0.0.1:1/0", key_prefix="x"), RedisStore)
+    store = open_store("redis://127.0.0.1:1/0", key_prefix="x", reader=False, password="pw")
+    assert isinstance(store, RedisStore) and store.key("p") == "x:pod:p" and not store.reader
+    assert isinstance(open_store("memory://", key_prefix="ignored"), MemoryStore)
+    assert check_store_url("rediss://h:1/0") == "rediss://h:1/0"
+    with pytest.raises(ValueError, match="use memory://"):
+        check_store_url("postgres://x")
     assert redact_url("redis://user:s3cret@host:6379/0") == "redis://host:6379/0"
     with pytest.raises(ValueError, match="unknown state store URL"):
         open_store("http://nope")

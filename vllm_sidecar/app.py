@@ -61,7 +61,7 @@ async def _errors(request: web.Request, handler):  # type: ignore[no-untyped-def
 
 async def healthz(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR_KEY]
-    state = sidecar.monitor.state if sidecar.monitor else None
+    state = sidecar.monitor.state
     return web.json_response({
         "status": "ok",
         "pod_id": sidecar.settings.pod_id,

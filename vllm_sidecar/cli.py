@@ -98,8 +98,7 @@ async def serve(settings: SidecarSettings, ready: asyncio.Event | None = None) -
     from vllm_sidecar.app import create_app
     from vllm_sidecar.service import Sidecar
 
-    sidecar = Sidecar(settings)
-    await sidecar.start()
+    sidecar = await Sidecar.open(settings)
     runner = web.AppRunner(create_app(sidecar), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen.host, settings.listen.port)

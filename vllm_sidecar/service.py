@@ -1,6 +1,6 @@
 """The sidecar's parts wired together: state store, pod monitor (the publisher), adapter store,
-vLLM loader and metrics. ``Sidecar(settings)`` is built by the CLI and by tests; the HTTP app
-(``vllm_sidecar.app``) only calls its methods.
+vLLM loader and metrics. ``await Sidecar.open(settings)`` builds it complete and started (the
+CLI does); the HTTP app (``vllm_sidecar.app``) only calls its methods.
 
 With ``kv_events`` set, the sidecar also follows its pod's KV-cache events (``KVEventSubscriber``)
 and relays the pod's block set through Redis (``KVBlockRelay``: compact deltas and snapshots
@@ -38,7 +38,7 @@ import aiohttp
 import podstate
 from podstate.kv_events import KVEventSubscriber
 from podstate.kv_store import KVBlockRelay
-from podstate.monitor import PodMonitor
+from podstate.monitor import MonitorSettings, PodMonitor
 from podstate.store import PodStateStore
 from vllm_sidecar.adapter_store import AdapterStore
 from vllm_sidecar.errors import AdapterNotFound, BadRequest, InvalidName, SidecarError, StoreUnreachable
@@ -59,59 +59,60 @@ def build_source(settings: SidecarSettings) -> tuple[AdapterSource, str]:
 
 
 class Sidecar:
-    """One sidecar beside one vLLM pod. ``start()`` / ``close()``; ``ensure()``; ``adapters()``."""
+    """One sidecar beside one vLLM pod: ``await Sidecar.open(settings)`` builds every part and
+    starts it; ``close()``; ``ensure()``; ``adapters()``; ``snapshot()``."""
 
-    def __init__(self, settings: SidecarSettings, *, store: PodStateStore | None = None) -> None:
-        self.settings = settings
-        self._store_given = store is not None
-        self.store: PodStateStore | None = store
-        self.session: aiohttp.ClientSession | None = None
-        self.monitor: PodMonitor | None = None
-        self.loader: VllmLoader | None = None
-        self.adapter_store: AdapterStore | None = None
-        self.kv_relay: KVBlockRelay | None = None
-        self.kv_subscriber: KVEventSubscriber | None = None
-        self._kv_client: Any = None
-        self.metrics = SidecarMetrics(self.snapshot)
+    def __init__(
+        self, settings: SidecarSettings, store: PodStateStore, session: aiohttp.ClientSession, *, own_store: bool
+    ) -> None:
+        """Wire the parts around a store and an HTTP session (nothing is started here)."""
+        self.settings = s = settings
+        self.store = store
+        self._own_store = own_store
+        self.session = session
         self.started_at = time.time()
-        self._touch_task: asyncio.Task[None] | None = None
-
-    # --- lifecycle ------------------------------------------------------------------------------
-    async def start(self) -> None:
-        s = self.settings
-        if self.store is None:
-            kwargs: dict[str, Any] = {}
-            if s.store.url.startswith(("redis://", "rediss://", "unix://")):
-                kwargs = {"key_prefix": s.store.key_prefix, "reader": False}
-                password = store_password(s)
-                if password:
-                    kwargs["password"] = password
-            self.store = podstate.open_store(s.store.url, **kwargs)
-        await self.store.start()
-        self.session = aiohttp.ClientSession()
-        self.loader = VllmLoader(s.vllm_url, self.session)
+        self.loader = VllmLoader(s.vllm_url, session)
         source, layout = build_source(s)
         self.adapter_store = AdapterStore(
             s.adapter_dir, source, layout=layout, base_key=s.base_key, max_lora_rank=s.max_lora_rank,
             base_model=s.base_model, max_adapter_bytes=s.max_adapter_bytes, disk_budget_bytes=s.disk_budget_bytes,
             in_use=self._in_use, before_evict=self._before_evict, on_download=self._on_download,
         )
-        adapter_store = self.adapter_store
         self.monitor = PodMonitor(
-            s.pod_id, s.vllm_url, self.store, interval_s=s.poll_interval_s, ttl_s=s.ttl_s,
-            heartbeat_s=s.heartbeat_s, sidecar_url=s.public_sidecar_url, advertise_url=s.advertise_url,
-            disk_adapters=adapter_store.names, adapter_ranks=adapter_store.ranks, session=self.session,
-            max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras, max_lora_rank=s.max_lora_rank,
+            s.pod_id, s.vllm_url, store,
+            MonitorSettings(interval_s=s.poll_interval_s, ttl_s=s.ttl_s, heartbeat_s=s.heartbeat_s,
+                            max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras, max_lora_rank=s.max_lora_rank),
+            advertise_url=s.advertise_url, sidecar_url=s.public_sidecar_url, disk=self.adapter_store,
+            session=session,
         )
-        await self.monitor.start()
-        self._touch_task = asyncio.create_task(self._touch_forever(), name="sidecar-touch")
-        if s.kv_events is not None:
-            self._start_kv_relay()
-        log.info("sidecar for pod %s watching %s; adapters in %s from %s", s.pod_id, s.vllm_url, s.adapter_dir,
-                 source.describe())
-        if s.store.url.startswith("memory:") and not self._store_given:
+        self.kv_relay: KVBlockRelay | None = None
+        self.kv_subscriber: KVEventSubscriber | None = None
+        self._kv_client: Any = None
+        self.metrics = SidecarMetrics(self.snapshot)  # last: registering it reads a snapshot
+        self._touch_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    @classmethod
+    async def open(cls, settings: SidecarSettings, *, store: PodStateStore | None = None) -> Sidecar:
+        """A started sidecar: the state store (``store.url`` unless one is given; a given store is
+        started and closed by its owner), the pod monitor publishing PodState, the disk-LRU touch,
+        and the KV-event relay when ``kv_events`` is set."""
+        own_store = store is None
+        if store is None:
+            store = podstate.open_store(settings.store.url, key_prefix=settings.store.key_prefix, reader=False,
+                                        password=store_password(settings))
+            await store.start()
+        sidecar = cls(settings, store, aiohttp.ClientSession(), own_store=own_store)
+        await sidecar.monitor.start()
+        sidecar._touch_task = asyncio.create_task(sidecar._touch_forever(), name="sidecar-touch")
+        if settings.kv_events is not None:
+            sidecar._start_kv_relay()
+        log.info("sidecar for pod %s watching %s; adapters in %s from %s", settings.pod_id, settings.vllm_url,
+                 settings.adapter_dir, sidecar.adapter_store.source.describe())
+        if settings.store.url.startswith("memory:") and own_store:
             log.info("state store is memory://: PodState stays inside this process; use store.url "
                      "redis://host:port/db so gateways see this pod")
+        return sidecar
 
     def _start_kv_relay(self) -> None:
         import redis.asyncio as aioredis
@@ -144,36 +145,32 @@ class Sidecar:
             self._touch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._touch_task
-        if self.monitor is not None:
-            await self.monitor.close()
-        if self.session is not None:
-            await self.session.close()
-        if self.store is not None and not self._store_given:
+            self._touch_task = None
+        await self.monitor.close()
+        await self.session.close()
+        if self._own_store:
             await self.store.close()
 
     async def _touch_forever(self) -> None:
         """Adapters in use on the pod count as used for the disk LRU."""
         while True:
             await asyncio.sleep(1.0)
-            if self.adapter_store is not None:
-                self.adapter_store.touch(self._in_use())
+            self.adapter_store.touch(self._in_use())
 
     def _in_use(self) -> set[str]:
-        state = self.monitor.state if self.monitor is not None else None
+        state = self.monitor.state
         if state is None:
             return set()
         return set(state.gpu_adapters) | set(state.running_adapters) | set(state.loading_adapters)
 
     def _on_download(self, seconds: float, nbytes: int) -> None:
-        assert self.adapter_store is not None
         self.metrics.fetch_seconds.labels(self.adapter_store.source.kind).observe(seconds)
         self.metrics.fetched_bytes.inc(nbytes)
 
     async def _before_evict(self, name: str) -> None:
         """An adapter leaving the disk must not stay registered in vLLM under a dead path."""
         monitor = self.monitor
-        if monitor is not None and monitor.models is not None and name in monitor.models.adapters:
-            assert self.loader is not None
+        if monitor.models is not None and name in monitor.models.adapters:
             if await self.loader.unload(name):
                 monitor.note_unloaded(name)
 
@@ -186,7 +183,6 @@ class Sidecar:
     async def ensure(self, name: str, load: bool | None = None, version: str | None = None, *,
                      latest: bool = False) -> dict[str, Any]:
         """Make ``name`` present (and loaded when ``load``); raises ``SidecarError`` subclasses."""
-        assert self.adapter_store is not None and self.monitor is not None and self.loader is not None
         load = self.settings.load_on_ensure if load is None else load
         started = time.monotonic()
         monitor = self.monitor
@@ -283,11 +279,10 @@ class Sidecar:
 
     def adapters(self) -> list[dict[str, Any]]:
         """Local adapters with size, rank, last use and where the estimator thinks they are."""
-        assert self.adapter_store is not None
-        state = self.monitor.state if self.monitor is not None else None
+        state = self.monitor.state
         gpu = set(state.gpu_adapters) if state else set()
         cpu = set(state.cpu_adapters) if state else set()
-        registered = set(self.monitor.models.adapters) if self.monitor and self.monitor.models else set()
+        registered = set(self.monitor.models.adapters) if self.monitor.models else set()
         return [
             {
                 "adapter": a.name,
@@ -305,19 +300,19 @@ class Sidecar:
 
     def snapshot(self) -> dict[str, Any]:
         """Numbers for /metrics and /healthz."""
-        state = self.monitor.state if self.monitor is not None else None
+        state = self.monitor.state
         store = self.adapter_store
         return {
-            "disk_bytes": store.disk_bytes() if store else 0,
+            "disk_bytes": store.disk_bytes(),
             "disk_budget_bytes": self.settings.disk_budget_bytes,
-            "disk_adapters": len(store.names()) if store else 0,
-            "evictions": store.evictions if store else 0,
+            "disk_adapters": len(store.names()),
+            "evictions": store.evictions,
             "residency_exact": 1 if state is not None and state.residency_source == "exact" else 0,
             "vllm_healthy": 1 if state is not None and state.healthy else 0,
             "gpu": list(state.gpu_adapters) if state else [],
             "cpu": list(state.cpu_adapters) if state else [],
-            "scrapes": self.monitor.scrapes if self.monitor else 0,
-            "scrape_failures": self.monitor.scrape_failures if self.monitor else 0,
+            "scrapes": self.monitor.scrapes,
+            "scrape_failures": self.monitor.scrape_failures,
             "kv_blocks": len(self.kv_relay.blocks) if self.kv_relay else 0,
             "kv_batches": self.kv_subscriber.stats.batches if self.kv_subscriber else 0,
             "kv_resets": (self.kv_subscriber.stats.restarts + self.kv_subscriber.stats.unrecoverable)

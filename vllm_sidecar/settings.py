@@ -45,11 +45,13 @@ Strict: an unknown key is an error that names itself. Example (every key, with i
         max_attempts: 2
 
 Environment: ``LORAROUTE_SIDECAR_<KEY>``, nested keys joined by ``__``
-(``LORAROUTE_SIDECAR_SOURCE__S3__BUCKET=adapters``); values are read as YAML scalars.
+(``LORAROUTE_SIDECAR_SOURCE__S3__BUCKET=adapters``); values are read as YAML, an empty one is
+null (``podstate.envconfig``, shared with the gateway).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,6 +59,9 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from podstate import check_store_url
+from podstate.envconfig import EnvOverrideError, apply_env_overrides, set_path
 
 ENV_PREFIX = "LORAROUTE_SIDECAR_"
 
@@ -83,8 +88,10 @@ class StoreSettings(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> StoreSettings:
-        if not self.url.startswith(("memory:", "redis://", "rediss://", "unix://")):
-            raise ValueError("store.url: use memory:// or redis://host:port/db (rediss:// for TLS)")
+        try:
+            check_store_url(self.url)
+        except ValueError as exc:
+            raise ValueError(f"store.url: {exc}") from None
         if self.type == "redis" and self.url.startswith("memory:"):
             raise ValueError("store.type is redis but store.url is memory://; set store.url to redis://host:port/db")
         return self
@@ -227,49 +234,6 @@ def _format_errors(exc: ValidationError) -> str:
     return "invalid sidecar settings:\n  " + "\n  ".join(lines)
 
 
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """``LORAROUTE_SIDECAR_A__B=v`` -> ``{"a": {"b": v}}`` (values parsed as YAML scalars)."""
-    out: dict[str, Any] = {}
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
-        if not path:
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return out
-
-
-def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """``set_dotted(d, "source.s3.bucket", "x")``."""
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[part] = nxt
-        node = nxt
-    node[parts[-1]] = value
-
-
 def read_file(path: str | Path) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
@@ -298,13 +262,16 @@ def load_settings(
     if source is None:
         data: dict[str, Any] = {}
     elif isinstance(source, Mapping):
-        data = dict(source)
+        data = copy.deepcopy(dict(source))
     else:
         data = read_file(source)
-    if env is not None:
-        data = _deep_merge(data, env_overrides(env))
-    for dotted, value in (overrides or {}).items():
-        set_dotted(data, dotted, value)
+    try:
+        if env is not None:
+            apply_env_overrides(data, env, ENV_PREFIX)
+        for dotted, value in (overrides or {}).items():
+            set_path(data, dotted.split("."), value)
+    except EnvOverrideError as exc:
+        raise SettingsError(str(exc)) from None
     try:
         return SidecarSettings.model_validate(data)
     except ValidationError as exc:

@@ -151,6 +151,11 @@ class EstimatedTTFT(Scorer):
         self.minmax = p["normalize"] == "minmax"
         self._tables: dict[int, list[float]] = {}
 
+    @property
+    def prefill_s_per_token(self) -> float:
+        """The pipeline drains each pod's pending prefill at this rate (``KnowsPrefillRate``)."""
+        return self.pst
+
     def disk_load_s(self, rank: int) -> float:
         return self.params["model_scale"] * interpolate_load(self.params["disk_load_s"], rank)
 

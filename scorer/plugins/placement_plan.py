@@ -57,7 +57,7 @@ class PlacementPlanScorer(Scorer):
         self.other: float = self.params["other"]
 
     def score(self, views: list[PodView], ctx: PickContext) -> list[float] | None:
-        plan = ctx.local.plan
+        plan = ctx.plan
         name = ctx.adapter
         if plan is None or name is None:
             return None

@@ -89,7 +89,7 @@ class PrecisePrefix(Scorer):
         return not (computed - seen[1] >= self.silence_tokens and now - seen[2] >= self.silence_s)
 
     def score(self, views: list[PodView], ctx: PickContext) -> list[float] | None:
-        kv = ctx.local.kv
+        kv = ctx.kv
         request = ctx.request
         tokens = request.prompt_token_ids
         live = [self.live(v, kv, ctx.now) for v in views] if tokens and kv.pods else [False] * len(views)

@@ -1,7 +1,8 @@
 """Picker ``round-robin``: cycle through the candidates, ignoring scores (a baseline).
 
-Formula: candidates ordered by pod id; pick index = counter mod n, counter += 1 per pick. The
-counter lives in the pipeline's local state, so it survives a config reload.
+Formula: candidates ordered by pod id; pick index = counter mod n, where counter is the number of
+earlier picks with candidates (``PickContext.seq``). The counter lives in the pipeline's local
+state, so it survives a config reload.
 
 Parameters: none.
 
@@ -22,9 +23,7 @@ class RoundRobin(Picker):
     PARAMS = {}
 
     def pick(self, totals: list[float], views: list[PodView], ctx: PickContext) -> int:
-        local = ctx.local
         n = len(views)
-        k = local.rr_counter % n
-        local.rr_counter += 1
+        k = ctx.seq % n
         order = sorted(range(n), key=lambda i: views[i].pod_id)
         return order[k]

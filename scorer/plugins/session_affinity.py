@@ -27,7 +27,7 @@ class SessionAffinity(Scorer):
 
     def score(self, views: list[PodView], ctx: PickContext) -> list[float] | None:
         key = ctx.request.session_key
-        bound = ctx.local.sessions.get(key) if key else None
+        bound = ctx.sessions.get(key) if key else None
         if bound is None:
             return None  # 0 everywhere
         return [1.0 if v.pod_id == bound else 0.0 for v in views]
