@@ -13,7 +13,9 @@ Attempts = 1 + ``server.retries``, over the decision's candidates in fallback or
    first body chunk has arrived (all within ``timeouts.first_byte_s``), or — not streaming — its
    whole body (within ``timeouts.total_s``). A 5xx is a failure here, any other status a reply;
 4. ``gateway.relay`` sends it to the client;
-5. ``pipeline.on_complete(p, ok)`` closes the books, whatever happened (``_finish``).
+5. ``pipeline.on_complete(p, ok, ticket, ttft)`` closes the books, whatever happened
+   (``_finish``); a streamed answer's time from dispatch to first byte, with the ticket the
+   dispatch returned, is one observation for the learned cost model (``scorer.costmodel``).
 
 A failure in 2 or 3 is a typed ``UpstreamFailure`` whose policy decides: ``retry`` moves on to
 the next pod (counted in ``loraroute_retries_total{reason}``), ``suspect`` also moves p to the end
@@ -21,9 +23,9 @@ of the fallback order for a while. Nothing has reached the client at that point,
 invisible to it. When no attempt is left, the last failure is the answer (naming every pod tried).
 
 Rooms for what comes next: a per-request deadline bounds this loop (``Exchange.arrived`` is the
-start), an admission check sits before it in ``gateway.edge``, and an observer of finished
-attempts (a cost model learning from TTFTs, shared routing state) hooks into ``_finish``, where
-the attempt's pod, outcome and ``Exchange.ttft_s`` are known.
+start), an admission check sits before it in ``gateway.edge``, and other observers of finished
+attempts (shared routing state) hook into ``_finish`` beside the cost model, where the attempt's
+pod, outcome and first-byte time are known.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from gateway.failures import BadStatus, EmptyStream, EnsureFailed, UpstreamFailu
 from gateway.route import fallback_order
 from gateway.service import Gateway
 from gateway.upstream import Reply
+from scorer.costmodel import Ticket
 from scorer.model import T_REMOTE, TIER_NAMES
 
 _STATUS_BODY_S = 2.0  # how long a failing pod's error body is waited for
@@ -78,7 +81,8 @@ async def _attempt(gw: Gateway, ex: Exchange, send: Send, pod_id: str, endpoint:
     """One attempt (see the module docstring); raises ``UpstreamFailure`` before any byte is sent."""
     pipeline = ex.runtime.pipeline
     tier = ex.decision.stored_tier(pod_id)
-    pipeline.on_dispatch(pod_id, ex.routing, time.time())
+    ticket = pipeline.on_dispatch(pod_id, ex.routing, time.time())
+    dispatched = time.perf_counter()
     ok = False
     try:
         if _needs_ensure(gw, ex, pod_id, endpoint, tier):
@@ -93,12 +97,16 @@ async def _attempt(gw: Gateway, ex: Exchange, send: Send, pod_id: str, endpoint:
         ex.pod = pod_id
         ok = ex.status < 400
     finally:
-        _finish(ex, pod_id, ok)
+        _finish(ex, pod_id, ok, ticket, dispatched)
 
 
-def _finish(ex: Exchange, pod_id: str, ok: bool) -> None:
-    """The attempt on ``pod_id`` is over (``ok`` False: failed, retried or cancelled)."""
-    ex.runtime.pipeline.on_complete(pod_id, ex.routing, ok)
+def _finish(ex: Exchange, pod_id: str, ok: bool, ticket: Ticket | None, dispatched: float) -> None:
+    """The attempt on ``pod_id`` is over (``ok`` False: failed, retried or cancelled). A streamed
+    answer's time from this attempt's dispatch to its first byte (the pod's TTFT as the router
+    sees it: sidecar ensure, network and engine) is what the pipeline's cost model learns from."""
+    first = ex.first_byte_at
+    ttft = first - dispatched if ok and first is not None and first >= dispatched else None
+    ex.runtime.pipeline.on_complete(pod_id, ex.routing, ok, ticket, ttft)
 
 
 def _count_placement(gw: Gateway, ex: Exchange, pod_id: str, tier: int | None) -> None:

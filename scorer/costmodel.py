@@ -154,6 +154,26 @@ class Observation:
     queue_s: float
 
 
+@dataclass(slots=True)
+class Ticket:
+    """What the scorer saw when a request was dispatched to a pod: the features of the
+    observation its completion will be (``Pipeline.on_complete``). ``tier`` is a tier class, or None
+    when the request's wait depends on something the model does not see (a load already under
+    way, a slot to free first): such a completion teaches nothing."""
+
+    group: str
+    tier: int | None
+    adapter: bool
+    rank: int
+    queue_s: float
+    uncached_tokens: float = 0.0
+
+    def observation(self, ttft_s: float) -> Observation | None:
+        if self.tier is None:
+            return None
+        return Observation(ttft_s, self.uncached_tokens, self.adapter, self.tier, self.rank, self.queue_s)
+
+
 @dataclass(frozen=True, slots=True)
 class CostConstants:
     """The constants in force for one pod group (learned, clamped, pins applied)."""
@@ -178,7 +198,7 @@ class CostConstants:
     def as_dict(self, ranks: Iterable[int] = (8, 16, 32, 64)) -> dict[str, object]:
         return {
             **{n: getattr(self, n) for n in NAMES},
-            "disk_s_by_rank": {int(r): round(self.disk_s(int(r)), 6) for r in ranks},
+            "disk_s_by_rank": {str(r): round(self.disk_s(int(r)), 6) for r in ranks},
             "version": self.version,
         }
 
