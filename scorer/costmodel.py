@@ -53,7 +53,7 @@ requests deferred behind saturated slots.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -87,6 +87,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
 }
 HUBER_K = 2.0
 MAX_GROUPS = 64
+RECENT = 64  # observations kept per group for the admin API
 
 
 def group_key(bases: Iterable[str], max_loras: int, max_cpu_loras: int, max_lora_rank: int) -> str:
@@ -233,6 +234,8 @@ class CostFit:
         self.counts = [0.0] * 4                # decayed observation count per tier class
         self.observed = 0
         self.rejected = 0
+        # the latest observations with the prediction they met (the evidence /admin/model shows)
+        self.recent: deque[tuple[Observation, float]] = deque(maxlen=RECENT)
         self._version = 0
         self.constants = CostConstants.from_theta(self._theta, prior, 0)
 
@@ -259,6 +262,7 @@ class CostFit:
         x = self._features(obs)
         y = obs.ttft_s - (self.prior.disk_s(obs.rank) if obs.tier in (C_DISK, C_REMOTE) else 0.0)
         r = y - float(x @ self._theta)
+        self.recent.append((obs, obs.ttft_s - r))
         c = obs.tier
         sigma = self._sigma[c]
         w = 1.0 if abs(r) <= HUBER_K * sigma else HUBER_K * sigma / abs(r)
@@ -310,6 +314,12 @@ class CostFit:
             "rejected": self.rejected,
             "recent_by_tier": {CLASS_NAMES[k]: round(v, 1) for k, v in enumerate(self.counts)},
             "residual_scale_s": {CLASS_NAMES[k]: round(v, 6) for k, v in enumerate(self._sigma)},
+            "recent": [
+                {"ttft_s": round(o.ttft_s, 6), "predicted_s": round(p, 6), "tier": CLASS_NAMES[o.tier],
+                 "rank": o.rank, "uncached_tokens": round(o.uncached_tokens, 1), "queue_s": round(o.queue_s, 6),
+                 "adapter": o.adapter}
+                for o, p in self.recent
+            ],
         }
 
 
