@@ -81,10 +81,30 @@ def scenario_spec(spec: WorkloadSpec, scenario: Scenario) -> WorkloadSpec:
     return replace(spec, name=f"{spec.name}-{scenario.name}", cluster=replace(spec.cluster, cost=tuple(cost.items())))
 
 
-def true_constants(spec: WorkloadSpec) -> dict[str, Any]:
-    """What the scenario's pods really cost, in the scorer's terms (simulated seconds)."""
-    t = sim_profile(spec.cluster).truth()
-    return {"base_s": t.base_s, "prefill_s_per_token": t.prefill_s_per_token, "lora_s": t.lora_surcharge_s,
+def true_constants(spec: WorkloadSpec, lo: int = 32, hi: int = 2048) -> dict[str, Any]:
+    """What the scenario's pods really cost, in the scorer's terms (simulated seconds).
+
+    The tiers are the profile's own (``CostProfile.truth()``). The prefill is a step model
+    (inside / outside the CUDA graph), so its "true" base_s, prefill_s_per_token, lora_s,
+    cliff_s and cliff_lora_s are the least-squares fit of the scorer's form to a lone request's
+    TTFT (``ideal_ttft``) from ``lo`` to ``hi`` prompt tokens, with and without an adapter: the
+    best the model can do, not constants of the simulator."""
+    import numpy as np
+
+    from vllm_sim.costs import ideal_ttft
+
+    profile = sim_profile(spec.cluster)
+    t = profile.truth()
+    graph = profile.graph_max_tokens
+    xs, ys = [], []
+    for n in range(lo, hi + 1, 16):
+        for lora in (0.0, 1.0):
+            cliff = 1.0 if graph and n > graph else 0.0
+            xs.append([1.0, n, lora, cliff, cliff * lora])
+            ys.append(ideal_ttft(profile, n, 0, lora=bool(lora)))
+    fit = np.linalg.lstsq(np.array(xs), np.array(ys), rcond=None)[0]
+    return {"base_s": float(fit[0]), "prefill_s_per_token": float(fit[1]), "lora_s": float(fit[2]),
+            "cliff_s": float(fit[3]), "cliff_lora_s": float(fit[4]), "graph_tokens": graph,
             "cpu_load_s": t.cpu_load_s, "disk_s_by_rank": {str(r): t.disk_load_s[r] for r in RANKS}}
 
 
@@ -94,7 +114,10 @@ def pipeline_for(mode: str, truth: dict[str, Any], time_scale: float) -> dict[st
 
     params: dict[str, Any] = {"learn": mode == "learning"}
     if mode == "true-values":
-        params.update({k: truth[k] * time_scale for k in ("base_s", "prefill_s_per_token", "lora_s", "cpu_load_s")})
+        params.update({k: max(0.0, truth[k]) * time_scale
+                       for k in ("base_s", "prefill_s_per_token", "lora_s", "cpu_load_s", "cliff_s", "cliff_lora_s")})
+        params["prefill_s_per_token"] = max(params["prefill_s_per_token"], 1e-9)
+        params["graph_tokens"] = truth["graph_tokens"]
         params["disk_load_s"] = {int(r): v * time_scale for r, v in truth["disk_s_by_rank"].items()}
         params["model_scale"] = 1.0
     scorers = [dict(s) for s in PRESETS["default"]["scorers"]]
@@ -222,7 +245,7 @@ def learned_at(doc: dict[str, Any], observations: int) -> dict[str, Any] | None:
     hit = next((s for s in samples if s["observations"] >= observations), samples[-1])
     scale = float(doc["meta"]["time_scale"]) or 1.0
     c = hit["constants"]
-    out = {k: c[k] / scale for k in ("base_s", "lora_s", "cpu_load_s")}
+    out = {k: c[k] / scale for k in ("base_s", "lora_s", "cpu_load_s", "cliff_s", "cliff_lora_s")}
     out["prefill_s_per_token"] = c["prefill_s_per_token"] / scale
     out["disk_s_by_rank"] = {r: v / scale for r, v in c["disk_s_by_rank"].items()}
     out["queue_scale"] = c["queue_scale"]
@@ -232,7 +255,8 @@ def learned_at(doc: dict[str, Any], observations: int) -> dict[str, Any] | None:
 
 def errors(learned: dict[str, Any], truth: dict[str, Any]) -> dict[str, float]:
     """Relative error of each learned constant against the true one."""
-    out = {k: learned[k] / truth[k] - 1.0 for k in ("prefill_s_per_token", "lora_s", "cpu_load_s", "base_s")}
+    out = {k: learned[k] / truth[k] - 1.0
+           for k in ("prefill_s_per_token", "lora_s", "cpu_load_s", "base_s", "cliff_s", "cliff_lora_s") if truth[k]}
     for r in RANKS:
         out[f"disk_{r}"] = learned["disk_s_by_rank"][str(r)] / truth["disk_s_by_rank"][str(r)] - 1.0
     return out
@@ -281,7 +305,8 @@ def report(out_dir: Path, window: int = 200) -> Path:
         learning = modes.get("learning")
         if learning is not None:
             lines += ["", "Learned constants against the scenario's true values (relative error):", ""]
-            cols = ("prefill_s_per_token", "lora_s", "cpu_load_s", "base_s", *(f"disk_{r}" for r in RANKS))
+            cols = ("base_s", "prefill_s_per_token", "lora_s", "cliff_s", "cliff_lora_s", "cpu_load_s",
+                    *(f"disk_{r}" for r in RANKS))
             lines += ["| after | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
             for at in (*CHECKPOINTS, 10**9):
                 got = learned_at(learning, at)
@@ -289,11 +314,11 @@ def report(out_dir: Path, window: int = 200) -> Path:
                     continue
                 err = errors(got, truth)
                 label = f"{got['observations']} observations" if at == 10**9 else f"{at} observations"
-                lines.append(f"| {label} | " + " | ".join(f"{100 * err[c]:+.0f} %" for c in cols) + " |")
+                lines.append(f"| {label} | " + " | ".join(f"{100 * err[c]:+.0f} %" if c in err else "–" for c in cols) + " |")
             last = learned_at(learning, 10**9)
             if last is not None:
                 lines += ["", "| constant | true | learned (end) |", "|---|---|---|"]
-                for k in ("base_s", "prefill_s_per_token", "lora_s", "cpu_load_s"):
+                for k in ("base_s", "prefill_s_per_token", "lora_s", "cliff_s", "cliff_lora_s", "cpu_load_s"):
                     lines.append(f"| {k} | {truth[k]:.6g} | {last[k]:.6g} |")
                 for r in RANKS:
                     lines.append(f"| disk tier, rank {r} | {truth['disk_s_by_rank'][str(r)]:.4f} | "

@@ -217,9 +217,10 @@ class Pipeline:
         In-flight +1 request and + (prompt + max_tokens) tokens; the prompt's blocks are
         recorded in the prefix index for that pod; the adapter counts as incoming there for
         ``state.incoming_ttl_s`` seconds (or until the pod's state shows it); the uncached
-        prompt tokens join the pod's pending queue, and so does the engine stall of the adapter
-        load the request triggers there (priced by the first scorer with ``load_stall_s``,
-        i.e. estimated-ttft, under the pod group's learned constants; nothing without one); the
+        prompt tokens join the pod's pending queue (drained at the prefill rate a scorer knows),
+        and so does the engine stall of the adapter load the request triggers there (priced by the
+        first scorer with ``load_stall_s``, i.e. estimated-ttft, under the pod group's learned
+        constants; nothing without one); the
         session key binds to the pod; the request counts once in the demand estimate (a retry on
         another pod does not count again).
 
@@ -233,7 +234,6 @@ class Pipeline:
         name = request.adapter.name
         view = local.views.get(pod_id)
         ticket: Ticket | None = None
-        rate: float | None = None
         if view is not None and (self._stall is not None or self._learns is not None):
             code = tier_codes(name, [view])[0]
             rank = request.adapter.rank
@@ -244,9 +244,7 @@ class Pipeline:
                 ticket = self._learns.ticket(view, request, code, rank, now)
             if self._stall is not None and name is not None:
                 stall = self._stall.load_stall_s(rank, code, costs)
-            if costs is not None:
-                rate = costs.prefill_s_per_token
-        uncached = local.dispatch(pod_id, request, now, stall, rate)
+        uncached = local.dispatch(pod_id, request, now, stall)
         if ticket is not None:
             ticket.uncached_tokens = uncached
         return ticket

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 MAX_INCOMING = 16  # optimistic adapters remembered per pod (oldest dropped)
 
-DEFAULT_PREFILL_S_PER_TOKEN = 0.0000245  # estimated-ttft's default (real-vllm-0.25.md, compiled, 8B on an H200)
+DEFAULT_PREFILL_S_PER_TOKEN = 0.00003  # a busy pod's prefill throughput (estimated-ttft's drain_s_per_token)
 
 
 class LocalState:
@@ -178,12 +178,11 @@ class LocalState:
         self.inc_next_check = nxt
 
     # --- updates ---------------------------------------------------------------------------
-    def dispatch(self, pod_id: str, request: RoutingRequest, now: float, stall_s: float = 0.0,
-                 prefill_s_per_token: float | None = None) -> float:
+    def dispatch(self, pod_id: str, request: RoutingRequest, now: float, stall_s: float = 0.0) -> float:
         """Count ``request`` as sent to ``pod_id``; ``stall_s``: engine seconds its adapter load
-        will stall the pod (joins the pending queue ahead of its prefill, which drains at
-        ``prefill_s_per_token``, the pipeline's rate by default). Returns the prompt tokens the
-        prefix index believes the pod must compute."""
+        will stall the pod (joins the pending queue ahead of its prefill, which drains at the
+        pipeline's prefill rate). Returns the prompt tokens the prefix index believes the pod
+        must compute."""
         loc = self.pod(pod_id)
         loc.inflight += 1
         loc.dispatched += 1
@@ -198,8 +197,7 @@ class LocalState:
         else:
             uncached = float(max(0, request.prompt_tokens))
         start = loc.pending_until if loc.pending_until > now else now
-        rate = self.prefill_s_per_token if prefill_s_per_token is None else prefill_s_per_token
-        loc.pending_until = start + stall_s + uncached * rate
+        loc.pending_until = start + stall_s + uncached * self.prefill_s_per_token
         name = request.adapter.name
         if name is not None and (view is None or name not in view.gpu) and self.incoming_ttl_s > 0:
             inc = loc.incoming

@@ -249,7 +249,8 @@ def test_estimated_ttft_prediction_terms() -> None:
     t = {k: p["scale_s"] / v - p["scale_s"] for k, v in s.items()}  # back to seconds
     prefill = 1000 * p["prefill_s_per_token"]
     disk = p["model_scale"] * p["disk_load_s"][32]
-    assert t["gpu"] == pytest.approx(p["base_s"] + prefill + p["lora_s"])  # an adapter request
+    # an adapter request whose 1,000 uncached tokens leave the CUDA graph (graph_tokens 512)
+    assert t["gpu"] == pytest.approx(p["base_s"] + prefill + p["lora_s"] + p["cliff_s"] + p["cliff_lora_s"])
     assert t["cpu"] - t["gpu"] == pytest.approx(p["cpu_load_s"])
     assert t["disk"] - t["gpu"] == pytest.approx(disk)
     assert t["remote"] - t["disk"] == pytest.approx(32 * p["fetch_s_per_rank"])
@@ -268,8 +269,10 @@ def test_estimated_ttft_prefix_pending_and_minmax() -> None:
     r = req(prefix_hashes=h, prompt_tokens=2000)
     s = scores_of(pl, pods, r, NOW)
     t = {k: 0.5 / v - 0.5 for k, v in s.items()}
-    pst = p["prefill_s_per_token"]
-    assert t["p2"] - t["p1"] == pytest.approx(-p["per_running_s"], abs=1e-6)  # pending_until is an absolute time: ~2e-7 s resolution
+    pst, drain = p["prefill_s_per_token"], p["drain_s_per_token"]
+    # p1: 1000 queued tokens ahead (drained at drain_s_per_token) but 1000 fewer to compute; both
+    # pods compute more than graph_tokens, so both pay the cliff
+    assert t["p2"] - t["p1"] == pytest.approx(1000 * pst - 1000 * drain - p["per_running_s"], abs=1e-6)  # pending_until is an absolute time: ~2e-7 s resolution
     # the pending queue drains with time
     later = scores_of(pl, pods, r, NOW + 1.0)
     assert 0.5 / later["p2"] - 0.5 / later["p1"] == pytest.approx(1000 * pst - p["per_running_s"], abs=1e-6)  # pending_until is an absolute time: ~2e-7 s resolution
@@ -463,3 +466,21 @@ def test_pins_learning_off_and_reload_keep_what_they_should() -> None:
     assert other.cost_model()["groups"] == {}  # type: ignore[index]
     with pytest.raises(ConfigError, match="unknown constant 'disc'"):
         _learning_pipeline(pin=["disc"])
+
+
+def test_estimated_ttft_prices_the_cuda_graph_cliff_per_pod() -> None:
+    """A pod that holds most of a long prompt's prefix keeps the rest inside the CUDA graph; one
+    that holds none pays the cliff. An eager server (graph_tokens 0) has none."""
+    h = prompt_block_hashes(BASE, "a", "s" * 2560)  # 10 blocks of a 1,000-token prompt
+    pods = [pod("warm", gpu_adapters=("a",)), pod("cold", gpu_adapters=("a",))]
+    r = req(prefix_hashes=h, prompt_tokens=1000)
+    for graph, expect_cliff in ((512, True), (0, False)):
+        pl = _learning_pipeline(graph_tokens=graph)
+        p = pl.scorers[0][1].params
+        pl.on_dispatch("warm", req(prefix_hashes=h[:8], prompt_tokens=800), NOW)  # 8 blocks cached there
+        pl.local.pods["warm"].pending_until = 0.0
+        pl.local.pods["warm"].inflight = 0
+        t = {k: 0.5 / v - 0.5 for k, v in scores_of(pl, pods, r).items()}
+        prefix_gain = 0.8 * 1000 * p["prefill_s_per_token"]
+        cliff = p["cliff_s"] + p["cliff_lora_s"]
+        assert t["cold"] - t["warm"] == pytest.approx(prefix_gain + (cliff if expect_cliff else 0.0), abs=1e-6)

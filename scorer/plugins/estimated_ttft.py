@@ -6,7 +6,12 @@ Prediction for pod p, in seconds (all terms ≥ 0):
        + queue_scale × queue(p)
        + adapter(p)
        + lora_s                  (an adapter request: LoRA kernels cost more even on a GPU hit)
-       + prompt_tokens × (1 − matched(p) / blocks) × prefill_s_per_token
+       + uncached(p) × prefill_s_per_token
+       + cliff_s + cliff_lora_s × [adapter request]     when uncached(p) > graph_tokens
+  uncached(p) = prompt_tokens × (1 − matched(p) / blocks)
+      (compiled vLLM runs a step of at most ``graph_tokens`` tokens in a CUDA graph; a longer
+      prefill leaves it and pays ≈ 30 ms more, an adapter ≈ 40 ms more: the "512-token cliff";
+      graph_tokens 0 for an eager server)
 
   queue(p)   = max(pending(p), num_waiting × per_waiting_s)
                + max(inflight(p), num_running + num_waiting) × per_running_s
@@ -52,12 +57,18 @@ sensible as the sole scorer.
 
 Calibrated defaults (an 8B model on one H200, vLLM 0.25.1 compiled: real-vllm-0.25.md, and the
 simulator's ``8b`` profile fitted to it, ``vllm_sim.costs.CostProfile.truth()``):
-  base_s 0.019, prefill_s_per_token 0.0000245 — least-squares line through a lone base request's
-      TTFT from 128 to 4,096 prompt tokens (the step model is piecewise: graph below 512 tokens)
-  lora_s 0.035 — mean LoRA surcharge over that range (+1–7 ms in a CUDA graph, +30–50 ms above)
+  base_s 0.018, prefill_s_per_token 0.0000038, lora_s 0.0038, cliff_s 0.032, cliff_lora_s 0.035
+      — the least-squares fit of this form to the 22 compiled TTFTs measured from 64 to 2,052
+      prompt tokens, base and an r16 adapter (real-vllm-0.25.md, "prefill" and "the 512-token
+      cliff"): a lone prefill costs little per token below 2k; leaving the graph is what costs
+  graph_tokens 512 — vLLM's largest CUDA-graph capture size (compiled mode's default)
+  drain_s_per_token 0.00003 — how fast a busy pod works off queued prefill (the pending queue):
+      the compute-bound slope of large prefills (≈ 0.03 ms/token from 2k tokens: the simulator's
+      8b profile, h100-calibration.md), not the lone request's marginal cost above
   per_running_s 0.0001 — decode step floor grows ≈ 0.045 ms per sequence (h100-calibration.md,
       batch 1 → 128: 5.4 → 11 ms; not measured on the H200); a first token spans ~2 steps
-  per_waiting_s 0.09 — one queued ~1k-token adapter prefill ahead (≈ 52 ms base + 35 ms LoRA)
+  per_waiting_s 0.09 — one queued ~1k-token adapter prefill ahead (≈ 0.018 + 0.004 + 0.032 +
+      0.004 + 0.035 s in the form above)
   cpu_load_s 0.010 — CPU tier over a GPU hit, measured +5…+18 ms (≈ 10 ms)
   disk_load_s {8: 0.042, 16: 0.099, 32: 0.192, 64: 0.282} — disk tier over a GPU hit, measured
       (compiled; ≈ 31 ms + 3.9 ms × rank), model_scale 1.0 (measured on the 8B shape itself)
@@ -69,12 +80,13 @@ simulator's ``8b`` profile fitted to it, ``vllm_sim.costs.CostProfile.truth()``)
   default_rank 16, scale_s 0.5
   learn true, learn_half_life 1000 observations, learn_prior_obs 1, pin [] (scorer.costmodel)
 
-Parameters: base_s, prefill_s_per_token, lora_s, per_running_s, per_waiting_s, cpu_load_s,
+Parameters: base_s, prefill_s_per_token, lora_s, graph_tokens, cliff_s, cliff_lora_s,
+drain_s_per_token, per_running_s, per_waiting_s, cpu_load_s,
 disk_load_s (mapping rank → seconds), model_scale, fetch_s_per_rank, incoming_s, loading_s,
 deferred_wait_s, default_rank, scale_s, normalize ("absolute" | "minmax"), learn, learn_half_life,
 learn_prior_obs, pin (names among ``scorer.costmodel.NAMES``: base_s, prefill_s_per_token,
-lora_s, cpu_load_s, disk_lo_delta_s, disk_hi_delta_s, fetch_s_per_rank, queue_scale; ``disk``
-pins both disk deltas). The pipeline also uses this scorer's
+lora_s, cpu_load_s, disk_lo_delta_s, disk_hi_delta_s, fetch_s_per_rank, queue_scale, cliff_s,
+cliff_lora_s; ``disk`` pins both disk deltas). The pipeline also uses this scorer's
 ``prefill_s_per_token`` to drain the pending-prefill queue it keeps per pod.
 
 YAML:
@@ -107,7 +119,8 @@ from scorer.view import (
 __all__ = ["DEFAULT_DISK_LOAD_S", "EstimatedTTFT", "Ticket", "interpolate_load"]
 
 DEFAULT_DISK_LOAD_S: dict[int, float] = {8: 0.042, 16: 0.099, 32: 0.192, 64: 0.282}
-DEFAULT_PREFILL_S_PER_TOKEN = 0.0000245
+DEFAULT_PREFILL_S_PER_TOKEN = 0.0000038
+DEFAULT_DRAIN_S_PER_TOKEN = 0.00003
 # Placements where the adapter still needs a slot and every slot holds a running adapter.
 _NO_MATCH: dict[str, int] = {}
 _DEFERRED_CODES = frozenset(t * 3 + S_SATURATED for t in (T_CPU, T_DISK, T_REMOTE))
@@ -154,9 +167,14 @@ class EstimatedTTFT(Scorer):
     TYPE = "estimated-ttft"
     BOUNDED = True
     PARAMS = {
-        "base_s": Param(0.019, float, min=0.0, doc="fixed scheduling + first step, seconds"),
+        "base_s": Param(0.018, float, min=0.0, doc="fixed scheduling + first step, seconds"),
         "prefill_s_per_token": Param(DEFAULT_PREFILL_S_PER_TOKEN, float, min=1e-9, doc="uncached prefill cost"),
-        "lora_s": Param(0.035, float, min=0.0, doc="extra TTFT of an adapter request, even on a GPU hit"),
+        "lora_s": Param(0.0038, float, min=0.0, doc="extra TTFT of an adapter request, even on a GPU hit"),
+        "graph_tokens": Param(512, int, min=0, doc="largest step in a CUDA graph (0: eager, no cliff)"),
+        "cliff_s": Param(0.032, float, min=0.0, doc="extra TTFT of a prefill above graph_tokens"),
+        "cliff_lora_s": Param(0.035, float, min=0.0, doc="extra LoRA cost above graph_tokens"),
+        "drain_s_per_token": Param(DEFAULT_DRAIN_S_PER_TOKEN, float, min=1e-9,
+                                   doc="how fast a busy pod works off queued prefill"),
         "per_running_s": Param(0.0001, float, min=0.0, doc="added TTFT per request in flight on the pod"),
         "per_waiting_s": Param(0.09, float, min=0.0, doc="added TTFT per request waiting on the pod"),
         "cpu_load_s": Param(0.010, float, min=0.0, doc="CPU → GPU adapter activation"),
@@ -185,7 +203,9 @@ class EstimatedTTFT(Scorer):
             base_s=p["base_s"], prefill_s_per_token=p["prefill_s_per_token"], lora_s=p["lora_s"],
             cpu_load_s=p["cpu_load_s"], fetch_s_per_rank=p["fetch_s_per_rank"],
             disk_table=tuple(p["disk_load_s"].items()), model_scale=p["model_scale"],
+            cliff_s=p["cliff_s"], cliff_lora_s=p["cliff_lora_s"], graph_tokens=p["graph_tokens"],
         )
+        self.graph_tokens: int = p["graph_tokens"]
         self.settings = LearnSettings(
             enabled=p["learn"], half_life=p["learn_half_life"], prior_obs=p["learn_prior_obs"],
             pin=frozenset(p["pin"]),
@@ -198,8 +218,9 @@ class EstimatedTTFT(Scorer):
     # --- capabilities the pipeline resolves (scorer.plugin) --------------------------------------
     @property
     def prefill_s_per_token(self) -> float:
-        """The pipeline drains each pod's pending prefill at this rate (``KnowsPrefillRate``)."""
-        return self.prior.prefill_s_per_token
+        """The pipeline drains each pod's pending prefill at this rate (``KnowsPrefillRate``):
+        ``drain_s_per_token``, a busy pod's throughput, not a lone request's marginal cost."""
+        return self.params["drain_s_per_token"]
 
     def cost_learner(self, old: CostLearner | None) -> CostLearner:
         """The learner for this scorer's defaults and settings (``LearnsCosts``): ``old`` when it
@@ -309,10 +330,13 @@ class EstimatedTTFT(Scorer):
         out: list[float] = []
         app = out.append
         get = match.get if match else _NO_MATCH.get  # pod id -> leading blocks cached there
+        graph = self.graph_tokens
+        # a prompt whose uncached part stays within the graph on every pod never pays the cliff
+        cliff_possible = graph > 0 and tokens > graph
         c_last: CostConstants | None = None
         group_last = None
         table: list[float] = []
-        base = full = qs = 0.0
+        base = full = qs = pst = cliff = 0.0
         for v, code in zip(views, codes):
             if v.group is not group_last:
                 group_last = v.group
@@ -320,9 +344,11 @@ class EstimatedTTFT(Scorer):
                 if c is not c_last:
                     c_last = c
                     table = self.adapter_table(rank, c)
-                    full = tokens * c.prefill_s_per_token
+                    pst = c.prefill_s_per_token
+                    full = tokens * pst
                     base = k + c.base_s + full + (c.lora_s if lora else 0.0)  # k folded in: k + t
                     qs = c.queue_scale
+                    cliff = c.cliff_s + (c.cliff_lora_s if lora else 0.0)
             loc = v.local
             q = loc.pending_until - now
             w = v.num_waiting * per_waiting
@@ -333,7 +359,12 @@ class EstimatedTTFT(Scorer):
                 kt += defer * (v.defer_factor - 1.0)
             m = get(v.pod_id)
             if m:
-                kt -= m * frac_per_block * full
+                cached = m * frac_per_block
+                kt -= cached * full
+                if cliff_possible and tokens * (1.0 - cached) > graph:
+                    kt += cliff
+            elif cliff_possible:
+                kt += cliff
             app(k / kt)
         return out
 
