@@ -117,14 +117,14 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # every command may have started processes (pods, sidecars, routers): SIGTERM unwinds like Ctrl-C
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if argv[:1] == ["gpu"]:
         from bench.gpu.cli import main as gpu_main
 
         return gpu_main(argv[1:])
     args = _parser().parse_args(argv)
-    if args.cmd in ("run", "overhead"):
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.cmd == "workload":
         from bench.workload import generate, load_spec, summarize, write_trace
 
