@@ -393,7 +393,7 @@ class GatewayConfig(_Strict):
     discovery: DiscoveryConfig = DiscoveryConfig()
     store: StoreConfig = StoreConfig()
     #: a preset name (``default``, ``llm-d``, ``round-robin``, ``random``, ``least-loaded``) or a
-    #: full pipeline dict; passed unchanged to ``scorer.pipeline.build_pipeline``
+    #: full pipeline dict; passed unchanged to ``scorer.build.build_pipeline``
     pipeline: str | dict[str, Any] = "default"
     ensure: EnsureConfig = EnsureConfig()
     metrics: MetricsConfig = MetricsConfig()

@@ -27,7 +27,7 @@ from typing import Any
 
 import podstate
 import scorer.errors
-import scorer.pipeline
+import scorer.build
 from gateway.config import ConfigError, GatewayConfig, StaticPod, load_config
 from gateway.discovery import Discovery, Endpoint, StaticDiscovery, StoreDiscovery
 from gateway.ensure import Ensurer
@@ -48,9 +48,9 @@ log = logging.getLogger("loraroute.gateway")
 
 
 def build_pipeline(spec: str | dict[str, Any]) -> Pipeline:
-    """``scorer.pipeline.build_pipeline`` with its ConfigError turned into ours (key path kept)."""
+    """``scorer.build.build_pipeline`` with its ConfigError turned into ours (key path kept)."""
     try:
-        return scorer.pipeline.build_pipeline(spec)
+        return scorer.build.build_pipeline(spec)
     except scorer.errors.ConfigError as e:
         raise ConfigError(str(e)) from None
 
