@@ -96,14 +96,32 @@ def _check_digests(values: list[str]) -> list[str]:
 # server
 # --------------------------------------------------------------------------------------------
 class Timeouts(_Strict):
-    """Upstream timeouts in seconds. ``first_byte_s`` covers connect + headers + the first body
-    chunk (the window in which a retry on another pod is still possible); ``total_s`` the whole
-    upstream exchange."""
+    """Upstream timeouts in seconds (gateway/deadlines.py; docs/config.md has them with the
+    sidecar's in one table). ``first_byte_s`` is a streaming request's whole budget before its
+    first body byte — every attempt, sidecar ensures included (the window in which a retry on
+    another pod is still possible); each attempt's own limit is ``first_byte_factor`` × the
+    pod's predicted TTFT, at least ``first_byte_floor_s`` (and at most the budget left). ``total_s`` bounds a whole upstream
+    exchange (a non-streamed request's budget; its attempts get their first-byte limit plus
+    ``token_s`` per ``max_tokens``); ``idle_s`` each silence mid-stream, ``idle_unhealthy_s``
+    once the pod's monitor marks it unhealthy; ``ensure_s`` one HTTP call to a sidecar."""
 
     connect_s: float = Field(2.0, gt=0)
     first_byte_s: float = Field(120.0, gt=0)
+    first_byte_floor_s: float = Field(10.0, gt=0)
+    first_byte_factor: float = Field(4.0, ge=0)
+    token_s: float = Field(0.25, ge=0)
+    idle_s: float = Field(60.0, gt=0)
+    idle_unhealthy_s: float = Field(5.0, gt=0)
     total_s: float = Field(900.0, gt=0)
     ensure_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timeouts:
+        if self.first_byte_s > self.total_s:
+            raise ValueError(f"first_byte_s ({self.first_byte_s:g}) must not exceed total_s ({self.total_s:g})")
+        if self.idle_unhealthy_s > self.idle_s:
+            raise ValueError(f"idle_unhealthy_s ({self.idle_unhealthy_s:g}) must not exceed idle_s ({self.idle_s:g})")
+        return self
 
 
 class ServerConfig(_Strict):
@@ -352,11 +370,25 @@ class DiscoveryConfig(_Strict):
         return self
 
 
+class StoreOutageConfig(_Strict):
+    """What the gateway does while the store is unreachable (gateway/store_watch.py): it keeps
+    routing on the last view it holds — freshness judged against the store's last sign of life,
+    not the clock — for at most ``max_stale_s``; with ``poll_pods`` it meanwhile polls each pod
+    in that view itself (``/metrics`` and ``/v1/models``, as the embedded mode does), so pods
+    that die or recover during the outage are seen. A pod that refuses a connection meanwhile is
+    tried last for ``suspect_s``."""
+
+    max_stale_s: float = Field(120.0, ge=0)
+    poll_pods: bool = False
+    suspect_s: float = Field(15.0, gt=0)
+
+
 class StoreConfig(_Strict):
     """The pod-state store: ``memory://`` (one process) or ``redis://host:port/db``."""
 
     url: str = "memory://"
     key_prefix: str = "loraroute"
+    outage: StoreOutageConfig = StoreOutageConfig()
 
     @field_validator("url")
     @classmethod

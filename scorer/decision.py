@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from scorer.model import Candidate, Decision
+from scorer.plugin import PredictsTTFT
 from scorer.view import PickContext, PodView, code_name, stored_tier
 
 _RANKED = Decision.__dict__["ranked"]
@@ -132,6 +133,14 @@ class LazyDecision(Decision):
                 return None
             view = found[0]
         return stored_tier(view, self._ctx.adapter)
+
+    def predicted_ttft_s(self, pod_id: str, predictor: PredictsTTFT) -> float | None:
+        """``predictor``'s TTFT for the candidate ``pod_id`` in seconds, from the views this pick
+        scored (and the router's own counters as they are now); None for a non-candidate."""
+        for v in self._views:
+            if v.pod_id == pod_id:
+                return predictor.predict([v], self._ctx.narrowed())[0]
+        return None
 
     def placement(self, pod_id: str) -> str | None:
         """The requested adapter's placement on ``pod_id`` as the scorers priced it at pick time

@@ -21,6 +21,8 @@ the plugins that offer one once, when it is built (never on the hot path):
 - ``HintsReason``: ``reason_hint(score)``, a phrase for the decision's reason (a predicted TTFT).
 - ``KnowsPrefillRate``: ``prefill_s_per_token``, the rate at which the pipeline drains the
   pending prefill it keeps per pod.
+- ``PredictsTTFT``: ``predict(views, ctx)``, each candidate's predicted time to first token in
+  seconds (``Pipeline.predicted_ttft_s`` reads it for the gateway's first-byte deadlines).
 """
 
 from __future__ import annotations
@@ -125,3 +127,8 @@ class HintsReason(Protocol):
 class KnowsPrefillRate(Protocol):
     @property
     def prefill_s_per_token(self) -> float: ...
+
+
+@runtime_checkable
+class PredictsTTFT(Protocol):
+    def predict(self, views: list[PodView], ctx: PickContext) -> list[float]: ...

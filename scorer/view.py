@@ -213,17 +213,21 @@ class PickContext:
     index of the blocks pods reported through KV events, ``plan`` the placement plan a placer
     installed (None without one) — all read only here; ``seq`` counts the pipeline's earlier picks
     that had candidates (round-robin's counter; it lives in the local state, so it survives a
-    config reload).
+    config reload). ``state_now`` is the time pod states are judged fresh against: ``now``,
+    unless the caller's view stopped being refreshed at an earlier time (its store is
+    unreachable), so that the view does not age meanwhile.
     """
 
-    __slots__ = ("request", "now", "adapter", "prefix", "sessions", "seq", "kv", "plan", "_match", "_codes", "_rank")
+    __slots__ = ("request", "now", "state_now", "adapter", "prefix", "sessions", "seq", "kv", "plan", "_match",
+                 "_codes", "_rank")
 
     def __init__(
         self, request: RoutingRequest, now: float, prefix: PrefixIndex, sessions: Mapping[str, str], seq: int,
-        kv: KVBlockIndex | None = None, plan: PlacementPlan | None = None,
+        kv: KVBlockIndex | None = None, plan: PlacementPlan | None = None, state_now: float | None = None,
     ) -> None:
         self.request = request
         self.now = now
+        self.state_now = now if state_now is None else state_now
         self.adapter = request.adapter.name
         self.prefix = prefix
         self.sessions = sessions
@@ -258,6 +262,15 @@ class PickContext:
 
     def computed_codes(self) -> list[int] | None:
         return self._codes
+
+    def narrowed(self) -> PickContext:
+        """The same pick for another list of views: what depends only on the request (the prefix
+        match, the adapter's rank) is shared; the per-view placement codes are not."""
+        ctx = PickContext(self.request, self.now, self.prefix, self.sessions, self.seq, self.kv, self.plan,
+                          self.state_now)
+        ctx._match = self._match
+        ctx._rank = self._rank
+        return ctx
 
     def computed_match(self) -> dict[str, int] | None:
         return self._match
