@@ -128,6 +128,10 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    #: the request line and headers together (larger: 431, gateway/http_limits.py)
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: headers per request (more: 431)
+    max_headers: int = Field(100, ge=8, le=10_000)
     timeouts: Timeouts = Timeouts()
     #: extra attempts on the next-best pod after a connect error or a 5xx before the first byte
     retries: int = Field(2, ge=0, le=10)
@@ -406,12 +410,39 @@ class EnsureConfig(_Strict):
     remember_s: float = Field(10.0, ge=0)
 
 
+class MetricsAuthConfig(_KeyDigests):
+    """Who may read ``GET /metrics``: with ``required``, a request needs ``Authorization: Bearer
+    <key>`` whose digest is listed here (a scraper's key, inline or in a mounted Secret file) or
+    is an admin key of any role. Off by default: the series then carry no secret, but do name
+    the allowlisted adapters (``metrics.adapter_labels``)."""
+
+    required: bool = False
+
+
 class MetricsConfig(_Strict):
     enabled: bool = True
     #: histogram buckets (seconds) for TTFT and end-to-end latency measured at the gateway
     latency_buckets: tuple[float, ...] = (
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
     )
+    auth: MetricsAuthConfig = MetricsAuthConfig()
+    #: per-adapter label values: ``allowlist`` — names in the current allowlist only (any other,
+    #: e.g. demand another replica reports for a retired adapter, shows as ``other``); ``none`` —
+    #: no adapter names at all (the series are summed per base, ``adapter=""``)
+    adapter_labels: Literal["allowlist", "none"] = "allowlist"
+
+
+class SecurityConfig(_Strict):
+    """Tenant isolation and the sidecars' control API.
+
+    ``conceal_forbidden``: an adapter (or a whole base) a tenant may not use answers exactly as an
+    unknown one does — 404 with the nearest of the tenant's own names — so no tenant learns what
+    another may call. ``sidecar_token_env``: the name of an environment variable holding the
+    token the sidecars' control API requires (sent as ``Authorization: Bearer``; the sidecar's
+    ``control_token_env``; in the chart both come from one Secret)."""
+
+    conceal_forbidden: bool = True
+    sidecar_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,6 +460,7 @@ class GatewayConfig(_Strict):
     pipeline: str | dict[str, Any] = "default"
     ensure: EnsureConfig = EnsureConfig()
     metrics: MetricsConfig = MetricsConfig()
+    security: SecurityConfig = SecurityConfig()
     #: demand, placement plan and placer (gateway/placement_config.py, docs/placement.md)
     placement: PlacementConfig = PlacementConfig()
     changes: ChangesConfig = ChangesConfig()

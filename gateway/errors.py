@@ -47,6 +47,11 @@ class APIError(Exception):
         self.param = param
         self.code = code
 
+    def copy(self) -> APIError:
+        """The same error as a new exception (a stored error is raised as a copy: raising one
+        instance again and again would chain every raise's frames onto its traceback)."""
+        return APIError(self.status, self.message, type_=self.type, param=self.param, code=self.code)
+
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 

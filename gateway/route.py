@@ -2,8 +2,9 @@
 
 - ``resolve(ex)``: the ``model`` against the allowlist and the tenant (400/403/404, cached per
   tenant and name by the policy); the body for the pod with ``model`` rewritten to the name vLLM
-  knows (the request JSON is small and re-encoded with orjson; the response never is); the
-  prompt text hashed into prefix blocks (the first ``server.prefix_max_chars`` characters).
+  knows (the request JSON is small and re-encoded with orjson; the response never is; a body
+  nested deeper than ``MAX_JSON_DEPTH`` levels cannot be, and is a 400 saying so); the prompt
+  text hashed into prefix blocks (the first ``server.prefix_max_chars`` characters).
 - ``decide(gw, ex)``: ``pipeline.pick`` among the routable pods (no I/O, no lock, no await between
   reading the view and the decision), their freshness judged against the state store's last
   sign of life (``gateway.store_watch``: during an outage the last view does not age); the
@@ -24,6 +25,7 @@ import orjson
 
 from gateway.errors import APIError
 from gateway.exchange import Exchange
+from gateway.parse import MAX_JSON_DEPTH
 from gateway.policy import Resolved
 from gateway.service import DecisionRecord, Gateway
 from scorer.model import Decision, PodState, RoutingRequest
@@ -45,10 +47,15 @@ def resolve(ex: Exchange) -> None:
     req = ex.request
     resolved = rt.policy.resolve(ex.tenant, req.model)
     ex.resolved = resolved
-    ex.base_label, ex.adapter_label = resolved.base_label, resolved.adapter_label
+    ex.base_label = resolved.base_label
+    ex.adapter_label = resolved.adapter_label if rt.policy.adapter_labels else ""
     payload = req.payload
     payload["model"] = resolved.ref.vllm_model
-    ex.body = orjson.dumps(payload)
+    try:
+        ex.body = orjson.dumps(payload)
+    except orjson.JSONEncodeError:  # the one way a decoded body fails to encode: its depth
+        raise APIError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep; "
+                            "flatten it", code="json_too_deep") from None
     text = req.text
     limit = rt.config.server.prefix_max_chars
     if len(text) > limit:
@@ -77,12 +84,12 @@ def decide(gw: Gateway, ex: Exchange) -> None:
     model = ex.resolved.client_name
     note = watch.note(now) if watch.degraded else None
     if decision.pod_id is None:
-        gw.record(DecisionRecord(now, ex.routing.request_id, model, tenant, decision, [], 503, note))
+        gw.record(DecisionRecord(now, ex.routing.request_id, model, tenant, decision, [], 503, note), ex.adapter_label)
         raise no_pod_error(pods, decision, ex.resolved, note)
     gw.metrics.decided(decision.policy, decision.pod_id)
     ex.decision = decision
     ex.record = DecisionRecord(now, ex.routing.request_id, model, tenant, decision, [], state_note=note)
-    gw.record(ex.record)
+    gw.record(ex.record, ex.adapter_label)
 
 
 def no_pod_error(pods: Mapping[str, PodState], decision: Decision, resolved: Resolved,

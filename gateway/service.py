@@ -39,6 +39,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.placement_metrics import PlacementCollector
 from gateway.placer import Placer
 from gateway.policy import AccessPolicy
+from gateway.sidecars import sidecar_auth
 from gateway.store_watch import StoreCollector, StoreWatch
 from gateway.suspects import Suspects
 from gateway.upstream import Upstream
@@ -139,7 +140,8 @@ class Gateway:
         self.metrics = GatewayMetrics(config.metrics.latency_buckets, lambda: self.pods,
                                       lambda: self.runtime.pipeline.inflight_counts())
         self.upstream = Upstream(config.server)
-        self.ensurer = Ensurer(self.upstream, self.metrics, lambda: self.runtime.policy.adapter_versions)
+        self.ensurer = Ensurer(self.upstream, self.metrics, lambda: self.runtime.policy.adapter_versions,
+                               self.sidecar_headers)
         #: the config as read (file or given), before ``config_layer`` (approved run-time changes,
         #: gateway/changes.py) is laid over it on every reload
         self.base_config = config
@@ -155,7 +157,8 @@ class Gateway:
                                           file=config.placement.demand.file)
             self.placer = Placer(self, config.placement, pstore)
         self._configure_demand(config)
-        self.metrics.registry.register(PlacementCollector(self.current_demand, lambda: self.placer))
+        self.metrics.registry.register(PlacementCollector(self.current_demand, lambda: self.placer,
+                                                          label=self._demand_label))
         self.metrics.registry.register(StoreCollector(self.store_watch))
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -233,6 +236,10 @@ class Gateway:
                                unhealthy_after_s=cfg.monitor_unhealthy_after_s, max_loras=state.max_loras,
                                max_cpu_loras=state.max_cpu_loras, max_lora_rank=state.max_lora_rank)
 
+    def sidecar_headers(self) -> dict[str, str]:
+        """What every call to a sidecar's control API carries (``gateway.sidecars.sidecar_auth``)."""
+        return sidecar_auth(self.runtime.config)
+
     def suspect_hold_s(self) -> float:
         """How long a pod that refused a connection or timed out is tried last."""
         return self.store_watch.suspect_hold_s(self.suspects.hold_s)
@@ -282,6 +289,12 @@ class Gateway:
             return self.placer.demand
         now = time.time()
         return merge_demand([self.runtime.pipeline.demand.snapshot("local", now)], now)
+
+    def _demand_label(self, base: str, adapter: str) -> str | None:
+        """An adapter's label in the demand series (names as vLLM serves them; ``metrics.adapter_labels``)."""
+        if self.runtime.config.metrics.adapter_labels == "none":
+            return None
+        return adapter if (base, adapter) in self.runtime.policy.served_adapters else "other"
 
     def _configure_demand(self, config: GatewayConfig) -> None:
         d = config.placement.demand
@@ -394,9 +407,12 @@ class Gateway:
                 log.error("config file changed but is invalid; still serving the previous config: %s", e)
 
     # --- bookkeeping used by the request path ---------------------------------------------------
-    def record(self, rec: DecisionRecord) -> None:
+    def record(self, rec: DecisionRecord, adapter_label: str) -> None:
+        """Keep ``rec`` for ``GET /admin/decisions`` and count where an adapter request went
+        (under ``adapter_label``: ``Exchange.adapter_label``, "" when adapter names are off)."""
         if self.decisions.maxlen:
             self.decisions.append(rec)
         base, _, adapter = rec.model.partition(":")
-        known = self.runtime.policy.bases.get(base)
-        self.metrics.routed(known.name if known else base, adapter, rec.decision)
+        if adapter:
+            known = self.runtime.policy.bases.get(base)
+            self.metrics.routed(known.name if known else base, adapter_label, rec.decision)

@@ -40,26 +40,17 @@ import time
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from podstate import redact_url
 from podstate.store import PodStateStore
 from scorer.model import PodState
 
 log = logging.getLogger("loraroute.podstate.redis")
-
-
-def redact_url(url: str) -> str:
-    """The URL without user name and password (safe for logs and messages)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class RedisStore(PodStateStore):

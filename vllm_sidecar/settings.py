@@ -22,6 +22,8 @@ Strict: an unknown key is an error that names itself. Example (every key, with i
     ttl_s: 3.0
     heartbeat_s: 1.0
     load_on_ensure: true                # POST /adapters/{name}/ensure also loads into vLLM
+    control_token_env: null             # NAME of an env var holding the token the control API
+                                        # (ensure, refresh, /store, /adapters) requires
     log_level: info
     kv_events: null                     # relay the pod's KV-cache events to the store, e.g.
                                         # {endpoint: "tcp://127.0.0.1:5557", replay_endpoint:
@@ -60,7 +62,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from podstate import check_store_url
+from podstate import check_store_url, redact_url
 from podstate.envconfig import EnvOverrideError, apply_env_overrides, set_path
 
 ENV_PREFIX = "LORAROUTE_SIDECAR_"
@@ -174,6 +176,9 @@ class SidecarSettings(_Strict):
     ttl_s: float = Field(3.0, gt=0)
     heartbeat_s: float = Field(1.0, gt=0)
     load_on_ensure: bool = True
+    #: name of an environment variable holding the token the control API requires (``Authorization:
+    #: Bearer``); never the token itself. Unset: the control API is open (loopback set-ups)
+    control_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: SourceSettings = SourceSettings()
     kv_events: KVEventsSettings | None = None
@@ -216,8 +221,18 @@ class SidecarSettings(_Strict):
         return f"http://{host}:{self.listen.port}"
 
     def redacted(self) -> dict[str, Any]:
-        """Settings for logs and ``--check-config``: no secrets are ever in them, only file names."""
-        return self.model_dump(mode="json")
+        """Settings for logs and ``--check-config``: every URL without its user name and password
+        (``store.url`` may carry the Redis password); credentials are only ever named by file or
+        environment variable, never held here."""
+        out = self.model_dump(mode="json")
+        out["store"]["url"] = redact_url(self.store.url)
+        s3 = out["source"]["s3"]
+        if s3.get("endpoint_url"):
+            s3["endpoint_url"] = redact_url(s3["endpoint_url"])
+        for key in ("vllm_url", "advertise_url", "sidecar_url"):
+            if out.get(key):
+                out[key] = redact_url(out[key])
+        return out
 
 
 def _format_errors(exc: ValidationError) -> str:
@@ -276,6 +291,19 @@ def load_settings(
         return SidecarSettings.model_validate(data)
     except ValidationError as exc:
         raise SettingsError(_format_errors(exc)) from None
+
+
+def control_token(settings: SidecarSettings, env: Mapping[str, str] | None = None) -> str | None:
+    """The control API's token from the environment variable ``control_token_env`` names;
+    raises ``SettingsError`` when that variable is named but empty (a missing Secret must not
+    leave the API open)."""
+    if not settings.control_token_env:
+        return None
+    token = (env if env is not None else os.environ).get(settings.control_token_env, "").strip()
+    if not token:
+        raise SettingsError(f"control_token_env names {settings.control_token_env}, which is empty or unset; "
+                            "set it (the chart mounts it from the sidecar token Secret) or unset control_token_env")
+    return token
 
 
 def store_password(settings: SidecarSettings, env: Mapping[str, str] | None = None) -> str | None:
