@@ -128,6 +128,8 @@ def _fastapi(gw: Gateway, manage_lifecycle: bool) -> FastAPI:
     @api.get("/ready")
     async def ready() -> JSONResponse:
         healthy = [p for p, s in gw.pods.items() if s.healthy]
+        if gw.draining_since is not None:
+            return error_response(APIError(503, "the gateway is shutting down", code="draining"))
         if not gw.ready:
             return error_response(APIError(503, "the gateway is starting", code="not_ready"))
         if gw.placer is not None and gw.placer.starting:

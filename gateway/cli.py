@@ -1,7 +1,8 @@
 """``loraroute gateway --config FILE``: run the routing gateway.
 
 Serves with uvicorn on uvloop + httptools (the fastest stack measured, docs/gateway.md) through
-``gateway.http_limits`` (bounded request heads), no access log (the metrics count requests). ``--host`` / ``--port`` override ``server.host`` /
+``gateway.http_limits`` (bounded request heads), no access log (the metrics count requests);
+SIGTERM drains (``gateway.drain``). ``--host`` / ``--port`` override ``server.host`` /
 ``server.port``. Exit status 2 on an invalid config, with every problem and its key path.
 """
 
@@ -53,9 +54,8 @@ def uvicorn_config(app: object, config: GatewayConfig, host: str, port: int,
 
 
 async def serve(config: GatewayConfig, config_path: str | None, host: str, port: int) -> None:
-    import uvicorn
-
     from gateway.app import create_app
+    from gateway.drain import DrainingServer
     from gateway.service import Gateway
 
     gw = Gateway(config, config_path)
@@ -65,7 +65,7 @@ async def serve(config: GatewayConfig, config_path: str | None, host: str, port:
         server = gw.runtime.config.server
         return server.max_header_bytes, server.max_headers
 
-    server = uvicorn.Server(uvicorn_config(app, config, host, port, head_limits))  # type: ignore[arg-type]
+    server = DrainingServer(uvicorn_config(app, config, host, port, head_limits), gw)  # type: ignore[arg-type]
     await server.serve()
 
 

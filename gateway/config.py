@@ -124,6 +124,16 @@ class Timeouts(_Strict):
         return self
 
 
+class DrainConfig(_Strict):
+    """Graceful shutdown on SIGTERM (gateway/drain.py): ``/ready`` answers 503 at once; new
+    requests are still served for ``grace_s`` (while load balancers stop sending any), then
+    refused with 503; requests in flight get ``deadline_s`` more to finish, after which their
+    streams end with the error event. The chart's ``terminationGracePeriodSeconds`` covers both."""
+
+    grace_s: float = Field(5.0, ge=0)
+    deadline_s: float = Field(45.0, ge=0)
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -147,6 +157,7 @@ class ServerConfig(_Strict):
     #: the block size is the pipeline's ``state.block_chars``)
     prefix_max_chars: int = Field(262_144, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    drain: DrainConfig = DrainConfig()
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,17 +250,45 @@ class _KeyDigests(_Strict):
         return self
 
 
+class TenantLimits(_Strict):
+    """A tenant's admission limits (gateway/limits.py); unset ones do not apply. Requests over a
+    limit get 429 ``rate_limit_exceeded`` with ``Retry-After``."""
+
+    #: requests admitted per minute (a sliding one-minute window)
+    requests_per_minute: int | None = Field(None, ge=1)
+    #: prompt tokens (the gateway's estimate, 4 characters a token) admitted per minute
+    prompt_tokens_per_minute: int | None = Field(None, ge=1)
+    #: requests in flight at once
+    concurrent_requests: int | None = Field(None, ge=1)
+
+    @property
+    def any(self) -> bool:
+        return (self.requests_per_minute is not None or self.prompt_tokens_per_minute is not None
+                or self.concurrent_requests is not None)
+
+
 class TenantConfig(_KeyDigests):
     """A tenant: its API-key digests and the models it may call.
 
     ``adapters`` are glob patterns (``fnmatch``): a pattern with a colon matches the full client
     name ``<base>:<adapter>``, a pattern without one matches the adapter name under any base.
-    ``base_models`` lets the tenant call bare base names (no adapter).
+    ``base_models`` lets the tenant call bare base names (no adapter). ``limits``: its own
+    admission limits (default: ``limits.default``).
     """
 
     name: str = Field(min_length=1, max_length=128)
     adapters: tuple[str, ...] = ("*",)
     base_models: bool = True
+    limits: TenantLimits | None = None
+
+
+class LimitsConfig(_Strict):
+    """Tenant limits (gateway/limits.py). ``default`` applies to every tenant without its own
+    ``limits``. With a Redis store the counts are shared by every gateway replica (each adds
+    its own and reads the others' every ``sync_s``); with ``memory://`` they are this process's."""
+
+    default: TenantLimits = TenantLimits()
+    sync_s: float = Field(0.25, gt=0, le=10)
 
 Role = Literal["viewer", "operator", "approver"]
 ChangeKind = Literal["allowlist.add", "allowlist.retire", "adapter.roll", "pipeline.weights"]
@@ -461,6 +500,7 @@ class GatewayConfig(_Strict):
     ensure: EnsureConfig = EnsureConfig()
     metrics: MetricsConfig = MetricsConfig()
     security: SecurityConfig = SecurityConfig()
+    limits: LimitsConfig = LimitsConfig()
     #: demand, placement plan and placer (gateway/placement_config.py, docs/placement.md)
     placement: PlacementConfig = PlacementConfig()
     changes: ChangesConfig = ChangesConfig()

@@ -46,6 +46,8 @@ class APIError(Exception):
         self.type = type_ or _TYPES.get(status, "invalid_request_error")
         self.param = param
         self.code = code
+        #: extra response headers (lower-case names), e.g. ``Retry-After`` on a 429
+        self.headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def copy(self) -> APIError:
         """The same error as a new exception (a stored error is raised as a copy: raising one

@@ -25,7 +25,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from gateway.config import AdapterConfig, BaseConfig, GatewayConfig, TenantConfig
+from gateway.config import AdapterConfig, BaseConfig, GatewayConfig, TenantConfig, TenantLimits
 from gateway.echo import ModelEcho
 from gateway.errors import APIError
 from gateway.naming import ModelName, check_length, not_a_string, parse_model_name
@@ -64,6 +64,7 @@ class Resolved:
 class Tenant:
     name: str
     allowed: frozenset[tuple[str, str | None]]  # (base.name, adapter name or None for the base)
+    limits: TenantLimits | None = None  # None: no limit applies (gateway/limits.py)
 
     @property
     def bases(self) -> frozenset[str]:
@@ -108,7 +109,8 @@ class AccessPolicy:
         self._tenants_by_digest: dict[str, Tenant] = {}
         self.tenants: dict[str, Tenant] = {}
         for t in config.tenants:
-            tenant = Tenant(t.name, frozenset(self._allowed_for(t, config.bases)))
+            limits = t.limits if t.limits is not None else config.limits.default
+            tenant = Tenant(t.name, frozenset(self._allowed_for(t, config.bases)), limits if limits.any else None)
             self.tenants[t.name] = tenant
             for d in t.api_key_sha256:
                 self._tenants_by_digest[d] = tenant

@@ -62,6 +62,7 @@ async def send_error(send: Send, ex: Exchange, err: APIError, pod: str | None = 
         headers.append((b"x-loraroute-pod", pod.encode("latin-1")))
     if err.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    headers.extend(err.headers)
     ex.status = err.status
     ex.responded = True
     await send({"type": "http.response.start", "status": err.status, "headers": headers})

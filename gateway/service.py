@@ -35,6 +35,7 @@ from gateway.config import ConfigError, GatewayConfig, StaticPod, load_config
 from gateway.discovery import Discovery, Endpoint, StaticDiscovery, StoreDiscovery
 from gateway.ensure import Ensurer
 from gateway.inflight import Inflight
+from gateway.limits import LimitsCollector, open_limiter
 from gateway.metrics import GatewayMetrics
 from gateway.placement_metrics import PlacementCollector
 from gateway.placer import Placer
@@ -133,6 +134,15 @@ class Gateway:
         self.endpoints: Mapping[str, Endpoint] = {}
         self.suspects = Suspects()
         self.inflight = Inflight()
+        # tenant limits are shared through the store's Redis (a store handed in is in-process: the demo's)
+        self.limiter = open_limiter(config.store.url if self._own_store else "memory://", config.store.key_prefix,
+                                    lambda: self.runtime.config.limits.sync_s)
+        #: completion requests being served (the edge counts them; the drain waits for them)
+        self.active_requests = 0
+        #: set by the drain (gateway/drain.py): /ready answers 503 from then on
+        self.draining_since: float | None = None
+        #: set once the drain's grace is over: new completion requests are refused
+        self.refusing = False
         self.store_watch = StoreWatch(self.store, lambda: self.runtime.config.store.outage, self.pod_states,
                                       self._on_polled, self._poll_settings)
         self.decisions: collections.deque[DecisionRecord] = collections.deque(maxlen=config.server.decisions_kept)
@@ -160,6 +170,7 @@ class Gateway:
         self.metrics.registry.register(PlacementCollector(self.current_demand, lambda: self.placer,
                                                           label=self._demand_label))
         self.metrics.registry.register(StoreCollector(self.store_watch))
+        self.metrics.registry.register(LimitsCollector(self.limiter))
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -177,11 +188,13 @@ class Gateway:
         if self.placer is not None:
             await self.placer.start()
         await self.store_watch.start()
+        await self.limiter.start()
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
         await self.store_watch.close()
+        await self.limiter.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
