@@ -71,12 +71,12 @@ class Sidecar:
         self._own_store = own_store
         self.session = session
         self.started_at = time.time()
-        self.loader = VllmLoader(s.vllm_url, session)
+        self.loader = VllmLoader(s.vllm_url, session, timeout_s=s.load_timeout_s)
         source, layout = build_source(s)
         self.adapter_store = AdapterStore(
             s.adapter_dir, source, layout=layout, base_key=s.base_key, max_lora_rank=s.max_lora_rank,
             base_model=s.base_model, max_adapter_bytes=s.max_adapter_bytes, disk_budget_bytes=s.disk_budget_bytes,
-            in_use=self._in_use, before_evict=self._before_evict, on_download=self._on_download,
+            fetch_timeout_s=s.fetch_timeout_s, in_use=self._in_use, before_evict=self._before_evict, on_download=self._on_download,
         )
         self.monitor = PodMonitor(
             s.pod_id, s.vllm_url, store,

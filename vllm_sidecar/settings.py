@@ -22,6 +22,8 @@ Strict: an unknown key is an error that names itself. Example (every key, with i
     ttl_s: 3.0
     heartbeat_s: 1.0
     load_on_ensure: true                # POST /adapters/{name}/ensure also loads into vLLM
+    fetch_timeout_s: 20.0               # no new store request for one adapter starts after this
+    load_timeout_s: 15.0                # one /v1/load_lora_adapter call into vLLM
     control_token_env: null             # NAME of an env var holding the token the control API
                                         # (ensure, refresh, /store, /adapters) requires
     log_level: info
@@ -43,8 +45,13 @@ Strict: an unknown key is an error that names itself. Example (every key, with i
         secret_access_key_file: null
         session_token_file: null
         connect_timeout_s: 2.0
-        read_timeout_s: 30.0
+        read_timeout_s: 10.0
         max_attempts: 2
+
+An ensure answers within ``ensure_bound_s`` = fetch_timeout_s + max_attempts × (connect_timeout_s +
+read_timeout_s) (the store request under way when the fetch deadline passes) + load_timeout_s:
+59 s with these defaults, inside the gateway's ``ensure.timeout_s`` of 60 s (docs/config.md has
+the whole chain in one table).
 
 Environment: ``LORAROUTE_SIDECAR_<KEY>``, nested keys joined by ``__``
 (``LORAROUTE_SIDECAR_SOURCE__S3__BUCKET=adapters``); values are read as YAML, an empty one is
@@ -115,8 +122,13 @@ class S3Settings(_Strict):
     secret_access_key_file: str | None = None
     session_token_file: str | None = None
     connect_timeout_s: float = Field(2.0, gt=0)
-    read_timeout_s: float = Field(30.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0)
     max_attempts: int = Field(2, ge=1, le=10)
+
+    @property
+    def call_bound_s(self) -> float:
+        """The longest one S3 request can take, its retries included."""
+        return self.max_attempts * (self.connect_timeout_s + self.read_timeout_s)
 
 
 class KVEventsSettings(_Strict):
@@ -176,6 +188,11 @@ class SidecarSettings(_Strict):
     ttl_s: float = Field(3.0, gt=0)
     heartbeat_s: float = Field(1.0, gt=0)
     load_on_ensure: bool = True
+    #: seconds after which no new store request for one adapter's fetch starts (the one under way
+    #: is bounded by the S3 client's own timeouts): a stalled store fails the ensure, not the client
+    fetch_timeout_s: float = Field(20.0, gt=0)
+    #: limit for one ``/v1/load_lora_adapter`` call
+    load_timeout_s: float = Field(15.0, gt=0)
     #: name of an environment variable holding the token the control API requires (``Authorization:
     #: Bearer``); never the token itself. Unset: the control API is open (loopback set-ups)
     control_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -212,6 +229,13 @@ class SidecarSettings(_Strict):
         """What ``{base}`` means in a layout: the served name (or --model), last path segment."""
         base = self.served_model_name or self.base_model or ""
         return base.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def ensure_bound_s(self) -> float:
+        """The longest an ensure can take: the fetch deadline, the store request under way then,
+        the load into vLLM (compare the gateway's ``ensure.timeout_s``)."""
+        call = self.source.s3.call_bound_s if self.source.type == "s3" else 0.0
+        return self.fetch_timeout_s + call + self.load_timeout_s
 
     @property
     def public_sidecar_url(self) -> str:
