@@ -233,10 +233,11 @@ class Gateway:
     def _on_polled(self, pod_id: str, state: PodState | None) -> None:
         """A state ``StoreWatch`` polled from the pod itself (None: polling stopped, the store's
         view applies again). What only the sidecar knows (the pod's disk, the ranks it read, its
-        sidecar) is kept from the store's last state."""
+        sidecar, whether it warmed the engine up) is kept from the store's last state."""
         stored = self.store.view().get(pod_id)
         if state is not None and stored is not None:
             state = state.replace(disk_adapters=stored.disk_adapters, sidecar_url=stored.sidecar_url,
+                                  lora_ready=stored.lora_ready,
                                   adapter_ranks={**stored.adapter_ranks, **state.adapter_ranks})
         self._apply_state(pod_id, state if state is not None else stored)
 

@@ -102,7 +102,9 @@ class LazyDecision(Decision):
             parts.append(f"prefix {match.get(view.pod_id, 0)}/{blocks} blocks")
         for i, hint in self._meta.hints:
             col = self._cols[i]
-            parts.append(hint(col[self._picked] if col is not None else 0.0))
+            phrase = hint(col[self._picked] if col is not None else 0.0)
+            if phrase:  # a hint may have nothing to say about this pick
+                parts.append(phrase)
         text = "; ".join(parts)
         _REASON.__set__(self, text)
         return text

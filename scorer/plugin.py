@@ -18,7 +18,8 @@ the plugins that offer one once, when it is built (never on the hot path):
 
 - ``PricesLoadStall``: ``load_stall_s(rank, code)``, the engine seconds an adapter load with that
   placement code stalls its pod (the pipeline adds it to the pod's pending work on dispatch).
-- ``HintsReason``: ``reason_hint(score)``, a phrase for the decision's reason (a predicted TTFT).
+- ``HintsReason``: ``reason_hint(score)``, a phrase for the decision's reason (a predicted TTFT;
+  "" when there is nothing to say about this pick).
 - ``KnowsPrefillRate``: ``prefill_s_per_token``, the rate at which the pipeline drains the
   pending prefill it keeps per pod.
 - ``PredictsTTFT``: ``predict(views, ctx)``, each candidate's predicted time to first token in

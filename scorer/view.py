@@ -2,7 +2,9 @@
 
 - ``PodView`` is derived once per ``PodState`` object (the pipeline caches it and rebuilds it only
   when the state object for a pod changes) and never written afterwards, so the hot path reads
-  frozensets and ints instead of re-deriving them from tuples on every pick.
+  frozensets and ints instead of re-deriving them from tuples on every pick. It carries one
+  thing across states: ``healthy_since``, the first healthy observation since the pod joined
+  the view or recovered (the ``recovery`` scorer reads it).
 - ``PodLocal`` is what this router itself knows about one pod, exactly and instantly (requests in
   flight, pending work, adapters it has just sent there). It is mutable and owned by
   ``scorer.state.LocalState``; every view of the pod points to the same ``PodLocal``.
@@ -85,7 +87,7 @@ class PodView:
         "pod_id", "state", "local", "healthy", "observed_at", "bases", "gpu", "cpu", "disk",
         "loading", "running", "n_gpu", "n_running", "max_loras", "max_lora_rank", "ranks",
         "kv", "num_running", "num_waiting", "num_deferred", "capacity_blocks",
-        "tier3", "load", "defer_factor", "base_slot", "kv_free",
+        "tier3", "load", "defer_factor", "base_slot", "kv_free", "healthy_since",
     )
 
     def __init__(
@@ -96,6 +98,14 @@ class PodView:
         self.local = local
         self.healthy = state.healthy
         self.observed_at = state.observed_at
+        # since when the pod has been healthy without a break in this router's view (its first
+        # healthy observation after it joined the view or recovered); inf while unhealthy
+        if not state.healthy:
+            self.healthy_since = float("inf")
+        elif prev is not None and prev.healthy:
+            self.healthy_since = prev.healthy_since
+        else:
+            self.healthy_since = state.observed_at
         ps = prev.state if prev is not None else None
         if (
             ps is not None

@@ -27,6 +27,9 @@ Strict: an unknown key is an error that names itself. Example (every key, with i
     control_token_env: null             # NAME of an env var holding the token the control API
                                         # (ensure, refresh, /store, /adapters) requires
     log_level: info
+    warmup: {enabled: true, adapter: null, timeout_s: 60.0, retry_s: 5.0, attempts: 3}
+                                        # a LoRA request on every fresh engine before adapter
+                                        # requests are routed to it (docs/sidecar.md)
     kv_events: null                     # relay the pod's KV-cache events to the store, e.g.
                                         # {endpoint: "tcp://127.0.0.1:5557", replay_endpoint:
                                         #  "tcp://127.0.0.1:5558", topic: "", flush_interval_s: 0.005,
@@ -150,6 +153,22 @@ class KVEventsSettings(_Strict):
         return v
 
 
+class WarmupSettings(_Strict):
+    """The LoRA warm-up request sent to every fresh engine (``Sidecar.warm_up``): until it has
+    completed the pod is published ``lora_ready: false`` and gets no adapter request (an eager
+    vLLM compiles its LoRA kernels on the first one, ≈ 3.7 s). ``adapter``: the one to warm up
+    with (default: one vLLM has registered, else one on the pod's disk; with none at all there
+    is nothing to warm up and the pod is ready at once). A warm-up that fails is tried again
+    every ``retry_s``; after ``attempts`` failures the pod is made ready anyway (logged), so a
+    broken warm-up never keeps a serving pod out of traffic for good."""
+
+    enabled: bool = True
+    adapter: str | None = None
+    timeout_s: float = Field(60.0, gt=0)
+    retry_s: float = Field(5.0, gt=0)
+    attempts: int = Field(3, ge=1)
+
+
 class SourceSettings(_Strict):
     type: Literal["local", "s3"] = "local"
     local: LocalSourceSettings = LocalSourceSettings()
@@ -198,6 +217,7 @@ class SidecarSettings(_Strict):
     control_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: SourceSettings = SourceSettings()
+    warmup: WarmupSettings = WarmupSettings()
     kv_events: KVEventsSettings | None = None
 
     @field_validator("vllm_url", "advertise_url", "sidecar_url")
