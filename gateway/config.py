@@ -513,10 +513,6 @@ class GatewayConfig(_Strict):
                 if n in names:
                     raise ValueError(f"base name {n!r} is used by two bases ({names[n]!r} and {b.name!r})")
                 names[n] = b.name
-        if self.ensure.timeout_s > self.server.timeouts.first_byte_s:
-            raise ValueError(f"ensure.timeout_s ({self.ensure.timeout_s:g}) must not exceed server.timeouts.first_byte_s "
-                             f"({self.server.timeouts.first_byte_s:g}): an ensure runs inside a request's first-byte "
-                             "budget (docs/config.md, Timeouts)")
         tnames = [t.name for t in self.tenants]
         dup = {t for t in tnames if tnames.count(t) > 1}
         if dup:

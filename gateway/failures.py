@@ -195,6 +195,8 @@ class StreamBroken(UpstreamFailure):
             message = f"pod {pod_id!r} {what} mid-stream; the response is incomplete"
         super().__init__(pod_id, message)
         self.cause = cause
+        if isinstance(cause, Draining):
+            self.code = cause.code  # the client should retry elsewhere, not suspect the pod
 
 
 __all__ = [
