@@ -49,6 +49,7 @@ from prometheus_client.registry import Collector
 from gateway.errors import APIError
 from gateway.policy import Tenant
 from podstate import redact_url
+from podstate.background import Background
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -83,8 +84,11 @@ class _Counts:
     tokens: int = 0
 
 
-class Limiter:
-    """See the module docstring. ``redis``: a ``redis.asyncio.Redis`` client (None: local only)."""
+class Limiter(Background):
+    """See the module docstring. ``redis``: a ``redis.asyncio.Redis`` client (None: local only);
+    ``start()`` runs the sync with it (``Background``)."""
+
+    task_name = "limits-sync"
 
     def __init__(self, redis: Redis | None = None, key_prefix: str = "loraroute",
                  sync_s: Callable[[], float] = lambda: 0.25, clock: Callable[[], float] = time.time) -> None:
@@ -95,7 +99,6 @@ class Limiter:
         self._tenants: dict[str, _Counts] = {}
         self.rejected: dict[tuple[str, str], int] = {}
         self.replica = f"{socket.gethostname()}-{os.getpid()}"
-        self._task: asyncio.Task[None] | None = None
         self._sync_ok = True
 
     # --- the request path --------------------------------------------------------------------
@@ -195,16 +198,12 @@ class Limiter:
         raise RateLimited(name, limit, message, retry_after_s)
 
     # --- sharing through Redis ------------------------------------------------------------------
-    async def start(self) -> None:
-        if self._redis is not None and self._task is None:
-            self._task = asyncio.create_task(self._sync_forever(), name="limits-sync")
+    def start(self) -> None:
+        if self._redis is not None:
+            super().start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().close()
         if self._redis is not None:
             with contextlib.suppress(Exception):  # this replica's requests in flight no longer count
                 pipe = self._redis.pipeline(transaction=False)
@@ -218,7 +217,7 @@ class Limiter:
         """(tenant, requests admitted, prompt tokens admitted, in flight) per tenant seen here."""
         return [(name, c.requests, c.tokens, c.inflight) for name, c in sorted(self._tenants.items())]
 
-    async def _sync_forever(self) -> None:
+    async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._sync_s())
             try:

@@ -187,8 +187,8 @@ class Gateway:
             self._watch_task = asyncio.create_task(self._watch_config(), name="config-watch")
         if self.placer is not None:
             await self.placer.start()
-        await self.store_watch.start()
-        await self.limiter.start()
+        self.store_watch.start()
+        self.limiter.start()
         self.ready = True
 
     async def close(self) -> None:

@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gateway.config import StoreOutageConfig
+from podstate.background import Background
 from podstate.memory import MemoryStore
 from podstate.monitor import MonitorSettings, PodMonitor
 from podstate.store import PodStateStore
@@ -46,7 +47,7 @@ CHECK_S = 0.2
 """Seconds between two looks at the store's reachability."""
 
 
-class StoreWatch:
+class StoreWatch(Background):
     """See the module docstring. ``settings()`` returns the current ``store.outage`` section (it
     is hot-reloadable); ``pods()`` the pods to poll (pod id -> last known state), polled with
     ``monitor_settings(last state)``; ``on_polled`` receives each polled state (None when
@@ -69,7 +70,6 @@ class StoreWatch:
         self.outages = 0
         self._poll_store: MemoryStore | None = None
         self._monitors: dict[str, PodMonitor] = {}
-        self._task: asyncio.Task[None] | None = None
 
     # --- the hot path ------------------------------------------------------------------------
     def reference(self, now: float) -> float:
@@ -117,17 +117,11 @@ class StoreWatch:
         down (no state will say it is back)."""
         return self._settings().suspect_s if self.degraded and not self.polling else normal_s
 
-    # --- the watch ---------------------------------------------------------------------------
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="store-watch")
+    # --- the watch (``Background``: ``start()``, ``close()``) ------------------------------------
+    task_name = "store-watch"
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().close()
         await self._stop_polling()
 
     async def _run(self) -> None:
