@@ -8,6 +8,8 @@
     loraroute bench run SPEC --policy NAME --placement [--no-persisted-demand] [--plan-weight W]
     loraroute bench report RESULTS... [--out DIR]
     loraroute bench plan SPEC                         the placement plan from yesterday's demand
+    loraroute bench learning SPEC [--requests 2000] [--scenario NAME ...] [--mode NAME ...]
+                                                      does estimated-ttft learn unknown costs
     loraroute bench overhead [--requests 300] [--peers all|none|NAME,...] [--rounds 5]
                              [--baseline-tree DIR] [--out FILE]
     loraroute bench peers setup [NAME ...] | loraroute bench peers list
@@ -75,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="the placement plan a cluster of the spec gets from yesterday's demand")
     pl.add_argument("spec", type=Path)
+
+    le = sub.add_parser("learning", help="estimated-ttft with and without learning on clusters of unknown costs")
+    le.add_argument("spec", type=Path)
+    le.add_argument("--scenario", action="append", default=None, help="slow-loads, fast-loads (default: both)")
+    le.add_argument("--mode", action="append", default=None, help="defaults, learning, true-values (default: all)")
+    le.add_argument("--load", type=float, default=0.6, help="fraction of capacity (default 0.6)")
+    le.add_argument("--requests", type=int, default=2000)
+    le.add_argument("--window", type=int, default=200, help="requests per p99 window in the report")
+    le.add_argument("--time-scale", type=float, default=1.0)
+    le.add_argument("--capacity", type=float, default=None, help="requests per simulated second; skips measuring")
+    le.add_argument("--out-dir", type=Path, default=Path("bench/results/learning"))
+    le.add_argument("--report-only", action="store_true", help="rebuild report.md and the plots from the results")
 
     o = sub.add_parser("overhead", help="added latency and max rate of each router on zero-delay pods")
     o.add_argument("--requests", type=int, default=300, help="sequential requests per mode (default 300)")
@@ -185,6 +199,23 @@ def main(argv: list[str] | None = None) -> int:
         print("hot replicas: " + ", ".join(f"{a.adapter} x{len(a.pods)}" for a in hot))
         for pod_id, pp in sorted(plan.pods.items()):
             print(f"{pod_id}: planned share {pp.load:.3f}, GPU {', '.join(pp.gpu) or '-'}; CPU {', '.join(pp.cpu) or '-'}")
+        return 0
+    if args.cmd == "learning":
+        from bench import learning
+
+        if args.report_only:
+            print(learning.report(args.out_dir, args.window))
+            return 0
+        lopts = learning.LearningOptions(
+            spec_path=args.spec, scenarios=tuple(args.scenario or learning.SCENARIOS),
+            modes=tuple(args.mode or learning.MODES), load=args.load, requests=args.requests,
+            time_scale=args.time_scale, window=args.window, out_dir=args.out_dir, capacity=args.capacity)
+        unknown = [s for s in lopts.scenarios if s not in learning.SCENARIOS] + [
+            m for m in lopts.modes if m not in learning.MODES]
+        if unknown:
+            print(f"unknown scenario or mode: {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        print(learning.run(lopts))
         return 0
     if args.cmd == "overhead":
         from bench.overhead import OverheadOptions, run_overhead

@@ -50,6 +50,7 @@ an idle pod with its adapter on GPU and its shareable prefix in the cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -57,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,10 @@ class RunOptions:
     warmup: bool = False      # steady state: every adapter's system prompts served once first
     placement: placement_mod.PlacementOptions = field(default_factory=placement_mod.PlacementOptions)
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    # top-level gateway config sections laid over every replica's generated config (policies only)
+    gateway_extra: dict[str, Any] | None = None
+    # entered with the router URLs around the measured replay (e.g. polling an admin route)
+    observer: Callable[[list[str]], contextlib.AbstractContextManager[Any]] | None = None
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -246,13 +252,15 @@ def _replay_cfg(router_urls: list[str], target: Target, spec: WorkloadSpec, opts
 
 
 def _start_router(cluster: BenchCluster, target: Target,
-                  placement: placement_mod.PlacementOptions | None = None) -> tuple[list[str], str | None]:
+                  placement: placement_mod.PlacementOptions | None = None,
+                  gateway_extra: dict[str, Any] | None = None) -> tuple[list[str], str | None]:
     """(URLs of the router's replicas, api key) of the router under test; its processes are
     named ``router`` (one) or ``router:<i>`` (several replicas) for the CPU meter. With
     ``target.placement`` yesterday's demand is seeded first (unless ``placement.persisted`` is
-    off) and the gateways wait for their warm-up before they count as ready."""
+    off) and the gateways wait for their warm-up before they count as ready; ``gateway_extra``
+    is laid over every replica's config last."""
     if target.kind == "policy":
-        extras = None
+        extras: list[dict[str, Any]] | None = None
         ready_timeout = 30.0
         if target.placement:
             opts = placement or placement_mod.PlacementOptions()
@@ -263,6 +271,8 @@ def _start_router(cluster: BenchCluster, target: Target,
             extras = [placement_mod.gateway_settings(target.name, opts, demand_file, i)
                       for i in range(target.replicas)]
             ready_timeout = 300.0  # the warm-up of every pod before it takes traffic
+        if gateway_extra:
+            extras = [{**(extras[i] if extras else {}), **gateway_extra} for i in range(target.replicas)]
         procs = cluster.start_gateways(target.name, target.replicas, extras, ready_timeout)
         for i, proc in enumerate(procs):
             proc.name = "router" if len(procs) == 1 else f"router:{i}"
@@ -358,7 +368,7 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
     label = f"{target.label} @{int(round(load * 100))}%"
     with BenchCluster(spec, work_dir / f"{target.label.replace(':', '-')}-{load}",
                       time_scale=opts.time_scale, sidecars=opts.sidecars) as cl:
-        urls, key = _start_router(cl, target, opts.placement)
+        urls, key = _start_router(cl, target, opts.placement, opts.gateway_extra)
         warmed = 0
         if opts.warmup:
             warm = warmup_trace(spec)
@@ -370,7 +380,8 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
         meter = CpuMeter({**cl.pids(), "client": os.getpid()}, own_only={"client"})
         meter.start()
         t0 = time.monotonic()
-        results: list[RequestResult] = asyncio.run(replay(trace, _replay_cfg(urls, target, spec, opts, label, key)))
+        with opts.observer(urls) if opts.observer is not None else contextlib.nullcontext():
+            results: list[RequestResult] = asyncio.run(replay(trace, _replay_cfg(urls, target, spec, opts, label, key)))
         wall = time.monotonic() - t0
         cpu = meter.stop()
         states = {}

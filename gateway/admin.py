@@ -6,6 +6,9 @@
   pipeline's own per-pod state (``router``: in-flight tokens, incoming adapters, prefix blocks), PodState;
   and ``store``: whether the state store is reachable and, during an outage, how the gateway
   routes meanwhile (``gateway.store_watch``).
+- ``GET /admin/model`` — the learned cost model (``scorer.costmodel``): per pod group the
+  constants in force, their defaults, the pins, observations and residual scales, and which pods
+  are in each group.
 - ``POST /admin/reload`` — re-read the config file; 200 ``{"status": "reloaded", "generation",
   "restart_required"}`` or 400 with the reason (the previous config keeps serving).
 
@@ -26,6 +29,12 @@ from gateway.config import ConfigError
 from gateway.errors import APIError
 from gateway.roles import Role, require
 from gateway.service import Gateway
+from scorer.costmodel import group_key
+from scorer.model import PodState
+
+
+def _group(state: PodState) -> str:
+    return group_key(state.base_models, state.max_loras, state.max_cpu_loras, state.max_lora_rank)
 
 
 def admin_router(gw: Gateway) -> APIRouter:
@@ -62,6 +71,20 @@ def admin_router(gw: Gateway) -> APIRouter:
                 "state": state.to_dict() if state else None,
             })
         return {"object": "list", "data": data, "store": gw.store_watch.describe(now)}
+
+    @router.get("/model")
+    async def model(request: Request) -> dict[str, Any]:
+        """The learned cost model: per pod group the constants in force, the defaults they
+        started from, the pins, and the evidence (observations by tier, residual scales)."""
+        require(gw.runtime.config, request, Role.VIEWER)
+        pipeline = gw.runtime.pipeline
+        snap = pipeline.cost_model()
+        if snap is None:
+            return {"object": "cost_model", "policy": pipeline.name, "learning": False,
+                    "message": "no scorer of this pipeline learns costs (estimated-ttft does)"}
+        groups = {gid: sorted(p for p, st in gw.pods.items() if _group(st) == gid) for gid in snap["groups"]}
+        return {"object": "cost_model", "policy": pipeline.name, "learning": snap["enabled"], **snap,
+                "pods_by_group": groups}
 
     @router.post("/reload")
     async def reload(request: Request) -> dict[str, Any]:

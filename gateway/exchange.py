@@ -52,3 +52,4 @@ class Exchange:
     status: int = 0  # HTTP status sent (499: the client went away)
     pod: str = ""  # the pod that answered (or, on an error, the last one tried)
     ttft_s: float | None = None  # relay: seconds from arrival to the first streamed byte
+    first_byte_at: float | None = None  # relay: time.perf_counter() when the first streamed byte went out

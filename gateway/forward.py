@@ -16,7 +16,9 @@ Attempts = 1 + ``server.retries``, over the decision's candidates in fallback or
    pod may answer better (``failures.retryable_status``: 429, 502-504, a 500 that is not about
    the request itself) is a failure here; any other status is a reply, passed on unchanged;
 4. ``gateway.relay`` sends it to the client;
-5. ``pipeline.on_complete(p, ok)`` closes the books, whatever happened (``_finish``).
+5. ``pipeline.on_complete(p, ok, ticket, ttft)`` closes the books, whatever happened
+   (``_finish``); a streamed answer's time from dispatch to first byte, with the ticket the
+   dispatch returned, is one observation for the learned cost model (``scorer.costmodel``).
 
 A failure in 2 or 3 is a typed ``UpstreamFailure`` whose policy decides: ``retry`` moves on to
 the next pod (counted in ``loraroute_retries_total{reason}``), ``suspect`` also moves p to the end
@@ -28,9 +30,9 @@ Each attempt registers an ``AbortSignal`` in ``gw.inflight`` while it runs: when
 marks it unhealthy the attempt fails with ``PodUnhealthy`` at once if nothing was received yet
 (and is retried), and the gateway's drain ends it with ``Draining``.
 
-An observer of finished attempts (a cost model learning from TTFTs, shared routing state) hooks
-into ``_finish``, where the attempt's pod, outcome and ``Exchange.ttft_s`` are known; an
-admission check sits before this loop in ``gateway.edge``.
+Other observers of finished attempts (shared routing state) hook into ``_finish`` beside the
+cost model, where the attempt's pod, outcome and first-byte time are known; an admission check
+sits before this loop in ``gateway.edge``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from gateway.failures import BadStatus, EmptyStream, EnsureFailed, UpstreamFailu
 from gateway.route import fallback_order
 from gateway.service import Gateway
 from gateway.upstream import AbortSignal, Limits, Reply
+from scorer.costmodel import Ticket
 from scorer.model import T_REMOTE, TIER_NAMES
 
 _STATUS_BODY_S = 2.0  # how long a failing pod's error body is waited for
@@ -92,7 +95,8 @@ async def _attempt(gw: Gateway, ex: Exchange, send: Send, pod_id: str, endpoint:
     timeouts = ex.runtime.config.server.timeouts
     tier = ex.decision.stored_tier(pod_id)
     predicted = pipeline.predicted_ttft_s(ex.decision, pod_id)  # before the dispatch counts this request
-    pipeline.on_dispatch(pod_id, ex.routing, time.time())
+    ticket = pipeline.on_dispatch(pod_id, ex.routing, time.time())
+    dispatched = time.perf_counter()
     ok = False
     abort = AbortSignal(pod_id)
     gw.inflight.add(abort)
@@ -113,12 +117,16 @@ async def _attempt(gw: Gateway, ex: Exchange, send: Send, pod_id: str, endpoint:
         ok = ex.status < 400
     finally:
         gw.inflight.discard(abort)
-        _finish(ex, pod_id, ok)
+        _finish(ex, pod_id, ok, ticket, dispatched)
 
 
-def _finish(ex: Exchange, pod_id: str, ok: bool) -> None:
-    """The attempt on ``pod_id`` is over (``ok`` False: failed, retried or cancelled)."""
-    ex.runtime.pipeline.on_complete(pod_id, ex.routing, ok)
+def _finish(ex: Exchange, pod_id: str, ok: bool, ticket: Ticket | None, dispatched: float) -> None:
+    """The attempt on ``pod_id`` is over (``ok`` False: failed, retried or cancelled). A streamed
+    answer's time from this attempt's dispatch to its first byte (the pod's TTFT as the router
+    sees it: sidecar ensure, network and engine) is what the pipeline's cost model learns from."""
+    first = ex.first_byte_at
+    ttft = first - dispatched if ok and first is not None and first >= dispatched else None
+    ex.runtime.pipeline.on_complete(pod_id, ex.routing, ok, ticket, ttft)
 
 
 def _count_placement(gw: Gateway, ex: Exchange, pod_id: str, tier: int | None) -> None:

@@ -25,6 +25,10 @@ Series (labels in braces):
 - ``loraroute_retries_total{reason}`` — attempts moved to the next-best pod.
 - ``loraroute_ensures_total{pod,outcome}`` and ``loraroute_ensure_seconds`` — sidecar ensures.
 - ``loraroute_config_reloads_total{outcome}``.
+- The learned cost model per pod group, collected at scrape time (``/admin/model`` has the
+  evidence): ``loraroute_cost_constant{group,constant}`` (the constants of
+  ``scorer.costmodel.NAMES`` in force), ``loraroute_cost_disk_seconds{group,rank}`` and
+  ``loraroute_cost_observations{group}``.
 - Per-pod gauges collected at scrape time: ``loraroute_pod_inflight{pod}``,
   ``loraroute_pod_adapters{pod,tier}``, ``loraroute_pod_state_age_seconds{pod}``,
   ``loraroute_pod_healthy{pod}``, ``loraroute_pods_routable``.
@@ -36,11 +40,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from scorer.costmodel import NAMES as COST_NAMES
 from scorer.decision import LazyDecision
 from scorer.model import Decision, PodState
 
@@ -75,12 +81,37 @@ class _PodCollector(Collector):
         return [inflight, adapters, age, healthy, routable]
 
 
+class _CostCollector(Collector):
+    """The learned cost model (``Pipeline.cost_model``), read at scrape time."""
+
+    def __init__(self, model: Callable[[], Mapping[str, Any] | None]) -> None:
+        self._model = model
+
+    def collect(self) -> Iterable[Metric]:
+        model = self._model()
+        const = GaugeMetricFamily("loraroute_cost_constant", "Cost constant in force per pod group (learned or default)",
+                                  labels=["group", "constant"])
+        disk = GaugeMetricFamily("loraroute_cost_disk_seconds", "Disk-tier adapter cost in force per pod group and rank",
+                                 labels=["group", "rank"])
+        obs = GaugeMetricFamily("loraroute_cost_observations", "Requests the group's cost model has learned from",
+                                labels=["group"])
+        for group, fit in sorted(((model or {}).get("groups") or {}).items()):
+            c = fit["constants"]
+            for name in COST_NAMES:
+                const.add_metric([group, name], float(c[name]))
+            for rank, seconds in c["disk_s_by_rank"].items():
+                disk.add_metric([group, str(rank)], float(seconds))
+            obs.add_metric([group], float(fit["observations"]))
+        return [const, disk, obs]
+
+
 class GatewayMetrics:
     def __init__(
         self,
         latency_buckets: tuple[float, ...],
         pods: Callable[[], Mapping[str, PodState]],
         inflight: Callable[[], Mapping[str, int]],
+        cost_model: Callable[[], Mapping[str, Any] | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -100,6 +131,7 @@ class GatewayMetrics:
         self._adapter_routed = Counter("loraroute_adapter_routed", "Routed adapter requests by where the chosen pod held the adapter", ["base", "adapter", "tier"], registry=r)
         self._audit = Counter("loraroute_audit_events", "Audit log entries", ["event", "kind"], registry=r)
         r.register(_PodCollector(pods, inflight))
+        r.register(_CostCollector(cost_model))
         self._children: dict[tuple[object, ...], object] = {}
 
     def _child(self, metric: Counter | Histogram, *labels: str) -> object:

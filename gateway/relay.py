@@ -99,7 +99,8 @@ async def send_reply(gw: Gateway, ex: Exchange, send: Send, reply: Reply, first:
     ex.responded = True
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": first, "more_body": True})
-    ex.ttft_s = time.perf_counter() - ex.arrived
+    ex.first_byte_at = time.perf_counter()
+    ex.ttft_s = ex.first_byte_at - ex.arrived
     gw.metrics.ttft(pod, ex.base_label, ex.adapter_label, ex.ttft_s)
     return await _stream_rest(ex, send, reply, first, held)
 

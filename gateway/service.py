@@ -148,7 +148,8 @@ class Gateway:
         self.decisions: collections.deque[DecisionRecord] = collections.deque(maxlen=config.server.decisions_kept)
         # requests in flight are the pipeline's own count (one per dispatch, shared across reloads)
         self.metrics = GatewayMetrics(config.metrics.latency_buckets, lambda: self.pods,
-                                      lambda: self.runtime.pipeline.inflight_counts())
+                                      lambda: self.runtime.pipeline.inflight_counts(),
+                                      lambda: self.runtime.pipeline.cost_model())
         self.upstream = Upstream(config.server)
         self.ensurer = Ensurer(self.upstream, self.metrics, lambda: self.runtime.policy.adapter_versions,
                                self.sidecar_headers)

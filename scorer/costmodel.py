@@ -5,6 +5,8 @@ predicts with::
 
     ttft = base_s
          + lora_s             × [adapter request]          (LoRA surcharge, even on a GPU hit)
+         + cliff_s            × [uncached > graph_tokens]  (the step leaves the CUDA graph)
+         + cliff_lora_s       × [uncached > graph_tokens] × [adapter request]
          + cpu_load_s         × [adapter in the CPU tier]
          + disk(rank)         × [adapter on disk or remote]
          + fetch_s_per_rank   × rank × [adapter remote]
@@ -13,6 +15,12 @@ predicts with::
 
     disk(rank) = prior_disk(rank) + disk_lo_delta_s × (64 − rank) / 48
                                   + disk_hi_delta_s × (rank − 16) / 48
+
+The cliff terms are vLLM's compiled mode (real-vllm-0.25.md, "the 512-token cliff"): a step of at
+most ``graph_tokens`` tokens runs in a CUDA graph, a longer one does not, and costs ≈ 30 ms more
+— and an adapter ≈ 40 ms more instead of ≈ 4 ms. A linear model without them puts that jump on
+whatever correlates with long prompts (a new conversation's first, cold request: the disk tier).
+``graph_tokens`` 0 (an eager server) turns them off.
 
 ``prior_disk`` is the scorer's configured table (``disk_load_s`` × ``model_scale``), so with no
 data the learned model *is* the configured one; the data learns an affine correction to it,
@@ -27,7 +35,7 @@ Estimator: exponentially weighted ridge regression towards the defaults, with Hu
 
     yᵢ = ttftᵢ − prior_disk(rankᵢ) × [disk or remote]
     xᵢ = (1, uncached, adapter?, cpu?, disk? × (64 − rank) / 48, disk? × (rank − 16) / 48,
-          remote? × rank, queue) / scale
+          remote? × rank, queue, cliff?, cliff? × adapter?) / scale
     θ0 = the defaults (disk deltas 0, queue_scale 1)
     λ  = 0.5 ** (1 / half_life)             (observations; 1000 by default)
     ρ  = prior_obs                          (pseudo-observations on each standardised feature)
@@ -53,7 +61,7 @@ requests deferred behind saturated slots.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -66,12 +74,12 @@ CLASS_NAMES = ("gpu", "cpu", "disk", "remote")
 # coefficient order (the standardised regression's columns)
 NAMES = (
     "base_s", "prefill_s_per_token", "lora_s", "cpu_load_s",
-    "disk_lo_delta_s", "disk_hi_delta_s", "fetch_s_per_rank", "queue_scale",
+    "disk_lo_delta_s", "disk_hi_delta_s", "fetch_s_per_rank", "queue_scale", "cliff_s", "cliff_lora_s",
 )
 R_LO, R_HI = 16, 64  # the anchor ranks of the learned disk line
 D = len(NAMES)
 # typical magnitude of each feature: standardises the columns so one ridge strength fits all
-_SCALE = np.array([1.0, 1000.0, 1.0, 1.0, 1.0, 1.0, 32.0, 0.1])
+_SCALE = np.array([1.0, 1000.0, 1.0, 1.0, 1.0, 1.0, 32.0, 0.1, 1.0, 1.0])
 MIN_DISK_S = 0.001  # a learned disk load never goes below this (nor below cpu_load_s)
 MAX_DISK_S = 60.0
 # sane ranges of the learned constants (seconds, seconds per token / per rank, or a factor)
@@ -84,9 +92,12 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "disk_hi_delta_s": (-MAX_DISK_S, MAX_DISK_S),
     "fetch_s_per_rank": (0.0, 0.1),
     "queue_scale": (0.25, 4.0),
+    "cliff_s": (0.0, 1.0),
+    "cliff_lora_s": (0.0, 1.0),
 }
 HUBER_K = 2.0
 MAX_GROUPS = 64
+RECENT = 64  # observations kept per group for the admin API
 
 
 def group_key(bases: Iterable[str], max_loras: int, max_cpu_loras: int, max_lora_rank: int) -> str:
@@ -119,6 +130,9 @@ class CostPrior:
     fetch_s_per_rank: float
     disk_table: tuple[tuple[int, float], ...]  # (rank, seconds), before model_scale
     model_scale: float = 1.0
+    cliff_s: float = 0.0
+    cliff_lora_s: float = 0.0
+    graph_tokens: int = 0  # 0: no cliff (an eager server)
 
     def disk_s(self, rank: int) -> float:
         """The configured disk-tier seconds for ``rank`` (table interpolated × model_scale)."""
@@ -127,7 +141,7 @@ class CostPrior:
     def theta0(self) -> np.ndarray:
         return np.array([
             self.base_s, self.prefill_s_per_token, self.lora_s, self.cpu_load_s,
-            0.0, 0.0, self.fetch_s_per_rank, 1.0,
+            0.0, 0.0, self.fetch_s_per_rank, 1.0, self.cliff_s, self.cliff_lora_s,
         ])
 
 
@@ -154,6 +168,26 @@ class Observation:
     queue_s: float
 
 
+@dataclass(slots=True)
+class Ticket:
+    """What the scorer saw when a request was dispatched to a pod: the features of the
+    observation its completion will be (``Pipeline.on_complete``). ``tier`` is a tier class, or None
+    when the request's wait depends on something the model does not see (a load already under
+    way, a slot to free first): such a completion teaches nothing."""
+
+    group: str
+    tier: int | None
+    adapter: bool
+    rank: int
+    queue_s: float
+    uncached_tokens: float = 0.0
+
+    def observation(self, ttft_s: float) -> Observation | None:
+        if self.tier is None:
+            return None
+        return Observation(ttft_s, self.uncached_tokens, self.adapter, self.tier, self.rank, self.queue_s)
+
+
 @dataclass(frozen=True, slots=True)
 class CostConstants:
     """The constants in force for one pod group (learned, clamped, pins applied)."""
@@ -166,6 +200,8 @@ class CostConstants:
     disk_hi_delta_s: float
     fetch_s_per_rank: float
     queue_scale: float
+    cliff_s: float
+    cliff_lora_s: float
     prior: CostPrior = field(repr=False, compare=False)
     version: int = 0
 
@@ -178,7 +214,7 @@ class CostConstants:
     def as_dict(self, ranks: Iterable[int] = (8, 16, 32, 64)) -> dict[str, object]:
         return {
             **{n: getattr(self, n) for n in NAMES},
-            "disk_s_by_rank": {int(r): round(self.disk_s(int(r)), 6) for r in ranks},
+            "disk_s_by_rank": {str(r): round(self.disk_s(int(r)), 6) for r in ranks},
             "version": self.version,
         }
 
@@ -205,7 +241,8 @@ class CostFit:
         self.settings = settings
         self._lam = 0.5 ** (1.0 / settings.half_life) if settings.half_life > 0 else 1.0
         self._theta0 = prior.theta0()
-        self._pinned = np.array([n in settings.pin for n in NAMES])
+        unused = {"cliff_s", "cliff_lora_s"} if not prior.graph_tokens else set()
+        self._pinned = np.array([n in settings.pin or n in unused for n in NAMES])
         self._A = np.zeros((D, D))
         self._b = np.zeros(D)
         self._theta = self._theta0.copy()
@@ -213,16 +250,21 @@ class CostFit:
         self.counts = [0.0] * 4                # decayed observation count per tier class
         self.observed = 0
         self.rejected = 0
+        # the latest observations with the prediction they met (the evidence /admin/model shows)
+        self.recent: deque[tuple[Observation, float]] = deque(maxlen=RECENT)
         self._version = 0
         self.constants = CostConstants.from_theta(self._theta, prior, 0)
 
     def _features(self, obs: Observation) -> np.ndarray:
         disk = 1.0 if obs.tier in (C_DISK, C_REMOTE) else 0.0
         remote = 1.0 if obs.tier == C_REMOTE else 0.0
+        adapter = 1.0 if obs.adapter else 0.0
+        g = self.prior.graph_tokens
+        cliff = 1.0 if g and obs.uncached_tokens > g else 0.0
         return np.array([
-            1.0, obs.uncached_tokens, 1.0 if obs.adapter else 0.0, 1.0 if obs.tier == C_CPU else 0.0,
+            1.0, obs.uncached_tokens, adapter, 1.0 if obs.tier == C_CPU else 0.0,
             disk * (R_HI - obs.rank) / (R_HI - R_LO), disk * (obs.rank - R_LO) / (R_HI - R_LO),
-            remote * obs.rank, obs.queue_s,
+            remote * obs.rank, obs.queue_s, cliff, cliff * adapter,
         ])
 
     def predict(self, obs: Observation) -> float:
@@ -239,6 +281,7 @@ class CostFit:
         x = self._features(obs)
         y = obs.ttft_s - (self.prior.disk_s(obs.rank) if obs.tier in (C_DISK, C_REMOTE) else 0.0)
         r = y - float(x @ self._theta)
+        self.recent.append((obs, obs.ttft_s - r))
         c = obs.tier
         sigma = self._sigma[c]
         w = 1.0 if abs(r) <= HUBER_K * sigma else HUBER_K * sigma / abs(r)
@@ -290,6 +333,12 @@ class CostFit:
             "rejected": self.rejected,
             "recent_by_tier": {CLASS_NAMES[k]: round(v, 1) for k, v in enumerate(self.counts)},
             "residual_scale_s": {CLASS_NAMES[k]: round(v, 6) for k, v in enumerate(self._sigma)},
+            "recent": [
+                {"ttft_s": round(o.ttft_s, 6), "predicted_s": round(p, 6), "tier": CLASS_NAMES[o.tier],
+                 "rank": o.rank, "uncached_tokens": round(o.uncached_tokens, 1), "queue_s": round(o.queue_s, 6),
+                 "adapter": o.adapter}
+                for o, p in self.recent
+            ],
         }
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from scorer.costmodel import CostConstants
 from scorer.model import Candidate, Decision
 from scorer.plugin import PredictsTTFT
 from scorer.view import PickContext, PodView, code_name, stored_tier
 
 _RANKED = Decision.__dict__["ranked"]
 _REASON = Decision.__dict__["reason"]
+_COSTS = Decision.__dict__["costs"]
 
 
 class DecisionMeta:
@@ -33,7 +35,7 @@ class DecisionMeta:
 class LazyDecision(Decision):
     """``ranked`` (picked first, then by total, best first) and ``reason`` are computed lazily."""
 
-    __slots__ = ("_views", "_totals", "_cols", "_meta", "_picked", "_ctx")
+    __slots__ = ("_views", "_totals", "_cols", "_meta", "_picked", "_ctx", "_constants")
 
 
     def __init__(
@@ -57,6 +59,11 @@ class LazyDecision(Decision):
         self._meta = meta
         self._picked = picked
         self._ctx = ctx
+        costs = ctx.costs
+        # the constants the picked pod was scored with (a refit before the explanation is read
+        # must not change it)
+        self._constants: CostConstants | None = (
+            costs.constants(views[picked].group) if costs is not None else None)
 
     # --- lazily materialised fields ------------------------------------------------------
     def _order(self) -> list[int]:
@@ -156,12 +163,32 @@ class LazyDecision(Decision):
                 return code_name(c)
         return None
 
+    @property  # type: ignore[override]
+    def costs(self) -> dict[str, Any] | None:
+        try:
+            return _COSTS.__get__(self, LazyDecision)
+        except AttributeError:
+            pass
+        c = self._constants
+        out = None
+        if c is not None:
+            out = {"group": self._views[self._picked].group, "learned": c.version > 0,
+                   **{k: (round(v, 7) if isinstance(v, float) else v) for k, v in c.as_dict().items()}}
+        _COSTS.__set__(self, out)
+        return out
+
+    @costs.setter
+    def costs(self, value: dict[str, Any] | None) -> None:
+        _COSTS.__set__(self, value)
+
     def __repr__(self) -> str:
         return f"LazyDecision(pod_id={self.pod_id!r}, policy={self.policy!r}, candidates={len(self._views)})"
 
     def to_decision(self) -> Decision:
         """A plain ``Decision`` (everything materialised, no reference to the pipeline's state)."""
-        return Decision(self.pod_id, self.ranked, dict(self.filtered), self.policy, self.elapsed_us, self.reason)
+        return Decision(self.pod_id, self.ranked, dict(self.filtered), self.policy, self.elapsed_us, self.reason,
+                        self.costs)
 
     def __reduce__(self) -> Any:
-        return (Decision, (self.pod_id, self.ranked, dict(self.filtered), self.policy, self.elapsed_us, self.reason))
+        return (Decision, (self.pod_id, self.ranked, dict(self.filtered), self.policy, self.elapsed_us, self.reason,
+                           self.costs))

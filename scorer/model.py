@@ -197,6 +197,8 @@ class Decision:
     policy: str
     elapsed_us: float = 0.0
     reason: str = ""
+    # the learned cost constants the picked pod's group was scored with (None: not learned)
+    costs: dict[str, Any] | None = None
 
     def ranked_ids(self) -> list[str]:
         """Candidate pod ids, best first (the picked pod first): the fallback order."""
@@ -222,4 +224,5 @@ class Decision:
             ],
             "filtered": dict(self.filtered),
             "elapsed_us": round(self.elapsed_us, 1),
+            **({"costs": self.costs} if self.costs is not None else {}),
         }

@@ -43,7 +43,10 @@ from scorer.errors import ConfigError
 from scorer.model import Decision, PodState, RoutingRequest
 from scorer.params import Param, unknown_key, validate_params
 from scorer.placement import PlacementPlan
-from scorer.plugin import Filter, HintsReason, KnowsPrefillRate, Picker, PredictsTTFT, PricesLoadStall, Scorer
+from scorer.costmodel import Ticket
+from scorer.plugin import (
+    Filter, HintsReason, KnowsPrefillRate, LearnsCosts, Picker, PredictsTTFT, PricesLoadStall, Scorer,
+)
 from scorer.prefix import DEFAULT_BLOCK_CHARS, prompt_block_hashes
 from scorer.presets import PRESETS
 from scorer.registry import lookup
@@ -92,6 +95,8 @@ class Pipeline:
         self._meta = DecisionMeta(self._names, hints)
         self._stall: PricesLoadStall | None = next(
             (sc for _, sc, _ in self.scorers if isinstance(sc, PricesLoadStall)), None)
+        self._learns: LearnsCosts | None = next(
+            (sc for _, sc, _ in self.scorers if isinstance(sc, LearnsCosts)), None)
         self._ttft: PredictsTTFT | None = next(
             (sc for _, sc, _ in self.scorers if isinstance(sc, PredictsTTFT)), None)
         rate = next((sc for _, sc, _ in self.scorers if isinstance(sc, KnowsPrefillRate)), None)
@@ -106,6 +111,7 @@ class Pipeline:
             prefill_s_per_token=self._prefill_s_per_token,
             max_blocks_per_pod=self.state_config["max_blocks_per_pod"],
         )
+        self._local.costs = self._learns.cost_learner(None) if self._learns is not None else None
 
     # --- configuration -------------------------------------------------------------------
     @property
@@ -148,6 +154,7 @@ class Pipeline:
         resets the prefix index (old hashes no longer match new prompts).
         """
         local = old._local
+        local.costs = self._learns.cost_learner(local.costs) if self._learns is not None else None
         local.configure(
             block_chars=self.state_config["block_chars"],
             incoming_ttl_s=self.state_config["incoming_ttl_s"],
@@ -172,7 +179,8 @@ class Pipeline:
         if now >= local.inc_next_check:
             local.expire_due(now)  # once per pick, before any plugin reads a placement
         views = local.views_of(pods)
-        ctx = PickContext(request, now, local.prefix, local.sessions, local.picks, local.kv, local.plan, state_as_of)
+        ctx = PickContext(request, now, local.prefix, local.sessions, local.picks, local.kv, local.plan, local.costs,
+                          state_as_of)
         filtered: dict[str, str] = {}
         for fname, flt in self.filters:
             if not views:
@@ -219,38 +227,68 @@ class Pipeline:
             return None
         return decision.predicted_ttft_s(pod_id, self._ttft)
 
-    def on_dispatch(self, pod_id: str, request: RoutingRequest, now: float) -> None:
+    def on_dispatch(self, pod_id: str, request: RoutingRequest, now: float) -> Ticket | None:
         """Record that ``request`` was sent to ``pod_id`` (optimistic update).
 
         In-flight +1 request and + (prompt + max_tokens) tokens; the prompt's blocks are
         recorded in the prefix index for that pod; the adapter counts as incoming there for
         ``state.incoming_ttl_s`` seconds (or until the pod's state shows it); the uncached
-        prompt tokens join the pod's pending queue, and so does the engine stall of the adapter
-        load the request triggers there (priced by the first scorer with ``load_stall_s``,
-        i.e. estimated-ttft; nothing without one); the session key binds to the pod; the
-        request counts once in the demand estimate (a retry on another pod does not count again).
+        prompt tokens join the pod's pending queue (drained at the prefill rate a scorer knows),
+        and so does the engine stall of the adapter load the request triggers there (priced by the
+        first scorer with ``load_stall_s``, i.e. estimated-ttft, under the pod group's learned
+        constants; nothing without one); the
+        session key binds to the pod; the request counts once in the demand estimate (a retry on
+        another pod does not count again).
+
+        Returns the ``Ticket`` to hand back to ``on_complete`` when a scorer learns its constants
+        (what it saw at dispatch: the observation's features), else None.
         """
         local = self._local
-        local.expire_due(now)
         local.demand.observe(request, now)
+        local.expire_due(now)
         stall = 0.0
         name = request.adapter.name
-        if self._stall is not None and name is not None:
-            view = local.views.get(pod_id)
-            if view is not None:
-                code = tier_codes(name, [view])[0]
-                rank = request.adapter.rank
-                stall = self._stall.load_stall_s(rank if rank is not None else view.ranks.get(name), code)
-        local.dispatch(pod_id, request, now, stall)
+        view = local.views.get(pod_id)
+        ticket: Ticket | None = None
+        if view is not None and (self._stall is not None or self._learns is not None):
+            code = tier_codes(name, [view])[0]
+            rank = request.adapter.rank
+            if rank is None and name is not None:
+                rank = view.ranks.get(name)
+            costs = local.costs.constants(view.group) if local.costs is not None else None
+            if self._learns is not None:
+                ticket = self._learns.ticket(view, request, code, rank, now)
+            if self._stall is not None and name is not None:
+                stall = self._stall.load_stall_s(rank, code, costs)
+        uncached = local.dispatch(pod_id, request, now, stall)
+        if ticket is not None:
+            ticket.uncached_tokens = uncached
+        return ticket
 
     def note_stall(self, pod_id: str, stall_s: float, now: float) -> None:
         """A load started on ``pod_id`` by someone else (the placer): its ``stall_s`` joins the
         pod's pending queue, so estimated-ttft steers requests away while it runs."""
         self._local.add_stall(pod_id, stall_s, now)
 
-    def on_complete(self, pod_id: str, request: RoutingRequest, ok: bool) -> None:
-        """The request sent to ``pod_id`` finished (``ok`` False: failed or cancelled)."""
+    def on_complete(self, pod_id: str, request: RoutingRequest, ok: bool,
+                    ticket: Ticket | None = None, ttft_s: float | None = None) -> None:
+        """The request sent to ``pod_id`` finished (``ok`` False: failed or cancelled).
+
+        With the ``ticket`` its dispatch returned and ``ttft_s`` (seconds from dispatch to the
+        first streamed byte, None when not streamed or never answered), a successful request
+        is one observation for the learned cost model of the pod's group."""
         self._local.complete(pod_id, request, ok)
+        costs = self._local.costs
+        if ok and ticket is not None and ttft_s is not None and costs is not None:
+            obs = ticket.observation(ttft_s)
+            if obs is not None:
+                costs.observe(ticket.group, obs)
+
+    def cost_model(self) -> dict[str, Any] | None:
+        """The learned cost constants per pod group with their defaults and evidence (admin API,
+        metrics); None when no scorer learns its constants."""
+        costs = self._local.costs
+        return costs.snapshot() if costs is not None else None
 
     def forget_pod(self, pod_id: str) -> None:
         """The pod left the view: drop its index entries, counters and cached view."""

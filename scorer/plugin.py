@@ -31,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from scorer.costmodel import CostConstants, CostLearner, Ticket
+from scorer.model import RoutingRequest
 from scorer.params import Param, validate_params
 from scorer.view import PickContext, PodView
 
@@ -116,7 +118,15 @@ class Picker(Plugin):
 
 @runtime_checkable
 class PricesLoadStall(Protocol):
-    def load_stall_s(self, rank: int | None, code: int) -> float: ...
+    def load_stall_s(self, rank: int | None, code: int, c: CostConstants | None = None) -> float: ...
+
+
+@runtime_checkable
+class LearnsCosts(Protocol):
+    """A scorer whose constants the pipeline learns online (``scorer.costmodel``)."""
+
+    def cost_learner(self, old: CostLearner | None) -> CostLearner: ...
+    def ticket(self, view: PodView, request: RoutingRequest, code: int, rank: int | None, now: float) -> Ticket: ...
 
 
 @runtime_checkable

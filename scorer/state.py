@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from operator import is_
 from typing import TYPE_CHECKING
 
+from scorer.costmodel import CostLearner
 from scorer.demand import DemandTracker
 from scorer.kv_index import KVBlockIndex
 from scorer.model import PodState, RoutingRequest
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 MAX_INCOMING = 16  # optimistic adapters remembered per pod (oldest dropped)
 
-DEFAULT_PREFILL_S_PER_TOKEN = 0.000031  # h100-calibration.md: ≈ 0.031 ms/token from 2k tokens up
+DEFAULT_PREFILL_S_PER_TOKEN = 0.00003  # a busy pod's prefill throughput (estimated-ttft's drain_s_per_token)
 
 
 class LocalState:
@@ -64,6 +65,8 @@ class LocalState:
         # what this router dispatched, per adapter (decayed); the plan a placer installed
         self.demand = DemandTracker()
         self.plan: PlacementPlan | None = None
+        # the cost constants learned per pod group (None when no scorer learns them)
+        self.costs: CostLearner | None = None
 
     def configure(
         self,
@@ -175,9 +178,11 @@ class LocalState:
         self.inc_next_check = nxt
 
     # --- updates ---------------------------------------------------------------------------
-    def dispatch(self, pod_id: str, request: RoutingRequest, now: float, stall_s: float = 0.0) -> None:
+    def dispatch(self, pod_id: str, request: RoutingRequest, now: float, stall_s: float = 0.0) -> float:
         """Count ``request`` as sent to ``pod_id``; ``stall_s``: engine seconds its adapter load
-        will stall the pod (joins the pending queue ahead of its prefill)."""
+        will stall the pod (joins the pending queue ahead of its prefill, which drains at the
+        pipeline's prefill rate). Returns the prompt tokens the prefix index believes the pod
+        must compute."""
         loc = self.pod(pod_id)
         loc.inflight += 1
         loc.dispatched += 1
@@ -208,6 +213,7 @@ class LocalState:
             sessions.move_to_end(key)
             if len(sessions) > self.max_sessions:
                 sessions.popitem(last=False)
+        return uncached
 
     def add_stall(self, pod_id: str, stall_s: float, now: float) -> None:
         """An engine stall this router did not dispatch (a placement load) joins the pod's queue."""

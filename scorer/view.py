@@ -31,12 +31,14 @@ uses ``stored_tier``, because only the pod itself can say the adapter is on its 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from scorer.model import (
     T_BASE, T_CPU, T_DISK, T_GPU, T_INCOMING, T_LOADING, T_REMOTE, TIER_NAMES, PodState, RoutingRequest,
 )
+from scorer.costmodel import CostLearner, group_key
 from scorer.kv_index import KVBlockIndex
 from scorer.prefix import PrefixIndex
 
@@ -87,7 +89,7 @@ class PodView:
         "pod_id", "state", "local", "healthy", "observed_at", "bases", "gpu", "cpu", "disk",
         "loading", "running", "n_gpu", "n_running", "max_loras", "max_lora_rank", "ranks",
         "kv", "num_running", "num_waiting", "num_deferred", "capacity_blocks",
-        "tier3", "load", "defer_factor", "base_slot", "kv_free", "healthy_since",
+        "tier3", "load", "defer_factor", "base_slot", "kv_free", "group", "healthy_since",
     )
 
     def __init__(
@@ -158,6 +160,15 @@ class PodView:
         self.base_slot = S_SATURATED if self.num_deferred else slot_state(self.n_gpu, self.n_running, self.max_loras)
         self.load = self.num_running + self.num_waiting
         self.defer_factor = 1.0 + self.num_deferred / self.max_loras
+        # the pod group whose cost constants apply (scorer.costmodel.group_key), interned so that
+        # views of one group share one string object
+        if ps is not None and prev is not None and ps.base_models == state.base_models and (
+                ps.max_loras, ps.max_cpu_loras, ps.max_lora_rank) == (state.max_loras, state.max_cpu_loras,
+                                                                      state.max_lora_rank):
+            self.group = prev.group
+        else:
+            self.group = sys.intern(group_key(state.base_models, state.max_loras, state.max_cpu_loras,
+                                              state.max_lora_rank))
 
     def slot_with(self, extra: int) -> int:
         """The slot state with ``extra`` more adapters occupying slots (incoming ones)."""
@@ -221,19 +232,21 @@ class PickContext:
 
     ``prefix`` and ``sessions`` are the pipeline's prefix index and session bindings, ``kv`` its
     index of the blocks pods reported through KV events, ``plan`` the placement plan a placer
-    installed (None without one) — all read only here; ``seq`` counts the pipeline's earlier picks
+    installed (None without one), ``costs`` the learned cost constants per pod group (None when
+    no scorer learns them) — all read only here; ``seq`` counts the pipeline's earlier picks
     that had candidates (round-robin's counter; it lives in the local state, so it survives a
     config reload). ``state_now`` is the time pod states are judged fresh against: ``now``,
     unless the caller's view stopped being refreshed at an earlier time (its store is
     unreachable), so that the view does not age meanwhile.
     """
 
-    __slots__ = ("request", "now", "state_now", "adapter", "prefix", "sessions", "seq", "kv", "plan", "_match",
-                 "_codes", "_rank")
+    __slots__ = ("request", "now", "state_now", "adapter", "prefix", "sessions", "seq", "kv", "plan", "costs",
+                 "_match", "_codes", "_rank")
 
     def __init__(
         self, request: RoutingRequest, now: float, prefix: PrefixIndex, sessions: Mapping[str, str], seq: int,
-        kv: KVBlockIndex | None = None, plan: PlacementPlan | None = None, state_now: float | None = None,
+        kv: KVBlockIndex | None = None, plan: PlacementPlan | None = None, costs: CostLearner | None = None,
+        state_now: float | None = None,
     ) -> None:
         self.request = request
         self.now = now
@@ -244,6 +257,7 @@ class PickContext:
         self.seq = seq
         self.kv = kv if kv is not None else KVBlockIndex()
         self.plan = plan
+        self.costs = costs
         self._match: dict[str, int] | None = None
         self._codes: list[int] | None = None
         self._rank: int | None = -1
@@ -277,7 +291,7 @@ class PickContext:
         """The same pick for another list of views: what depends only on the request (the prefix
         match, the adapter's rank) is shared; the per-view placement codes are not."""
         ctx = PickContext(self.request, self.now, self.prefix, self.sessions, self.seq, self.kv, self.plan,
-                          self.state_now)
+                          self.costs, self.state_now)
         ctx._match = self._match
         ctx._rank = self._rank
         return ctx

@@ -155,7 +155,8 @@ def test_retry_on_the_next_pod_when_the_chosen_one_was_killed(procs, tmp_path: P
             else:
                 assert parsed.choices[0].message.content
         decisions = finished_decisions(gw, 4)
-        assert all(d["status"] == 200 and d["attempts"][-1] == "pod-b" for d in decisions)
+        seen = [(d["status"], d["attempts"]) for d in decisions]
+        assert all(status == 200 and attempts[-1] == "pod-b" for status, attempts in seen), seen
         # the first request after the kill went to pod-a first; pod-a then refused a connection, so
         # for the next seconds it is tried last: no later request pays the failed connect again
         assert decisions[-1]["picked"] == "pod-a" and decisions[-1]["attempts"] == ["pod-a", "pod-b"]

@@ -11,7 +11,11 @@ import json
 import time
 
 from scripted_http import Request, Script, ScriptedServer, json_reply, sse_reply
-from test_gateway_stages import chat, gateway, run, state, vllm
+from test_gateway_stages import BASE, chat, gateway, run, state, vllm
+
+from scorer.model import AdapterRef, RoutingRequest
+
+BASE_VLLM = BASE  # the test gateway serves the base under its own name
 
 # attempt limit = max(floor, factor × predicted TTFT): 0.3 s for a pod that holds the adapter
 FAST = {"first_byte_s": 20.0, "first_byte_floor_s": 0.3, "first_byte_factor": 4.0}
@@ -39,23 +43,33 @@ def test_a_hung_pod_is_left_after_its_predicted_deadline_not_the_first_byte_time
 
 
 def test_a_long_prefill_is_not_cut_but_the_same_wait_on_a_short_one_is() -> None:
-    """The same 1.2 s before the first byte: a prompt estimated at ~40k tokens is predicted
-    ≈ 1.3 s of prefill (limit ≈ 5 s), so it is waited for; a 4-token prompt is predicted a few
-    ms (limit: the 0.3 s floor), so the pod is left for the next one."""
+    """The same wait before the first byte — twice what the pipeline predicts for a prompt of
+    ~80k tokens — is waited for on that prompt (its limit is 4 × the prediction) and not on a
+    4-token one (predicted a few ms: its limit is the 0.3 s floor), which moves to the next pod."""
+    wait = {"s": 0.0}
+
     def slow_first_byte(req: Request) -> Script:
         reply = sse_reply([b'data: {"model":"sql","n":1}\n\n', b"data: [DONE]\n\n"])
-        return Script([1.2, *reply.pieces])
+        return Script([wait["s"], *reply.pieces])
 
     async def scenario() -> None:
         async with ScriptedServer(slow_first_byte) as a, ScriptedServer(vllm) as b, gateway(
                 [state("pod-a", a.url, gpu_adapters=("sql",)), state("pod-b", b.url)], timeouts=FAST) as env:
-            long_prompt = chat(stream=True, messages=[{"role": "user", "content": "x" * 160_000}])
-            r = await env.post(long_prompt)
-            assert r.status_code == 200 and r.headers["x-loraroute-pod"] == "pod-a", r.text
-            assert (await env.decisions())[0]["attempts"] == ["pod-a"]
+            long_prompt = chat(stream=True, messages=[{"role": "user", "content": "x" * 320_000}])
+            pipeline = env.gw.runtime.pipeline
+            probe = RoutingRequest(AdapterRef(BASE_VLLM, "sql", 8), prompt_tokens=80_001, max_tokens=4,
+                                   prefix_hashes=(), session_key=None, request_id="probe")
+            decision = pipeline.pick(probe, env.gw.pods, time.time())
+            predicted = pipeline.predicted_ttft_s(decision, "pod-a")
+            assert predicted is not None and predicted > 0.2, predicted
+            wait["s"] = 2 * predicted
+            env.gw.suspects.hold_s = 0.0  # the pod left by the short prompt is tried first again
             r = await env.post(chat(stream=True))
             assert r.status_code == 200 and r.headers["x-loraroute-pod"] == "pod-b"
             assert (await env.decisions())[0]["attempts"] == ["pod-a", "pod-b"]
+            r = await env.post(long_prompt)
+            assert r.status_code == 200 and r.headers["x-loraroute-pod"] == "pod-a", r.text
+            assert (await env.decisions())[0]["attempts"] == ["pod-a"]
 
     run(scenario)
 

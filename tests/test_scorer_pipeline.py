@@ -160,7 +160,10 @@ def test_burst_for_a_new_adapter_concentrates() -> None:
         d = pl.pick(req("fresh", request_id=str(i)), pods, NOW + i * 0.001)
         pl.on_dispatch(d.pod_id, req("fresh"), NOW + i * 0.001)  # type: ignore[arg-type]
         got[d.pod_id] += 1
-    assert len(got) == 1  # one pod loads it once, instead of four cold loads
+    # one pod loads it and takes the burst, instead of four cold loads; with the calibrated load
+    # cost (≈ 0.17 s for a rank-16 fetch and load) the last of a dozen requests queued behind that
+    # load may be predicted no slower on a second pod
+    assert len(got) <= 2 and max(got.values()) >= 10, got
     # llm-d's published default has no optimistic state: the same burst spreads over the pods
     llmd = build_pipeline({"preset": "llm-d", "picker": {"type": "max-score", "parameters": {"seed": 11}}})
     spread = Counter()
@@ -271,10 +274,11 @@ def test_decision_copies_and_reason() -> None:
     pl = build_pipeline("default")
     d = pl.pick(req(prompt_tokens=1000), {"p0": pod("p0", cpu_adapters=("a",))}, NOW)
     assert "adapter a: cpu/free" in d.reason
-    p = pl.scorers[0][1].params  # estimated-ttft: base + CPU activation + uncached prefill
-    predicted = p["base_s"] + p["cpu_load_s"] + 1000 * p["prefill_s_per_token"]
+    p = pl.scorers[0][1].params  # estimated-ttft: base + CPU activation + LoRA + prefill above the graph
+    predicted = (p["base_s"] + p["cpu_load_s"] + p["lora_s"] + 1000 * p["prefill_s_per_token"]
+                 + p["cliff_s"] + p["cliff_lora_s"])
     ms = int(d.reason.split("predicted TTFT ")[1].split(" ms")[0])
-    assert ms == round(1000 * predicted)
+    assert abs(ms - 1000 * predicted) <= 0.5 + 1e-6  # the hint rounds to whole milliseconds
     for clone in (copy.copy(d), copy.deepcopy(d), pickle.loads(pickle.dumps(d)), d.to_decision()):
         assert clone.explain() == d.explain()
 

@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from scorer.errors import ConfigError
 from scorer.model import T_GPU, T_REMOTE, AdapterRef, PodState, RoutingRequest
 from scorer.pipeline import STATE_PARAMS, Pipeline, build_pipeline
 from scorer.plugins.adapter_residency import AdapterResidency
@@ -248,7 +249,8 @@ def test_estimated_ttft_prediction_terms() -> None:
     t = {k: p["scale_s"] / v - p["scale_s"] for k, v in s.items()}  # back to seconds
     prefill = 1000 * p["prefill_s_per_token"]
     disk = p["model_scale"] * p["disk_load_s"][32]
-    assert t["gpu"] == pytest.approx(p["base_s"] + prefill)
+    # an adapter request whose 1,000 uncached tokens leave the CUDA graph (graph_tokens 512)
+    assert t["gpu"] == pytest.approx(p["base_s"] + prefill + p["lora_s"] + p["cliff_s"] + p["cliff_lora_s"])
     assert t["cpu"] - t["gpu"] == pytest.approx(p["cpu_load_s"])
     assert t["disk"] - t["gpu"] == pytest.approx(disk)
     assert t["remote"] - t["disk"] == pytest.approx(32 * p["fetch_s_per_rank"])
@@ -267,8 +269,10 @@ def test_estimated_ttft_prefix_pending_and_minmax() -> None:
     r = req(prefix_hashes=h, prompt_tokens=2000)
     s = scores_of(pl, pods, r, NOW)
     t = {k: 0.5 / v - 0.5 for k, v in s.items()}
-    pst = p["prefill_s_per_token"]
-    assert t["p2"] - t["p1"] == pytest.approx(-p["per_running_s"], abs=1e-6)  # pending_until is an absolute time: ~2e-7 s resolution
+    pst, drain = p["prefill_s_per_token"], p["drain_s_per_token"]
+    # p1: 1000 queued tokens ahead (drained at drain_s_per_token) but 1000 fewer to compute; both
+    # pods compute more than graph_tokens, so both pay the cliff
+    assert t["p2"] - t["p1"] == pytest.approx(1000 * pst - 1000 * drain - p["per_running_s"], abs=1e-6)  # pending_until is an absolute time: ~2e-7 s resolution
     # the pending queue drains with time
     later = scores_of(pl, pods, r, NOW + 1.0)
     assert 0.5 / later["p2"] - 0.5 / later["p1"] == pytest.approx(1000 * pst - p["per_running_s"], abs=1e-6)  # pending_until is an absolute time: ~2e-7 s resolution
@@ -278,7 +282,7 @@ def test_estimated_ttft_prefix_pending_and_minmax() -> None:
     # one a disk load plus a fetch above it (rank 16: the interpolation table's own point)
     mp = mm.scorers[0][1].params
     remote = mp["model_scale"] * mp["disk_load_s"][16] + 16 * mp["fetch_s_per_rank"]
-    assert s == {"g": 1.0, "c": pytest.approx(1.0 - mp["cpu_load_s"] / remote), "r": 0.0}
+    assert s == {"g": pytest.approx(1.0), "c": pytest.approx(1.0 - mp["cpu_load_s"] / remote), "r": 0.0}
 
 
 def test_estimated_ttft_counts_the_engine_stall_of_a_load_it_triggers() -> None:
@@ -380,3 +384,103 @@ def test_deferred_adapter_is_not_counted_on_gpu() -> None:
     assert decision.pod_id == "resident"
     assert (decision.stored_tier("deferred"), decision.stored_tier("resident")) == (T_REMOTE, T_GPU)
     assert "adapter z: gpu/" in decision.reason
+
+
+# --- the learned cost model (scorer.costmodel through the pipeline) ---------------------------
+def _learning_pipeline(**params: object) -> Pipeline:
+    return build_pipeline({"filters": [], "scorers": [{"type": "estimated-ttft", "parameters": params}]})
+
+
+def test_dispatch_tickets_name_the_tier_the_completion_teaches() -> None:
+    from scorer.costmodel import C_CPU, C_DISK, C_GPU, C_REMOTE
+
+    pl = _learning_pipeline()
+    pods = [pod("g", gpu_adapters=("a",)), pod("c", cpu_adapters=("a",)), pod("d", disk_adapters=("a",)),
+            pod("r"), pod("q", cpu_adapters=("a",), running_adapters=("b", "c", "d", "e"), num_deferred=3)]
+    pl.pick(req(), {p.pod_id: p for p in pods}, NOW)  # builds the views
+    tiers = {p.pod_id: pl.on_dispatch(p.pod_id, req(prompt_tokens=100), NOW) for p in pods}
+    assert {k: t.tier for k, t in tiers.items() if t is not None} == {
+        "g": C_GPU, "c": C_CPU, "d": C_DISK, "r": C_REMOTE, "q": None}  # q defers: a wait the model does not see
+    assert all(t is not None and t.adapter and t.rank == 16 and t.uncached_tokens == 100 for t in tiers.values())
+    again = pl.on_dispatch("r", req(prompt_tokens=100), NOW)  # just sent there: incoming, not an observation
+    assert again is not None and again.tier is None
+    assert tiers["g"].queue_s == 0.0 and again.queue_s > 0.0  # the first dispatch to r is in r's pending queue
+
+
+def test_completions_teach_and_the_predictions_follow() -> None:
+    pl = _learning_pipeline()
+    pods = {"p": pod("p", disk_adapters=("a",))}
+    before = scores_of(pl, list(pods.values()), req())["p"]
+    for _ in range(300):  # a disk-tier rank-16 load takes 1 s there, ten times the default
+        pl.pick(req(), pods, NOW)
+        t = pl.on_dispatch("p", req(prompt_tokens=0), NOW)
+        pl.on_complete("p", req(prompt_tokens=0), True, t, 1.0 + 0.054)
+        pl.local.pods["p"].pending_until = 0.0
+        pl.local.pods["p"].incoming.clear()
+    snap = pl.cost_model()
+    assert snap is not None
+    (fit,) = snap["groups"].values()
+    assert fit["observations"] == 300
+    after = scores_of(pl, list(pods.values()), req())["p"]
+    predicted = 0.5 / after - 0.5
+    assert predicted == pytest.approx(1.054, rel=0.1)
+    assert after < before
+    # failed, unstreamed or ticketless completions teach nothing
+    t = pl.on_dispatch("p", req(), NOW)
+    pl.on_complete("p", req(), False, t, 5.0)
+    pl.on_complete("p", req(), True, t, None)
+    pl.on_complete("p", req(), True, None, 5.0)
+    assert pl.cost_model()["groups"][next(iter(snap["groups"]))]["observations"] == 300  # type: ignore[index]
+
+
+def test_pins_learning_off_and_reload_keep_what_they_should() -> None:
+    pods = {"p": pod("p", disk_adapters=("a",))}
+
+    def teach(pl: Pipeline, n: int = 200) -> None:
+        for _ in range(n):
+            pl.pick(req(), pods, NOW)
+            t = pl.on_dispatch("p", req(prompt_tokens=0), NOW)
+            pl.on_complete("p", req(prompt_tokens=0), True, t, 2.0)
+            pl.local.pods["p"].pending_until = 0.0
+            pl.local.pods["p"].incoming.clear()
+
+    pinned = _learning_pipeline(pin=["disk", "lora_s"])
+    teach(pinned)
+    (fit,) = pinned.cost_model()["groups"].values()  # type: ignore[index]
+    assert fit["constants"]["disk_s_by_rank"] == fit["defaults"]["disk_s_by_rank"]
+    assert fit["constants"]["lora_s"] == fit["defaults"]["lora_s"]
+    assert fit["constants"]["base_s"] > 10 * fit["defaults"]["base_s"]  # the rest absorbed the 2 s
+    assert sorted(fit["pinned"]) == ["disk_hi_delta_s", "disk_lo_delta_s", "lora_s"]
+
+    off = _learning_pipeline(learn=False)
+    teach(off, 20)
+    assert off.cost_model()["groups"] == {}  # type: ignore[index]
+
+    learned = _learning_pipeline()
+    teach(learned)
+    same = _learning_pipeline()
+    same.adopt_state_from(learned)  # a reload with the same scorer: what was learned stays
+    assert same.cost_model() == learned.cost_model()
+    other = _learning_pipeline(base_s=0.05)
+    other.adopt_state_from(learned)  # other defaults: the old fit was against other priors
+    assert other.cost_model()["groups"] == {}  # type: ignore[index]
+    with pytest.raises(ConfigError, match="unknown constant 'disc'"):
+        _learning_pipeline(pin=["disc"])
+
+
+def test_estimated_ttft_prices_the_cuda_graph_cliff_per_pod() -> None:
+    """A pod that holds most of a long prompt's prefix keeps the rest inside the CUDA graph; one
+    that holds none pays the cliff. An eager server (graph_tokens 0) has none."""
+    h = prompt_block_hashes(BASE, "a", "s" * 2560)  # 10 blocks of a 1,000-token prompt
+    pods = [pod("warm", gpu_adapters=("a",)), pod("cold", gpu_adapters=("a",))]
+    r = req(prefix_hashes=h, prompt_tokens=1000)
+    for graph, expect_cliff in ((512, True), (0, False)):
+        pl = _learning_pipeline(graph_tokens=graph)
+        p = pl.scorers[0][1].params
+        pl.on_dispatch("warm", req(prefix_hashes=h[:8], prompt_tokens=800), NOW)  # 8 blocks cached there
+        pl.local.pods["warm"].pending_until = 0.0
+        pl.local.pods["warm"].inflight = 0
+        t = {k: 0.5 / v - 0.5 for k, v in scores_of(pl, pods, r).items()}
+        prefix_gain = 0.8 * 1000 * p["prefill_s_per_token"]
+        cliff = p["cliff_s"] + p["cliff_lora_s"]
+        assert t["cold"] - t["warm"] == pytest.approx(prefix_gain + (cliff if expect_cliff else 0.0), abs=1e-6)
