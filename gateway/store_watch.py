@@ -10,7 +10,11 @@ it last showed a sign of life (``PodStateStore.last_contact``: a message or a su
                    = last contact             while it is not, for at most outage.max_stale_s
                    = now                      after that (the view has become too old to trust)
 
-(precisely ``min(now, last contact)`` within the bound). A sidecar that dies while the store is
+(precisely ``min(now, last contact)`` within the bound). The clock stays at the last contact
+before the outage until ``RECOVERY_S`` after the store is back: a Redis that restarted holds no
+state, the view still holds the states of before the outage, and the sidecars republish only
+once they have reconnected themselves (their backoff is at most 2 s) — a reference jumping to
+``now`` at once would age every pod of the view out together. A sidecar that dies while the store is
 up stops publishing while others do, so its pod still ages out; while the store is down nothing
 ages, and a pod that really dies is caught by its refused connections (``Suspects``, held for
 ``outage.suspect_s`` meanwhile) — or, with ``outage.poll_pods``, by polling: the gateway then
@@ -46,6 +50,11 @@ log = logging.getLogger("loraroute.gateway")
 CHECK_S = 0.2
 """Seconds between two looks at the store's reachability."""
 
+RECOVERY_S = 3.0
+"""Seconds after the store is back during which the view is still judged against the last
+contact before the outage (the sidecars' reconnect backoff is at most 2 s; they then republish
+at once)."""
+
 
 class StoreWatch(Background):
     """See the module docstring. ``settings()`` returns the current ``store.outage`` section (it
@@ -68,6 +77,9 @@ class StoreWatch(Background):
         self._monitor_settings = monitor_settings
         self.degraded_since: float | None = None  # Unix time the store was found unreachable
         self.outages = 0
+        # the last contact before the current (or just ended) outage, and until when it holds
+        self._held: float | None = None
+        self._held_until = 0.0
         self._poll_store: MemoryStore | None = None
         self._monitors: dict[str, PodMonitor] = {}
 
@@ -75,6 +87,9 @@ class StoreWatch(Background):
     def reference(self, now: float) -> float:
         """The time pod states are judged fresh against (see the module docstring)."""
         contact = self.store.last_contact()
+        held = self._held
+        if held is not None and contact is not None and (self.degraded_since is not None or now < self._held_until):
+            contact = min(contact, held)
         if contact is None or contact >= now or now - contact > self._settings().max_stale_s:
             return now
         return contact
@@ -140,12 +155,18 @@ class StoreWatch(Background):
             self.degraded_since = now
             self.outages += 1
             contact = self.store.last_contact()
+            self._held = contact
             log.warning("state store unreachable (last contact %.1fs ago): routing on the last view of %d pod(s) "
                         "for at most %gs%s", now - contact if contact else 0.0, len(self._pods()),
                         self._settings().max_stale_s, "; polling the pods meanwhile" if self._settings().poll_pods else "")
         elif reachable and self.degraded_since is not None:
-            log.info("state store reachable again after %.1fs; routing on its live view", now - self.degraded_since)
+            log.info("state store reachable again after %.1fs; routing on its live view (states of before the "
+                     "outage count as fresh for %gs more, until their sidecars republish)", now - self.degraded_since,
+                     RECOVERY_S)
             self.degraded_since = None
+            self._held_until = now + RECOVERY_S
+        elif reachable and self._held is not None and now >= self._held_until:
+            self._held = None
         want_polling = self.degraded and self._settings().poll_pods
         if want_polling and not self.polling:
             await self._start_polling()

@@ -15,15 +15,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.config import Timeouts, load_config
+from gateway import store_watch
+from gateway.config import StoreOutageConfig, Timeouts, load_config
 from gateway.deadlines import attempt_limits, first_byte_s, request_budget_s
 from gateway.errors import APIError
 from gateway.policy import AccessPolicy
 from gateway.service import Gateway
+from gateway.store_watch import StoreWatch
 from gateway.upstream import AbortSignal
 from loraroute import peft
 from loraroute.procs import free_port, loraroute_cmd
 from podstate import MemoryStore, redact_url
+from podstate.monitor import MonitorSettings
 from scorer.model import AdapterRef, PodState, RoutingRequest
 from scorer.pipeline import build_pipeline
 from vllm_sidecar.validation import validate_dir
@@ -83,6 +86,51 @@ class CutOffStore(MemoryStore):
     @property
     def reachable(self) -> bool:
         return self.contact is None
+
+
+class RestartingStore(MemoryStore):
+    """An in-process store whose reachability and last contact a test sets (a Redis restarting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contact = time.time()
+        self.up = True
+
+    def last_contact(self) -> float | None:
+        return self.contact
+
+    @property
+    def reachable(self) -> bool:
+        return self.up
+
+
+def test_the_last_view_does_not_age_out_at_once_when_the_store_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_watch, "RECOVERY_S", 0.3)
+    store = RestartingStore()
+
+    def no_polling(state: PodState) -> MonitorSettings:
+        raise AssertionError("poll_pods is off")
+
+    watch = StoreWatch(store, StoreOutageConfig, dict, lambda pod_id, state: None, no_polling)
+    pipeline = build_pipeline("default")
+    before = time.time() - 5  # the last contact and the last states: 5 s before Redis is back
+    pods = {"a": pod("a", observed_at=before - 0.2)}
+    store.contact, store.up = before, False
+    asyncio.run(watch.check())
+    assert watch.degraded and watch.reference(time.time()) == before
+    # Redis is back, restarted and empty: the subscriber's contact is fresh, the sidecars have not republished yet
+    store.contact, store.up = time.time(), True
+    assert watch.reference(time.time()) == before  # before the watch has looked
+    asyncio.run(watch.check())
+    now = time.time()
+    assert not watch.degraded and watch.reference(now) == before
+    assert pipeline.pick(routing(), pods, now, watch.reference(now)).pod_id == "a"
+    time.sleep(0.35)
+    asyncio.run(watch.check())
+    now = time.time()
+    store.contact = now
+    assert watch.reference(now) == now  # past the recovery window: a pod whose sidecar never came back ages out
+    assert pipeline.pick(routing(), pods, now, watch.reference(now)).pod_id is None
 
 
 def test_the_last_view_serves_through_an_outage_and_polling_replaces_it(procs, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
