@@ -6,7 +6,8 @@
     python -m bench.reliability secrets
     python -m bench.reliability soak    [--minutes 30] [--clients 4]
 
-(also ``loraroute bench reliability ...``). Each starts what it measures — a Redis, simulated
+(also ``loraroute bench reliability ...``; every target but hostile takes ``--time-scale``, the
+simulated pods' wall seconds per simulated second: > 1 slows them, for a machine short of CPU). Each starts what it measures — a Redis, simulated
 vLLM pods (one process each, so one can be killed or frozen alone), a sidecar per pod publishing
 into the Redis, one gateway — prints a JSON summary and writes it to ``--out``. ``--tree DIR`` runs
 the gateway and the sidecars from another loraroute checkout (the figures of before a change; the
@@ -368,6 +369,10 @@ def _tenants(new_keys: bool) -> dict[str, Any]:
     return cfg
 
 
+def _sim(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("--time-scale", f"{args.time_scale:g}")
+
+
 def run_hostile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     stack = Stack(work, pods=1, sidecars=False, tree=args.tree, config=_tenants(args.tree is None),
                   sim_args=("--time-scale", "0")).start()
@@ -429,7 +434,7 @@ def _outage_config(new_keys: bool) -> dict[str, Any]:
 
 
 def run_outage(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    stack = Stack(work, pods=3, tree=args.tree, config=_outage_config(args.tree is None)).start()
+    stack = Stack(work, pods=3, tree=args.tree, config=_outage_config(args.tree is None), sim_args=_sim(args)).start()
     try:
         load = Load(stack.url, args.clients).start()
         meter = CpuMeter({"gateway": stack.gateway.popen.pid})  # type: ignore[union-attr]
@@ -469,7 +474,7 @@ def run_chaos(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     cfg = {"admin": {"api_key_sha256": [digest(KEYS["admin"])]}}
     if args.tree is None:
         cfg["server"] = {"timeouts": {"idle_unhealthy_s": 2.0}}  # type: ignore[assignment]
-    stack = Stack(work, pods=4, tree=args.tree, config=cfg).start()
+    stack = Stack(work, pods=4, tree=args.tree, config=cfg, sim_args=_sim(args)).start()
     events: list[str] = []
     try:
         load = Load(stack.url, args.clients).start()
@@ -532,7 +537,7 @@ def run_secrets(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     token_env = {"LR_SIDECAR_TOKEN": KEYS["sidecar"]}
     if new:
         cfg["security"] = {"sidecar_token_env": "LR_SIDECAR_TOKEN"}
-    stack = Stack(work, pods=2, tree=args.tree, config=cfg, redis_password=KEYS["redis"],
+    stack = Stack(work, pods=2, tree=args.tree, config=cfg, redis_password=KEYS["redis"], sim_args=_sim(args),
                   sidecar_env={**token_env, "LORAROUTE_SIDECAR_CONTROL_TOKEN_ENV": "LR_SIDECAR_TOKEN"} if new else {},
                   gateway_env=token_env if new else {})
     try:
@@ -596,7 +601,7 @@ def run_secrets(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def run_soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    stack = Stack(work, pods=3, tree=args.tree).start()
+    stack = Stack(work, pods=3, tree=args.tree, sim_args=_sim(args)).start()
     try:
         load = Load(stack.url, args.clients, max_tokens=(8, 32)).start()
         meter = CpuMeter({"gateway": stack.gateway.popen.pid})  # type: ignore[union-attr]
@@ -640,6 +645,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-every-s", type=float, default=15.0)
     p.add_argument("--freeze-s", type=float, default=30.0)
     p.add_argument("--minutes", type=float, default=30.0, help="soak: minutes of load")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="the simulated pods' wall time per simulated second (> 1: slower pods, less CPU; "
+                        "not hostile, whose pod answers at once)")
     return p
 
 
