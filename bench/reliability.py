@@ -539,8 +539,10 @@ def run_secrets(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         cfg["security"] = {"sidecar_token_env": "LR_SIDECAR_TOKEN"}
     stack = Stack(work, pods=2, tree=args.tree, config=cfg, redis_password=KEYS["redis"], sim_args=_sim(args),
                   sidecar_env={**token_env, "LORAROUTE_SIDECAR_CONTROL_TOKEN_ENV": "LR_SIDECAR_TOKEN"} if new else {},
-                  gateway_env=token_env if new else {})
+                  gateway_env=token_env if new else {}).start()
     try:
+        meter = CpuMeter({"gateway": stack.gateway.popen.pid})  # type: ignore[union-attr]
+        meter.start()
         secrets = list(KEYS.values())
         leaks: list[str] = []
         answers = 0
@@ -595,7 +597,7 @@ def run_secrets(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "forbidden": [forbidden.status_code, forbidden.json()["error"]["code"]],
                 "unknown": [unknown.status_code, unknown.json()["error"]["code"]],
                 "sidecar_control_api_open_to": sidecar_open,
-                "log_bytes_scanned": len(logs)}
+                "log_bytes_scanned": len(logs), "cpu": meter.stop()}
     finally:
         stack.close()
 
