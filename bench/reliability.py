@@ -655,10 +655,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    code = code_version(args.tree) if args.tree else code_version()  # before: a soak outlasts commits
     with tempfile.TemporaryDirectory(prefix="loraroute-reliability-") as tmp:
         started = time.time()
         result = TARGETS[args.target](args, Path(tmp))
-    doc = {"target": args.target, "code": code_version(args.tree) if args.tree else code_version(),
+    doc = {"target": args.target, "code": code,
            "argv": sys.argv[1:] if argv is None else argv, "started": round(started, 1),
            "load_average": os.getloadavg(), **result}
     text = json.dumps(doc, indent=2)
