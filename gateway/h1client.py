@@ -12,7 +12,10 @@ one uvicorn uses), so a request costs a few dict operations and one ``transport.
 - ``Pool(connect_timeout_s, max_idle_per_host)``: idle connections per ``(host, port)``, LIFO.
   ``await pool.request(host, port, head, body, timeout_s, first_byte_s)`` -> ``Response`` once the
   headers are in; ``timeout_s`` bounds the whole exchange, body included, ``first_byte_s`` the
-  time to the first body byte (a timer on the loop, not a cancel scope). A connection reused from the pool
+  time to the first body byte (a timer on the loop, not a cancel scope), ``idle_s`` the longest
+  silence between body bytes once the first has arrived (one timer per stream that re-arms
+  itself at the last arrival, not one per chunk); ``bind(conn)`` is told the connection before
+  the request goes out, so another task can ``abort`` it. A connection reused from the pool
   that turns out to be closed by the server (nothing received) is retried once on a new
   connection — the usual keep-alive race, invisible to the caller.
 - ``Response``: ``status``, ``headers`` (lower-case names -> str), ``await read_chunk()`` (the
@@ -21,11 +24,12 @@ one uvicorn uses), so a request costs a few dict operations and one ``transport.
   Chunked transfer encoding is decoded by the parser; a 204 and a 304 have no body.
 - ``Connection``: one keep-alive connection; its public surface is what ``Pool`` and ``Response``
   use (``send``, ``read``, ``read_all``, ``complete``, ``reusable``, ``received``, ``closed``,
-  ``close``, ``done``).
+  ``close``, ``done``), plus ``abort(exc)`` (the pending or next read raises ``exc``, the
+  connection closes) and ``set_idle(idle_s)`` (a shorter silence limit from now on).
 - Back-pressure: reading from the socket pauses while more than 1 MiB waits unread.
 - Errors: ``UpstreamError`` (an ``OSError``) for connection failures, resets, malformed responses
   and a response cut short; ``asyncio.TimeoutError`` for the connect timeout and ``timeout_s``,
-  ``NoFirstByte`` (one) for ``first_byte_s``.
+  ``NoFirstByte`` (one) for ``first_byte_s``, ``StreamIdle`` (one) for ``idle_s``.
   ``gateway.upstream`` turns both into the gateway's typed failures. Plain ``http://`` only.
 """
 
@@ -48,6 +52,14 @@ class UpstreamError(OSError):
 
 class NoFirstByte(asyncio.TimeoutError):
     """No body byte (nor the end of a body-less response) within ``first_byte_s``."""
+
+
+class StreamIdle(asyncio.TimeoutError):
+    """No body byte for ``idle_s`` after the first one."""
+
+    def __init__(self, idle_s: float) -> None:
+        super().__init__(f"no response body byte for {idle_s:g}s")
+        self.idle_s = idle_s
 
 
 def _check(text: str, what: str) -> str:
@@ -83,7 +95,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "transport", "parser", "pool", "key", "status", "headers", "headers_done", "_chunks", "_buffered",
         "_waiter", "_complete", "closed", "_error", "_paused", "received", "_keep_alive", "_timer", "_loop",
-        "_first_timer",
+        "_first_timer", "_idle_s", "_idle_timer", "_last_rx",
     )
 
     def __init__(self, pool: Pool, key: tuple[str, int]) -> None:
@@ -97,6 +109,9 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._first_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_s: float | None = None
+        self._last_rx = 0.0
         self.reset()
 
     def reset(self) -> None:
@@ -123,13 +138,15 @@ class Connection(asyncio.Protocol):
         """Fully read, still open, and the server allows another request on it."""
         return self.complete and self._keep_alive and not self.closed
 
-    async def send(self, head: bytes, body: bytes, timeout_s: float | None, first_byte_s: float | None = None) -> None:
+    async def send(self, head: bytes, body: bytes, timeout_s: float | None, first_byte_s: float | None = None,
+                   idle_s: float | None = None) -> None:
         """Write one request and wait for the response's headers (``status``, ``headers``)."""
         assert self.transport is not None
         if timeout_s is not None:
             self._timer = self._loop.call_later(timeout_s, self._on_timeout)
         if first_byte_s is not None:
             self._first_timer = self._loop.call_later(first_byte_s, self._on_no_first_byte)
+        self._idle_s = idle_s
         if len(body) < 65536:
             self.transport.write(head + body)
         else:
@@ -179,6 +196,20 @@ class Connection(asyncio.Protocol):
         """The exchange is over (read or abandoned): stop its timer."""
         self._cancel_timer()
 
+    def abort(self, exc: BaseException) -> None:
+        """End the exchange now: the pending (or next) read raises ``exc``; the connection closes."""
+        self._fail(exc)
+        self.close()
+
+    def set_idle(self, idle_s: float) -> None:
+        """From now on the stream may be silent for at most ``idle_s`` (never longer than before)."""
+        if self._idle_s is not None and self._idle_s <= idle_s:
+            return
+        self._idle_s = idle_s
+        if self._idle_timer is not None:  # the stream has started: re-arm at the new limit
+            self._idle_timer.cancel()
+            self._idle_timer = self._loop.call_at(self._last_rx + idle_s, self._on_idle)
+
     # --- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -213,6 +244,10 @@ class Connection(asyncio.Protocol):
         if self._first_timer is not None:
             self._first_timer.cancel()
             self._first_timer = None
+        if self._idle_s is not None:
+            self._last_rx = self._loop.time()
+            if self._idle_timer is None:
+                self._idle_timer = self._loop.call_at(self._last_rx + self._idle_s, self._on_idle)
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -225,6 +260,9 @@ class Connection(asyncio.Protocol):
         if self._first_timer is not None:
             self._first_timer.cancel()
             self._first_timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self._wake()
 
     # --- helpers ----------------------------------------------------------------------------------
@@ -243,6 +281,17 @@ class Connection(asyncio.Protocol):
         self._fail(NoFirstByte("no response body byte within the first-byte limit"))
         self.close()
 
+    def _on_idle(self) -> None:
+        idle_s = self._idle_s
+        assert idle_s is not None
+        due = self._last_rx + idle_s
+        if self._loop.time() < due:  # bytes arrived since the timer was armed: wait for the rest
+            self._idle_timer = self._loop.call_at(due, self._on_idle)
+            return
+        self._idle_timer = None
+        self._fail(StreamIdle(idle_s))
+        self.close()
+
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -250,6 +299,10 @@ class Connection(asyncio.Protocol):
         if self._first_timer is not None:
             self._first_timer.cancel()
             self._first_timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._idle_s = None
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
@@ -337,19 +390,24 @@ class Pool:
 
     async def request(
         self, host: str, port: int, head: bytes, body: bytes, timeout_s: float | None = None,
-        first_byte_s: float | None = None,
+        first_byte_s: float | None = None, idle_s: float | None = None,
+        bind: Callable[[Connection], None] | None = None,
     ) -> Response:
         """Send, wait for the headers. ``timeout_s`` bounds the whole exchange, body included:
         when it passes, the pending read raises ``asyncio.TimeoutError`` and the connection closes;
-        ``first_byte_s`` likewise the wait for the first body byte (``NoFirstByte``)."""
+        ``first_byte_s`` likewise the wait for the first body byte (``NoFirstByte``), ``idle_s``
+        each silence after it (``StreamIdle``). ``bind`` is called with the connection before
+        each send (a retry on a fresh connection binds that one)."""
         key = (host, port)
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if conn.closed or conn.transport is None or conn.transport.is_closing():
                 continue
+            if bind is not None:
+                bind(conn)
             try:
-                await conn.send(head, body, timeout_s, first_byte_s)
+                await conn.send(head, body, timeout_s, first_byte_s, idle_s)
                 return Response(conn)
             except UpstreamError:
                 if conn.received:
@@ -357,7 +415,9 @@ class Pool:
                 # the server closed an idle keep-alive connection: retry once on a fresh one
                 break
         conn = await self._connect(key)
-        await conn.send(head, body, timeout_s, first_byte_s)
+        if bind is not None:
+            bind(conn)
+        await conn.send(head, body, timeout_s, first_byte_s, idle_s)
         return Response(conn)
 
     def close(self) -> None:
@@ -370,4 +430,4 @@ class Pool:
         return {k: len(v) for k, v in self._idle.items()}
 
 
-__all__ = ["Connection", "NoFirstByte", "Pool", "Response", "UpstreamError", "build_head", "split_url"]
+__all__ = ["Connection", "NoFirstByte", "Pool", "Response", "StreamIdle", "UpstreamError", "build_head", "split_url"]

@@ -10,7 +10,8 @@
 - ``send_error(send, ex, err, pod)``: an ``APIError`` in OpenAI's shape.
 
 Headers: ``x-loraroute-pod`` on every routed response, ``x-loraroute-explain`` when asked for
-(compact JSON, the 16 best candidates and 16 filtered pods at most), the pod's ``x-request-id``.
+(compact JSON, the 16 best candidates and 16 filtered pods at most, ``state`` when the view was
+degraded), the pod's ``x-request-id``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ _JSON = b"application/json"
 EXPLAIN_HEADER_MAX = 16
 
 
-def explain_header(decision: Decision) -> bytes:
+def explain_header(decision: Decision, state_note: str | None = None) -> bytes:
+    """The decision as compact JSON; ``state_note`` (``"state"``) says when it was made on a
+    degraded view (the state store unreachable)."""
     data = decision.explain()
+    if state_note:
+        data["state"] = state_note
     cands, filtered = data["candidates"], data["filtered"]
     if len(cands) > EXPLAIN_HEADER_MAX:
         data["candidates"] = cands[:EXPLAIN_HEADER_MAX]
@@ -57,6 +62,7 @@ async def send_error(send: Send, ex: Exchange, err: APIError, pod: str | None = 
         headers.append((b"x-loraroute-pod", pod.encode("latin-1")))
     if err.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    headers.extend(err.headers)
     ex.status = err.status
     ex.responded = True
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
@@ -72,7 +78,7 @@ async def send_reply(gw: Gateway, ex: Exchange, send: Send, reply: Reply, first:
         (b"x-loraroute-pod", pod.encode("latin-1")),
     ]
     if ex.explain:
-        headers.append((b"x-loraroute-explain", explain_header(ex.decision)))
+        headers.append((b"x-loraroute-explain", explain_header(ex.decision, ex.record.state_note)))
     rid = reply.headers.get("x-request-id")
     if rid:
         headers.append((b"x-request-id", rid.encode("latin-1")))

@@ -44,7 +44,9 @@ from scorer.model import Decision, PodState, RoutingRequest
 from scorer.params import Param, validate_params
 from scorer.placement import PlacementPlan
 from scorer.costmodel import Ticket
-from scorer.plugin import Filter, HintsReason, KnowsPrefillRate, LearnsCosts, Picker, PricesLoadStall, Scorer
+from scorer.plugin import (
+    Filter, HintsReason, KnowsPrefillRate, LearnsCosts, Picker, PredictsTTFT, PricesLoadStall, Scorer,
+)
 from scorer.prefix import DEFAULT_BLOCK_CHARS, prompt_block_hashes
 from scorer.presets import PRESETS
 from scorer.state import DEFAULT_PREFILL_S_PER_TOKEN, LocalState
@@ -91,6 +93,8 @@ class Pipeline:
             (sc for _, sc, _ in self.scorers if isinstance(sc, PricesLoadStall)), None)
         self._learns: LearnsCosts | None = next(
             (sc for _, sc, _ in self.scorers if isinstance(sc, LearnsCosts)), None)
+        self._ttft: PredictsTTFT | None = next(
+            (sc for _, sc, _ in self.scorers if isinstance(sc, PredictsTTFT)), None)
         rate = next((sc for _, sc, _ in self.scorers if isinstance(sc, KnowsPrefillRate)), None)
         self._prefill_s_per_token = rate.prefill_s_per_token if rate is not None else DEFAULT_PREFILL_S_PER_TOKEN
         self._bounded = all(sc.BOUNDED for _, sc, _ in self.scorers)
@@ -157,19 +161,22 @@ class Pipeline:
         self._local = local
 
     # --- the hot path --------------------------------------------------------------------
-    def pick(self, request: RoutingRequest, pods: Mapping[str, PodState], now: float) -> Decision:
+    def pick(self, request: RoutingRequest, pods: Mapping[str, PodState], now: float,
+             state_as_of: float | None = None) -> Decision:
         """Choose a pod for ``request`` among ``pods``; never raises for an empty view.
 
         Returns a Decision with ``pod_id`` None (and ``reason``) when no pod survives the
         filters. ``now`` is the caller's clock (``time.time()``), used for freshness and the
-        local state's timers.
+        local state's timers; ``state_as_of`` (default ``now``) is the time the freshness of
+        ``pods`` is judged against, earlier while the caller's view is not being refreshed.
         """
         t0 = perf_counter()
         local = self._local
         if now >= local.inc_next_check:
             local.expire_due(now)  # once per pick, before any plugin reads a placement
         views = local.views_of(pods)
-        ctx = PickContext(request, now, local.prefix, local.sessions, local.picks, local.kv, local.plan, local.costs)
+        ctx = PickContext(request, now, local.prefix, local.sessions, local.picks, local.kv, local.plan, local.costs,
+                          state_as_of)
         filtered: dict[str, str] = {}
         for fname, flt in self.filters:
             if not views:
@@ -206,6 +213,15 @@ class Pipeline:
         d = LazyDecision(views, totals, cols, self._meta, picked, filtered, self.name, ctx)
         d.elapsed_us = (perf_counter() - t0) * 1e6
         return d
+
+    def predicted_ttft_s(self, decision: Decision, pod_id: str) -> float | None:
+        """The time to first token this pipeline predicts for ``pod_id`` in ``decision``, in
+        seconds: the first scorer that predicts TTFTs (estimated-ttft, with whatever constants
+        it holds, learned or configured); None without one, or for a pod that was not a candidate.
+        Call it before ``on_dispatch`` of that pod to get the pick-time prediction."""
+        if self._ttft is None or not isinstance(decision, LazyDecision):
+            return None
+        return decision.predicted_ttft_s(pod_id, self._ttft)
 
     def on_dispatch(self, pod_id: str, request: RoutingRequest, now: float) -> Ticket | None:
         """Record that ``request`` was sent to ``pod_id`` (optimistic update).
