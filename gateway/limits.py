@@ -124,17 +124,24 @@ class Limiter(Background):
         return tenant
 
     def admit_tokens(self, tenant: Tenant | None, tokens: int) -> None:
-        """Count ``tokens`` prompt tokens of ``tenant``, or raise ``RateLimited``."""
+        """Count ``tokens`` prompt tokens of ``tenant``, or raise ``RateLimited`` — and then take
+        back the request ``admit`` counted: a refused request counts for nothing (its in-flight
+        slot is the caller's to ``release``)."""
         if tenant is None or tenant.limits is None or tokens <= 0:
             return
         counts = self._counts(tenant.name)
         limit = tenant.limits.prompt_tokens_per_minute
         now = self._clock()
         if limit is not None:
-            if tokens > limit:
-                self._refuse(tenant.name, _LIMIT_NAMES[TOKENS], f"the prompt is about {tokens} tokens, more than the "
-                             f"limit of {limit} per minute allows at all; send a shorter one", WINDOW_S)
-            self._check(tenant.name, counts, TOKENS, float(tokens), limit, now)
+            try:
+                if tokens > limit:
+                    self._refuse(tenant.name, _LIMIT_NAMES[TOKENS], f"the prompt is about {tokens} tokens, more than "
+                                 f"the limit of {limit} per minute allows at all; send a shorter one", WINDOW_S)
+                self._check(tenant.name, counts, TOKENS, float(tokens), limit, now)
+            except RateLimited:
+                self._add(counts, REQUESTS, -1.0, now)
+                counts.requests -= 1
+                raise
         self._add(counts, TOKENS, float(tokens), now)
         counts.tokens += tokens
 

@@ -159,6 +159,25 @@ def test_the_sliding_window_and_its_retry_after() -> None:
     assert json.loads(full.value.body())["error"]["type"] == "rate_limit_error"
 
 
+def test_a_request_refused_for_its_prompt_tokens_does_not_count_as_a_request() -> None:
+    clock = [1_000_010.0]
+    limiter = Limiter(clock=lambda: clock[0])
+    tenant = Tenant("t", frozenset(), TenantLimits(requests_per_minute=5, prompt_tokens_per_minute=100))
+    for _ in range(3):
+        admitted = limiter.admit(tenant)
+        with pytest.raises(RateLimited) as refused:
+            limiter.admit_tokens(admitted, 500)  # more than a minute allows at all
+        limiter.release(admitted)
+    assert json.loads(refused.value.body())["error"]["param"] == "prompt_tokens_per_minute"
+    assert limiter.used("t", "requests") == pytest.approx(0.0)
+    assert limiter.used("t", "tokens") == pytest.approx(0.0)
+    for _ in range(5):  # the whole request budget is still there
+        limiter.admit_tokens(limiter.admit(tenant), 10)
+    assert limiter.used("t", "tokens") == pytest.approx(50.0)
+    with pytest.raises(RateLimited):
+        limiter.admit(tenant)
+
+
 def start_gateway(procs, tmp_path: Path, config: dict[str, Any], name: str) -> str:  # type: ignore[no-untyped-def]
     port = free_port()
     config = {**config, "server": {**config["server"], "port": port}}
