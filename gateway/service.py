@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import podstate
-import scorer.errors
 import scorer.build
+import scorer.errors
 from gateway.config import ConfigError, GatewayConfig, StaticPod, load_config
 from gateway.discovery import Discovery, Endpoint, StaticDiscovery, StoreDiscovery
 from gateway.ensure import Ensurer
@@ -176,6 +176,11 @@ class Gateway:
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         self.started_at = time.time()
+        token_env = self.runtime.config.security.sidecar_token_env
+        if token_env and not sidecar_auth(self.runtime.config):
+            # the sidecars refuse to start without their token; a gateway without it gets 401s
+            log.warning("security.sidecar_token_env names %s, which is unset or empty: calls to the "
+                        "sidecars' control API carry no token and will be refused", token_env)
         if self._own_store:
             await self.store.start()
         self.store.add_listener(self._on_state)
