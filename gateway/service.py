@@ -35,6 +35,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.placement_metrics import PlacementCollector
 from gateway.placer import Placer
 from gateway.policy import AccessPolicy
+from gateway.sharing import SharingCollector, StateSharing
 from gateway.suspects import Suspects
 from gateway.upstream import Upstream
 from podstate.placement_store import open_placement_store
@@ -145,6 +146,12 @@ class Gateway:
             self.placer = Placer(self, config.placement, pstore)
         self._configure_demand(config)
         self.metrics.registry.register(PlacementCollector(self.current_demand, lambda: self.placer))
+        #: routing state shared with the other replicas (None: memory:// or ``sharing.enabled`` off)
+        self.sharing: StateSharing | None = None
+        if config.sharing.enabled and config.store.url.startswith(("redis://", "rediss://")):
+            self.sharing = StateSharing(config.store.url, config.sharing, lambda: self.runtime.pipeline.local,
+                                        key_prefix=config.store.key_prefix)
+        self.metrics.registry.register(SharingCollector(lambda: self.sharing))
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -161,6 +168,8 @@ class Gateway:
             self._watch_task = asyncio.create_task(self._watch_config(), name="config-watch")
         if self.placer is not None:
             await self.placer.start()
+        if self.sharing is not None:
+            self.sharing.start()
         self.ready = True
 
     async def close(self) -> None:
@@ -172,6 +181,8 @@ class Gateway:
             self._watch_task = None
         if self.placer is not None:
             await self.placer.close()
+        if self.sharing is not None:
+            await self.sharing.close()
         for pod_id in list(self._monitors):
             await self._stop_monitor(pod_id)
         with contextlib.suppress(Exception):
@@ -308,6 +319,7 @@ class Gateway:
                 ("server.host", old.config.server.host, new.server.host),
                 ("server.port", old.config.server.port, new.server.port),
                 ("store", old.config.store, new.store),
+                ("sharing", old.config.sharing, new.sharing),
                 ("discovery.kubernetes", old.config.discovery.kubernetes, new.discovery.kubernetes),
                 ("metrics.latency_buckets", old.config.metrics.latency_buckets, new.metrics.latency_buckets),
                 ("server.pool_per_pod", old.config.server.pool_per_pod, new.server.pool_per_pod),
