@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--spread", choices=("per-connection", "per-request"), default="per-connection",
                    help="how the client spreads requests over replicas, as a Service would: round-robin "
                         "per new connection (default, kube-proxy IPVS) or per request")
+    r.add_argument("--no-sharing", action="store_true",
+                   help="replicas do not share routing state (sharing.enabled: false; label +unshared)")
     r.add_argument("--placement", action="store_true",
                    help="with the placer and the placement-plan scorer (policies only); the store is seeded "
                         "with yesterday's demand first, so a cold cluster is warmed before the replay")
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     print(f"skipping peer {name}: {reason}", file=sys.stderr)
         elif args.policy:
-            targets = [Target("policy", args.policy, args.replicas, args.spread, placement=args.placement)]
+            targets = [Target("policy", args.policy, args.replicas, args.spread, placement=args.placement,
+                              sharing=not args.no_sharing)]
         elif args.peer:
             targets = [Target("peer", args.peer)]
         else:
