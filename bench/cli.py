@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the latency phase (default 5)")
     o.add_argument("--baseline-tree", type=Path, default=None,
                    help="another loraroute checkout whose gateway runs as one more interleaved target (A/B)")
+    o.add_argument("--sharing-ab", action="store_true",
+                   help="two more targets on one Redis: shared routing state on (with an idle peer) and off")
 
     pe = sub.add_parser("peers", help="install or list the peer routers")
     pe_sub = pe.add_subparsers(dest="peers_cmd", required=True)
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         path = run_overhead(OverheadOptions(
             requests=args.requests, peers=args.peers, p99_bound_ms=args.p99_bound_ms, rates=rates,
             rate_duration_s=args.rate_duration, out=args.out, rounds=args.rounds,
-            baseline_tree=args.baseline_tree.resolve() if args.baseline_tree else None))
+            baseline_tree=args.baseline_tree.resolve() if args.baseline_tree else None,
+            sharing_ab=args.sharing_ab))
         print(path)
         return 0
     if args.cmd == "peers":

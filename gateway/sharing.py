@@ -22,7 +22,9 @@ commands sent: divide by ``loraroute_requests_total`` for operations per request
 ``loraroute_sharing_malformed_total``, ``loraroute_sharing_peers`` (peers whose figures count now),
 ``loraroute_sharing_peer_age_seconds`` (the oldest of them), ``loraroute_sharing_connected``.
 
-Each publication is one round trip (SET and PUBLISH pipelined). Messages from this replica itself
+A publication is one PUBLISH; the figures key is rewritten with it (SET pipelined, one round
+trip) at most every ``stale_ms / 3``, so a newcomer's read is at most that much older than the
+channel, which it hears from then on. Messages from this replica itself
 are ignored. Redis unreachable: one warning, the peers age out within ``stale_ms`` (every replica
 routes on its own figures, exactly the local behaviour), reconnect with backoff (50 ms doubling to
 2 s), then the keys are read again. A malformed message is counted and dropped.
@@ -105,6 +107,7 @@ class StateSharing(Background):
         self._seq = 0
         self._last_print: tuple[object, ...] | None = None
         self._last_sent = float("-inf")
+        self._last_key = float("-inf")
         self._last_costs = float("-inf")
 
     # --- what the rest of the gateway reads ------------------------------------------------------
@@ -139,6 +142,7 @@ class StateSharing(Background):
                              redact_url(self.url))
                 backoff, logged = 0.05, False
                 self._last_print = None  # publish in full at once
+                self._last_key = float("-inf")
                 await self._loop(client, pubsub)
             except asyncio.CancelledError:
                 raise
@@ -189,12 +193,16 @@ class StateSharing(Background):
                 [pod, f.inflight, f.tokens, round(f.pending_s, 6), [[n, round(a, 4)] for n, a in f.incoming]]
                 for pod, f in figures.items()
             ]]
-            await self._send(client, self._fkey, body, self.stale_s * FIGURES_TTL_FACTOR)
+            # the key (what a newcomer reads) is rewritten at most every stale_ms / 3
+            with_key = now - self._last_key >= self.stale_s / 3.0
+            await self._send(client, self._fkey, body, self.stale_s * FIGURES_TTL_FACTOR, with_key)
             self.stats.published += 1
             if fp == self._last_print:
                 self.stats.heartbeats += 1
             self._last_print = fp
             self._last_sent = now
+            if with_key:
+                self._last_key = now
         if now - self._last_costs >= self.costs_s:
             self._last_costs = now
             stats = own_cost_stats(local.costs)
@@ -208,8 +216,14 @@ class StateSharing(Background):
         self._seq += 1
         return self._seq
 
-    async def _send(self, client: aioredis.Redis, key_prefix: str, body: list[Any], ttl_s: float) -> None:
+    async def _send(self, client: aioredis.Redis, key_prefix: str, body: list[Any], ttl_s: float,
+                    with_key: bool = True) -> None:
+        """PUBLISH the message; with ``with_key`` also SET it as this replica's key (pipelined)."""
         raw = msgpack.packb(body, use_bin_type=True)
+        if not with_key:
+            await client.publish(self.channel, raw)
+            self.stats.ops += 1
+            return
         pipe = client.pipeline(transaction=False)
         pipe.set(key_prefix + self.replica, raw, px=max(1, int(ttl_s * 1000)))
         pipe.publish(self.channel, raw)
