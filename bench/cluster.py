@@ -161,6 +161,10 @@ class BenchCluster:
         """The folder a pod's sidecar manages (its vLLM's resolver folder): one shared folder here."""
         return self.work_dir / "adapters"
 
+    def sidecar_model_args(self) -> list[str]:
+        """The sidecars' view of the pods' ``--model`` (adapters must name it)."""
+        return ["--base-model", self.spec.cluster.base_model]
+
     def _start_state_plane(self) -> None:
         redis = start_redis(log_dir=self.log_dir)
         self.procs.append(redis)
@@ -173,7 +177,7 @@ class BenchCluster:
                 "--host", "127.0.0.1", "--port", str(port),
                 "--adapter-dir", str(self.adapter_dir_for(pod)),
                 "--max-loras", str(c.max_loras), "--max-cpu-loras", str(c.max_cpu_loras),
-                "--max-lora-rank", str(c.max_lora_rank), "--base-model", c.base_model,
+                "--max-lora-rank", str(c.max_lora_rank), *self.sidecar_model_args(),
             )
             proc = start_process(f"sidecar-{pod.id}", argv, port=port,
                                  ready_url=f"http://127.0.0.1:{port}/healthz", timeout=60,

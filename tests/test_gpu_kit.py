@@ -195,7 +195,7 @@ lengths: {user_tokens: {dist: uniform, min: 10, max: 30}, output_tokens: {dist: 
 loads: [0.5]
 requests: 12
 """
-SIM_SERVER = ("{python} -m loraroute.cli sim --port {port} --model {served} --enable-lora --allow-runtime-lora-updating "
+SIM_SERVER = ("{python} -m loraroute.cli sim --port {port} --model {model} --served-model-name {served} --enable-lora --allow-runtime-lora-updating "
               "--max-loras {max_loras} --max-cpu-loras {max_cpu_loras} --max-lora-rank {max_lora_rank} "
               "--adapter-dir {adapter_dir} --time-scale 0.05")
 

@@ -103,7 +103,15 @@ class HostOptions:
 
 class RealCluster(BenchCluster):
     """``BenchCluster``'s state plane and routers in front of servers started elsewhere; each
-    sidecar manages its own server's adapter folder."""
+    sidecar manages its own server's adapter folder and validates against ``model_arg``, the
+    servers' ``--model`` (a folder here, served under the spec's base model name)."""
+
+    model_arg: str | None = None
+
+    def sidecar_model_args(self) -> list[str]:
+        if self.model_arg is None:
+            return super().sidecar_model_args()
+        return ["--base-model", self.model_arg, "--served-model-name", self.spec.cluster.base_model]
 
     def adapter_dir_for(self, pod: Pod) -> Path:
         return self.work_dir.parent / "adapters" / pod.id
@@ -148,6 +156,11 @@ class Driver:
     def say(self, message: str) -> None:
         self.status.say(message)
 
+    @property
+    def model_arg(self) -> str:
+        """The servers' ``--model``: the model folder, as adapters must name it."""
+        return str((self.opts.work / "model").absolute())
+
     def _adapter_roots(self) -> list[Path]:
         return [self.opts.work / "adapters" / f"s{i}" for i in range(self.c.pods)]
 
@@ -161,7 +174,9 @@ class Driver:
         t0 = time.monotonic()
         model.write_model(self.opts.work / "model", shape)
         names = [*self.spec.adapters.all(), (WARMUP_ADAPTER, 8)]
-        sizes = model.write_adapter_sets(self._adapter_roots(), names, base_model=self.c.base_model, shape=shape)
+        # vLLM's filesystem resolver compares base_model_name_or_path with the server's --model
+        # (model_config.model: this folder), not with --served-model-name
+        sizes = model.write_adapter_sets(self._adapter_roots(), names, base_model=self.model_arg, shape=shape)
         total = sum(sizes.values()) * self.c.pods
         self.facts["adapter_bytes"] = sizes
         self.say(f"model folder and {len(names)} adapters × {self.c.pods} server folders "
@@ -169,7 +184,7 @@ class Driver:
 
     def start_servers(self) -> None:
         self.launch = servers.ServerLaunch(
-            model_dir=self.opts.work / "model", served_name=self.c.base_model, max_loras=self.c.max_loras,
+            model_dir=Path(self.model_arg), served_name=self.c.base_model, max_loras=self.c.max_loras,
             max_cpu_loras=self.c.max_cpu_loras, max_lora_rank=self.c.max_lora_rank,
             gpu_memory_utilization=self.opts.gpu_memory_utilization, max_model_len=self.opts.max_model_len,
             compiled=self.opts.compiled, template=self.opts.server_cmd, python=self.opts.python)
@@ -193,7 +208,9 @@ class Driver:
         for s in self.running:
             status, secs = servers.chat(s.url, WARMUP_ADAPTER)
             if status != 200:
-                raise PhaseError(f"the warm-up LoRA request to {s.id} answered HTTP {status}; see {s.proc.log_path}")
+                raise PhaseError(f"the warm-up LoRA request to {s.id} answered HTTP {status} "
+                                 f"({servers.base_root(s.url)!r} serves; adapters name {self.model_arg!r}); "
+                                 f"see {s.proc.log_path}")
             servers.unload(s.url, WARMUP_ADAPTER)
             rows.append({"server": s.id, "seconds": round(secs, 3)})
             self.say(f"{s.id}: first LoRA request {secs:.2f}s")
@@ -207,6 +224,7 @@ class Driver:
 
     def state_plane(self) -> None:
         self.cluster = RealCluster(self.spec, self.opts.work / "stack")
+        self.cluster.model_arg = self.model_arg
         self.cluster.pods = [Pod(s.id, s.url) for s in self.running]
         (self.opts.work / "stack").mkdir(parents=True, exist_ok=True)
         before = self._api_cpu(self.opts.poll_cost_s) if self.opts.poll_cost_s > 0 else {}
@@ -220,7 +238,7 @@ class Driver:
         if len(self.running) < 2:
             self.say("skipped: the load probe needs two servers")
             return
-        lp = probe.LoadProbe(self.running, self.opts.work / "probe", base_model=self.c.base_model,
+        lp = probe.LoadProbe(self.running, self.opts.work / "probe", served=self.c.base_model, model_arg=self.model_arg,
                              shape=model.SHAPES[self.opts.shape], rank=self.opts.probe_rank,
                              trials=self.opts.probe_trials, say=self.say)
         rows = lp.run()

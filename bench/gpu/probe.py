@@ -78,18 +78,18 @@ def _parallel(calls: list[Callable[[], Any]]) -> list[Any]:
 
 
 class LoadProbe:
-    def __init__(self, servers: list[Server], root: Path, *, base_model: str, shape: model.ModelShape,
+    def __init__(self, servers: list[Server], root: Path, *, served: str, model_arg: str, shape: model.ModelShape,
                  rank: int = 64, trials: int = 2, say: Callable[[str], None] = print) -> None:
         if len(servers) < 2:
             raise ValueError("the load probe needs two servers")
         self.s0, self.s1 = servers[0], servers[1]
-        self.root, self.base_model, self.shape, self.rank, self.trials, self.say = (
-            root, base_model, shape, rank, trials, say)
+        self.root, self.served, self.model_arg, self.shape, self.rank, self.trials, self.say = (
+            root, served, model_arg, shape, rank, trials, say)
         self.t0 = time.monotonic()
         self.rows: list[ProbeRow] = []
 
     def _adapter(self, folder: Path, name: str) -> Path:
-        return model.write_adapter(folder / name, base_model=self.base_model, rank=self.rank, shape=self.shape)
+        return model.write_adapter(folder / name, base_model=self.model_arg, rank=self.rank, shape=self.shape)
 
     def _load_api(self, server: Server, name: str, path: Path, cond: str, trial: int) -> ProbeRow:
         start = time.monotonic()
@@ -122,7 +122,7 @@ class LoadProbe:
                     if cond == "api-alone-cold":
                         _drop_page_cache(path)
                     if cond == "api-while-serving":
-                        busy = threading.Thread(target=chat, args=(self.s1.url, self.base_model),
+                        busy = threading.Thread(target=chat, args=(self.s1.url, self.served),
                                                 kwargs={"max_tokens": 256}, daemon=True)
                         busy.start()
                         time.sleep(0.5)

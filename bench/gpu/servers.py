@@ -162,6 +162,15 @@ def adapters_listed(url: str) -> list[str]:
     return [m["id"] for m in json.loads(body).get("data", []) if m.get("parent")]
 
 
+def base_root(url: str) -> str | None:
+    """The base model's ``root`` in ``/v1/models``: vLLM's ``--model``, which the filesystem
+    resolver requires adapters to name in ``base_model_name_or_path``."""
+    status, body = http("GET", url + "/v1/models", timeout=10)
+    if status != 200:
+        return None
+    return next((m.get("root") for m in json.loads(body).get("data", []) if not m.get("parent")), None)
+
+
 def unload(url: str, name: str) -> int:
     return http("POST", url + "/v1/unload_lora_adapter", {"lora_name": name}, timeout=60)[0]
 
