@@ -210,3 +210,24 @@ def test_two_replicas_share_routing_state_and_route_alone_when_redis_stops(tmp_p
         restart_redis(redis, log_dir=cl.log_dir)
         assert _wait(lambda: all(_pods(u)["sharing"]["connected"] and _pods(u)["sharing"]["peers"] for u in urls),
                      timeout=10), [_pods(u)["sharing"] for u in urls]
+
+
+def test_messages_are_parsed_strictly_and_this_replicas_own_are_ignored() -> None:
+    import msgpack
+
+    from gateway.config import SharingConfig
+    from gateway.sharing import StateSharing
+
+    pl = build_pipeline("default")
+    pl.pick(req(), {"a": pod("a")}, NOW)
+    sh = StateSharing("redis://127.0.0.1:1/0", SharingConfig(replica_id="me"), lambda: pl.local, clock=lambda: NOW)
+    good = msgpack.packb(["f", "r2", 1, [["a", 2, 20, 0.0, [["sql", 0.01]]]]])
+    assert sh._on_message(good, NOW) and sh.fresh_peers() == {"r2": 0.0}
+    sh._merge(NOW)
+    assert pl.local.pods["a"].inflight == 2 and "sql" in pl.local.pods["a"].incoming
+    for bad in (b"\x00garbage", msgpack.packb(["x", "r3", 1, []]), msgpack.packb(["f", "r3", 1, [["a", "many"]]]),
+                msgpack.packb(["c", "r3", 1, [["g", [1.0] * 3, [0.0], 1.0]]])):
+        assert not sh._on_message(bad, NOW)
+    assert sh.stats.malformed == 4 and set(sh.peers) == {"r2"}
+    assert not sh._on_message(msgpack.packb(["f", "me", 1, [["a", 9, 9, 0.0, []]]]), NOW)
+    assert pl.local.pods["a"].inflight == 2
