@@ -90,7 +90,7 @@ schema = obj({
                 "adapters": {"type": "array", "items": {"type": "string", "minLength": 1}},
                 "base_models": B}, ["name"])},
             "pipeline": {"type": ["string", "object"]},
-            "ensure": MAP, "metrics": MAP, "placement": MAP, "changes": MAP,
+            "ensure": MAP, "metrics": MAP, "placement": MAP, "sharing": MAP, "changes": MAP,
         }),
     }),
     "discovery": obj({"mode": {"enum": ["kubernetes", "redis"]}, "labelSelector": S, "namespace": S}),
