@@ -108,6 +108,8 @@ class StateSharing(Background):
         self._last_print: tuple[object, ...] | None = None
         self._last_sent = float("-inf")
         self._last_key = float("-inf")
+        self._dirty = False                  # peers' messages arrived since the last merge
+        self._next_stale = float("inf")      # when the next fresh peer goes stale
         self._last_costs = float("-inf")
 
     # --- what the rest of the gateway reads ------------------------------------------------------
@@ -169,21 +171,34 @@ class StateSharing(Background):
         self.local().shared = on
 
     async def _loop(self, client: aioredis.Redis, pubsub: Any) -> None:
-        next_tick = time.monotonic()
+        """A reader that blocks on the channel and a ticker that sleeps ``publish_ms`` (cheaper
+        than polling the channel with a timeout every tick); the first to fail ends both."""
+        tasks = [asyncio.ensure_future(self._read(pubsub)), asyncio.ensure_future(self._ticks(client))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _read(self, pubsub: Any) -> None:
+        async for msg in pubsub.listen():
+            if msg.get("type") == "message" and self._on_message(msg["data"], self.clock()):
+                self._dirty = True
+
+    async def _ticks(self, client: aioredis.Redis) -> None:
         while True:
-            now_m = time.monotonic()
-            if now_m >= next_tick:
-                await self._tick(client)
-                next_tick = now_m + self.publish_s
-            msg = await pubsub.get_message(ignore_subscribe_messages=True,
-                                           timeout=max(0.001, next_tick - time.monotonic()))
-            if msg is not None and msg.get("type") == "message":
-                if self._on_message(msg["data"], self.clock()):
-                    self._merge()
+            await self._tick(client)
+            await asyncio.sleep(self.publish_s)
 
     async def _tick(self, client: aioredis.Redis) -> None:
         now = self.clock()
-        self._merge(now)
+        # merge what arrived since the last tick, or when a peer has just gone stale (between
+        # those the merged figures do not move: a peer's queue drains as the clock does)
+        if self._dirty or now >= self._next_stale:
+            self._merge(now)
         local = self.local()
         fp = fingerprint(local)
         heartbeat = now - self._last_sent >= self.stale_s / 3.0
@@ -295,7 +310,10 @@ class StateSharing(Background):
     def _merge(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         local = self.local()
+        self._dirty = False
         merge_figures(local, self.peers.values(), now, self.stale_s)
+        fresh = [p.figures_at + self.stale_s for p in self.peers.values() if p.figures_at + self.stale_s > now]
+        self._next_stale = min(fresh, default=float("inf"))
         if any(now - p.costs_at > self.costs_s * COSTS_TTL_FACTOR and p.costs for p in self.peers.values()):
             for p in self.peers.values():
                 if now - p.costs_at > self.costs_s * COSTS_TTL_FACTOR:
