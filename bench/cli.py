@@ -14,6 +14,7 @@
                              [--baseline-tree DIR] [--out FILE]
     loraroute bench peers setup [NAME ...] | loraroute bench peers list
     loraroute bench gpu ...                           the offline GPU kit (bench/gpu/cli.py)
+    loraroute bench reliability hostile|outage|chaos|secrets|soak   (bench/reliability.py)
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("names", nargs="*")
     pe_sub.add_parser("list", help="which peers are usable")
     sub.add_parser("gpu", help="the offline GPU benchmark kit: `loraroute bench gpu --help`", add_help=False)
+    sub.add_parser("reliability", help="the reliability targets: `loraroute bench reliability --help`",
+                   add_help=False)
     return p
 
 
@@ -121,14 +124,18 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # every command may have started processes (pods, sidecars, routers): SIGTERM unwinds like Ctrl-C
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if argv[:1] == ["gpu"]:
         from bench.gpu.cli import main as gpu_main
 
         return gpu_main(argv[1:])
+    if argv[:1] == ["reliability"]:
+        from bench.reliability import main as reliability_main
+
+        return reliability_main(argv[1:])
     args = _parser().parse_args(argv)
-    if args.cmd in ("run", "overhead"):
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.cmd == "workload":
         from bench.workload import generate, load_spec, summarize, write_trace
 

@@ -178,6 +178,9 @@ class BenchCluster:
                 "--adapter-dir", str(self.adapter_dir_for(pod)),
                 "--max-loras", str(c.max_loras), "--max-cpu-loras", str(c.max_cpu_loras),
                 "--max-lora-rank", str(c.max_lora_rank), *self.sidecar_model_args(),
+                # the simulated pods compile nothing on their first LoRA request (the compiled
+                # profile), and a warm-up would load an adapter before the measured start state
+                "--set", "warmup.enabled=false",
             )
             proc = start_process(f"sidecar-{pod.id}", argv, port=port,
                                  ready_url=f"http://127.0.0.1:{port}/healthz", timeout=60,

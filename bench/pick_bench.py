@@ -32,7 +32,8 @@ import timeit
 from collections.abc import Callable
 
 from scorer.model import AdapterRef, PodState, RoutingRequest
-from scorer.pipeline import PRESETS, build_pipeline
+from scorer.build import build_pipeline
+from scorer.pipeline import PRESETS
 from scorer.prefix import prompt_block_hashes
 
 BASE = "llama-3.1-8b"

@@ -57,7 +57,7 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("request path (edge, parse, route, forward, relay, echo)", tuple(
         f"gateway/{m}.py" for m in ("edge", "parse", "route", "forward", "relay", "exchange", "echo", "failures",
                                     "suspects", "proxy"))),
-    ("upstream client (h1client, upstream: socket write, response parsing)", ("gateway/h1client.py",
+    ("upstream client (h1client, upstream: socket write, response parsing)", ("gateway/h1client.py", "gateway/h1conn.py",
                                                                               "gateway/upstream.py")),
     ("policy, metrics, decision record (gateway.policy, gateway.metrics, prometheus_client)", (
         "gateway/policy.py", "gateway/metrics.py", "gateway/service.py", "prometheus_client/")),

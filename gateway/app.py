@@ -6,7 +6,7 @@ docs/gateway.md); everything else goes to a small FastAPI app:
 
 - ``GET /v1/models`` — the bases and ``<base>:<adapter>`` names the caller may use.
 - ``GET /health`` (the process is up), ``GET /ready`` (started, with at least one routable pod),
-  ``GET /metrics`` (Prometheus).
+  ``GET /metrics`` (Prometheus; with ``metrics.auth.required``, a scraper's key or an admin key).
 - ``GET /admin/decisions``, ``GET /admin/pods``, ``POST /admin/reload``, ``GET /admin/demand``,
   ``GET /admin/placement`` — admin key required
   (``Authorization: Bearer <admin key>`` or ``x-loraroute-admin-key: <admin key>``; roles:
@@ -43,7 +43,7 @@ from gateway.exchange import Receive, Scope, Send
 from gateway.metrics import CONTENT_TYPE
 from gateway.parse import Kind
 from gateway.placement_admin import placement_router
-from gateway.roles import AdminAuthError
+from gateway.roles import AdminAuthError, require_metrics_key
 from gateway.service import Gateway
 
 log = logging.getLogger("loraroute.gateway")
@@ -128,6 +128,8 @@ def _fastapi(gw: Gateway, manage_lifecycle: bool) -> FastAPI:
     @api.get("/ready")
     async def ready() -> JSONResponse:
         healthy = [p for p, s in gw.pods.items() if s.healthy]
+        if gw.draining_since is not None:
+            return error_response(APIError(503, "the gateway is shutting down", code="draining"))
         if not gw.ready:
             return error_response(APIError(503, "the gateway is starting", code="not_ready"))
         if gw.placer is not None and gw.placer.starting:
@@ -143,9 +145,12 @@ def _fastapi(gw: Gateway, manage_lifecycle: bool) -> FastAPI:
                              "config_generation": gw.runtime.generation})
 
     @api.get("/metrics")
-    async def metrics() -> Response:
-        if not gw.runtime.config.metrics.enabled:
+    async def metrics(request: Request) -> Response:
+        config = gw.runtime.config
+        if not config.metrics.enabled:
             raise APIError(404, "metrics are turned off (metrics.enabled: false)", code="route_not_found")
+        if config.metrics.auth.required:
+            require_metrics_key(config, request)
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE)
 
     api.include_router(admin_router(gw))

@@ -78,7 +78,7 @@ class ChangeManager:
         self.audit: AuditLog | None = None
         self.overlay = Overlay()
         self.sidecars = Sidecars(lambda: {p: gw.endpoint(p) for p in sorted(set(gw.endpoints) | set(gw.pods))},
-                                 cfg.sidecar_timeout_s)
+                                 cfg.sidecar_timeout_s, gw.sidecar_headers)
         self._redis: Redis | None = None
         self._task: asyncio.Task[None] | None = None
         self.where = "off"  # for the admin API: which Redis keys or which folder

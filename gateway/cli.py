@@ -1,7 +1,8 @@
 """``loraroute gateway --config FILE``: run the routing gateway.
 
-Serves with uvicorn on uvloop + httptools (the fastest stack measured, docs/gateway.md), no
-access log (the metrics count requests). ``--host`` / ``--port`` override ``server.host`` /
+Serves with uvicorn on uvloop + httptools (the fastest stack measured, docs/gateway.md) through
+``gateway.http_limits`` (bounded request heads), no access log (the metrics count requests);
+SIGTERM drains (``gateway.drain``). ``--host`` / ``--port`` override ``server.host`` /
 ``server.port``. Exit status 2 on an invalid config, with every problem and its key path.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from gateway.config import ConfigError, GatewayConfig, load_config
 
@@ -23,15 +25,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def uvicorn_config(app: object, config: GatewayConfig, host: str, port: int) -> object:
+def uvicorn_config(app: object, config: GatewayConfig, host: str, port: int,
+                   head_limits: Callable[[], tuple[int, int]] | None = None) -> object:
+    """uvicorn's settings; ``head_limits()`` -> (max head bytes, max headers) of each request
+    (default: ``config``'s, fixed)."""
     import uvicorn
 
+    from gateway.http_limits import bounded_protocol
+
+    if head_limits is None:
+        limits = (config.server.max_header_bytes, config.server.max_headers)
+        head_limits = lambda: limits  # noqa: E731
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=bounded_protocol(head_limits),
         lifespan="on",
         access_log=False,
         log_level="warning",
@@ -44,14 +54,18 @@ def uvicorn_config(app: object, config: GatewayConfig, host: str, port: int) -> 
 
 
 async def serve(config: GatewayConfig, config_path: str | None, host: str, port: int) -> None:
-    import uvicorn
-
     from gateway.app import create_app
+    from gateway.drain import DrainingServer
     from gateway.service import Gateway
 
     gw = Gateway(config, config_path)
     app = create_app(gw)
-    server = uvicorn.Server(uvicorn_config(app, config, host, port))  # type: ignore[arg-type]
+
+    def head_limits() -> tuple[int, int]:
+        server = gw.runtime.config.server
+        return server.max_header_bytes, server.max_headers
+
+    server = DrainingServer(uvicorn_config(app, config, host, port, head_limits), gw)  # type: ignore[arg-type]
     await server.serve()
 
 

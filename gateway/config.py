@@ -96,20 +96,52 @@ def _check_digests(values: list[str]) -> list[str]:
 # server
 # --------------------------------------------------------------------------------------------
 class Timeouts(_Strict):
-    """Upstream timeouts in seconds. ``first_byte_s`` covers connect + headers + the first body
-    chunk (the window in which a retry on another pod is still possible); ``total_s`` the whole
-    upstream exchange."""
+    """Upstream timeouts in seconds (gateway/deadlines.py; docs/config.md has them with the
+    sidecar's in one table). ``first_byte_s`` is a streaming request's whole budget before its
+    first body byte — every attempt, sidecar ensures included (the window in which a retry on
+    another pod is still possible); each attempt's own limit is ``first_byte_factor`` × the
+    pod's predicted TTFT, at least ``first_byte_floor_s`` (and at most the budget left). ``total_s`` bounds a whole upstream
+    exchange (a non-streamed request's budget; its attempts get their first-byte limit plus
+    ``token_s`` per ``max_tokens``); ``idle_s`` each silence mid-stream, ``idle_unhealthy_s``
+    once the pod's monitor marks it unhealthy; ``ensure_s`` one HTTP call to a sidecar."""
 
     connect_s: float = Field(2.0, gt=0)
     first_byte_s: float = Field(120.0, gt=0)
+    first_byte_floor_s: float = Field(10.0, gt=0)
+    first_byte_factor: float = Field(4.0, ge=0)
+    token_s: float = Field(0.25, ge=0)
+    idle_s: float = Field(60.0, gt=0)
+    idle_unhealthy_s: float = Field(5.0, gt=0)
     total_s: float = Field(900.0, gt=0)
     ensure_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timeouts:
+        if self.first_byte_s > self.total_s:
+            raise ValueError(f"first_byte_s ({self.first_byte_s:g}) must not exceed total_s ({self.total_s:g})")
+        if self.idle_unhealthy_s > self.idle_s:
+            raise ValueError(f"idle_unhealthy_s ({self.idle_unhealthy_s:g}) must not exceed idle_s ({self.idle_s:g})")
+        return self
+
+
+class DrainConfig(_Strict):
+    """Graceful shutdown on SIGTERM (gateway/drain.py): ``/ready`` answers 503 at once; new
+    requests are still served for ``grace_s`` (while load balancers stop sending any), then
+    refused with 503; requests in flight get ``deadline_s`` more to finish, after which their
+    streams end with the error event. The chart's ``terminationGracePeriodSeconds`` covers both."""
+
+    grace_s: float = Field(5.0, ge=0)
+    deadline_s: float = Field(45.0, ge=0)
 
 
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    #: the request line and headers together (larger: 431, gateway/http_limits.py)
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: headers per request (more: 431)
+    max_headers: int = Field(100, ge=8, le=10_000)
     timeouts: Timeouts = Timeouts()
     #: extra attempts on the next-best pod after a connect error or a 5xx before the first byte
     retries: int = Field(2, ge=0, le=10)
@@ -125,6 +157,7 @@ class ServerConfig(_Strict):
     #: the block size is the pipeline's ``state.block_chars``)
     prefix_max_chars: int = Field(262_144, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    drain: DrainConfig = DrainConfig()
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,17 +250,45 @@ class _KeyDigests(_Strict):
         return self
 
 
+class TenantLimits(_Strict):
+    """A tenant's admission limits (gateway/limits.py); unset ones do not apply. Requests over a
+    limit get 429 ``rate_limit_exceeded`` with ``Retry-After``."""
+
+    #: requests admitted per minute (a sliding one-minute window)
+    requests_per_minute: int | None = Field(None, ge=1)
+    #: prompt tokens (the gateway's estimate, 4 characters a token) admitted per minute
+    prompt_tokens_per_minute: int | None = Field(None, ge=1)
+    #: requests in flight at once
+    concurrent_requests: int | None = Field(None, ge=1)
+
+    @property
+    def any(self) -> bool:
+        return (self.requests_per_minute is not None or self.prompt_tokens_per_minute is not None
+                or self.concurrent_requests is not None)
+
+
 class TenantConfig(_KeyDigests):
     """A tenant: its API-key digests and the models it may call.
 
     ``adapters`` are glob patterns (``fnmatch``): a pattern with a colon matches the full client
     name ``<base>:<adapter>``, a pattern without one matches the adapter name under any base.
-    ``base_models`` lets the tenant call bare base names (no adapter).
+    ``base_models`` lets the tenant call bare base names (no adapter). ``limits``: its own
+    admission limits (default: ``limits.default``).
     """
 
     name: str = Field(min_length=1, max_length=128)
     adapters: tuple[str, ...] = ("*",)
     base_models: bool = True
+    limits: TenantLimits | None = None
+
+
+class LimitsConfig(_Strict):
+    """Tenant limits (gateway/limits.py). ``default`` applies to every tenant without its own
+    ``limits``. With a Redis store the counts are shared by every gateway replica (each adds
+    its own and reads the others' every ``sync_s``); with ``memory://`` they are this process's."""
+
+    default: TenantLimits = TenantLimits()
+    sync_s: float = Field(0.25, gt=0, le=10)
 
 Role = Literal["viewer", "operator", "approver"]
 ChangeKind = Literal["allowlist.add", "allowlist.retire", "adapter.roll", "pipeline.weights"]
@@ -352,11 +413,25 @@ class DiscoveryConfig(_Strict):
         return self
 
 
+class StoreOutageConfig(_Strict):
+    """What the gateway does while the store is unreachable (gateway/store_watch.py): it keeps
+    routing on the last view it holds — freshness judged against the store's last sign of life,
+    not the clock — for at most ``max_stale_s``; with ``poll_pods`` it meanwhile polls each pod
+    in that view itself (``/metrics`` and ``/v1/models``, as the embedded mode does), so pods
+    that die or recover during the outage are seen. A pod that refuses a connection meanwhile is
+    tried last for ``suspect_s``."""
+
+    max_stale_s: float = Field(120.0, ge=0)
+    poll_pods: bool = False
+    suspect_s: float = Field(15.0, gt=0)
+
+
 class StoreConfig(_Strict):
     """The pod-state store: ``memory://`` (one process) or ``redis://host:port/db``."""
 
     url: str = "memory://"
     key_prefix: str = "loraroute"
+    outage: StoreOutageConfig = StoreOutageConfig()
 
     @field_validator("url")
     @classmethod
@@ -397,12 +472,39 @@ class EnsureConfig(_Strict):
     remember_s: float = Field(10.0, ge=0)
 
 
+class MetricsAuthConfig(_KeyDigests):
+    """Who may read ``GET /metrics``: with ``required``, a request needs ``Authorization: Bearer
+    <key>`` whose digest is listed here (a scraper's key, inline or in a mounted Secret file) or
+    is an admin key of any role. Off by default: the series then carry no secret, but do name
+    the allowlisted adapters (``metrics.adapter_labels``)."""
+
+    required: bool = False
+
+
 class MetricsConfig(_Strict):
     enabled: bool = True
     #: histogram buckets (seconds) for TTFT and end-to-end latency measured at the gateway
     latency_buckets: tuple[float, ...] = (
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
     )
+    auth: MetricsAuthConfig = MetricsAuthConfig()
+    #: per-adapter label values: ``allowlist`` — names in the current allowlist only (any other,
+    #: e.g. demand another replica reports for a retired adapter, shows as ``other``); ``none`` —
+    #: no adapter names at all (the series are summed per base, ``adapter=""``)
+    adapter_labels: Literal["allowlist", "none"] = "allowlist"
+
+
+class SecurityConfig(_Strict):
+    """Tenant isolation and the sidecars' control API.
+
+    ``conceal_forbidden``: an adapter (or a whole base) a tenant may not use answers exactly as an
+    unknown one does — 404 with the nearest of the tenant's own names — so no tenant learns what
+    another may call. ``sidecar_token_env``: the name of an environment variable holding the
+    token the sidecars' control API requires (sent as ``Authorization: Bearer``; the sidecar's
+    ``control_token_env``; in the chart both come from one Secret)."""
+
+    conceal_forbidden: bool = True
+    sidecar_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,10 +519,12 @@ class GatewayConfig(_Strict):
     store: StoreConfig = StoreConfig()
     sharing: SharingConfig = SharingConfig()
     #: a preset name (``default``, ``llm-d``, ``round-robin``, ``random``, ``least-loaded``) or a
-    #: full pipeline dict; passed unchanged to ``scorer.pipeline.build_pipeline``
+    #: full pipeline dict; passed unchanged to ``scorer.build.build_pipeline``
     pipeline: str | dict[str, Any] = "default"
     ensure: EnsureConfig = EnsureConfig()
     metrics: MetricsConfig = MetricsConfig()
+    security: SecurityConfig = SecurityConfig()
+    limits: LimitsConfig = LimitsConfig()
     #: demand, placement plan and placer (gateway/placement_config.py, docs/placement.md)
     placement: PlacementConfig = PlacementConfig()
     changes: ChangesConfig = ChangesConfig()

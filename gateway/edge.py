@@ -9,14 +9,18 @@ docs/gateway.md). One request, top-down:
 2. ``_authenticate``: ``Authorization: Bearer`` against the tenants' digests (401); the admin key
    (as the bearer key, or in ``x-loraroute-admin-key`` beside a tenant key) unlocks the
    explanation header;
-3. ``read_body``: the body with the size limit (413, checked against ``content-length`` first);
-4. ``gateway.parse`` → ``gateway.route.resolve`` → ``gateway.route.decide``;
-5. ``gateway.forward`` (which sends through ``gateway.relay``), inside ``ClientWatch``: a client
+3. admission: a draining gateway past its grace refuses (503 ``shutting_down``,
+   ``gateway.drain``); the tenant's request rate and concurrency limits (429, ``gateway.limits``);
+4. ``read_body``: the body with the size limit (413, checked against ``content-length`` first);
+5. ``gateway.parse``, the tenant's prompt-token rate (429) → ``gateway.route.resolve`` →
+   ``gateway.route.decide``;
+6. ``gateway.forward`` (which sends through ``gateway.relay``), inside ``ClientWatch``: a client
    that disconnects cancels the request at once (the upstream connection closes, so the pod
    sees it too) and counts as status 499;
-6. ``_finish``: the request and end-to-end metrics, the decision record's status.
+7. ``_finish``: the request and end-to-end metrics, the decision record's status; the tenant's
+   concurrency slot is given back however the request ended.
 
-A rejection anywhere before 5 is an ``APIError`` sent in OpenAI's shape. An unexpected exception
+A rejection anywhere before 6 is an ``APIError`` sent in OpenAI's shape. An unexpected exception
 is logged and answered with a 500 when the response has not started; never a stack trace.
 """
 
@@ -33,6 +37,7 @@ from gateway import forward, route
 from gateway.errors import APIError
 from gateway.exchange import Exchange, Receive, Scope, Send
 from gateway.parse import Kind, parse_request
+from gateway.policy import Tenant
 from gateway.relay import send_error
 from gateway.service import Gateway
 
@@ -68,38 +73,47 @@ class CompletionsEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gw
-        ex, headers = self._arrive(scope)
+        gw.active_requests += 1
+        admitted: Tenant | None = None
         try:
-            if scope["method"] != "POST":
-                raise APIError(405, f"use POST for {self.kind.value}", code="method_not_allowed")
-            self._authenticate(ex, headers)
-            # (an admission check - tenant rate limits, input limits - belongs here)
-            body = await read_body(receive, ex.runtime.config.server.max_body_bytes, headers.content_length)
-            ex.request = parse_request(body, self.kind)
-            route.resolve(ex)
-            route.decide(gw, ex)
-        except APIError as e:
-            await send_error(send, ex, e)
-            gw.metrics.request(e.status, ex.base_label, ex.adapter_label, "")
-            return
-        except ClientGone:
-            gw.metrics.request(499, "", "", "")
-            return
-        except Exception as exc:  # never a stack trace to the client
-            await self._internal_error(ex, send, exc)
-            return
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        try:
-            with ClientWatch(receive, loop) as client:
-                await forward.run(gw, ex, send)
-        except Exception as exc:
-            await self._internal_error(ex, send, exc)
-        if client.gone:
-            ex.client_gone = True
-            ex.status, ex.pod = 499, ""
-        self._finish(ex)
+            ex, headers = self._arrive(scope)
+            try:
+                if scope["method"] != "POST":
+                    raise APIError(405, f"use POST for {self.kind.value}", code="method_not_allowed")
+                if gw.refusing:
+                    raise _shutting_down()
+                self._authenticate(ex, headers)
+                admitted = gw.limiter.admit(ex.tenant)
+                body = await read_body(receive, ex.runtime.config.server.max_body_bytes, headers.content_length)
+                ex.request = parse_request(body, self.kind)
+                gw.limiter.admit_tokens(ex.tenant, ex.request.tokens)
+                route.resolve(ex)
+                route.decide(gw, ex)
+            except APIError as e:
+                await send_error(send, ex, e)
+                gw.metrics.request(e.status, ex.base_label, ex.adapter_label, "")
+                return
+            except ClientGone:
+                gw.metrics.request(499, "", "", "")
+                return
+            except Exception as exc:  # never a stack trace to the client
+                await self._internal_error(ex, send, exc)
+                return
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            try:
+                with ClientWatch(receive, loop) as client:
+                    await forward.run(gw, ex, send)
+            except Exception as exc:
+                await self._internal_error(ex, send, exc)
+            if client.gone:
+                ex.client_gone = True
+                ex.status, ex.pod = 499, ""
+            self._finish(ex)
+        finally:
+            gw.active_requests -= 1
+            gw.limiter.release(admitted)
 
     def _arrive(self, scope: Scope) -> tuple[Exchange, _Headers]:
         rt = self.gw.runtime
@@ -147,6 +161,13 @@ class CompletionsEndpoint:
             await send_error(send, ex, APIError(500, "internal error in the gateway; see its log", code="internal_error"))
         else:
             ex.status = 500
+
+
+def _shutting_down() -> APIError:
+    err = APIError(503, "the gateway is shutting down; retry the request (another replica will take it)",
+                   code="shutting_down")
+    err.headers = ((b"connection", b"close"),)
+    return err
 
 
 async def read_body(receive: Receive, limit: int, content_length: int) -> bytes:

@@ -36,11 +36,16 @@ from gateway.upstream import Upstream
 
 
 class Ensurer:
+    """``versions()``: adapter -> pinned version; ``headers()``: what each call carries (the
+    sidecars' control token, ``gateway.sidecars.sidecar_auth``)."""
+
     def __init__(self, upstream: Upstream, metrics: GatewayMetrics,
-                 versions: Callable[[], Mapping[str, str]] = dict) -> None:
+                 versions: Callable[[], Mapping[str, str]] = dict,
+                 headers: Callable[[], Mapping[str, str]] = dict) -> None:
         self._upstream = upstream
         self._metrics = metrics
         self._versions = versions
+        self._headers = headers
         self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._done: dict[tuple[str, str], float] = {}
 
@@ -66,7 +71,7 @@ class Ensurer:
         started = time.perf_counter()
         try:
             async with session.post(url, json={"version": version} if version else None,
-                                    timeout=self._upstream.ensure_timeout) as resp:
+                                    timeout=self._upstream.ensure_timeout, headers=self._headers()) as resp:
                 body = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:

@@ -46,6 +46,13 @@ class APIError(Exception):
         self.type = type_ or _TYPES.get(status, "invalid_request_error")
         self.param = param
         self.code = code
+        #: extra response headers (lower-case names), e.g. ``Retry-After`` on a 429
+        self.headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def copy(self) -> APIError:
+        """The same error as a new exception (a stored error is raised as a copy: raising one
+        instance again and again would chain every raise's frames onto its traceback)."""
+        return APIError(self.status, self.message, type_=self.type, param=self.param, code=self.code)
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -58,9 +65,15 @@ class APIError(Exception):
         return b"data: " + self.body() + b"\n\ndata: [DONE]\n\n"
 
 
-def error_message(body: bytes, limit: int = 300) -> str:
-    """The message of an error body another service sent: OpenAI's ``{"error": {"message"}}``,
-    FastAPI's ``{"detail": "..."}``, else the body's first ``limit`` characters."""
+#: characters of another service's error message a gateway answer carries at most
+MESSAGE_LIMIT = 2000
+
+
+def error_info(body: bytes, limit: int = 300) -> tuple[str, str | None]:
+    """(message, type) of an error body another service sent: OpenAI's ``{"error": {"message",
+    "type"}}``, FastAPI's ``{"detail": "..."}`` (no type), else the body's first ``limit``
+    characters. A structured message is cut at ``MESSAGE_LIMIT`` characters: a pod's error
+    text never grows a gateway answer without bound."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -68,7 +81,13 @@ def error_message(body: bytes, limit: int = 300) -> str:
     if isinstance(data, dict):
         err = data.get("error")
         if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return str(err["message"])
+            kind = err.get("type")
+            return str(err["message"])[:MESSAGE_LIMIT], kind if isinstance(kind, str) else None
         if isinstance(data.get("detail"), str):
-            return str(data["detail"])
-    return body[:limit].decode("utf-8", "replace")
+            return str(data["detail"])[:MESSAGE_LIMIT], None
+    return body[:limit].decode("utf-8", "replace"), None
+
+
+def error_message(body: bytes, limit: int = 300) -> str:
+    """The message of an error body another service sent (``error_info`` without the type)."""
+    return error_info(body, limit)[0]

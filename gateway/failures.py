@@ -3,21 +3,30 @@
 Every failure of one attempt is an ``UpstreamFailure``. Its class says what happened and carries
 what the attempt loop (``gateway.forward``) needs to act on it without comparing strings:
 
-==================  =========  =====  =======  ======================================================
+==================  ==========  =====  =======  =====================================================
 class               ``reason``  retry  suspect  client sees when it is the last one (status, code)
-==================  =========  =====  =======  ======================================================
-ConnectFailed       connect    yes    yes      502 ``upstream_unreachable`` (refused, reset, dropped)
-FirstByteTimeout    timeout    yes    yes      504 ``upstream_timeout`` (no response in time)
-BadStatus           status     yes    no       502 ``upstream_error`` (a 5xx; the pod's own message)
-EmptyStream         empty      yes    no       502 ``upstream_error`` (a stream closed before any byte)
-EnsureFailed        ensure     [1]    no       [1]
-StreamBroken        stream     no     no       an SSE error event, then ``[DONE]`` (already streaming)
-==================  =========  =====  =======  ======================================================
+==================  ==========  =====  =======  =====================================================
+ConnectFailed       connect     yes    yes      502 ``upstream_unreachable`` (refused, reset, dropped)
+FirstByteTimeout    timeout     yes    yes      504 ``upstream_timeout`` (no response in time)
+PodUnhealthy        unhealthy   yes    yes      503 ``upstream_unhealthy`` (its monitor gave up on it)
+BadStatus           status      yes    no       502 ``upstream_error`` (a 5xx another pod may not
+                                                have, [2]; the pod's own message)
+EmptyStream         empty       yes    no       502 ``upstream_error`` (a stream closed before any byte)
+EnsureFailed        ensure      [1]    no       [1]
+StreamStalled       stalled     no     yes      only mid-stream (nothing for ``timeouts.idle_s``)
+Draining            draining    no     no       only mid-stream (the gateway is shutting down)
+StreamBroken        stream      no     no       an SSE error event, then ``[DONE]`` (already streaming)
+==================  ==========  =====  =======  =====================================================
 
 [1] the sidecar could not materialise the adapter: for a reason that holds on every pod (the
 adapter is missing or invalid in the store, ``permanent``) no other pod is tried and the client
 gets 502 ``adapter_ensure_failed``; otherwise the next pod is tried and the last answer is 503
 (``adapter_ensure_failed``, or ``adapter_ensure_timeout``).
+
+[2] only what another pod can fix is retried (``retryable_status``): 429, 502, 503, 504 and a
+500 — unless the 500's body shows the pod rejected the request itself (vLLM's "LoRA rank … is
+greater than max_lora_rank", a validation error, a ``BadRequestError``): that answer is final and
+reaches the client unchanged, like every 4xx, instead of being tried on every pod in turn.
 
 ``reason`` is the ``loraroute_retries_total`` label; ``retry`` whether the next-best pod may be
 tried (only ever before anything reached the client); ``suspect`` whether the pod goes to the end
@@ -73,8 +82,45 @@ class FirstByteTimeout(UpstreamFailure):
         super().__init__(pod_id, f"pod {pod_id!r} sent no response within {limit_s:g}s")
 
 
+class PodUnhealthy(UpstreamFailure):
+    """The pod's monitor marked it unhealthy (or it left the view) while this attempt waited
+    for its reply: nothing had reached the client, so the next pod is tried at once."""
+
+    reason = "unhealthy"
+    suspect = True
+    status = 503
+    code = "upstream_unhealthy"
+
+    def __init__(self, pod_id: str) -> None:
+        super().__init__(pod_id, f"pod {pod_id!r} stopped answering its health checks while the request waited")
+
+
+#: statuses another pod may answer better: overload (429, 503), a dead or failing engine (500,
+#: see ``retryable_status``), a proxy in front of the pod (502, 504)
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: error ``type`` values that say the pod rejected the request itself
+_REJECTION_TYPES = frozenset({"BadRequestError", "InvalidUserInput", "Bad Request", "NotFoundError",
+                              "UnprocessableEntityError", "ValidationError"})
+#: phrases of vLLM's 500s that are about the request, not the pod (real-vllm-0.25.md: a rank above
+#: --max-lora-rank is a 500 "LoRA rank 128 is greater than max_lora_rank 64.")
+_REJECTION_PHRASES = ("greater than max_lora_rank", "validation error")
+
+
+def retryable_status(status: int, message: str, kind: str | None) -> bool:
+    """Whether a pod's ``status`` with this error ``message`` and ``type`` is worth another pod."""
+    if status not in RETRIED_STATUSES:
+        return False
+    if status != 500:
+        return True
+    if kind in _REJECTION_TYPES:
+        return False
+    lowered = message.lower()
+    return not any(phrase in lowered for phrase in _REJECTION_PHRASES)
+
+
 class BadStatus(UpstreamFailure):
-    """The pod answered with a 5xx; ``detail`` is its own error message."""
+    """The pod answered with a status another pod may not have (``retryable_status``); ``detail``
+    is its own error message."""
 
     reason = "status"
 
@@ -106,6 +152,32 @@ class EnsureFailed(UpstreamFailure):
             self.code = "adapter_ensure_timeout"
 
 
+class StreamStalled(UpstreamFailure):
+    """A stream that had started sent nothing for ``idle_s`` seconds (``timeouts.idle_s``, or
+    ``timeouts.idle_unhealthy_s`` once the pod's monitor marked it unhealthy)."""
+
+    reason = "stalled"
+    retry = False
+    suspect = True
+    status = 504
+    code = "upstream_timeout"
+
+    def __init__(self, pod_id: str, idle_s: float) -> None:
+        super().__init__(pod_id, f"pod {pod_id!r} sent nothing for {idle_s:g}s")
+
+
+class Draining(UpstreamFailure):
+    """The gateway is shutting down and the drain deadline has passed for this stream."""
+
+    reason = "draining"
+    retry = False
+    status = 503
+    code = "shutting_down"
+
+    def __init__(self, pod_id: str) -> None:
+        super().__init__(pod_id, "the gateway is shutting down; retry the request")
+
+
 class StreamBroken(UpstreamFailure):
     """The pod failed after the response had started: the stream ends with an error event."""
 
@@ -114,12 +186,20 @@ class StreamBroken(UpstreamFailure):
     code = "upstream_stream_error"
 
     def __init__(self, pod_id: str, cause: UpstreamFailure) -> None:
-        what = "timed out" if isinstance(cause, FirstByteTimeout) else "failed"
-        super().__init__(pod_id, f"pod {pod_id!r} {what} mid-stream; the response is incomplete")
+        if isinstance(cause, Draining):
+            message = f"{cause.message}; the response from pod {pod_id!r} is incomplete"
+        elif isinstance(cause, StreamStalled):
+            message = f"{cause.message} mid-stream; the response is incomplete"
+        else:
+            what = "timed out" if isinstance(cause, FirstByteTimeout) else "failed"
+            message = f"pod {pod_id!r} {what} mid-stream; the response is incomplete"
+        super().__init__(pod_id, message)
         self.cause = cause
+        if isinstance(cause, Draining):
+            self.code = cause.code  # the client should retry elsewhere, not suspect the pod
 
 
 __all__ = [
-    "BadStatus", "ConnectFailed", "EmptyStream", "EnsureFailed", "FirstByteTimeout", "StreamBroken",
-    "UpstreamFailure",
+    "BadStatus", "ConnectFailed", "Draining", "EmptyStream", "EnsureFailed", "FirstByteTimeout", "PodUnhealthy",
+    "RETRIED_STATUSES", "StreamBroken", "StreamStalled", "UpstreamFailure", "retryable_status",
 ]

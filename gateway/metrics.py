@@ -173,8 +173,9 @@ class GatewayMetrics:
         self._child(self._reloads, outcome).inc()  # type: ignore[attr-defined]
 
     def routed(self, base: str, adapter: str, decision: Decision) -> None:
-        """One routed adapter request: the requested adapter's pick-time placement on the chosen pod."""
-        if not adapter or decision.pod_id is None:
+        """One routed adapter request: the requested adapter's pick-time placement on the chosen pod
+        (``adapter``: its label, "" when the series carry no adapter names)."""
+        if decision.pod_id is None:
             return
         placement = decision.placement(decision.pod_id) if isinstance(decision, LazyDecision) else None
         tier = placement.split("/", 1)[0] if placement else "unscored"

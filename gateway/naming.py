@@ -2,6 +2,9 @@
 
 Rules (each violation is a 400 whose message names the problem):
 
+- at most ``MAX_MODEL_NAME_CHARS`` characters (the longest base name, a colon and the longest
+  adapter name), checked before anything else looks at the name: a megabyte of model name costs
+  one ``len``, is never cached and never echoed;
 - no whitespace and no control characters anywhere;
 - at most one colon; neither side of the colon empty;
 - the adapter part matches ``gateway.config.ADAPTER_NAME_RE`` — letters, digits, ``.``, ``_``, ``-``,
@@ -17,6 +20,9 @@ from dataclasses import dataclass
 from gateway.config import ADAPTER_NAME_RE
 from gateway.errors import APIError
 
+#: a base name (256 characters at most), a colon, an adapter name (128 at most)
+MAX_MODEL_NAME_CHARS = 256 + 1 + 128
+
 
 @dataclass(frozen=True, slots=True)
 class ModelName:
@@ -31,12 +37,24 @@ def _bad(message: str) -> APIError:
     return APIError(400, message, param="model", code="invalid_model_name")
 
 
+def not_a_string() -> APIError:
+    return _bad("'model' must be a string such as 'base' or 'base:adapter'")
+
+
+def check_length(name: str) -> None:
+    """Raises ``APIError(400)`` for a name longer than ``MAX_MODEL_NAME_CHARS``."""
+    if len(name) > MAX_MODEL_NAME_CHARS:
+        raise _bad(f"'model' is {len(name)} characters long; model names are at most {MAX_MODEL_NAME_CHARS} "
+                   "characters ('base' or 'base:adapter')")
+
+
 def parse_model_name(name: object) -> ModelName:
     """Split and check a client's ``model`` value. Raises ``APIError(400)`` saying what is wrong."""
     if not isinstance(name, str):
-        raise _bad("'model' must be a string such as 'base' or 'base:adapter'")
+        raise not_a_string()
     if not name:
         raise _bad("'model' is empty; use 'base' or 'base:adapter'")
+    check_length(name)
     for ch in name:
         if ch.isspace():
             raise _bad(f"model name {name!r} contains whitespace; names are 'base' or 'base:adapter' without spaces")

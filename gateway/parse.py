@@ -12,7 +12,10 @@ rest and its own 400 is passed through unchanged):
   token-id lists); token ids are hashed as their decimal form and counted as tokens exactly.
 
 The prompt's token count is estimated at 4 characters a token. The size limit is applied while
-the body is read (``gateway.edge``), before this stage sees it.
+the body is read (``gateway.edge``), before this stage sees it. Nesting: orjson decodes up to
+1,024 levels (deeper is a 400 ``invalid_json`` saying so) but encodes at most
+``MAX_JSON_DEPTH``; the body for the pod is re-encoded in ``gateway.route``, which answers a
+deeper one with a 400 ``json_too_deep``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import orjson
 
 from gateway.errors import APIError
 
+#: levels of nesting a request body may have (orjson encodes no deeper)
+MAX_JSON_DEPTH = 254
 
 class Kind(enum.Enum):
     """The two completion routes; the value is the path, the same on the gateway and on vLLM."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -53,8 +53,9 @@ class AdapterLoader:
     """``session``: returns the gateway's aiohttp session (it exists once the gateway started)."""
 
     def __init__(self, session: Callable[[], aiohttp.ClientSession | None], adapter_dir: str | None,
-                 timeout_s: float) -> None:
+                 timeout_s: float, sidecar_headers: Callable[[], Mapping[str, str]] = dict) -> None:
         self._session = session
+        self._sidecar_headers = sidecar_headers
         self.adapter_dir = adapter_dir.rstrip("/") if adapter_dir else None
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
 
@@ -71,15 +72,16 @@ class AdapterLoader:
             return LoadResult(False, "none", 0.0, "no sidecar and no placement.adapter_dir")
         return await self._via_vllm(session, pod_url, adapter)
 
-    async def _post(self, session: aiohttp.ClientSession, url: str, body: dict[str, object]) -> tuple[int, bytes]:
-        async with session.post(url, json=body, timeout=self.timeout) as resp:
+    async def _post(self, session: aiohttp.ClientSession, url: str, body: dict[str, object],
+                    headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+        async with session.post(url, json=body, timeout=self.timeout, headers=headers) as resp:
             return resp.status, await resp.read()
 
     async def _via_sidecar(self, session: aiohttp.ClientSession, sidecar_url: str, adapter: str) -> LoadResult:
         url = f"{sidecar_url}/adapters/{urllib.parse.quote(adapter, safe='')}/ensure"
         t0 = time.perf_counter()
         try:
-            status, body = await self._post(session, url, {"load": True})
+            status, body = await self._post(session, url, {"load": True}, self._sidecar_headers())
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             return LoadResult(False, "sidecar", time.perf_counter() - t0, f"sidecar unreachable ({type(e).__name__})")
         if status != 200:  # a refused load may have stalled the engine: count the whole call

@@ -3,7 +3,9 @@
 - ``loraroute_adapter_demand_rps{base,adapter}`` — the merged demand (every replica's decayed
   counts; this replica's own when placement is off), the ``top_k`` (50) most demanded adapters
   only, so the label set stays bounded; ``loraroute_demand_rps`` their total over all adapters,
-  ``loraroute_demand_adapters`` how many adapters have demand.
+  ``loraroute_demand_adapters`` how many adapters have demand. ``label(base, adapter)`` says what
+  an adapter is called in the series (``metrics.adapter_labels``: a name outside the allowlist
+  becomes ``other``; none at all: the series is left out).
 - ``loraroute_placement_leader`` — 1 on the replica holding the leader lease.
 - ``loraroute_placement_plan_adapters{role}`` — adapters per role in the plan (hot, warm, tail).
 - ``loraroute_placement_missing{pod}`` — planned adapters the pod does not hold (plan vs actual).
@@ -31,17 +33,24 @@ TOP_K = 50
 
 
 class PlacementCollector(Collector):
-    def __init__(self, demand: Callable[[], Demand], placer: Callable[[], Placer | None], top_k: int = TOP_K) -> None:
+    def __init__(self, demand: Callable[[], Demand], placer: Callable[[], Placer | None], top_k: int = TOP_K,
+                 label: Callable[[str, str], str | None] = lambda _b, a: a) -> None:
         self._demand = demand
         self._placer = placer
         self.top_k = top_k
+        self._label = label
 
     def collect(self) -> Iterable[Metric]:
         demand = self._demand()
         rps = GaugeMetricFamily("loraroute_adapter_demand_rps", "Decayed request rate per adapter (top adapters)",
                                 labels=["base", "adapter"])
+        by_label: dict[tuple[str, str], float] = {}
         for a in demand.adapters[: self.top_k]:
-            rps.add_metric([a.base, a.adapter], a.rate_rps)
+            label = self._label(a.base, a.adapter)
+            if label is not None:
+                by_label[(a.base, label)] = by_label.get((a.base, label), 0.0) + a.rate_rps
+        for (base, label), rate in by_label.items():
+            rps.add_metric([base, label], rate)
         total = GaugeMetricFamily("loraroute_demand_rps", "Decayed request rate over every adapter")
         total.add_metric([], demand.total_rps)
         tracked = GaugeMetricFamily("loraroute_demand_adapters", "Adapters with demand")

@@ -107,6 +107,7 @@ class PlacerHost(Protocol):
     def adapter_ranks(self) -> dict[DemandKey, int]: ...
     def note_loaded(self, pod_id: str, adapter: str, rank: int | None) -> None: ...
     def endpoint(self, pod_id: str) -> Endpoint | None: ...
+    def sidecar_headers(self) -> dict[str, str]: ...
 
 log = logging.getLogger("loraroute.gateway.placer")
 
@@ -200,7 +201,8 @@ class Placer:
         self.store = store
         self.replica_id = replica_id or config.replica_id or default_replica_id()
         self.plan_params = config.plan_params()
-        self.loader = AdapterLoader(lambda: gw.upstream.session, config.adapter_dir, config.preload.timeout_s)
+        self.loader = AdapterLoader(lambda: gw.upstream.session, config.adapter_dir, config.preload.timeout_s,
+                                    gw.sidecar_headers)
         self.budget = StallBudget(config.preload.stall_budget_s, config.preload.budget_window_s)
         self.plan: PlacementPlan | None = None
         self.demand: Demand | None = None

@@ -7,9 +7,14 @@ Built once per config (``AccessPolicy(config)``) and swapped whole on reload. Ch
    digests the gateway is open and every configured model is allowed.
 2. ``resolve(tenant, model)``: the name's syntax (400, ``gateway.naming``), the base (404 with the
    nearest names), the adapter in the base's allowlist (404 with the nearest names the caller may
-   use, ``difflib``), the tenant's glob patterns (403 listing what the tenant may use).
+   use, ``difflib``), the tenant's glob patterns: with ``security.conceal_forbidden`` (the
+   default) an adapter the tenant may not use, or a base it may use nothing of, answers exactly
+   as an unknown one (404, the nearest of the tenant's own names); without it, a 403 listing
+   what the tenant may use.
 
 Results of ``resolve`` are cached per (tenant, model string): the hot path pays a dict lookup.
+The cache is bounded in entries and in bytes (names and error messages counted); a name that
+is not a string or is longer than any valid name is refused before the cache sees it.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from gateway.config import AdapterConfig, BaseConfig, GatewayConfig, TenantConfig
+from gateway.config import AdapterConfig, BaseConfig, GatewayConfig, TenantConfig, TenantLimits
 from gateway.echo import ModelEcho
 from gateway.errors import APIError
-from gateway.naming import parse_model_name
+from gateway.naming import ModelName, check_length, not_a_string, parse_model_name
 from scorer.model import AdapterRef
 
 _CACHE_MAX = 20_000
+_CACHE_MAX_BYTES = 4 * 1024 * 1024  # names and error messages held by the resolution cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +64,12 @@ class Resolved:
 class Tenant:
     name: str
     allowed: frozenset[tuple[str, str | None]]  # (base.name, adapter name or None for the base)
+    limits: TenantLimits | None = None  # None: no limit applies (gateway/limits.py)
+
+    @property
+    def bases(self) -> frozenset[str]:
+        """The bases of which the tenant may call anything (the base itself or an adapter)."""
+        return frozenset(b for b, _ in self.allowed)
 
 
 def sha256_hex(text: str) -> str:
@@ -87,10 +99,18 @@ class AccessPolicy:
             [(b.name, None) for b in config.bases] + [(b.name, a.name) for b in config.bases for a in b.adapters]
         )
         self.keys_required = config.keys_configured
+        #: a forbidden adapter (or base) answers as an unknown one (``security.conceal_forbidden``)
+        self.conceal = config.security.conceal_forbidden
+        #: metric series name adapters (``metrics.adapter_labels``: ``allowlist``) or not (``none``)
+        self.adapter_labels = config.metrics.adapter_labels != "none"
+        #: (base, adapter) as vLLM serves them, for every allowlisted adapter
+        self.served_adapters: frozenset[tuple[str, str]] = frozenset(
+            (b.vllm_name, a.vllm_name) for b in config.bases for a in b.adapters)
         self._tenants_by_digest: dict[str, Tenant] = {}
         self.tenants: dict[str, Tenant] = {}
         for t in config.tenants:
-            tenant = Tenant(t.name, frozenset(self._allowed_for(t, config.bases)))
+            limits = t.limits if t.limits is not None else config.limits.default
+            tenant = Tenant(t.name, frozenset(self._allowed_for(t, config.bases)), limits if limits.any else None)
             self.tenants[t.name] = tenant
             for d in t.api_key_sha256:
                 self._tenants_by_digest[d] = tenant
@@ -100,6 +120,7 @@ class AccessPolicy:
             a.vllm_name: a.version for b in config.bases for a in b.adapters if a.version is not None
         }
         self._cache: dict[tuple[str | None, str], Resolved | APIError] = {}
+        self._cache_bytes = 0
 
     @staticmethod
     def _allowed_for(t: TenantConfig, bases: tuple[BaseConfig, ...]) -> set[tuple[str, str | None]]:
@@ -160,18 +181,24 @@ class AccessPolicy:
 
     def resolve(self, tenant: Tenant | None, model: object) -> Resolved:
         """Check ``model`` for ``tenant``. Raises ``APIError`` (400/403/404)."""
-        key = (tenant.name if tenant else None, model if isinstance(model, str) else repr(model))
+        if not isinstance(model, str):
+            raise not_a_string()  # never cached: a key built from it could be any size
+        key = (tenant.name if tenant else None, model)
         hit = self._cache.get(key)
         if hit is None:
+            check_length(model)
             try:
                 hit = self._resolve(tenant, model)
             except APIError as e:
-                hit = e
-            if len(self._cache) >= _CACHE_MAX:
+                hit = e.copy()  # kept without the traceback (its frames hold the request)
+            size = len(model) + (len(hit.message) if isinstance(hit, APIError) else 0)
+            if len(self._cache) >= _CACHE_MAX or self._cache_bytes + size > _CACHE_MAX_BYTES:
                 self._cache.clear()
+                self._cache_bytes = 0
             self._cache[key] = hit
+            self._cache_bytes += size
         if isinstance(hit, APIError):
-            raise hit
+            raise hit.copy()
         return hit
 
     def _nearest(self, wanted: str, tenant: Tenant | None) -> str:
@@ -184,17 +211,31 @@ class AccessPolicy:
         shown = ", ".join(names[:10]) + (f" (and {len(names) - 10} more)" if len(names) > 10 else "")
         return f"available: {shown}"
 
+    def _unknown_base(self, name: ModelName, tenant: Tenant | None) -> APIError:
+        return APIError(
+            404,
+            f"model {str(name)!r} does not exist: unknown base {name.base!r}; {self._nearest(str(name), tenant)}",
+            param="model",
+            code="model_not_found",
+        )
+
+    def _unknown_adapter(self, name: ModelName, base: BaseConfig, tenant: Tenant | None) -> APIError:
+        return APIError(
+            404,
+            f"adapter {name.adapter!r} is not in the allowlist of base {base.name!r}; "
+            f"{self._nearest(f'{base.name}:{name.adapter}', tenant)}",
+            param="model",
+            code="adapter_not_found",
+        )
+
     def _resolve(self, tenant: Tenant | None, model: object) -> Resolved:
         name = parse_model_name(model)
         base = self.bases.get(name.base)
         if base is None:
-            raise APIError(
-                404,
-                f"model {str(name)!r} does not exist: unknown base {name.base!r}; {self._nearest(str(name), tenant)}",
-                param="model",
-                code="model_not_found",
-            )
+            raise self._unknown_base(name, tenant)
         allowed = self.allowed(tenant)
+        if self.conceal and tenant is not None and base.name not in tenant.bases:
+            raise self._unknown_base(name, tenant)  # nothing of this base is the tenant's: as if unknown
         if name.adapter is None:
             if (base.name, None) not in allowed:
                 raise APIError(
@@ -207,15 +248,11 @@ class AccessPolicy:
             return Resolved.of(str(name), base, None, AdapterRef(base.vllm_name, None))
         adapter = self._adapters[base.name].get(name.adapter)
         if adapter is None:
-            raise APIError(
-                404,
-                f"adapter {name.adapter!r} is not in the allowlist of base {base.name!r}; "
-                f"{self._nearest(f'{base.name}:{name.adapter}', tenant)}",
-                param="model",
-                code="adapter_not_found",
-            )
+            raise self._unknown_adapter(name, base, tenant)
         if (base.name, adapter.name) not in allowed:
             assert tenant is not None
+            if self.conceal:
+                raise self._unknown_adapter(name, base, tenant)
             allowed_names = [n for n in self.visible_models(tenant)]
             shown = ", ".join(allowed_names[:20]) + (" ..." if len(allowed_names) > 20 else "")
             raise APIError(

@@ -10,7 +10,8 @@
 - ``send_error(send, ex, err, pod)``: an ``APIError`` in OpenAI's shape.
 
 Headers: ``x-loraroute-pod`` on every routed response, ``x-loraroute-explain`` when asked for
-(compact JSON, the 16 best candidates and 16 filtered pods at most), the pod's ``x-request-id``.
+(compact JSON, the 16 best candidates and 16 filtered pods at most, ``state`` when the view was
+degraded), the pod's ``x-request-id``.
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ _JSON = b"application/json"
 EXPLAIN_HEADER_MAX = 16
 
 
-def explain_header(decision: Decision, sharing: StateSharing | None = None) -> bytes:
-    """The explanation as compact JSON; with shared routing state also ``sharing``: the peers
-    that counted (replica -> age in ms) and the requests they have in flight per pod."""
+def explain_header(decision: Decision, state_note: str | None = None, sharing: StateSharing | None = None) -> bytes:
+    """The decision as compact JSON; ``state_note`` (``"state"``) says when it was made on a
+    degraded view (the state store unreachable); with shared routing state also ``sharing``: the
+    peers that counted (replica -> age in ms) and the requests they have in flight per pod."""
     data = decision.explain()
+    if state_note:
+        data["state"] = state_note
     if sharing is not None:
         data["sharing"] = {"peers": sharing.describe()["peers"],
                            "peer_inflight": dict(peer_inflight(sharing.local()))}
@@ -64,6 +68,7 @@ async def send_error(send: Send, ex: Exchange, err: APIError, pod: str | None = 
         headers.append((b"x-loraroute-pod", pod.encode("latin-1")))
     if err.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    headers.extend(err.headers)
     ex.status = err.status
     ex.responded = True
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
@@ -79,7 +84,7 @@ async def send_reply(gw: Gateway, ex: Exchange, send: Send, reply: Reply, first:
         (b"x-loraroute-pod", pod.encode("latin-1")),
     ]
     if ex.explain:
-        headers.append((b"x-loraroute-explain", explain_header(ex.decision, gw.sharing)))
+        headers.append((b"x-loraroute-explain", explain_header(ex.decision, ex.record.state_note, gw.sharing)))
     rid = reply.headers.get("x-request-id")
     if rid:
         headers.append((b"x-request-id", rid.encode("latin-1")))

@@ -112,6 +112,21 @@ def require(config: GatewayConfig, request: Request, role: Role, *, basic_realm:
     return principal
 
 
+def require_metrics_key(config: GatewayConfig, request: Request) -> None:
+    """``GET /metrics`` with ``metrics.auth.required``: the request's key (as for the admin API)
+    must be one of ``metrics.auth``'s digests or an admin key of any role; else 401."""
+    key = key_of(request)
+    if key:
+        digest = sha256_hex(key)
+        scraper = False
+        for candidate in config.metrics.auth.api_key_sha256:  # no early exit: constant time
+            scraper |= hmac.compare_digest(digest, candidate)
+        if scraper or KeyRing(config).identify(key) is not None:
+            return
+    raise APIError(401, "GET /metrics needs a key (metrics.auth.required): send 'Authorization: Bearer <key>'",
+                   code="invalid_metrics_key")
+
+
 class AdminAuthError(APIError):
     """401 for a missing or wrong admin key; ``realm`` set: answered with a Basic challenge."""
 

@@ -2,11 +2,14 @@
 
 - ``resolve(ex)``: the ``model`` against the allowlist and the tenant (400/403/404, cached per
   tenant and name by the policy); the body for the pod with ``model`` rewritten to the name vLLM
-  knows (the request JSON is small and re-encoded with orjson; the response never is); the
-  prompt text hashed into prefix blocks (the first ``server.prefix_max_chars`` characters).
+  knows (the request JSON is small and re-encoded with orjson; the response never is; a body
+  nested deeper than ``MAX_JSON_DEPTH`` levels cannot be, and is a 400 saying so); the prompt
+  text hashed into prefix blocks (the first ``server.prefix_max_chars`` characters).
 - ``decide(gw, ex)``: ``pipeline.pick`` among the routable pods (no I/O, no lock, no await between
-  reading the view and the decision); the decision goes into the ring buffer behind
-  ``GET /admin/decisions``. No candidate: a 503 naming why each pod was filtered (the first 8).
+  reading the view and the decision), their freshness judged against the state store's last
+  sign of life (``gateway.store_watch``: during an outage the last view does not age); the
+  decision goes into the ring buffer behind ``GET /admin/decisions``, with a note when it was
+  made on a degraded view. No candidate: a 503 naming why each pod was filtered (the first 8).
 - ``fallback_order(gw, decision)``: the picked pod, then — computed only if a retry needs them —
   the other candidates best first, with the pods that just failed to connect moved to the end.
 """
@@ -22,6 +25,7 @@ import orjson
 
 from gateway.errors import APIError
 from gateway.exchange import Exchange
+from gateway.parse import MAX_JSON_DEPTH
 from gateway.policy import Resolved
 from gateway.service import DecisionRecord, Gateway
 from scorer.model import Decision, PodState, RoutingRequest
@@ -43,10 +47,15 @@ def resolve(ex: Exchange) -> None:
     req = ex.request
     resolved = rt.policy.resolve(ex.tenant, req.model)
     ex.resolved = resolved
-    ex.base_label, ex.adapter_label = resolved.base_label, resolved.adapter_label
+    ex.base_label = resolved.base_label
+    ex.adapter_label = resolved.adapter_label if rt.policy.adapter_labels else ""
     payload = req.payload
     payload["model"] = resolved.ref.vllm_model
-    ex.body = orjson.dumps(payload)
+    try:
+        ex.body = orjson.dumps(payload)
+    except orjson.JSONEncodeError:  # the one way a decoded body fails to encode: its depth
+        raise APIError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep; "
+                            "flatten it", code="json_too_deep") from None
     text = req.text
     limit = rt.config.server.prefix_max_chars
     if len(text) > limit:
@@ -67,27 +76,32 @@ def decide(gw: Gateway, ex: Exchange) -> None:
     (recorded too) when no pod can take the request."""
     pods = gw.pods
     now = time.time()
+    watch = gw.store_watch
     d0 = time.perf_counter()
-    decision = ex.runtime.pipeline.pick(ex.routing, pods, now)
+    decision = ex.runtime.pipeline.pick(ex.routing, pods, now, watch.reference(now))
     gw.metrics.decision.observe(time.perf_counter() - d0)
     tenant = ex.tenant.name if ex.tenant is not None else None
     model = ex.resolved.client_name
+    note = watch.note(now) if watch.degraded else None
     if decision.pod_id is None:
-        gw.record(DecisionRecord(now, ex.routing.request_id, model, tenant, decision, [], 503))
-        raise no_pod_error(pods, decision, ex.resolved)
+        gw.record(DecisionRecord(now, ex.routing.request_id, model, tenant, decision, [], 503, note), ex.adapter_label)
+        raise no_pod_error(pods, decision, ex.resolved, note)
     gw.metrics.decided(decision.policy, decision.pod_id)
     ex.decision = decision
-    ex.record = DecisionRecord(now, ex.routing.request_id, model, tenant, decision, [])
-    gw.record(ex.record)
+    ex.record = DecisionRecord(now, ex.routing.request_id, model, tenant, decision, [], state_note=note)
+    gw.record(ex.record, ex.adapter_label)
 
 
-def no_pod_error(pods: Mapping[str, PodState], decision: Decision, resolved: Resolved) -> APIError:
+def no_pod_error(pods: Mapping[str, PodState], decision: Decision, resolved: Resolved,
+                 note: str | None = None) -> APIError:
     if not pods:
         msg = ("no pod is available: discovery found none, or none has published its state yet; "
                "check GET /admin/pods")
     else:
         why = "; ".join(f"{p}: {r}" for p, r in sorted(decision.filtered.items())[:8])
         msg = f"no pod can serve model {resolved.client_name!r} right now ({why or decision.reason})"
+    if note:
+        msg = f"{msg}; {note}"
     return APIError(503, msg, code="no_pod_available")
 
 

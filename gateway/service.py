@@ -9,7 +9,10 @@ snapshot they started with and nothing is locked.
 The routable set ``gw.pods`` (pod id -> PodState) holds the pods that have a discovery entry and a
 PodState in the store, less those the placer holds back while it warms them up (``placement``).
 It is maintained by listeners (store changes, discovery changes), never recomputed per request,
-and read without I/O.
+and read without I/O. While the store is unreachable and ``store.outage.poll_pods`` is on, the
+states ``StoreWatch`` polls from the pods themselves stand in for the store's
+(``gateway.store_watch``). A pod that turns unhealthy or leaves the set has its attempts in
+flight told at once (``gw.inflight``, ``gateway.inflight``).
 """
 
 from __future__ import annotations
@@ -26,16 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import podstate
+import scorer.build
 import scorer.errors
-import scorer.pipeline
 from gateway.config import ConfigError, GatewayConfig, StaticPod, load_config
 from gateway.discovery import Discovery, Endpoint, StaticDiscovery, StoreDiscovery
 from gateway.ensure import Ensurer
+from gateway.inflight import Inflight
+from gateway.limits import LimitsCollector, open_limiter
 from gateway.metrics import GatewayMetrics
 from gateway.placement_metrics import PlacementCollector
 from gateway.placer import Placer
 from gateway.policy import AccessPolicy
 from gateway.sharing import SharingCollector, StateSharing
+from gateway.sidecars import sidecar_auth
+from gateway.store_watch import StoreCollector, StoreWatch
 from gateway.suspects import Suspects
 from gateway.upstream import Upstream
 from podstate.placement_store import open_placement_store
@@ -49,9 +56,9 @@ log = logging.getLogger("loraroute.gateway")
 
 
 def build_pipeline(spec: str | dict[str, Any]) -> Pipeline:
-    """``scorer.pipeline.build_pipeline`` with its ConfigError turned into ours (key path kept)."""
+    """``scorer.build.build_pipeline`` with its ConfigError turned into ours (key path kept)."""
     try:
-        return scorer.pipeline.build_pipeline(spec)
+        return scorer.build.build_pipeline(spec)
     except scorer.errors.ConfigError as e:
         raise ConfigError(str(e)) from None
 
@@ -75,9 +82,13 @@ class DecisionRecord:
     decision: Decision
     attempts: list[str]
     status: int = 0
+    #: set when the decision was made on a degraded view (the state store unreachable)
+    state_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = self.decision.explain()
+        if self.state_note:
+            out["state"] = self.state_note
         out.update(
             at=round(self.at, 3),
             request_id=self.request_id,
@@ -123,13 +134,26 @@ class Gateway:
         self.pods: dict[str, PodState] = {}
         self.endpoints: Mapping[str, Endpoint] = {}
         self.suspects = Suspects()
+        self.inflight = Inflight()
+        # tenant limits are shared through the store's Redis (a store handed in is in-process: the demo's)
+        self.limiter = open_limiter(config.store.url if self._own_store else "memory://", config.store.key_prefix,
+                                    lambda: self.runtime.config.limits.sync_s)
+        #: completion requests being served (the edge counts them; the drain waits for them)
+        self.active_requests = 0
+        #: set by the drain (gateway/drain.py): /ready answers 503 from then on
+        self.draining_since: float | None = None
+        #: set once the drain's grace is over: new completion requests are refused
+        self.refusing = False
+        self.store_watch = StoreWatch(self.store, lambda: self.runtime.config.store.outage, self.pod_states,
+                                      self._on_polled, self._poll_settings)
         self.decisions: collections.deque[DecisionRecord] = collections.deque(maxlen=config.server.decisions_kept)
         # requests in flight are the pipeline's own count (one per dispatch, shared across reloads)
         self.metrics = GatewayMetrics(config.metrics.latency_buckets, lambda: self.pods,
                                       lambda: self.runtime.pipeline.inflight_counts(),
                                       lambda: self.runtime.pipeline.cost_model())
         self.upstream = Upstream(config.server)
-        self.ensurer = Ensurer(self.upstream, self.metrics, lambda: self.runtime.policy.adapter_versions)
+        self.ensurer = Ensurer(self.upstream, self.metrics, lambda: self.runtime.policy.adapter_versions,
+                               self.sidecar_headers)
         #: the config as read (file or given), before ``config_layer`` (approved run-time changes,
         #: gateway/changes.py) is laid over it on every reload
         self.base_config = config
@@ -145,7 +169,10 @@ class Gateway:
                                           file=config.placement.demand.file)
             self.placer = Placer(self, config.placement, pstore)
         self._configure_demand(config)
-        self.metrics.registry.register(PlacementCollector(self.current_demand, lambda: self.placer))
+        self.metrics.registry.register(PlacementCollector(self.current_demand, lambda: self.placer,
+                                                          label=self._demand_label))
+        self.metrics.registry.register(StoreCollector(self.store_watch))
+        self.metrics.registry.register(LimitsCollector(self.limiter))
         #: routing state shared with the other replicas (None: memory:// or ``sharing.enabled`` off)
         self.sharing: StateSharing | None = None
         if config.sharing.enabled and config.store.url.startswith(("redis://", "rediss://")):
@@ -156,6 +183,11 @@ class Gateway:
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         self.started_at = time.time()
+        token_env = self.runtime.config.security.sidecar_token_env
+        if token_env and not sidecar_auth(self.runtime.config):
+            # the sidecars refuse to start without their token; a gateway without it gets 401s
+            log.warning("security.sidecar_token_env names %s, which is unset or empty: calls to the "
+                        "sidecars' control API carry no token and will be refused", token_env)
         if self._own_store:
             await self.store.start()
         self.store.add_listener(self._on_state)
@@ -168,12 +200,16 @@ class Gateway:
             self._watch_task = asyncio.create_task(self._watch_config(), name="config-watch")
         if self.placer is not None:
             await self.placer.start()
+        self.store_watch.start()
+        self.limiter.start()
         if self.sharing is not None:
             self.sharing.start()
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
+        await self.store_watch.close()
+        await self.limiter.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -193,6 +229,14 @@ class Gateway:
 
     # --- the routable set -----------------------------------------------------------------------
     def _on_state(self, pod_id: str, state: PodState | None) -> None:
+        if self.store_watch.polling and pod_id in self.pods:
+            return  # the pod is polled directly while the store is unreachable
+        self._apply_state(pod_id, state)
+
+    def _apply_state(self, pod_id: str, state: PodState | None) -> None:
+        before = self.pods.get(pod_id)
+        if before is not None and before.healthy and (state is None or not state.healthy):
+            self.inflight.pod_unhealthy(pod_id, self.runtime.config.server.timeouts.idle_unhealthy_s)
         if state is None:
             if self.pods.pop(pod_id, None) is not None:
                 self.runtime.pipeline.forget_pod(pod_id)
@@ -203,10 +247,40 @@ class Gateway:
                 return
             self.pods[pod_id] = state
 
+    def _on_polled(self, pod_id: str, state: PodState | None) -> None:
+        """A state ``StoreWatch`` polled from the pod itself (None: polling stopped, the store's
+        view applies again). What only the sidecar knows (the pod's disk, the ranks it read, its
+        sidecar, whether it warmed the engine up) is kept from the store's last state."""
+        stored = self.store.view().get(pod_id)
+        if state is not None and stored is not None:
+            state = state.replace(disk_adapters=stored.disk_adapters, sidecar_url=stored.sidecar_url,
+                                  lora_ready=stored.lora_ready,
+                                  adapter_ranks={**stored.adapter_ranks, **state.adapter_ranks})
+        self._apply_state(pod_id, state if state is not None else stored)
+
+    def _poll_settings(self, state: PodState) -> MonitorSettings:
+        """How ``StoreWatch`` polls a pod: the in-process monitors' timing, the engine limits the
+        pod's own sidecar published."""
+        cfg = self.runtime.config.discovery
+        return MonitorSettings(interval_s=cfg.monitor_interval_s, ttl_s=cfg.monitor_ttl_s,
+                               request_timeout_s=cfg.monitor_timeout_s,
+                               unhealthy_after_s=cfg.monitor_unhealthy_after_s, max_loras=state.max_loras,
+                               max_cpu_loras=state.max_cpu_loras, max_lora_rank=state.max_lora_rank)
+
+    def sidecar_headers(self) -> dict[str, str]:
+        """What every call to a sidecar's control API carries (``gateway.sidecars.sidecar_auth``)."""
+        return sidecar_auth(self.runtime.config)
+
+    def suspect_hold_s(self) -> float:
+        """How long a pod that refused a connection or timed out is tried last."""
+        return self.store_watch.suspect_hold_s(self.suspects.hold_s)
+
     def _on_endpoints(self, endpoints: Mapping[str, Endpoint]) -> None:
         self.endpoints = endpoints
+        idle_s = self.runtime.config.server.timeouts.idle_unhealthy_s
         for pod_id in [p for p in self.pods if p not in endpoints]:
             del self.pods[pod_id]
+            self.inflight.pod_unhealthy(pod_id, idle_s)
             self.runtime.pipeline.forget_pod(pod_id)
         self.refresh_routable()
         if self.ready:
@@ -246,6 +320,12 @@ class Gateway:
             return self.placer.demand
         now = time.time()
         return merge_demand([self.runtime.pipeline.demand.snapshot("local", now)], now)
+
+    def _demand_label(self, base: str, adapter: str) -> str | None:
+        """An adapter's label in the demand series (names as vLLM serves them; ``metrics.adapter_labels``)."""
+        if self.runtime.config.metrics.adapter_labels == "none":
+            return None
+        return adapter if (base, adapter) in self.runtime.policy.served_adapters else "other"
 
     def _configure_demand(self, config: GatewayConfig) -> None:
         d = config.placement.demand
@@ -318,7 +398,7 @@ class Gateway:
             for key, a, b in (
                 ("server.host", old.config.server.host, new.server.host),
                 ("server.port", old.config.server.port, new.server.port),
-                ("store", old.config.store, new.store),
+                ("store", (old.config.store.url, old.config.store.key_prefix), (new.store.url, new.store.key_prefix)),
                 ("sharing", old.config.sharing, new.sharing),
                 ("discovery.kubernetes", old.config.discovery.kubernetes, new.discovery.kubernetes),
                 ("metrics.latency_buckets", old.config.metrics.latency_buckets, new.metrics.latency_buckets),
@@ -359,9 +439,12 @@ class Gateway:
                 log.error("config file changed but is invalid; still serving the previous config: %s", e)
 
     # --- bookkeeping used by the request path ---------------------------------------------------
-    def record(self, rec: DecisionRecord) -> None:
+    def record(self, rec: DecisionRecord, adapter_label: str) -> None:
+        """Keep ``rec`` for ``GET /admin/decisions`` and count where an adapter request went
+        (under ``adapter_label``: ``Exchange.adapter_label``, "" when adapter names are off)."""
         if self.decisions.maxlen:
             self.decisions.append(rec)
         base, _, adapter = rec.model.partition(":")
-        known = self.runtime.policy.bases.get(base)
-        self.metrics.routed(known.name if known else base, adapter, rec.decision)
+        if adapter:
+            known = self.runtime.policy.bases.get(base)
+            self.metrics.routed(known.name if known else base, adapter_label, rec.decision)

@@ -4,11 +4,16 @@ every pod, store checks, and an ensure asked for by an operator (``loraroute doc
 Every call is bounded by ``changes.sidecar_timeout_s`` and runs concurrently over the pods; a
 pod without a sidecar, or one that does not answer, is reported, never raised. Sidecar answers
 are passed on as the sidecar wrote them (``GET /store``, ``POST .../ensure``: docs/sidecar.md).
+
+``sidecar_auth(config)`` is the header every call to a sidecar's control API carries (this
+module's, the request path's ensures, the placer's loads): the token from the environment
+variable ``security.sidecar_token_env`` names, when it is set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -17,7 +22,15 @@ from typing import Any
 import aiohttp
 
 from gateway.change_model import Effect
+from gateway.config import GatewayConfig
 from gateway.discovery import Endpoint
+
+
+def sidecar_auth(config: GatewayConfig) -> dict[str, str]:
+    """``{"Authorization": "Bearer <token>"}`` for the sidecars' control API, or ``{}``."""
+    name = config.security.sidecar_token_env
+    token = os.environ.get(name, "").strip() if name else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +53,11 @@ class SidecarAnswer:
 
 
 class Sidecars:
-    def __init__(self, endpoints: Callable[[], Mapping[str, Endpoint | None]], timeout_s: float) -> None:
+    def __init__(self, endpoints: Callable[[], Mapping[str, Endpoint | None]], timeout_s: float,
+                 headers: Callable[[], Mapping[str, str]] = dict) -> None:
         self._endpoints = endpoints
         self.timeout_s = timeout_s
+        self._headers = headers
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -60,7 +75,7 @@ class Sidecars:
         assert self._session is not None
         try:
             async with self._session.request(method, url, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                                             **kwargs) as resp:
+                                             headers=self._headers(), **kwargs) as resp:
                 try:
                     body = await resp.json(content_type=None)
                 except ValueError:

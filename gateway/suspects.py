@@ -19,8 +19,9 @@ class Suspects:
         self.hold_s = hold_s
         self._until: dict[str, float] = {}  # pod id -> monotonic time it stops being suspect
 
-    def mark(self, pod_id: str) -> None:
-        self._until[pod_id] = time.monotonic() + self.hold_s
+    def mark(self, pod_id: str, hold_s: float | None = None) -> None:
+        """``pod_id`` is tried last for ``hold_s`` seconds (default ``self.hold_s``)."""
+        self._until[pod_id] = time.monotonic() + (self.hold_s if hold_s is None else hold_s)
 
     def order(self, pod_ids: Iterable[str]) -> Iterator[str]:
         """``pod_ids`` in their order, suspects moved to the end (and expired ones forgotten)."""

@@ -7,39 +7,115 @@
 - ``https://`` pods and everything off the hot path (sidecar ensures) use one
   ``aiohttp.ClientSession`` (``limit_per_host`` = ``server.pool_per_pod``).
 
-``await upstream.open(pod_id, base_url, path, body, request_id, first_byte)`` returns a ``Reply``
+``await upstream.open(pod_id, base_url, path, body, limits, request_id)`` returns a ``Reply``
 once the status and headers are in, whichever client carried it: ``status``, ``headers``
 (lower-case names), ``await read_chunk()`` (``b""`` at the end), ``await read_all()``,
-``release()``. With ``first_byte`` (streaming), the first body byte must arrive within
-``server.timeouts.first_byte_s`` of sending (the lean client arms a timer on the loop for it).
-Every failure of either client — connect errors, resets, malformed or cut responses, the
-first-byte limit, the ``server.timeouts.total_s`` limit on the whole exchange — leaves as a
-``gateway.failures`` ``ConnectFailed`` or ``FirstByteTimeout`` naming the pod, translated by
-``_failure`` below.
+``release()``. ``limits`` (``Limits``) are the attempt's own: the whole exchange within
+``total_s``, the first body byte within ``first_byte_s`` of sending (streaming; the lean client
+arms a timer on the loop for it), then at most ``idle_s`` of silence between body bytes; and
+``abort``, an ``AbortSignal`` through which another task ends the attempt at once with a
+typed failure of its choosing (the pod went unhealthy, the gateway's drain deadline passed) or
+shortens its silence limit. Every failure of either client — connect errors, resets,
+malformed or cut responses, the limits — leaves as a ``gateway.failures`` ``ConnectFailed``,
+``FirstByteTimeout``, ``StreamStalled`` or the abort's failure, naming the pod, translated by
+``_failure`` below. The aiohttp path honours an abort before the headers (its first-byte
+timeout is moved to now) and after them (the response is closed), but not ``idle_s``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol
-
 import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 
 from gateway.config import ServerConfig
-from gateway.failures import ConnectFailed, FirstByteTimeout, UpstreamFailure
-from gateway.h1client import Pool, build_head, split_url
+from gateway.failures import ConnectFailed, FirstByteTimeout, StreamStalled, UpstreamFailure
+from gateway.h1client import Connection, Pool, StreamIdle, build_head, split_url
 
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "*/*"}
 #: what the two clients raise: OSError (h1client's UpstreamError included), TimeoutError, aiohttp's own
 _CLIENT_ERRORS = (OSError, TimeoutError, aiohttp.ClientError)
 
 
-def _failure(pod_id: str, exc: BaseException, total_s: float, first_byte_s: float | None) -> UpstreamFailure:
+class _Aborted(OSError):
+    """What an aborted lean-client read raises; ``_failure`` swaps it for the abort's failure."""
+
+
+class AbortSignal:
+    """Ends one attempt from another task: ``abort(failure)`` makes its pending (or next) read
+    raise ``failure``; ``set_idle(s)`` shortens the silence it may keep mid-stream. The attempt
+    loop creates one per attempt and registers it (``gateway.inflight``); the clients bind to
+    it as the request goes out. ``started``: the reply's first body bytes are in (set by the
+    attempt loop)."""
+
+    __slots__ = ("pod_id", "failure", "started", "_conn", "_timeout", "_aio")
+
+    def __init__(self, pod_id: str) -> None:
+        self.pod_id = pod_id
+        self.failure: UpstreamFailure | None = None
+        self.started = False
+        self._conn: Connection | None = None
+        self._timeout: asyncio.Timeout | None = None
+        self._aio: aiohttp.ClientResponse | None = None
+
+    def bind(self, conn: Connection) -> None:
+        """The lean client's connection carrying the request (``Pool.request(bind=...)``)."""
+        self._conn = conn
+        if self.failure is not None:
+            conn.abort(_Aborted())
+
+    def abort(self, failure: UpstreamFailure) -> None:
+        if self.failure is not None:
+            return
+        self.failure = failure
+        if self._conn is not None:
+            self._conn.abort(_Aborted())
+        elif self._aio is not None:
+            self._aio.close()
+        elif self._timeout is not None:
+            self._timeout.reschedule(asyncio.get_running_loop().time())
+
+    def set_idle(self, idle_s: float) -> None:
+        if self._conn is not None:
+            self._conn.set_idle(idle_s)
+
+    def bind_timeout(self, scope: asyncio.Timeout | None) -> None:
+        """aiohttp, before the headers: an abort moves this first-byte timeout to now."""
+        self._timeout = scope
+        if scope is not None and self.failure is not None:
+            scope.reschedule(asyncio.get_running_loop().time())
+
+    def bind_response(self, resp: aiohttp.ClientResponse) -> None:
+        """aiohttp, after the headers: an abort closes the response."""
+        self._timeout = None
+        self._aio = resp
+        if self.failure is not None:
+            resp.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One attempt's time limits (seconds; ``first_byte_s`` None: not a stream) and its abort."""
+
+    total_s: float
+    first_byte_s: float | None
+    idle_s: float | None
+    abort: AbortSignal
+
+
+def _failure(pod_id: str, exc: BaseException, limits: Limits) -> UpstreamFailure:
     """The typed failure for one client error (the one translation of both clients' errors)."""
+    aborted = limits.abort.failure
+    if aborted is not None:
+        return aborted
+    if isinstance(exc, StreamIdle):
+        return StreamStalled(pod_id, exc.idle_s)
     if isinstance(exc, TimeoutError):  # a stream's limit is the first byte's; the others' the total
-        return FirstByteTimeout(pod_id, first_byte_s if first_byte_s is not None else total_s)
+        first = limits.first_byte_s
+        return FirstByteTimeout(pod_id, first if first is not None else limits.total_s)
     if isinstance(exc, aiohttp.ClientError):
         return ConnectFailed(pod_id, type(exc).__name__)
     return ConnectFailed(pod_id, str(exc) or type(exc).__name__)
@@ -84,16 +160,14 @@ class Reply:
     ``first_by``: the loop time by which the first body byte must be in (aiohttp only; the lean
     client keeps that timer itself)."""
 
-    __slots__ = ("pod_id", "status", "headers", "_resp", "_total_s", "_first_byte_s", "_first_by")
+    __slots__ = ("pod_id", "status", "headers", "_resp", "_limits", "_first_by")
 
-    def __init__(self, pod_id: str, resp: _ClientResponse, total_s: float, first_byte_s: float | None,
-                 first_by: float | None = None) -> None:
+    def __init__(self, pod_id: str, resp: _ClientResponse, limits: Limits, first_by: float | None = None) -> None:
         self.pod_id = pod_id
         self.status = resp.status
         self.headers = resp.headers
         self._resp = resp
-        self._total_s = total_s
-        self._first_byte_s = first_byte_s
+        self._limits = limits
         self._first_by = first_by
 
     async def read_chunk(self) -> bytes:
@@ -104,13 +178,13 @@ class Reply:
                 self._first_by = None
                 return await self._resp.read_chunk()
         except _CLIENT_ERRORS as e:
-            raise _failure(self.pod_id, e, self._total_s, self._first_byte_s) from None
+            raise _failure(self.pod_id, e, self._limits) from None
 
     async def read_all(self) -> bytes:
         try:
             return await self._resp.read_all()
         except _CLIENT_ERRORS as e:
-            raise _failure(self.pod_id, e, self._total_s, self._first_byte_s) from None
+            raise _failure(self.pod_id, e, self._limits) from None
 
     def release(self) -> None:
         """Back to the pool when fully read (keep-alive), else the connection is closed."""
@@ -129,10 +203,7 @@ class Upstream:
         """Apply (re)loaded timeouts; the pools keep their size until restart."""
         self._server = server
         t = server.timeouts
-        self.total_s = t.total_s
-        self.timeout = aiohttp.ClientTimeout(total=t.total_s, connect=None, sock_connect=t.connect_s)
         self.ensure_timeout = aiohttp.ClientTimeout(total=t.ensure_s, sock_connect=t.connect_s)
-        self.first_byte_s = t.first_byte_s
         self.pool.connect_timeout_s = t.connect_s
 
     async def start(self) -> None:
@@ -164,23 +235,30 @@ class Upstream:
             return target
 
     async def open(
-        self, pod_id: str, base_url: str, path: str, body: bytes, request_id: str | None = None, first_byte: bool = False,
+        self, pod_id: str, base_url: str, path: str, body: bytes, limits: Limits, request_id: str | None = None,
     ) -> Reply:
         """POST ``body`` (JSON) to ``base_url + path``; returns once the status and headers are in.
         ``request_id`` goes out as ``X-Request-Id`` (vLLM builds its response ids from it)."""
         headers = _JSON_HEADERS if not request_id else {**_JSON_HEADERS, "X-Request-Id": request_id}
         target = self._target(base_url)
-        first_s = self.first_byte_s if first_byte else None
+        first_s = limits.first_byte_s
+        abort = limits.abort
         try:
             if target is not None:
                 host, port, prefix = target
                 head = build_head("POST", prefix + path, host, port, headers, len(body))
-                return Reply(pod_id, await self.pool.request(host, port, head, body, self.total_s, first_s),
-                             self.total_s, first_s)
+                resp = await self.pool.request(host, port, head, body, limits.total_s, first_s, limits.idle_s,
+                                               abort.bind)
+                return Reply(pod_id, resp, limits)
             assert self.session is not None, "Upstream.start() was not awaited"
-            first_by = asyncio.get_running_loop().time() + first_s if first_s is not None else None
-            async with asyncio.timeout_at(first_by):
-                resp = await self.session.post(base_url + path, data=body, headers=headers, timeout=self.timeout)
-            return Reply(pod_id, _AiohttpResponse(resp), self.total_s, first_s, first_by)
+            loop = asyncio.get_running_loop()
+            first_by = loop.time() + (first_s if first_s is not None else limits.total_s)
+            async with asyncio.timeout_at(first_by) as scope:
+                abort.bind_timeout(scope)
+                resp = await self.session.post(base_url + path, data=body, headers=headers,
+                                               timeout=aiohttp.ClientTimeout(total=limits.total_s, connect=None,
+                                                                             sock_connect=self.pool.connect_timeout_s))
+            abort.bind_response(resp)
+            return Reply(pod_id, _AiohttpResponse(resp), limits, first_by if first_s is not None else None)
         except _CLIENT_ERRORS as e:
-            raise _failure(pod_id, e, self.total_s, first_s) from None
+            raise _failure(pod_id, e, limits) from None

@@ -10,10 +10,28 @@ and the sidecar settings both validate ``store.url`` with.
 from podstate.memory import MemoryStore
 from podstate.store import PodStateStore, StateListener
 
-__all__ = ["PodStateStore", "StateListener", "MemoryStore", "STORE_SCHEMES", "check_store_url", "open_store"]
+from urllib.parse import urlsplit
+
+__all__ = ["PodStateStore", "StateListener", "MemoryStore", "STORE_SCHEMES", "check_store_url", "open_store",
+           "redact_url"]
 
 #: URL prefixes of the stores: in-process memory, Redis over TCP, TLS or a Unix socket.
 STORE_SCHEMES = ("memory:", "redis://", "rediss://", "unix://")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user name, password, query or fragment: safe for a log line, a message or
+    printed settings (``redis://:secret@redis:6379/0`` -> ``redis://redis:6379/0``); ``""`` for
+    text without a scheme."""
+    parts = urlsplit(url)
+    if not parts.scheme:
+        return ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def check_store_url(url: str) -> str:

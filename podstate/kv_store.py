@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 
 from podstate.background import Background
 from podstate.kv_events import Cleared, KVBatch, Removed, Stored
-from podstate.redis_store import redact_url
+from podstate import redact_url
 from scorer.kv_index import KVBlockIndex
 
 log = logging.getLogger("loraroute.kv_store")

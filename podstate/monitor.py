@@ -60,7 +60,9 @@ class MonitorSettings:
     connection does at once); ``ttl_s`` of each published record and ``heartbeat_s`` between
     unchanged ones; the engine limits vLLM does not expose (``max_loras`` falls back to the
     ``max_lora`` label of ``lora_requests_info``, ``max_cpu_loras`` to ``max_loras``,
-    ``max_lora_rank``); ``withdraw_on_close`` removes the pod from the store at once on close.
+    ``max_lora_rank``); ``withdraw_on_close`` removes the pod from the store at once on close;
+    ``lora_warmup``: the pod is published ``lora_ready=False`` until ``note_lora_ready()`` (the
+    sidecar's warm-up request) and again after every vLLM restart.
     """
 
     interval_s: float = 0.05
@@ -72,6 +74,7 @@ class MonitorSettings:
     max_cpu_loras: int | None = None
     max_lora_rank: int = 16
     withdraw_on_close: bool = True
+    lora_warmup: bool = False
 
 
 class DiskAdapters(Protocol):
@@ -123,6 +126,7 @@ class PodMonitor:
         self._loading: set[str] = set()
         self._noted_ranks: dict[str, int] = {}
         self._healthy = False
+        self.lora_ready = not settings.lora_warmup
         self._observed_at = 0.0
         self._last_ok_mono: float | None = None
         self._state: PodState | None = None
@@ -173,6 +177,11 @@ class PodMonitor:
         self.estimator.observe_load(name)
         if self._known_models is not None:
             self._known_models.add(name)
+        self._wake.set()
+
+    def note_lora_ready(self) -> None:
+        """A LoRA request has completed on this engine: adapter requests may come (``lora_ready``)."""
+        self.lora_ready = True
         self._wake.set()
 
     def note_not_loading(self, name: str) -> None:
@@ -248,6 +257,8 @@ class PodMonitor:
                                   and metrics.process_start_time != self._start_time):
             log.info("pod %s: vLLM restarted; resetting the residency estimate", self.pod_id)
             est.reset()
+            if self.settings.lora_warmup:
+                self.lora_ready = False  # a fresh engine: warm it up again
             self._known_models = None
             self._last_lora_ts = None
         self._start_time = metrics.process_start_time
@@ -314,6 +325,7 @@ class PodMonitor:
             sidecar_url=self.sidecar_url,
             base_models=tuple(bases),
             healthy=self._healthy,
+            lora_ready=self.lora_ready,
             max_loras=est.max_loras,
             max_cpu_loras=est.max_cpu_loras,
             max_lora_rank=self.settings.max_lora_rank,

@@ -262,7 +262,7 @@ class RedisPlacementStore(PlacementStore):
         self._client = None
 
     def _failed(self, what: str, exc: BaseException) -> None:
-        from podstate.redis_store import redact_url
+        from podstate import redact_url
 
         if not self._outage:
             log.warning("redis at %s unreachable while %s (%s); placement state unavailable until it is back",

@@ -17,10 +17,13 @@ per pod (receipt time + TTL, so clocks need not agree). Healing:
 - every ``resync_interval_s`` (default 1 s) a reader SCANs the keys and reloads values and PTTLs
   (a missed message heals within one interval);
 - the subscriber reconnects with exponential backoff (50 ms doubling to 2 s) and resyncs at
-  once; while Redis is unreachable the view keeps the last known state and does not expire it
-  (the scorer's freshness filter judges staleness by ``observed_at``); on reconnect every
-  deadline is extended by ``reconnect_grace_s`` so that pods whose keys were lost in a Redis
-  restart survive until their sidecars publish again (within one heartbeat);
+  once; while Redis is unreachable (the subscription is down, or nothing — no message, no
+  successful resync — came for ``liveness_s``, as when Redis hangs) the view keeps the last
+  known state and does not expire it; ``last_contact()`` is the last sign of life, against which
+  the gateway judges freshness, so the last view does not age during an outage; once Redis
+  answers again every deadline is extended by ``reconnect_grace_s`` so that pods whose keys
+  were lost in a Redis restart (or expired while it hung) survive until their sidecars
+  publish again (within one heartbeat);
 - a writer whose publish fails logs once per outage and, on the first success afterwards,
   republishes every state it owns in full.
 
@@ -37,26 +40,17 @@ import time
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from podstate import redact_url
 from podstate.store import PodStateStore
 from scorer.model import PodState
 
 log = logging.getLogger("loraroute.podstate.redis")
-
-
-def redact_url(url: str) -> str:
-    """The URL without user name and password (safe for logs and messages)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class RedisStore(PodStateStore):
@@ -66,7 +60,8 @@ class RedisStore(PodStateStore):
     ``reader`` (True: subscribe and keep a view; a sidecar that only writes passes False),
     ``sweep_interval_s`` (0.05: how often expired pods leave the view),
     ``reconnect_grace_s`` (2.0), ``socket_timeout_s`` (2.0) for commands, ``password`` (None:
-    the URL's, if any; never logged).
+    the URL's, if any; never logged), ``liveness_s`` (3.0: no sign of life for this long counts
+    as unreachable; a resync runs every ``resync_interval_s``).
     """
 
     def __init__(
@@ -80,6 +75,7 @@ class RedisStore(PodStateStore):
         reconnect_grace_s: float = 2.0,
         socket_timeout_s: float = 2.0,
         password: str | None = None,
+        liveness_s: float = 3.0,
     ) -> None:
         super().__init__()
         self.url = url
@@ -98,6 +94,9 @@ class RedisStore(PodStateStore):
         self._tombstones: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = False
+        self.liveness_s = liveness_s
+        self._last_contact = 0.0  # Unix time of the last message or successful resync
+        self._outage = False  # the sweeper saw the store unreachable and has not extended deadlines yet
         self._resync_wanted = asyncio.Event()
         # writer side
         self._owned: dict[str, tuple[PodState, float]] = {}
@@ -123,6 +122,14 @@ class RedisStore(PodStateStore):
     def connected(self) -> bool:
         """True while the reader's subscription is up (always False for a write-only store)."""
         return self._connected
+
+    def last_contact(self) -> float | None:
+        return self._last_contact
+
+    @property
+    def reachable(self) -> bool:
+        """The subscription is up and the store showed a sign of life within ``liveness_s``."""
+        return self._connected and time.time() - self._last_contact < self.liveness_s
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -231,6 +238,7 @@ class RedisStore(PodStateStore):
     def _apply(self, raw: bytes | str) -> None:
         """Apply one pub/sub message to the view. Malformed messages are logged and skipped."""
         self.stats["messages"] += 1
+        self._last_contact = time.time()
         try:
             msg = json.loads(raw)
             op = msg["op"]
@@ -256,6 +264,7 @@ class RedisStore(PodStateStore):
         started = time.monotonic()
         keys = [k async for k in self._client.scan_iter(match=f"{self.key_prefix}:pod:*", count=500)]
         self.stats["resyncs"] += 1
+        self._last_contact = time.time()
         if not keys:
             return
         async with self._client.pipeline(transaction=False) as pipe:
@@ -263,6 +272,7 @@ class RedisStore(PodStateStore):
                 pipe.get(k)
                 pipe.pttl(k)
             results = await pipe.execute()
+        self._last_contact = time.time()
         for i in range(len(keys)):
             value, pttl = results[2 * i], results[2 * i + 1]
             if value is None or pttl == -2:
@@ -298,6 +308,7 @@ class RedisStore(PodStateStore):
                         self.stats["reconnects"] += 1
                         log.info("redis at %s reachable again; resyncing", redact_url(self.url))
                 self._connected = True
+                self._last_contact = time.time()
                 backoff = 0.05
                 outage_logged = False
                 self._resync_wanted.set()
@@ -334,8 +345,14 @@ class RedisStore(PodStateStore):
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.sweep_interval_s)
-            if not self._connected:
-                continue  # keep the last known state while Redis is down
             now = time.monotonic()
+            if not self.reachable:
+                self._outage = True
+                continue  # keep the last known state while Redis is down or hangs
+            if self._outage:  # back: give the pods whose keys expired meanwhile time to publish
+                self._outage = False
+                for pod_id, deadline in self._deadlines.items():
+                    self._deadlines[pod_id] = max(deadline, now + self.reconnect_grace_s)
+                continue
             for pod_id in [p for p, t in self._deadlines.items() if t <= now]:
                 self._drop(pod_id)

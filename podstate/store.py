@@ -41,6 +41,18 @@ class PodStateStore(abc.ABC):
     def view(self) -> Mapping[str, PodState]:
         """The local view, pod id -> state. No I/O; safe to call on every request."""
 
+    def last_contact(self) -> float | None:
+        """Unix time the store last showed a sign of life (a message, a successful read); None
+        when it cannot be cut off from its writers (in-process memory). A reader judges the
+        freshness of the states it holds against this time, not against its own clock: while the
+        store is unreachable, the last view does not age (``gateway.store_watch``)."""
+        return None
+
+    @property
+    def reachable(self) -> bool:
+        """False while the store is known to be unreachable (always True in-process)."""
+        return True
+
     def add_listener(self, listener: StateListener) -> None:
         self._listeners.append(listener)
 

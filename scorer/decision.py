@@ -13,6 +13,7 @@ from typing import Any
 
 from scorer.costmodel import CostConstants
 from scorer.model import Candidate, Decision
+from scorer.plugin import PredictsTTFT
 from scorer.view import PickContext, PodView, code_name, stored_tier
 
 _RANKED = Decision.__dict__["ranked"]
@@ -108,7 +109,9 @@ class LazyDecision(Decision):
             parts.append(f"prefix {match.get(view.pod_id, 0)}/{blocks} blocks")
         for i, hint in self._meta.hints:
             col = self._cols[i]
-            parts.append(hint(col[self._picked] if col is not None else 0.0))
+            phrase = hint(col[self._picked] if col is not None else 0.0)
+            if phrase:  # a hint may have nothing to say about this pick
+                parts.append(phrase)
         text = "; ".join(parts)
         _REASON.__set__(self, text)
         return text
@@ -139,6 +142,14 @@ class LazyDecision(Decision):
                 return None
             view = found[0]
         return stored_tier(view, self._ctx.adapter)
+
+    def predicted_ttft_s(self, pod_id: str, predictor: PredictsTTFT) -> float | None:
+        """``predictor``'s TTFT for the candidate ``pod_id`` in seconds, from the views this pick
+        scored (and the router's own counters as they are now); None for a non-candidate."""
+        for v in self._views:
+            if v.pod_id == pod_id:
+                return predictor.predict([v], self._ctx.narrowed())[0]
+        return None
 
     def placement(self, pod_id: str) -> str | None:
         """The requested adapter's placement on ``pod_id`` as the scorers priced it at pick time

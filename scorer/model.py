@@ -58,6 +58,11 @@ class PodState:
 
     Times are Unix seconds (``time.time()``); ``observed_at`` is when the pod itself was last
     scraped successfully, ``published_at`` when this record was written.
+
+    ``lora_ready`` is False while a freshly started engine has not yet served a LoRA request
+    (the sidecar sends a warm-up one: an eager vLLM compiles its LoRA kernels on the first,
+    ≈ 3.7 s); adapter requests are not routed to it meanwhile (filter ``lora-ready``). Writers
+    that do not warm pods up leave it True.
     """
 
     pod_id: str
@@ -65,6 +70,7 @@ class PodState:
     sidecar_url: str | None = None
     base_models: tuple[str, ...] = ()
     healthy: bool = True
+    lora_ready: bool = True
     # engine limits
     max_loras: int = 1
     max_cpu_loras: int = 1

@@ -2,7 +2,7 @@
 
     total(pod) = Σᵢ weightᵢ × clamp(scoreᵢ(pod), 0, 1)      (weights not normalised; missing → 1.0)
 
-``build_pipeline(spec)`` accepts a preset name or a mapping (the YAML ``pipeline:`` section):
+``scorer.build.build_pipeline(spec)`` accepts a preset name or a mapping (the YAML ``pipeline:`` section):
 
     preset: default            # optional starting point (see scorer.presets)
     name: my-policy            # optional policy name shown in decisions
@@ -41,21 +41,19 @@ from scorer.decision import DecisionMeta, LazyDecision
 from scorer.demand import DemandTracker
 from scorer.errors import ConfigError
 from scorer.model import Decision, PodState, RoutingRequest
-from scorer.params import Param, unknown_key, validate_params
+from scorer.params import Param, validate_params
 from scorer.placement import PlacementPlan
 from scorer.costmodel import Ticket
-from scorer.plugin import Filter, HintsReason, KnowsPrefillRate, LearnsCosts, Picker, PricesLoadStall, Scorer
+from scorer.plugin import (
+    Filter, HintsReason, KnowsPrefillRate, LearnsCosts, Picker, PredictsTTFT, PricesLoadStall, Scorer,
+)
 from scorer.prefix import DEFAULT_BLOCK_CHARS, prompt_block_hashes
 from scorer.presets import PRESETS
-from scorer.registry import lookup
 from scorer.state import DEFAULT_PREFILL_S_PER_TOKEN, LocalState
 from scorer.view import PickContext, tier_codes
 
-__all__ = ["PRESETS", "Pipeline", "build_pipeline", "ConfigError"]
+__all__ = ["PRESETS", "Pipeline", "ConfigError"]
 
-_TOP_KEYS = ("preset", "name", "filters", "scorers", "weights", "picker", "state")
-_PLUGIN_KEYS = ("type", "name", "parameters")
-_SCORER_KEYS = ("type", "name", "weight", "parameters")
 STATE_PARAMS: dict[str, Param] = {
     "block_chars": Param(DEFAULT_BLOCK_CHARS, int, min=16, max=65536, doc="prompt characters per prefix block"),
     "incoming_ttl_s": Param(5.0, float, min=0.0, doc="lifetime of an optimistic incoming adapter"),
@@ -95,6 +93,8 @@ class Pipeline:
             (sc for _, sc, _ in self.scorers if isinstance(sc, PricesLoadStall)), None)
         self._learns: LearnsCosts | None = next(
             (sc for _, sc, _ in self.scorers if isinstance(sc, LearnsCosts)), None)
+        self._ttft: PredictsTTFT | None = next(
+            (sc for _, sc, _ in self.scorers if isinstance(sc, PredictsTTFT)), None)
         rate = next((sc for _, sc, _ in self.scorers if isinstance(sc, KnowsPrefillRate)), None)
         self._prefill_s_per_token = rate.prefill_s_per_token if rate is not None else DEFAULT_PREFILL_S_PER_TOKEN
         self._bounded = all(sc.BOUNDED for _, sc, _ in self.scorers)
@@ -161,12 +161,14 @@ class Pipeline:
         self._local = local
 
     # --- the hot path --------------------------------------------------------------------
-    def pick(self, request: RoutingRequest, pods: Mapping[str, PodState], now: float) -> Decision:
+    def pick(self, request: RoutingRequest, pods: Mapping[str, PodState], now: float,
+             state_as_of: float | None = None) -> Decision:
         """Choose a pod for ``request`` among ``pods``; never raises for an empty view.
 
         Returns a Decision with ``pod_id`` None (and ``reason``) when no pod survives the
         filters. ``now`` is the caller's clock (``time.time()``), used for freshness and the
-        local state's timers.
+        local state's timers; ``state_as_of`` (default ``now``) is the time the freshness of
+        ``pods`` is judged against, earlier while the caller's view is not being refreshed.
         """
         t0 = perf_counter()
         local = self._local
@@ -174,7 +176,7 @@ class Pipeline:
             local.expire_due(now)  # once per pick, before any plugin reads a placement
         views = local.views_of(pods)
         ctx = PickContext(request, now, local.prefix, local.sessions, local.picks, local.kv, local.plan, local.costs,
-                          local.shared)
+                          state_as_of, local.shared)
         filtered: dict[str, str] = {}
         for fname, flt in self.filters:
             if not views:
@@ -211,6 +213,15 @@ class Pipeline:
         d = LazyDecision(views, totals, cols, self._meta, picked, filtered, self.name, ctx)
         d.elapsed_us = (perf_counter() - t0) * 1e6
         return d
+
+    def predicted_ttft_s(self, decision: Decision, pod_id: str) -> float | None:
+        """The time to first token this pipeline predicts for ``pod_id`` in ``decision``, in
+        seconds: the first scorer that predicts TTFTs (estimated-ttft, with whatever constants
+        it holds, learned or configured); None without one, or for a pod that was not a candidate.
+        Call it before ``on_dispatch`` of that pod to get the pick-time prediction."""
+        if self._ttft is None or not isinstance(decision, LazyDecision):
+            return None
+        return decision.predicted_ttft_s(pod_id, self._ttft)
 
     def on_dispatch(self, pod_id: str, request: RoutingRequest, now: float) -> Ticket | None:
         """Record that ``request`` was sent to ``pod_id`` (optimistic update).
@@ -323,114 +334,3 @@ def _weighted_sum(weights: list[float]) -> Any:
         if not isinstance(w, float) or w != w or w in (float("inf"), float("-inf")):
             raise ValueError(f"invalid weight {w!r}")
     return eval(src, {"__builtins__": {"zip": zip}})  # noqa: S307 - numeric literals only
-
-
-# --- building from configuration -------------------------------------------------------------
-def _plugin_entry(entry: Any, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    if isinstance(entry, str):
-        return {"type": entry}
-    if not isinstance(entry, Mapping):
-        raise ConfigError(path, f"expected a type name or a mapping, got {type(entry).__name__}")
-    for k in entry:
-        if k not in keys:
-            raise unknown_key(path, k, list(keys))
-    if "type" not in entry:
-        raise ConfigError(f"{path}.type", "missing")
-    return dict(entry)
-
-
-def _entry_name(entry: Mapping[str, Any], path: str) -> str:
-    name = entry.get("name", entry["type"])
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{path}.name", f"expected a non-empty string, got {name!r}")
-    return name
-
-
-def build_pipeline(spec: str | Mapping[str, Any] | None, *, path: str = "pipeline") -> Pipeline:
-    """Build a ``Pipeline`` from a preset name or a config mapping (see the module docstring)."""
-    if spec is None:
-        spec = "default"
-    if isinstance(spec, str):
-        spec = {"preset": spec}
-    if not isinstance(spec, Mapping):
-        raise ConfigError(path, f"expected a preset name or a mapping, got {type(spec).__name__}")
-    for k in spec:
-        if k not in _TOP_KEYS:
-            raise unknown_key(path, k, list(_TOP_KEYS))
-    base: dict[str, Any] = {"filters": [], "scorers": [], "picker": {"type": "max-score"}}
-    name = "custom"
-    if "preset" in spec:
-        pname = spec["preset"]
-        if not isinstance(pname, str) or pname not in PRESETS:
-            raise ConfigError(
-                f"{path}.preset", f"unknown preset {pname!r}; known: {', '.join(sorted(PRESETS))}"
-            )
-        base = copy.deepcopy(PRESETS[pname])
-        overridden = any(k in spec for k in ("filters", "scorers", "weights", "picker"))
-        name = pname if not overridden else f"{pname}+custom"
-    if "name" in spec:
-        if not isinstance(spec["name"], str) or not spec["name"]:
-            raise ConfigError(f"{path}.name", f"expected a non-empty string, got {spec['name']!r}")
-        name = spec["name"]
-    effective: dict[str, Any] = {**base}
-    for k in ("filters", "scorers", "picker", "state"):
-        if k in spec:
-            effective[k] = copy.deepcopy(spec[k])
-
-    # filters
-    raw_filters = effective.get("filters") or []
-    if not isinstance(raw_filters, list):
-        raise ConfigError(f"{path}.filters", "expected a list")
-    filters: list[tuple[str, Filter]] = []
-    seen: set[str] = set()
-    for i, raw in enumerate(raw_filters):
-        p = f"{path}.filters[{i}]"
-        entry = _plugin_entry(raw, p, _PLUGIN_KEYS)
-        cls = lookup("filter", entry["type"], f"{p}.type")
-        fname = _entry_name(entry, p)
-        if fname in seen:
-            raise ConfigError(f"{p}.name", f"duplicate filter name {fname!r}; give one a distinct 'name'")
-        seen.add(fname)
-        filters.append((fname, cls(entry.get("parameters"), f"{p}.parameters")))  # type: ignore[arg-type]
-
-    # scorers
-    raw_scorers = effective.get("scorers") or []
-    if not isinstance(raw_scorers, list):
-        raise ConfigError(f"{path}.scorers", "expected a list")
-    scorers: list[tuple[str, Scorer, float]] = []
-    seen = set()
-    for i, raw in enumerate(raw_scorers):
-        p = f"{path}.scorers[{i}]"
-        entry = _plugin_entry(raw, p, _SCORER_KEYS)
-        cls = lookup("scorer", entry["type"], f"{p}.type")
-        sname = _entry_name(entry, p)
-        if sname in seen:
-            raise ConfigError(f"{p}.name", f"duplicate scorer name {sname!r}; give one a distinct 'name'")
-        seen.add(sname)
-        weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < float("inf"):
-            raise ConfigError(f"{p}.weight", f"expected a finite number >= 0, got {weight!r}")
-        scorers.append((sname, cls(entry.get("parameters"), f"{p}.parameters"), float(weight)))  # type: ignore[arg-type]
-
-    # weights override
-    if "weights" in spec:
-        wmap = spec["weights"]
-        if not isinstance(wmap, Mapping):
-            raise ConfigError(f"{path}.weights", "expected a mapping of scorer name to weight")
-        names = [n for n, _, _ in scorers]
-        for sname, weight in wmap.items():
-            if sname not in names:
-                raise unknown_key(f"{path}.weights", sname, names)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < float("inf"):
-                raise ConfigError(f"{path}.weights.{sname}", f"expected a finite number >= 0, got {weight!r}")
-            j = names.index(sname)
-            scorers[j] = (sname, scorers[j][1], float(weight))
-        effective["weights"] = dict(wmap)
-
-    # picker
-    raw_picker = effective.get("picker") or {"type": "max-score"}
-    entry = _plugin_entry(raw_picker, f"{path}.picker", _PLUGIN_KEYS)
-    pcls = lookup("picker", entry["type"], f"{path}.picker.type")
-    picker = pcls(entry.get("parameters"), f"{path}.picker.parameters")
-
-    return Pipeline(name, filters, scorers, picker, effective.get("state"), effective, path=path)

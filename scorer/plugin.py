@@ -18,9 +18,12 @@ the plugins that offer one once, when it is built (never on the hot path):
 
 - ``PricesLoadStall``: ``load_stall_s(rank, code)``, the engine seconds an adapter load with that
   placement code stalls its pod (the pipeline adds it to the pod's pending work on dispatch).
-- ``HintsReason``: ``reason_hint(score)``, a phrase for the decision's reason (a predicted TTFT).
+- ``HintsReason``: ``reason_hint(score)``, a phrase for the decision's reason (a predicted TTFT;
+  "" when there is nothing to say about this pick).
 - ``KnowsPrefillRate``: ``prefill_s_per_token``, the rate at which the pipeline drains the
   pending prefill it keeps per pod.
+- ``PredictsTTFT``: ``predict(views, ctx)``, each candidate's predicted time to first token in
+  seconds (``Pipeline.predicted_ttft_s`` reads it for the gateway's first-byte deadlines).
 """
 
 from __future__ import annotations
@@ -135,3 +138,8 @@ class HintsReason(Protocol):
 class KnowsPrefillRate(Protocol):
     @property
     def prefill_s_per_token(self) -> float: ...
+
+
+@runtime_checkable
+class PredictsTTFT(Protocol):
+    def predict(self, views: list[PodView], ctx: PickContext) -> list[float]: ...

@@ -2,7 +2,9 @@
 
 - ``PodView`` is derived once per ``PodState`` object (the pipeline caches it and rebuilds it only
   when the state object for a pod changes) and never written afterwards, so the hot path reads
-  frozensets and ints instead of re-deriving them from tuples on every pick.
+  frozensets and ints instead of re-deriving them from tuples on every pick. It carries one
+  thing across states: ``healthy_since``, the first healthy observation since the pod joined
+  the view or recovered (the ``recovery`` scorer reads it).
 - ``PodLocal`` is what this router itself knows about one pod, exactly and instantly (requests in
   flight, pending work, adapters it has just sent there). It is mutable and owned by
   ``scorer.state.LocalState``; every view of the pod points to the same ``PodLocal``.
@@ -101,7 +103,7 @@ class PodView:
         "pod_id", "state", "local", "healthy", "observed_at", "bases", "gpu", "cpu", "disk",
         "loading", "running", "n_gpu", "n_running", "max_loras", "max_lora_rank", "ranks",
         "kv", "num_running", "num_waiting", "num_deferred", "capacity_blocks",
-        "tier3", "load", "defer_factor", "base_slot", "kv_free", "group",
+        "tier3", "load", "defer_factor", "base_slot", "kv_free", "group", "healthy_since",
     )
 
     def __init__(
@@ -112,6 +114,14 @@ class PodView:
         self.local = local
         self.healthy = state.healthy
         self.observed_at = state.observed_at
+        # since when the pod has been healthy without a break in this router's view (its first
+        # healthy observation after it joined the view or recovered); inf while unhealthy
+        if not state.healthy:
+            self.healthy_since = float("inf")
+        elif prev is not None and prev.healthy:
+            self.healthy_since = prev.healthy_since
+        else:
+            self.healthy_since = state.observed_at
         ps = prev.state if prev is not None else None
         if (
             ps is not None
@@ -240,19 +250,24 @@ class PickContext:
     no scorer learns them) — all read only here; ``shared`` is True while the router shares its
     routing state with other gateway replicas (``scorer.sharing``); ``seq`` counts the pipeline's earlier picks
     that had candidates (round-robin's counter; it lives in the local state, so it survives a
-    config reload).
+    config reload). ``state_now`` is the time pod states are judged fresh against: ``now``,
+    unless the caller's view stopped being refreshed at an earlier time (its store is
+    unreachable), so that the view does not age meanwhile.
     """
 
-    __slots__ = ("request", "now", "adapter", "prefix", "sessions", "seq", "kv", "plan", "costs", "shared",
+    __slots__ = ("request", "now", "state_now", "adapter", "prefix", "sessions", "seq", "kv", "plan", "costs",
+                 "shared",
                  "_match", "_codes", "_rank")
 
     def __init__(
         self, request: RoutingRequest, now: float, prefix: PrefixIndex, sessions: Mapping[str, str], seq: int,
         kv: KVBlockIndex | None = None, plan: PlacementPlan | None = None, costs: CostLearner | None = None,
+        state_now: float | None = None,
         shared: bool = False,
     ) -> None:
         self.request = request
         self.now = now
+        self.state_now = now if state_now is None else state_now
         self.adapter = request.adapter.name
         self.prefix = prefix
         self.sessions = sessions
@@ -289,6 +304,15 @@ class PickContext:
 
     def computed_codes(self) -> list[int] | None:
         return self._codes
+
+    def narrowed(self) -> PickContext:
+        """The same pick for another list of views: what depends only on the request (the prefix
+        match, the adapter's rank) is shared; the per-view placement codes are not."""
+        ctx = PickContext(self.request, self.now, self.prefix, self.sessions, self.seq, self.kv, self.plan,
+                          self.costs, self.state_now)
+        ctx._match = self._match
+        ctx._rank = self._rank
+        return ctx
 
     def computed_match(self) -> dict[str, int] | None:
         return self._match

@@ -15,7 +15,7 @@ import pytest
 from podstate.placement_store import MemoryPlacementStore, PlacerStatus, RedisPlacementStore, open_placement_store
 from scorer.demand import DemandSnapshot, DemandTracker, merge_demand, resume_from
 from scorer.model import AdapterRef, RoutingRequest
-from scorer.pipeline import build_pipeline
+from scorer.build import build_pipeline
 
 BASE = "llama"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 from pathlib import Path
 
@@ -139,12 +141,24 @@ def test_policy_tenants_and_allowlist() -> None:
     assert r.ref.base == "tsuzumi-8b" and r.ref.name == "summarize-v2" and r.ref.rank == 16
     assert policy.resolve(lab, "tsuzumi-base").ref.vllm_model == "tsuzumi-8b"
 
-    with pytest.raises(APIError) as e:
+    # an adapter acme may not use answers exactly as it would if it did not exist (the default)
+    with pytest.raises(APIError) as forbidden:
         policy.resolve(acme, "tsuzumi-base:creative")
-    assert e.value.status == 403 and "acme" in e.value.message and "tsuzumi-base:sql" in e.value.message
+    without = copy.deepcopy(CONFIG)
+    without["bases"][0]["adapters"] = without["bases"][0]["adapters"][:2]  # no 'creative' at all
+    other = AccessPolicy(load_config(without, env={}))
+    with pytest.raises(APIError) as unknown:
+        other.resolve(other.authenticate("Bearer acme-key"), "tsuzumi-base:creative")
+    assert forbidden.value.status == 404 and forbidden.value.to_dict() == unknown.value.to_dict()
+    assert "acme" not in forbidden.value.message and "tsuzumi-base:sql" in forbidden.value.message
     with pytest.raises(APIError) as e:
         policy.resolve(acme, "tsuzumi-base")
     assert e.value.status == 403
+    # without concealment: a 403 that says why and lists what acme may use
+    open_policy = AccessPolicy(load_config({**CONFIG, "security": {"conceal_forbidden": False}}, env={}))
+    with pytest.raises(APIError) as e:
+        open_policy.resolve(open_policy.authenticate("Bearer acme-key"), "tsuzumi-base:creative")
+    assert e.value.status == 403 and "acme" in e.value.message and "tsuzumi-base:sql" in e.value.message
     with pytest.raises(APIError) as e:
         policy.resolve(lab, "tsuzumi-base:sqll")
     assert e.value.status == 404 and "tsuzumi-base:sql" in e.value.message

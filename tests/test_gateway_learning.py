@@ -109,8 +109,10 @@ def test_the_gateway_learns_what_adapter_loads_cost_where_it_runs(procs: ProcReg
     # pod did not show yet: their wait depends on a load under way)
     assert fit["observations"] >= 25
     # without a sidecar the gateway does not know the pod's disk: the adapters are "remote" (a
-    # load that may need a fetch first), which is what the loads here teach
-    assert fit["recent_by_tier"]["remote"] >= 12 and fit["recent_by_tier"]["gpu"] >= 4
+    # load that may need a fetch first), which is what the loads here teach — minus those the pod's
+    # last published state showed with every slot busy (a slot wait the features do not describe
+    # is not learned from)
+    assert fit["recent_by_tier"]["remote"] >= 9 and fit["recent_by_tier"]["gpu"] >= 4
     learned, defaults = fit["constants"], fit["defaults"]
     assert defaults["disk_s_by_rank"] == first["costs"]["disk_s_by_rank"]  # the first decision used the defaults
     # a load costs ≈ 40 × 32 ms of simulated time × 0.25 wall seconds per simulated second; the

@@ -208,7 +208,9 @@ def test_first_byte_timeout_and_empty_stream_move_on_and_the_last_failure_is_the
     async def scenario() -> None:
         async with ScriptedServer(hangs) as a, ScriptedServer(empty) as b, ScriptedServer(vllm) as c, gateway(
                 [state("pod-a", a.url, gpu_adapters=("sql",)), state("pod-b", b.url, cpu_adapters=("sql",)),
-                 state("pod-c", c.url)], timeouts={"first_byte_s": 0.2}) as env:
+                 state("pod-c", c.url)],
+                timeouts={"first_byte_s": 5.0, "first_byte_floor_s": 0.2, "first_byte_factor": 1.0}) as env:
+            # each attempt waits max(floor, 1 × its predicted TTFT of ~20 ms): 0.2 s, within the 5 s budget
             r = await env.post(chat(stream=True))
             assert r.status_code == 200 and r.headers["x-loraroute-pod"] == "pod-c"
             assert (await env.decisions())[0]["attempts"] == ["pod-a", "pod-b", "pod-c"]

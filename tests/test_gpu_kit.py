@@ -5,6 +5,7 @@ and the host driver end to end against simulated pods standing in for vLLM."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -248,6 +249,7 @@ def test_driver_end_to_end_on_simulated_pods(driver_run: Path) -> None:
     assert {r["condition"] for r in probe_doc["rows"]} == set(probe.CONDITIONS)
     run = json.loads((results / "run.json").read_text())
     assert run["api_server_cpu_pct_idle"]["with_sidecars"].keys() == {"s0", "s1"}
+    assert run["threads_per_server"] == max(1, (os.cpu_count() or 1) // 2)
 
 
 def test_results_pack_into_few_small_files(driver_run: Path, tmp_path: Path) -> None:

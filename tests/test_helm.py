@@ -364,6 +364,12 @@ BAD_VALUES = [
     (["--set", "route.tls.termination=reencrypt"], "route.tls.termination"),
     (["--set", "ingress.enabled=true", "--set", "route.enabled=true"], "either ingress or route"),
     (["--set", "vllm.enabled=false"], "set discovery.labelSelector"),
+    (["--set", "gateway.terminationGracePeriodSeconds=30"], "must be at least gateway.drain.preStopSeconds"),
+    (["--set-json", 'gateway.config.server={"drain": {"grace_s": 1}}'], "gateway.config.server"),
+    (["--set-json", 'gateway.config.tenants=[{"name": "a", "limits": {"requests_per_minute": 0}}]'],
+     "gateway.config.tenants.0.limits.requests_per_minute"),
+    (["--set", "gateway.auth.metricsAuth=true", "--set", "monitoring.serviceMonitor.enabled=true"],
+     "bearerTokenSecret"),
 ]
 
 
@@ -718,3 +724,62 @@ def test_named_admin_keys_reach_the_gateway_through_the_chart_made_secret(tmp_pa
     assert cfg.changes.two_person == ("allowlist.add", "allowlist.retire", "adapter.roll", "pipeline.weights")
     res = run_helm("template", "lr", str(CHART), "--set-json", 'gateway.auth.roleKeys=[{"name": "x", "roles": ["root"]}]')
     assert res.returncode != 0 and "roleKeys" in res.stderr
+
+
+def test_sidecar_control_token_reaches_both_sides_from_one_secret(tmp_path: Path) -> None:
+    """The sidecars' control API requires a token: one Secret (random unless given), mounted as
+    the same variable in the gateway and in every sidecar, each config naming that variable; and
+    only the gateways may reach the sidecar's port (metrics scrapers aside, for /metrics)."""
+    from gateway.config import load_config
+    from vllm_sidecar.settings import load_settings
+
+    for docs in (rendered("minimal"), rendered("kserve")):
+        secret = one(docs, "Secret", "-sidecar-token")
+        assert len(secret["data"]["token"]) > 40  # 40 random characters, base64
+        refs = []
+        gw = container(one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"], "gateway")
+        for c in (gw, container(vllm_pod_spec(docs), "sidecar")):
+            env = {e["name"]: e for e in c["env"]}
+            refs.append(env["LORAROUTE_CONTROL_TOKEN"]["valueFrom"]["secretKeyRef"])
+        assert refs[0] == refs[1] == {"name": secret["metadata"]["name"], "key": "token"}
+        cfg_path, env = materialise_gateway(docs, tmp_path)
+        assert load_config(cfg_path, env=env).security.sidecar_token_env == "LORAROUTE_CONTROL_TOKEN"
+        sidecar = load_settings(yaml.safe_load(configmap_file(docs, "-sidecar", "sidecar.yaml")) | {
+            "pod_id": "p", "vllm_url": "http://127.0.0.1:8000"})
+        assert sidecar.control_token_env == "LORAROUTE_CONTROL_TOKEN"
+    policy = one(rendered("minimal"), "NetworkPolicy", "-vllm")["spec"]["ingress"]
+    assert [r["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for r in policy] == ["gateway"]
+    off = render_with("--set", "sidecar.controlToken.enabled=false")
+    assert not [d for d in by_kind(off, "Secret") if d["metadata"]["name"].endswith("-sidecar-token")]
+    assert "LORAROUTE_CONTROL_TOKEN" not in json.dumps(off)
+
+
+def test_drain_timing_reaches_the_config_and_the_pod(tmp_path: Path) -> None:
+    from gateway.config import load_config
+
+    docs = render_with("--set", "gateway.drain.preStopSeconds=3", "--set", "gateway.drain.deadlineSeconds=30",
+                       "--set", "gateway.terminationGracePeriodSeconds=45")
+    spec = one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] == 45
+    assert container(spec, "gateway")["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "3"]
+    cfg_path, env = materialise_gateway(docs, tmp_path)
+    drain = load_config(cfg_path, env=env).server.drain
+    assert (drain.grace_s, drain.deadline_s) == (5.0, 30.0)
+    default = container(one(rendered("minimal"), "Deployment", "-gateway")["spec"]["template"]["spec"], "gateway")
+    assert "lifecycle" not in default  # no preStop: the gateway's own grace does the waiting
+
+
+def test_metrics_auth_through_the_chart(tmp_path: Path) -> None:
+    from gateway.config import load_config
+
+    scraper = hashlib.sha256(b"scraper-key").hexdigest()
+    docs = render_with("--set", "gateway.auth.metricsAuth=true", "--set-json",
+                       f'gateway.auth.metricsKeyDigests=["{scraper}"]', "--set", "monitoring.serviceMonitor.enabled=true",
+                       "--set", "monitoring.serviceMonitor.bearerTokenSecret.name=prom-key",
+                       "--set", "monitoring.serviceMonitor.bearerTokenSecret.key=key")
+    assert one(docs, "Secret", "-gateway-auth")["stringData"]["metrics.sha256"].split() == [scraper]
+    cfg_path, env = materialise_gateway(docs, tmp_path)
+    auth = load_config(cfg_path, env=env).metrics.auth
+    assert auth.required and auth.api_key_sha256 == (scraper,)
+    endpoint = one(docs, "ServiceMonitor", "-gateway")["spec"]["endpoints"][0]
+    assert endpoint["bearerTokenSecret"] == {"name": "prom-key", "key": "key"}

@@ -17,7 +17,7 @@ from podstate.kv_store import pack_hashes, unpack_hashes
 from scorer.errors import ConfigError
 from scorer.kv_index import KVBlockIndex
 from scorer.model import AdapterRef, PodState, RoutingRequest
-from scorer.pipeline import build_pipeline
+from scorer.build import build_pipeline
 from scorer.prefix import prompt_block_hashes
 from scorer.vllm_blocks import block_hashes, iter_block_hashes, lora_extra_keys
 

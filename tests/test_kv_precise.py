@@ -24,7 +24,7 @@ from podstate.kv_store import KVBlockFeed
 from podstate.redis_store import RedisStore
 from scorer.kv_index import KVBlockIndex
 from scorer.model import AdapterRef, RoutingRequest
-from scorer.pipeline import build_pipeline
+from scorer.build import build_pipeline
 from scorer.vllm_blocks import block_hashes, lora_extra_keys
 from vllm_sim.tokenizer import apply_chat_template, tokenize
 

@@ -9,7 +9,7 @@ import pytest
 from scorer.demand import DemandTracker, merge_demand
 from scorer.errors import ConfigError
 from scorer.model import AdapterRef, PodState, RoutingRequest
-from scorer.pipeline import build_pipeline
+from scorer.build import build_pipeline
 from scorer.placement import HOT, TAIL, WARM, plan_placement, rendezvous_order, validate_plan_params
 from scorer.presets import PRESETS
 

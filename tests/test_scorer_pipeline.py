@@ -8,7 +8,8 @@ import pytest
 
 from scorer.errors import ConfigError
 from scorer.model import AdapterRef, PodState, RoutingRequest
-from scorer.pipeline import PRESETS, Pipeline, build_pipeline
+from scorer.build import build_pipeline
+from scorer.pipeline import PRESETS, Pipeline
 from scorer.plugin import Scorer
 from scorer.plugins.max_score import MaxScore
 from scorer.prefix import prompt_block_hashes

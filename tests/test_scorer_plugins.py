@@ -8,7 +8,8 @@ import pytest
 
 from scorer.errors import ConfigError
 from scorer.model import T_GPU, T_REMOTE, AdapterRef, PodState, RoutingRequest
-from scorer.pipeline import STATE_PARAMS, Pipeline, build_pipeline
+from scorer.build import build_pipeline
+from scorer.pipeline import STATE_PARAMS, Pipeline
 from scorer.plugins.adapter_residency import AdapterResidency
 from scorer.plugins.estimated_ttft import EstimatedTTFT, interpolate_load
 from scorer.prefix import prompt_block_hashes
@@ -370,7 +371,7 @@ def test_views_follow_state_changes() -> None:
 
 def test_deferred_adapter_is_not_counted_on_gpu() -> None:
     """vLLM lists a deferred request's adapter among the running ones; it holds no GPU slot."""
-    from scorer.pipeline import build_pipeline
+    from scorer.build import build_pipeline
     from scorer.model import AdapterRef, PodState, RoutingRequest
 
     pipeline = build_pipeline("default")

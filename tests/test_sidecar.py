@@ -433,7 +433,8 @@ def test_ensure_reloads_in_place_an_adapter_vllm_evicted(procs, tmp_path: Path) 
     sim = start_sim(procs, tmp_path / "adapters", "--model", BASE, "--max-loras", "1", "--max-cpu-loras", "1")
     sidecar = start_sidecar(procs, "sidecar-inplace", "--vllm-url", sim.url, "--adapter-dir", str(tmp_path / "adapters"),
                             "--source-path", str(tmp_path / "src"), "--base-model", BASE,
-                            "--max-loras", "1", "--max-cpu-loras", "1")
+                            "--max-loras", "1", "--max-cpu-loras", "1",
+                            "--set", "warmup.enabled=false")  # the slots' contents are the subject here
     for name in ("one", "two"):
         r = ensure(sidecar, name, load=True)
         assert r.status_code == 200 and r.json()["loaded"] and r.json()["load_seconds"] > 0, r.text

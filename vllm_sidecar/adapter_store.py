@@ -48,7 +48,7 @@ from pathlib import Path
 
 from vllm_sidecar import manifest
 from vllm_sidecar.diagnostics import diagnose
-from vllm_sidecar.errors import AdapterInvalid, AdapterNotFound, BadRequest, SidecarError
+from vllm_sidecar.errors import AdapterInvalid, AdapterNotFound, BadRequest, SidecarError, StoreUnreachable
 from vllm_sidecar.manifest import Manifest
 from vllm_sidecar.sources import AdapterSource, ObjectInfo
 from vllm_sidecar.validation import (
@@ -58,6 +58,7 @@ from vllm_sidecar.validation import (
     WEIGHTS_FILE,
     AdapterInfo,
     check_sizes,
+    in_folder,
     missing_file_error,
     parse_config,
     validate_dir,
@@ -136,6 +137,7 @@ class AdapterStore:
         base_model: str | None = None,
         max_adapter_bytes: int = 2 * 1024**3,
         disk_budget_bytes: int = 10 * 1024**3,
+        fetch_timeout_s: float = 20.0,
         in_use: Callable[[], Iterable[str]] | None = None,
         before_evict: Callable[[str], Awaitable[None]] | None = None,
         on_download: Callable[[float, int], None] | None = None,
@@ -149,6 +151,7 @@ class AdapterStore:
         self.base_model = base_model
         self.max_adapter_bytes = max_adapter_bytes
         self.disk_budget_bytes = disk_budget_bytes
+        self.fetch_timeout_s = fetch_timeout_s
         self._in_use = in_use or (lambda: ())
         self._before_evict = before_evict
         self._on_download = on_download
@@ -296,15 +299,26 @@ class AdapterStore:
 
     def _fetch(self, name: str, tmp: Path, version: str | None) -> tuple[int, AdapterInfo, Manifest]:
         """Runs in a worker thread: list, check, download manifest and config, check, download
-        weights, verify against the manifest (fetching again after a mismatch)."""
+        weights, verify against the manifest (fetching again after a mismatch). No store request
+        starts once ``fetch_timeout_s`` has passed (``StoreUnreachable``, 503)."""
         live = self.expected_prefix(name)
         prefix = live if version is None else manifest.versions_prefix(live, name, version)
         where = self.source.describe(prefix)
+        deadline = time.monotonic() + self.fetch_timeout_s
+
+        def in_time() -> None:
+            if time.monotonic() > deadline:
+                raise StoreUnreachable(f"the adapter store did not deliver adapter {name!r} within "
+                                       f"{self.fetch_timeout_s:g}s (fetch_timeout_s) from {where}; check that it "
+                                       "answers (GET /store on this sidecar)", layer="connect", code="store_timeout")
+
         for attempt in range(1, _FETCH_ATTEMPTS + 1):
+            in_time()
             direct = self._direct(prefix)
             if version is not None and MANIFEST_FILE not in direct:
                 raise AdapterNotFound(f"version {version} of adapter {name!r} is not in the store: looked for "
-                                      f"{where}{MANIFEST_FILE}; `loraroute adapters ls` lists the versions pushed",
+                                      f"{in_folder(where, MANIFEST_FILE)}; `loraroute adapters ls` lists the "
+                                      "versions pushed",
                                       param="version", code="version_not_found")
             if CONFIG_FILE not in direct:
                 if not direct or not any(k in direct for k in REQUIRED_FILES):
@@ -319,11 +333,14 @@ class AdapterStore:
             total = 0
             published: Manifest | None = None
             if MANIFEST_FILE in direct:
+                in_time()
                 total += self.source.download(prefix + MANIFEST_FILE, tmp / MANIFEST_FILE, max_bytes=1 << 20)
                 published = Manifest.parse((tmp / MANIFEST_FILE).read_bytes(), where=where)
+            in_time()
             total += self.source.download(prefix + CONFIG_FILE, tmp / CONFIG_FILE, max_bytes=self.max_adapter_bytes)
             parse_config((tmp / CONFIG_FILE).read_bytes(), where=where, max_lora_rank=self.max_lora_rank,
                          base_model=self.base_model)
+            in_time()
             total += self.source.download(prefix + WEIGHTS_FILE, tmp / WEIGHTS_FILE, max_bytes=self.max_adapter_bytes)
             if published is not None:
                 differs = published.mismatch(tmp)
@@ -358,7 +375,8 @@ class AdapterStore:
         direct = self._direct(prefix)
         if version is not None and version not in versions:
             return RemoteAdapter(name, where, False, versions=versions, problems=(AdapterNotFound(
-                f"version {version} of adapter {name!r} is not in the store (looked for {where}{MANIFEST_FILE}); "
+                f"version {version} of adapter {name!r} is not in the store (looked for "
+                f"{in_folder(where, MANIFEST_FILE)}); "
                 f"versions there: {', '.join(versions) or 'none'}", code="version_not_found"),))
         if not any(k in direct for k in REQUIRED_FILES):
             return RemoteAdapter(name, where, False, versions=versions, problems=(self.not_found(name, prefix),))

@@ -18,10 +18,15 @@
   "error": {"code", "message", "layer"} | null, "adapters": {name: {"present", "version",
   "versions", "rank", "size_bytes", "sha256", "problems": [{"code", "message"}]}}}`` (at most 100
   names; ``@<version>`` looks at that version's immutable copy instead of the live folder).
+
+With a control token (``control_token_env``), every route but ``/healthz`` and ``/metrics`` needs
+``Authorization: Bearer <token>`` (compared in constant time): 401 ``invalid_control_token``
+otherwise.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -34,6 +39,8 @@ from vllm_sidecar.service import Sidecar
 
 log = logging.getLogger("loraroute.sidecar.http")
 SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
+#: routes open without the control token: probes and scrapers
+_OPEN_PATHS = frozenset({"/healthz", "/metrics"})
 
 
 def _error(exc: SidecarError) -> web.Response:
@@ -127,9 +134,26 @@ async def store(request: web.Request) -> web.Response:
     return web.json_response(await request.app[SIDECAR_KEY].inspect_store(list(dict.fromkeys(names))))
 
 
-def create_app(sidecar: Sidecar) -> web.Application:
-    """The HTTP app for a started (or about to be started) ``Sidecar``."""
-    app = web.Application(middlewares=[_errors])
+def _token_check(token: str | None):  # type: ignore[no-untyped-def]
+    expected = f"Bearer {token}".encode() if token else b""
+
+    @web.middleware
+    async def check(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        if token and request.path not in _OPEN_PATHS:
+            sent = request.headers.get("Authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(sent, expected):
+                return web.json_response({"error": {
+                    "message": "the sidecar's control API needs 'Authorization: Bearer <token>' (control_token_env)",
+                    "type": "AuthenticationError", "param": None, "code": "invalid_control_token"}}, status=401)
+        return await handler(request)
+
+    return check
+
+
+def create_app(sidecar: Sidecar, token: str | None = None) -> web.Application:
+    """The HTTP app for a started (or about to be started) ``Sidecar``; ``token``: the control
+    API's token (None: open)."""
+    app = web.Application(middlewares=[_token_check(token), _errors])
     app[SIDECAR_KEY] = sidecar
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

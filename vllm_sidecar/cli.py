@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from vllm_sidecar.settings import SettingsError, SidecarSettings, load_settings
+from vllm_sidecar.settings import SettingsError, SidecarSettings, control_token, load_settings
 
 # flag -> dotted settings key
 _FLAGS: dict[str, tuple[str, type, str]] = {
@@ -98,8 +98,9 @@ async def serve(settings: SidecarSettings, ready: asyncio.Event | None = None) -
     from vllm_sidecar.app import create_app
     from vllm_sidecar.service import Sidecar
 
+    token = control_token(settings)
     sidecar = await Sidecar.open(settings)
-    runner = web.AppRunner(create_app(sidecar), access_log=None)
+    runner = web.AppRunner(create_app(sidecar, token), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
     await site.start()
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
+        control_token(settings)  # a named but empty token variable is an error now, not an open API
     except SettingsError as exc:
         print(f"loraroute sidecar: {exc}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_sidecar.errors import AdapterInvalid
-from vllm_sidecar.validation import MANIFEST_FILE, REQUIRED_FILES
+from vllm_sidecar.validation import MANIFEST_FILE, REQUIRED_FILES, in_folder
 
 FORMAT = 1
 VERSION_RE = re.compile(r"^[0-9a-f]{12}$")
@@ -76,11 +76,11 @@ class Manifest:
                            rank=int(data["rank"]) if data.get("rank") is not None else None,
                            base_model=data.get("base_model"), pushed_at=str(data.get("pushed_at") or ""))
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise AdapterInvalid(f"{where}{MANIFEST_FILE} is not a loraroute manifest; push the adapter again "
+            raise AdapterInvalid(f"{in_folder(where, MANIFEST_FILE)} is not a loraroute manifest; push the adapter again "
                                  "with `loraroute adapters push`", code="manifest") from None
         if not VERSION_RE.match(manifest.version) or manifest.version != version_of(files) \
                 or set(files) != set(REQUIRED_FILES):
-            raise AdapterInvalid(f"{where}{MANIFEST_FILE} is inconsistent (its version does not match its "
+            raise AdapterInvalid(f"{in_folder(where, MANIFEST_FILE)} is inconsistent (its version does not match its "
                                  "checksums, or files are missing); push the adapter again", code="manifest")
         return manifest
 

@@ -22,7 +22,14 @@ Strict: an unknown key is an error that names itself. Example (every key, with i
     ttl_s: 3.0
     heartbeat_s: 1.0
     load_on_ensure: true                # POST /adapters/{name}/ensure also loads into vLLM
+    fetch_timeout_s: 20.0               # no new store request for one adapter starts after this
+    load_timeout_s: 15.0                # one /v1/load_lora_adapter call into vLLM
+    control_token_env: null             # NAME of an env var holding the token the control API
+                                        # (ensure, refresh, /store, /adapters) requires
     log_level: info
+    warmup: {enabled: true, adapter: null, timeout_s: 60.0, retry_s: 5.0, attempts: 3}
+                                        # a LoRA request on every fresh engine before adapter
+                                        # requests are routed to it (docs/sidecar.md)
     kv_events: null                     # relay the pod's KV-cache events to the store, e.g.
                                         # {endpoint: "tcp://127.0.0.1:5557", replay_endpoint:
                                         #  "tcp://127.0.0.1:5558", topic: "", flush_interval_s: 0.005,
@@ -41,8 +48,13 @@ Strict: an unknown key is an error that names itself. Example (every key, with i
         secret_access_key_file: null
         session_token_file: null
         connect_timeout_s: 2.0
-        read_timeout_s: 30.0
+        read_timeout_s: 10.0
         max_attempts: 2
+
+An ensure answers within ``ensure_bound_s`` = fetch_timeout_s + max_attempts × (connect_timeout_s +
+read_timeout_s) (the store request under way when the fetch deadline passes) + load_timeout_s:
+59 s with these defaults, inside the gateway's ``ensure.timeout_s`` of 60 s (docs/config.md has
+the whole chain in one table).
 
 Environment: ``LORAROUTE_SIDECAR_<KEY>``, nested keys joined by ``__``
 (``LORAROUTE_SIDECAR_SOURCE__S3__BUCKET=adapters``); values are read as YAML, an empty one is
@@ -60,7 +72,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from podstate import check_store_url
+from podstate import check_store_url, redact_url
 from podstate.envconfig import EnvOverrideError, apply_env_overrides, set_path
 
 ENV_PREFIX = "LORAROUTE_SIDECAR_"
@@ -113,8 +125,13 @@ class S3Settings(_Strict):
     secret_access_key_file: str | None = None
     session_token_file: str | None = None
     connect_timeout_s: float = Field(2.0, gt=0)
-    read_timeout_s: float = Field(30.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0)
     max_attempts: int = Field(2, ge=1, le=10)
+
+    @property
+    def call_bound_s(self) -> float:
+        """The longest one S3 request can take, its retries included."""
+        return self.max_attempts * (self.connect_timeout_s + self.read_timeout_s)
 
 
 class KVEventsSettings(_Strict):
@@ -134,6 +151,22 @@ class KVEventsSettings(_Strict):
         if v is not None and "*" in v:
             raise ValueError("connect to the pod's address (tcp://127.0.0.1:5557), not a bind wildcard")
         return v
+
+
+class WarmupSettings(_Strict):
+    """The LoRA warm-up request sent to every fresh engine (``Sidecar.warm_up``): until it has
+    completed the pod is published ``lora_ready: false`` and gets no adapter request (an eager
+    vLLM compiles its LoRA kernels on the first one, ≈ 3.7 s). ``adapter``: the one to warm up
+    with (default: one vLLM has registered, else one on the pod's disk; with none at all there
+    is nothing to warm up and the pod is ready at once). A warm-up that fails is tried again
+    every ``retry_s``; after ``attempts`` failures the pod is made ready anyway (logged), so a
+    broken warm-up never keeps a serving pod out of traffic for good."""
+
+    enabled: bool = True
+    adapter: str | None = None
+    timeout_s: float = Field(60.0, gt=0)
+    retry_s: float = Field(5.0, gt=0)
+    attempts: int = Field(3, ge=1)
 
 
 class SourceSettings(_Strict):
@@ -174,8 +207,17 @@ class SidecarSettings(_Strict):
     ttl_s: float = Field(3.0, gt=0)
     heartbeat_s: float = Field(1.0, gt=0)
     load_on_ensure: bool = True
+    #: seconds after which no new store request for one adapter's fetch starts (the one under way
+    #: is bounded by the S3 client's own timeouts): a stalled store fails the ensure, not the client
+    fetch_timeout_s: float = Field(20.0, gt=0)
+    #: limit for one ``/v1/load_lora_adapter`` call
+    load_timeout_s: float = Field(15.0, gt=0)
+    #: name of an environment variable holding the token the control API requires (``Authorization:
+    #: Bearer``); never the token itself. Unset: the control API is open (loopback set-ups)
+    control_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: SourceSettings = SourceSettings()
+    warmup: WarmupSettings = WarmupSettings()
     kv_events: KVEventsSettings | None = None
 
     @field_validator("vllm_url", "advertise_url", "sidecar_url")
@@ -209,6 +251,13 @@ class SidecarSettings(_Strict):
         return base.rstrip("/").rsplit("/", 1)[-1]
 
     @property
+    def ensure_bound_s(self) -> float:
+        """The longest an ensure can take: the fetch deadline, the store request under way then,
+        the load into vLLM (compare the gateway's ``ensure.timeout_s``)."""
+        call = self.source.s3.call_bound_s if self.source.type == "s3" else 0.0
+        return self.fetch_timeout_s + call + self.load_timeout_s
+
+    @property
     def public_sidecar_url(self) -> str:
         if self.sidecar_url:
             return self.sidecar_url
@@ -216,8 +265,18 @@ class SidecarSettings(_Strict):
         return f"http://{host}:{self.listen.port}"
 
     def redacted(self) -> dict[str, Any]:
-        """Settings for logs and ``--check-config``: no secrets are ever in them, only file names."""
-        return self.model_dump(mode="json")
+        """Settings for logs and ``--check-config``: every URL without its user name and password
+        (``store.url`` may carry the Redis password); credentials are only ever named by file or
+        environment variable, never held here."""
+        out = self.model_dump(mode="json")
+        out["store"]["url"] = redact_url(self.store.url)
+        s3 = out["source"]["s3"]
+        if s3.get("endpoint_url"):
+            s3["endpoint_url"] = redact_url(s3["endpoint_url"])
+        for key in ("vllm_url", "advertise_url", "sidecar_url"):
+            if out.get(key):
+                out[key] = redact_url(out[key])
+        return out
 
 
 def _format_errors(exc: ValidationError) -> str:
@@ -276,6 +335,19 @@ def load_settings(
         return SidecarSettings.model_validate(data)
     except ValidationError as exc:
         raise SettingsError(_format_errors(exc)) from None
+
+
+def control_token(settings: SidecarSettings, env: Mapping[str, str] | None = None) -> str | None:
+    """The control API's token from the environment variable ``control_token_env`` names;
+    raises ``SettingsError`` when that variable is named but empty (a missing Secret must not
+    leave the API open)."""
+    if not settings.control_token_env:
+        return None
+    token = (env if env is not None else os.environ).get(settings.control_token_env, "").strip()
+    if not token:
+        raise SettingsError(f"control_token_env names {settings.control_token_env}, which is empty or unset; "
+                            "set it (the chart mounts it from the sidecar token Secret) or unset control_token_env")
+    return token
 
 
 def store_password(settings: SidecarSettings, env: Mapping[str, str] | None = None) -> str | None:

@@ -19,8 +19,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
+from podstate import redact_url
 from vllm_sidecar.errors import AdapterInvalid, AdapterNotFound, StoreUnreachable
 
 if TYPE_CHECKING:
@@ -89,15 +89,6 @@ class LocalSource:
         return size
 
 
-def _redact(url: str) -> str:
-    """The URL without user info, query or fragment (safe for messages)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 def _ssl_reason(exc: BaseException) -> str:
     text = str(exc)
     match = re.search(r"\[SSL: [A-Z_]+\][^(\]]*", text)
@@ -115,7 +106,7 @@ class S3Source:
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
         self.bucket = settings.bucket
-        self.endpoint = _redact(settings.endpoint_url) if settings.endpoint_url else "the AWS S3 endpoint"
+        self.endpoint = redact_url(settings.endpoint_url) if settings.endpoint_url else "the AWS S3 endpoint"
         self._client_obj: Any = None
 
     @property

@@ -189,23 +189,23 @@ def _check_config(
     try:
         data: Any = json.loads(raw)
     except UnicodeDecodeError:
-        found.add("malformed_json", f"{where}/{CONFIG_FILE} is not UTF-8 text; re-save it as JSON")
+        found.add("malformed_json", f"{in_folder(where, CONFIG_FILE)} is not UTF-8 text; re-save it as JSON")
         return None, None
     except json.JSONDecodeError as exc:
-        found.add("malformed_json", f"{where}/{CONFIG_FILE} is not valid JSON: {exc.msg} at line {exc.lineno} "
+        found.add("malformed_json", f"{in_folder(where, CONFIG_FILE)} is not valid JSON: {exc.msg} at line {exc.lineno} "
                   f"column {exc.colno}; fix the file (PEFT writes it with save_pretrained)")
         return None, None
     if not isinstance(data, dict):
-        found.add("malformed_json", f"{where}/{CONFIG_FILE} must be a JSON object, found {type(data).__name__}")
+        found.add("malformed_json", f"{in_folder(where, CONFIG_FILE)} must be a JSON object, found {type(data).__name__}")
         return None, None
     missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in data or data[k] is None]
     if missing:
-        found.add("missing_field", f"{where}/{CONFIG_FILE} lacks required field(s) {', '.join(missing)} "
+        found.add("missing_field", f"{in_folder(where, CONFIG_FILE)} lacks required field(s) {', '.join(missing)} "
                   "(vLLM: 'Missing required configuration fields'); add them as PEFT writes them, "
                   "e.g. \"r\": 16, \"lora_alpha\": 32, \"target_modules\": [\"q_proj\", \"v_proj\"]")
     peft_type = data.get("peft_type")
     if peft_type != "LORA":
-        found.add("peft_type", f"{where}/{CONFIG_FILE} has peft_type {peft_type!r}; vLLM serves only LoRA "
+        found.add("peft_type", f"{in_folder(where, CONFIG_FILE)} has peft_type {peft_type!r}; vLLM serves only LoRA "
                   "adapters (peft_type \"LORA\"); export the adapter as LoRA")
     config: AdapterConfig | None = None
     if not missing:
@@ -219,7 +219,7 @@ def _check_config(
                       f"(and the sidecar's max_lora_rank to match) or retrain the adapter with r <= {max_lora_rank}")
     declared = data.get("base_model_name_or_path")
     if base_model is not None and declared != base_model:
-        found.add("base_model_mismatch", f"{where}/{CONFIG_FILE} says base_model_name_or_path {declared!r} but "
+        found.add("base_model_mismatch", f"{in_folder(where, CONFIG_FILE)} says base_model_name_or_path {declared!r} but "
                   f"this pod serves {base_model!r} (vLLM's resolver compares them exactly); use an adapter "
                   f"trained for {base_model!r} or set base_model_name_or_path to {base_model!r} if it is "
                   "the same model")
@@ -243,11 +243,11 @@ def _typed_fields(data: dict[str, Any], where: str, found: _Findings) -> Adapter
         alpha = float(data["lora_alpha"])
         pattern = {str(k): int(v) for k, v in (data.get("rank_pattern") or {}).items()}
     except (TypeError, ValueError, AttributeError):
-        found.add("missing_field", f"{where}/{CONFIG_FILE}: r and lora_alpha must be numbers and rank_pattern "
+        found.add("missing_field", f"{in_folder(where, CONFIG_FILE)}: r and lora_alpha must be numbers and rank_pattern "
                   "a mapping of module to rank")
         return None
     if rank < 1:
-        found.add("missing_field", f"{where}/{CONFIG_FILE}: r must be a positive integer, found {rank}")
+        found.add("missing_field", f"{in_folder(where, CONFIG_FILE)}: r must be a positive integer, found {rank}")
         return None
     targets = data["target_modules"]
     if isinstance(targets, str):
@@ -255,7 +255,7 @@ def _typed_fields(data: dict[str, Any], where: str, found: _Findings) -> Adapter
     elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
         target_modules = tuple(targets)
     else:
-        found.add("missing_field", f"{where}/{CONFIG_FILE}: target_modules must be a non-empty list of module "
+        found.add("missing_field", f"{in_folder(where, CONFIG_FILE)}: target_modules must be a non-empty list of module "
                   "names (e.g. [\"q_proj\", \"v_proj\"]) or a regex string")
         return None
     declared = data.get("base_model_name_or_path")
@@ -286,22 +286,22 @@ def _read_header(path: Path, where: str, found: _Findings) -> tuple[dict[str, An
         with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                found.add("safetensors_header", f"{where}/{WEIGHTS_FILE} is {size} bytes, too short for a "
+                found.add("safetensors_header", f"{in_folder(where, WEIGHTS_FILE)} is {size} bytes, too short for a "
                           "safetensors file; re-upload it")
                 return None
             (length,) = struct.unpack("<Q", head)
             if length > min(size - 8, _MAX_HEADER):
-                found.add("safetensors_header", f"{where}/{WEIGHTS_FILE} header length {length} does not fit "
+                found.add("safetensors_header", f"{in_folder(where, WEIGHTS_FILE)} header length {length} does not fit "
                           f"in the {size}-byte file: the file is truncated or not safetensors (a PyTorch "
                           ".bin renamed?); save it with safetensors (PEFT's default)")
                 return None
             header = json.loads(f.read(length))
     except (ValueError, UnicodeDecodeError):
-        found.add("safetensors_header", f"{where}/{WEIGHTS_FILE} has an unreadable header (not JSON); the file "
+        found.add("safetensors_header", f"{in_folder(where, WEIGHTS_FILE)} has an unreadable header (not JSON); the file "
                   "is damaged or not safetensors; re-export it")
         return None
     if not isinstance(header, dict):
-        found.add("safetensors_header", f"{where}/{WEIGHTS_FILE} header is not a JSON object")
+        found.add("safetensors_header", f"{in_folder(where, WEIGHTS_FILE)} header is not a JSON object")
         return None
     return header, size - 8 - length
 
@@ -336,32 +336,32 @@ def _check_weights(path: Path, config: AdapterConfig | None, where: str, found: 
             shape = [int(d) for d in meta["shape"]]
             dtype = str(meta["dtype"])
         except (KeyError, TypeError, ValueError):
-            found.add("safetensors_header", f"{where}/{WEIGHTS_FILE}: tensor {name!r} has no valid "
+            found.add("safetensors_header", f"{in_folder(where, WEIGHTS_FILE)}: tensor {name!r} has no valid "
                       "dtype/data_offsets/shape; re-export the file")
             return None
         if not (0 <= begin <= end <= data_len):
-            found.add("safetensors_header", f"{where}/{WEIGHTS_FILE}: tensor {name!r} points outside the "
+            found.add("safetensors_header", f"{in_folder(where, WEIGHTS_FILE)}: tensor {name!r} points outside the "
                       f"file (bytes {begin}-{end} of {data_len}); the file is truncated, re-upload it")
             return None
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
         spans.append((begin, end))
         width = DTYPE_BYTES.get(dtype)
         if width is None:
-            found.add("safetensors_header", f"{where}/{WEIGHTS_FILE}: tensor {name!r} has dtype {dtype!r}, which "
+            found.add("safetensors_header", f"{in_folder(where, WEIGHTS_FILE)}: tensor {name!r} has dtype {dtype!r}, which "
                       f"safetensors does not define (known: {', '.join(sorted(DTYPE_BYTES))}); re-export the file")
         else:
             elements = 1
             for d in shape:
                 elements *= d
             if elements * width != end - begin:
-                found.add("safetensors_header", f"{where}/{WEIGHTS_FILE}: tensor {name!r} of shape {shape} and "
+                found.add("safetensors_header", f"{in_folder(where, WEIGHTS_FILE)}: tensor {name!r} of shape {shape} and "
                           f"dtype {dtype} needs {elements * width} bytes but occupies {end - begin}; the file is "
                           "damaged, re-export it")
         module = _module_of(name)
         if module is None:
             if "modules_to_save" in name:
                 continue
-            found.add("tensor_mismatch", f"{where}/{WEIGHTS_FILE} holds tensor {name!r}, which is not a LoRA "
+            found.add("tensor_mismatch", f"{in_folder(where, WEIGHTS_FILE)} holds tensor {name!r}, which is not a LoRA "
                       f"weight (no lora_A/lora_B in its name); vLLM refuses it ('{name} is unsupported LoRA "
                       "weight'): re-export the adapter with PEFT's save_pretrained")
             continue
@@ -380,14 +380,14 @@ def _check_weights(path: Path, config: AdapterConfig | None, where: str, found: 
             rank_mismatch.append(f"{name} has rank {shape[-1]}, config says {expected}")
     gap = _coverage_gap(spans, data_len)
     if gap:
-        found.add("safetensors_header", f"{where}/{WEIGHTS_FILE}: {gap} (the safetensors loader refuses such a "
+        found.add("safetensors_header", f"{in_folder(where, WEIGHTS_FILE)}: {gap} (the safetensors loader refuses such a "
                   "file); re-export or re-upload it")
     if not lora_tensors:
-        found.add("tensor_mismatch", f"{where}/{WEIGHTS_FILE} holds no lora_A/lora_B tensors; it is not a LoRA "
+        found.add("tensor_mismatch", f"{in_folder(where, WEIGHTS_FILE)} holds no lora_A/lora_B tensors; it is not a LoRA "
                   "adapter's weights (a merged model or the wrong file?)")
     if unmatched:
         listed = targets if isinstance(targets, str) else list(targets or ())
-        found.add("tensor_mismatch", f"{where}/{WEIGHTS_FILE} has tensors for modules not in target_modules "
+        found.add("tensor_mismatch", f"{in_folder(where, WEIGHTS_FILE)} has tensors for modules not in target_modules "
                   f"{listed}: {', '.join(unmatched[:3])}{' …' if len(unmatched) > 3 else ''}; vLLM would refuse "
                   "them ('expected target modules in ... but received ...'): fix target_modules in "
                   f"{CONFIG_FILE} or re-export the adapter")
@@ -476,6 +476,12 @@ def inspect_dir(
         out.weights = _check_weights(folder / WEIGHTS_FILE, out.config, where, found)
     out.problems.extend(found.problems)
     return out
+
+
+def in_folder(where: str, name: str) -> str:
+    """``name`` inside the folder ``where`` describes (``s3://b/adapters/sql/`` or a local path),
+    with exactly one slash between them."""
+    return f"{where.rstrip('/')}/{name}"
 
 
 def missing_file_error(where: str, required: str, present: list[str]) -> AdapterInvalid:

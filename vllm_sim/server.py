@@ -36,6 +36,7 @@ from .engine import Engine, Request
 from .kvevents import KVEventPublisher
 from .lora_cache import LoraRef
 from .metrics import MetricsRenderer
+from .sampling import check_ranges, check_types
 from .tokenizer import (
     apply_chat_template, count_bytes_tokens, detokenize, token_ids_to_bytes, tokenize, tokenize_bytes,
 )
@@ -243,10 +244,16 @@ class Pod:
         try:
             arrival = self.engine.wall_now()  # see Engine.add_request
             body = await self._parse(request)
+            invalid = check_types(body)  # pydantic's request model, before anything else
+            if invalid:
+                raise _bad_request_validation(invalid)
             lora, resolved = await self._check_model(body.get("model"))
             prompt = self._prompt(body, chat)
             num_prompt = max(1, count_bytes_tokens(prompt))
             max_tokens = self._max_tokens(body, chat, num_prompt)
+            out_of_range = check_ranges(body, max_tokens)  # SamplingParams._verify_args
+            if out_of_range is not None:
+                raise ApiError(400, out_of_range[0], "BadRequestError", out_of_range[1])
             n = body.get("n", 1)
             if n not in (1, None):
                 raise ApiError(400, "The simulator supports n=1 only.", "BadRequestError", "n")

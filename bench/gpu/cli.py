@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="expected start-up of one server for the budget (default 60 eager, 150 compiled)")
     hr.add_argument("--server-cmd", default=None, help="a server command template instead of vLLM")
     hr.add_argument("--server-timeout-s", type=float, default=600.0)
+    hr.add_argument("--threads-per-server", type=int, default=None,
+                    help="OMP/MKL threads of each server (default: the host's cores / servers)")
     hr.add_argument("--poll-cost-s", type=float, default=10.0)
     hr.add_argument("--probe-trials", type=int, default=2)
     hr.add_argument("--probe-rank", type=int, default=64)
@@ -201,7 +203,7 @@ def _host(args: argparse.Namespace, argv: list[str]) -> int:
         ramp_rates=tuple(float(x) for x in _csv(args.ramp_rates)), ramp_step_s=args.ramp_step_s,
         ramp_ttft_p90_s=args.ramp_ttft_p90_s, budget_s=args.budget_s, reserve_s=args.reserve_s, drain_s=args.drain_s,
         server_start_s=args.server_start_s, server_cmd=args.server_cmd,
-        server_timeout_s=args.server_timeout_s, poll_cost_s=args.poll_cost_s, probe_trials=args.probe_trials,
+        server_timeout_s=args.server_timeout_s, threads_per_server=args.threads_per_server, poll_cost_s=args.poll_cost_s, probe_trials=args.probe_trials,
         probe_rank=args.probe_rank, code_version=args.code_version)
     unknown = set(opts.phases) - set(PHASE_NAMES) or set(opts.policies) - set(POLICY_NAMES)
     if unknown:

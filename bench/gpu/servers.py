@@ -10,7 +10,8 @@
   ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` (load/unload routes and the filesystem resolver),
   ``VLLM_SERVER_DEV_MODE=1`` (``POST /reset_prefix_cache`` is a development route),
   ``VLLM_USE_FLASHINFER_SAMPLER=0`` (no FlashInfer import), ``HF_HUB_OFFLINE=1``,
-  ``TRANSFORMERS_OFFLINE=1``, ``VLLM_NO_USAGE_STATS=1``;
+  ``TRANSFORMERS_OFFLINE=1``, ``VLLM_NO_USAGE_STATS=1``, and ``OMP_NUM_THREADS`` /
+  ``MKL_NUM_THREADS`` = the host's cores / servers (``threads``);
 - a template (``--server-cmd``, for tests and other engines): placeholders ``{python} {model}
   {served} {port} {adapter_dir} {max_loras} {max_cpu_loras} {max_lora_rank} {gpu_mem}
   {max_model_len}``, same environment.
@@ -57,6 +58,7 @@ class ServerLaunch:
     compiled: bool = False
     template: str | None = None
     python: str = sys.executable
+    threads: int | None = None                 # OMP / MKL threads (None: the library defaults)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def argv(self, port: int, adapter_dir: Path) -> list[str]:
@@ -79,7 +81,9 @@ class ServerLaunch:
         return {
             "VLLM_LORA_RESOLVER_CACHE_DIR": str(adapter_dir), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_SERVER_DEV_MODE": "1", "VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **self.extra_env,
+            "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+            **({"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else {}),
+            **self.extra_env,
         }
 
 

@@ -32,6 +32,10 @@ PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 MAP = {"type": "object"}
 LIST = {"type": "array"}
 STRMAP = {"type": "object", "additionalProperties": {"type": "string"}}
+#: a tenant's limits (gateway/config.py TenantLimits)
+LIMITS = {"type": "object", "additionalProperties": False, "properties": {
+    k: {"type": ["integer", "null"], "minimum": 1}
+    for k in ("requests_per_minute", "prompt_tokens_per_minute", "concurrent_requests")}}
 ENV = {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {"name": S}}}
 QTY = {"type": ["string", "integer", "number"]}
 RES = obj({"requests": {"type": "object", "additionalProperties": QTY},
@@ -59,6 +63,8 @@ schema = obj({
         "nodeSelector": STRMAP, "tolerations": TOL, "affinity": MAP,
         "podAnnotations": STRMAP, "podLabels": STRMAP, "extraEnv": ENV,
         "terminationGracePeriodSeconds": I0, "rolloutOnConfigChange": B,
+        "drain": obj({"preStopSeconds": I0, "graceSeconds": {"type": "number", "minimum": 0},
+                      "deadlineSeconds": {"type": "number", "minimum": 0}}),
         "probes": obj({"readiness": PROBE, "liveness": PROBE}),
         "service": obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "port": PORT,
                         "annotations": STRMAP}),
@@ -72,10 +78,12 @@ schema = obj({
                          "roles": {"type": "array", "minItems": 1,
                                    "items": {"enum": ["viewer", "operator", "approver"]}},
                          "digests": {"type": "array", "items": DIGEST}}, ["name", "roles"])},
-                     "tenantKeyDigests": {"type": "object", "additionalProperties": {"type": "array", "items": DIGEST}}}),
+                     "tenantKeyDigests": {"type": "object", "additionalProperties": {"type": "array", "items": DIGEST}},
+                     "metricsAuth": B, "metricsKeyDigests": {"type": "array", "items": DIGEST}}),
         "config": obj({
-            # chart-owned keys (discovery, store, admin, server.host/port) are refused here
-            "server": {"type": "object", "not": {"anyOf": [{"required": ["host"]}, {"required": ["port"]}, {"required": ["log_level"]}]}},
+            # chart-owned keys (discovery, store, admin, server.host/port/log_level/drain) are refused here
+            "server": {"type": "object", "not": {"anyOf": [{"required": ["host"]}, {"required": ["port"]},
+                                                          {"required": ["log_level"]}, {"required": ["drain"]}]}},
             "bases": {"type": "array", "items": obj({
                 "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$"},
                 "served_name": S, "aliases": {"type": "array", "items": S},
@@ -88,9 +96,11 @@ schema = obj({
             "tenants": {"type": "array", "items": obj({
                 "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$"},
                 "adapters": {"type": "array", "items": {"type": "string", "minLength": 1}},
-                "base_models": B}, ["name"])},
+                "base_models": B, "limits": LIMITS}, ["name"])},
             "pipeline": {"type": ["string", "object"]},
             "ensure": MAP, "metrics": MAP, "placement": MAP, "sharing": MAP, "changes": MAP,
+            "limits": obj({"default": LIMITS, "sync_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 10}}),
+            "security": obj({"conceal_forbidden": B}),
         }),
     }),
     "discovery": obj({"mode": {"enum": ["kubernetes", "redis"]}, "labelSelector": S, "namespace": S}),
@@ -128,6 +138,7 @@ schema = obj({
         "adapterDir": {"type": "string", "pattern": "^/"}, "adapterDirSizeLimit": QTY,
         "diskBudgetBytes": I1, "pollIntervalSeconds": {"type": "number", "exclusiveMinimum": 0},
         "extraEnv": ENV,
+        "controlToken": obj({"enabled": B, "existingSecret": S, "key": {"type": "string", "minLength": 1}}),
         "s3": obj({"endpoint": {"type": "string", "pattern": "^(|https?://.+)$"},
                    "bucket": {"type": "string", "minLength": 1}, "region": S,
                    "layout": {"type": "string", "pattern": "\\{adapter\\}"},
@@ -146,7 +157,8 @@ schema = obj({
     "networkPolicy": obj({"enabled": B, "gatewayFrom": {"type": "array", "items": MAP},
                           "metricsFrom": {"type": "array", "items": MAP}}),
     "monitoring": obj({
-        "serviceMonitor": obj({"enabled": B, "interval": S, "labels": STRMAP}),
+        "serviceMonitor": obj({"enabled": B, "interval": S, "labels": STRMAP,
+                               "bearerTokenSecret": obj({"name": S, "key": S})}),
         "podMonitor": obj({"enabled": B, "interval": S, "labels": STRMAP}),
         "dashboard": obj({"enabled": B, "labels": STRMAP, "annotations": STRMAP}),
     }),

@@ -296,8 +296,8 @@ class EstimatedTTFT(Scorer):
         """The features of the observation a dispatch of ``request`` to ``view`` will make (the
         uncached tokens are filled in by the pipeline once the prefix index has matched)."""
         tier = _CLASS[code // 3]
-        if code in _DEFERRED_CODES and view.num_deferred:
-            tier = None  # the pod defers requests: this one waits for a slot, which the model does not see
+        if code in _DEFERRED_CODES:
+            tier = None  # every GPU slot is busy: the request waits for one, which the features do not see
         r = rank if rank is not None else self.params["default_rank"]
         return Ticket(view.group, tier, request.adapter.name is not None, r, max(0.0, self.queue_s(view, now)))
 

@@ -1,6 +1,9 @@
 """Filter ``healthy-fresh``: drop pods that are unhealthy or whose state is too old to trust.
 
-Formula: keep pod p iff ``p.healthy`` and ``now − p.observed_at ≤ max_age_s``.
+Formula: keep pod p iff ``p.healthy`` and ``state_now − p.observed_at ≤ max_age_s``, where
+``state_now`` is the pick's clock, or the moment the caller's view was last refreshed when that
+is earlier (``PickContext.state_now``: the gateway's state store is unreachable, and the last
+view must not age meanwhile).
 
 Parameters:
   max_age_s (float, default 2.0, > 0): oldest acceptable observation, in seconds. The sidecars
@@ -31,7 +34,7 @@ class HealthyFresh(Filter):
         self._memo: tuple[list[PodView], float, float, list[PodView]] | None = None
 
     def filter(self, views: list[PodView], ctx: PickContext) -> list[PodView]:
-        now = ctx.now
+        now = ctx.state_now
         m = self._memo
         if m is not None and m[0] is views and m[1] <= now < m[2]:
             return m[3]

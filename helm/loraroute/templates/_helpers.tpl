@@ -269,6 +269,7 @@ imagePullSecrets:
         secretKeyRef: {name: {{ .Values.sidecar.s3.existingSecret }}, key: AWS_DEFAULT_REGION, optional: true}
 {{- end }}
     {{- include "loraroute.redisPasswordEnv" . | nindent 4 }}
+    {{- include "loraroute.sidecarTokenEnv" . | nindent 4 }}
 {{- if $ca }}
     - name: SSL_CERT_FILE
       value: {{ $ca | quote }}
@@ -341,4 +342,25 @@ imagePullSecrets:
     items: [{key: {{ $ctx.Values.sidecar.caBundle.key }}, path: {{ $ctx.Values.sidecar.caBundle.key }}}]
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* The sidecars' control token: the Secret holding it (name key), when it is required. */}}
+{{- define "loraroute.sidecarTokenSecret" -}}
+{{- if .Values.sidecar.controlToken.enabled -}}
+{{- printf "%s %s" (default (printf "%s-sidecar-token" (include "loraroute.fullname" .)) .Values.sidecar.controlToken.existingSecret) .Values.sidecar.controlToken.key -}}
+{{- end -}}
+{{- end -}}
+
+{{/* LORAROUTE_CONTROL_TOKEN from that Secret (the gateway's and the sidecar's containers; not
+     LORAROUTE_SIDECAR_*: the sidecar reads that prefix as its own settings). */}}
+{{- define "loraroute.sidecarTokenEnv" -}}
+{{- $s := include "loraroute.sidecarTokenSecret" . -}}
+{{- if $s -}}
+{{- $parts := splitList " " $s -}}
+- name: LORAROUTE_CONTROL_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ index $parts 0 }}
+      key: {{ index $parts 1 }}
+{{- end -}}
 {{- end -}}
