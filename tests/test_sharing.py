@@ -19,7 +19,7 @@ from bench.workload import load_spec
 from loraroute.services import restart_redis
 from scorer.costmodel import C_GPU, Observation
 from scorer.model import AdapterRef, PodState, RoutingRequest
-from scorer.pipeline import build_pipeline
+from scorer.build import build_pipeline
 from scorer.sharing import Peer, PodFigures, merge_costs, merge_figures, own_cost_stats, own_figures
 
 NOW = 1_000_000.0
