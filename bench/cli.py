@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--spread", choices=("per-connection", "per-request"), default="per-connection",
                    help="how the client spreads requests over replicas, as a Service would: round-robin "
                         "per new connection (default, kube-proxy IPVS) or per request")
+    r.add_argument("--no-sharing", action="store_true",
+                   help="replicas do not share routing state (sharing.enabled: false; label +unshared)")
     r.add_argument("--placement", action="store_true",
                    help="with the placer and the placement-plan scorer (policies only); the store is seeded "
                         "with yesterday's demand first, so a cold cluster is warmed before the replay")
@@ -101,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the latency phase (default 5)")
     o.add_argument("--baseline-tree", type=Path, default=None,
                    help="another loraroute checkout whose gateway runs as one more interleaved target (A/B)")
+    o.add_argument("--sharing-ab", action="store_true",
+                   help="two more targets on one Redis: shared routing state on (with an idle peer) and off")
 
     pe = sub.add_parser("peers", help="install or list the peer routers")
     pe_sub = pe.add_subparsers(dest="peers_cmd", required=True)
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     print(f"skipping peer {name}: {reason}", file=sys.stderr)
         elif args.policy:
-            targets = [Target("policy", args.policy, args.replicas, args.spread, placement=args.placement)]
+            targets = [Target("policy", args.policy, args.replicas, args.spread, placement=args.placement,
+                              sharing=not args.no_sharing)]
         elif args.peer:
             targets = [Target("peer", args.peer)]
         else:
@@ -224,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         path = run_overhead(OverheadOptions(
             requests=args.requests, peers=args.peers, p99_bound_ms=args.p99_bound_ms, rates=rates,
             rate_duration_s=args.rate_duration, out=args.out, rounds=args.rounds,
-            baseline_tree=args.baseline_tree.resolve() if args.baseline_tree else None))
+            baseline_tree=args.baseline_tree.resolve() if args.baseline_tree else None,
+            sharing_ab=args.sharing_ab))
         print(path)
         return 0
     if args.cmd == "peers":

@@ -50,13 +50,16 @@ class Target:
     as through a Service (``spread``: see ``bench.client.Spreader``); the label then reads
     ``default-x4`` (per-connection) or ``default-x4-req`` (per-request). ``placement`` (policies
     only) runs the placer and the placement-plan scorer (``bench.placement``); the label gains
-    ``+placement``."""
+    ``+placement``. ``sharing`` False (policies only) turns the replicas' shared routing state off
+    (``sharing.enabled: false``, each replica routes on what it alone has seen); the label gains
+    ``+unshared``."""
 
     kind: str
     name: str
     replicas: int = 1
     spread: str = "per-connection"
     placement: bool = False
+    sharing: bool = True
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -71,7 +74,8 @@ class Target:
         base = self.name if self.kind == "policy" else f"{self.kind}:{self.name}"
         if self.replicas > 1:
             base += f"-x{self.replicas}" + ("-req" if self.spread == "per-request" else "")
-        return f"{base}+placement" if self.placement else base
+        base = f"{base}+placement" if self.placement else base
+        return base if self.sharing or self.kind != "policy" else f"{base}+unshared"
 
     @classmethod
     def parse(cls, label: str) -> Target:
@@ -80,7 +84,10 @@ class Target:
         if label == "direct":
             return cls("direct", "direct")
         name = label.removeprefix("policy:")
-        return cls("policy", name.removesuffix("+placement"), placement=name.endswith("+placement"))
+        sharing = not name.endswith("+unshared")
+        name = name.removesuffix("+unshared")
+        return cls("policy", name.removesuffix("+placement"), placement=name.endswith("+placement"),
+                   sharing=sharing)
 
 
 def make_adapters(spec: WorkloadSpec, root: Path) -> Path:

@@ -19,6 +19,10 @@ peer (``bench.peers``). Requests: a short chat prompt (about 60 tokens) for adap
    requests it served.
    ``--baseline-tree DIR`` adds a second gateway run from another checkout (e.g. a ``git worktree``
    of an older commit) as one more interleaved target: an A/B of two versions in one run.
+   ``--sharing-ab`` adds two more, both on one Redis (their own key prefixes): shared routing
+   state on — with a second, idle replica on its prefix, so the merge and the peer's heartbeats
+   are paid — and off: the cost of the sharing itself (``sharing_ops_per_request`` from the
+   gateway's ``loraroute_sharing_store_ops_total``).
 2. Throughput: non-streaming requests open-loop (Poisson) at each offered rate in ``rates`` for
    ``rate_duration_s`` seconds; a rate is sustained when every request succeeds, the achieved
    completion rate is ≥ 90 % of the offered one (Poisson counts vary) and p99 latency ≤ ``p99_bound_ms``. Stops at the
@@ -47,9 +51,10 @@ import aiohttp
 from bench import peers as peers_mod
 from bench.cluster import BenchCluster
 from bench.procstats import CpuMeter
-from bench.runner import code_version
+from bench.runner import code_version, sharing_ops
 from bench.stats import percentile
 from bench.workload import AdapterSpec, ClusterSpec, WorkloadSpec
+from loraroute.services import start_redis
 
 MODES = ("non-streaming", "streaming-ttft", "streaming")
 WARMUP = 20
@@ -67,6 +72,7 @@ class OverheadOptions:
     progress: bool = True
     rounds: int = 5
     baseline_tree: Path | None = None
+    sharing_ab: bool = False
 
 
 @dataclass
@@ -251,6 +257,20 @@ def idle_cpu_s(pids: dict[str, int]) -> dict[str, float]:
     return {name: used[name]["cpu_s"] for name in pids}
 
 
+def _sharing_targets(cl: BenchCluster, model: str) -> list[TargetEndpoint]:
+    """Two gateways on one Redis, sharing on (with an idle peer replica) and off."""
+    redis = start_redis(log_dir=cl.log_dir)
+    cl.procs.append(redis)
+    url = str(redis.extra["url"])
+    out = []
+    for label, prefix, enabled in (("sharing on", "ab-on", True), ("sharing off", "ab-off", False)):
+        g = cl.start_gateway("default", name=f"gateway-{prefix}", extra={
+            "store": {"url": url, "key_prefix": prefix}, "sharing": {"enabled": enabled}})
+        out.append(TargetEndpoint(f"loraroute (default, redis, {label})", g.url, model, pid=g.popen.pid))
+    cl.start_gateway("default", name="gateway-ab-peer", extra={"store": {"url": url, "key_prefix": "ab-on"}})
+    return out
+
+
 def run_overhead(opts: OverheadOptions) -> Path:
     spec = overhead_spec()
     work = Path(tempfile.mkdtemp(prefix="loraroute-overhead-"))
@@ -272,6 +292,8 @@ def run_overhead(opts: OverheadOptions) -> Path:
                 label = code_version(opts.baseline_tree) or str(opts.baseline_tree)
                 targets.append(TargetEndpoint(f"loraroute (default, baseline {label})", base.url, model,
                                               pid=base.popen.pid))
+            if opts.sharing_ab:
+                targets += _sharing_targets(cl, model)
             for name in _peer_names(opts.peers):
                 ok, reason = peers_mod.peer_available(name)
                 if not ok:
@@ -290,8 +312,10 @@ def run_overhead(opts: OverheadOptions) -> Path:
             idle_before = idle_cpu_s(pids)
             meter = CpuMeter(pids)
             meter.start()
+            ops_before = {t.name: sharing_ops([t.url]) for t in targets if "sharing on" in t.name}
             samples = asyncio.run(sequential(targets, opts.requests, opts.progress, opts.rounds))
             cpu = meter.stop()
+            ops_after = {t.name: sharing_ops([t.url]) for t in targets if "sharing on" in t.name}
             idle_after = idle_cpu_s(pids)
             served = 2 * (WARMUP + opts.rounds * max(1, opts.requests // opts.rounds))
             wall = cpu["machine"]["wall_s"]
@@ -306,6 +330,9 @@ def run_overhead(opts: OverheadOptions) -> Path:
                          "errors": int(samples[t.name].get("errors", [[0]])[0][0]),
                          "cpu_us_per_request": (round(1e6 * max(0.0, used["cpu_s"] - idle_s) / served, 1)
                                                 if "cpu_s" in used else None)}
+                if t.name in ops_after:
+                    got, had = ops_after[t.name] or {}, ops_before[t.name] or {}
+                    entry["sharing_ops_per_request"] = round((got.get("ops", 0.0) - had.get("ops", 0.0)) / served, 3)
                 doc["targets"].append(entry)
             doc["meta"]["machine_busy_pct"] = cpu["machine"]["busy_pct"]
             doc["meta"]["rounds"] = opts.rounds

@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,6 +272,8 @@ def _start_router(cluster: BenchCluster, target: Target,
             extras = [placement_mod.gateway_settings(target.name, opts, demand_file, i)
                       for i in range(target.replicas)]
             ready_timeout = 300.0  # the warm-up of every pod before it takes traffic
+        if not target.sharing:
+            gateway_extra = {**(gateway_extra or {}), "sharing": {"enabled": False}}
         if gateway_extra:
             extras = [{**(extras[i] if extras else {}), **gateway_extra} for i in range(target.replicas)]
         procs = cluster.start_gateways(target.name, target.replicas, extras, ready_timeout)
@@ -380,10 +383,12 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
         meter = CpuMeter({**cl.pids(), "client": os.getpid()}, own_only={"client"})
         meter.start()
         t0 = time.monotonic()
+        ops_before = sharing_ops(urls) if target.kind == "policy" else None
         with opts.observer(urls) if opts.observer is not None else contextlib.nullcontext():
             results: list[RequestResult] = asyncio.run(replay(trace, _replay_cfg(urls, target, spec, opts, label, key)))
         wall = time.monotonic() - t0
         cpu = meter.stop()
+        ops_after = sharing_ops(urls) if target.kind == "policy" else None
         states = {}
         for pod in cl.pods:
             try:
@@ -413,7 +418,8 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
             "cluster": spec.to_dict()["cluster"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "code_version": code_version(),
             "sim_disk_loads": {"before": loads_before, "replay": loads_after - loads_before},
-            "placement": opts.placement.to_dict() if target.placement else None, **opts.extra_meta,
+            "placement": opts.placement.to_dict() if target.placement else None,
+            "sharing": _sharing_meta(ops_before, ops_after, len(rows)), **opts.extra_meta,
         },
         "requests": rows,
     }
@@ -422,6 +428,35 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
     if report is not None:
         doc["placement"] = placement_mod.placement_summary(doc, report, mono_offset, t0)
     return doc
+
+
+def sharing_ops(urls: list[str]) -> dict[str, float] | None:
+    """The replicas' ``loraroute_sharing_*`` counters summed (None when sharing is off), from
+    their /metrics."""
+    names = {"loraroute_sharing_store_ops_total": "ops",
+             'loraroute_sharing_messages_total{direction="published"}': "published",
+             'loraroute_sharing_messages_total{direction="received"}': "received"}
+    out: dict[str, float] = {}
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name in names:
+                out[names[name]] = out.get(names[name], 0.0) + float(value)
+    return out or None
+
+
+def _sharing_meta(before: dict[str, float] | None, after: dict[str, float] | None,
+                  requests: int) -> dict[str, float] | None:
+    """Store operations and messages of the shared routing state during the replay."""
+    if before is None or after is None:
+        return None
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    return {**d, "ops_per_request": round(d.get("ops", 0.0) / requests, 3) if requests else None}
 
 
 def _replica_counts(rows: list[dict[str, Any]], replicas: int) -> list[int]:

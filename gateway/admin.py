@@ -3,9 +3,11 @@
 - ``GET /admin/decisions?limit=N`` — newest first: picked pod, each candidate's total and
   per-scorer scores, filtered pods with the filter that removed them, attempts, status.
 - ``GET /admin/pods`` — every discovered pod: endpoint, routable or not, in-flight count, the
-  pipeline's own per-pod state (``router``: in-flight tokens, incoming adapters, prefix blocks), PodState;
-  and ``store``: whether the state store is reachable and, during an outage, how the gateway
-  routes meanwhile (``gateway.store_watch``).
+  pipeline's own per-pod state (``router``: in-flight tokens, the other replicas' in flight,
+  incoming adapters, prefix blocks), PodState; ``store``: whether the state store is reachable
+  and, during an outage, how the gateway routes meanwhile (``gateway.store_watch``); with shared
+  routing state, ``sharing`` (this replica's name, the peers that count and their age in ms,
+  store operations).
 - ``GET /admin/model`` — the learned cost model (``scorer.costmodel``): per pod group the
   constants in force, their defaults, the pins, observations and residual scales, and which pods
   are in each group.
@@ -70,7 +72,10 @@ def admin_router(gw: Gateway) -> APIRouter:
                 "router": local.get(pod_id),
                 "state": state.to_dict() if state else None,
             })
-        return {"object": "list", "data": data, "store": gw.store_watch.describe(now)}
+        out: dict[str, Any] = {"object": "list", "data": data, "store": gw.store_watch.describe(now)}
+        if gw.sharing is not None:
+            out["sharing"] = gw.sharing.describe()
+        return out
 
     @router.get("/model")
     async def model(request: Request) -> dict[str, Any]:

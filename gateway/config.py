@@ -439,6 +439,29 @@ class StoreConfig(_Strict):
         return check_store_url(v)
 
 
+class SharingConfig(_Strict):
+    """Routing state shared between gateway replicas through a ``redis://`` store (in flight,
+    pending prefill, adapters just sent, the learned cost model; gateway/sharing.py). Inert with
+    ``memory://``; while the store is unreachable every replica routes on its own state."""
+
+    enabled: bool = True
+    #: how often this replica publishes its own figures (only when they changed, else a heartbeat
+    #: every stale_ms / 3)
+    publish_ms: float = Field(15.0, ge=1.0, le=1000.0)
+    #: a peer's figures older than this count for nothing
+    stale_ms: float = Field(250.0, ge=10.0, le=60_000.0)
+    #: how often the cost model's statistics are published
+    costs_ms: float = Field(1000.0, ge=50.0, le=600_000.0)
+    #: this replica's name among its peers ("" : host name and process id)
+    replica_id: str = ""
+
+    @model_validator(mode="after")
+    def _order(self) -> SharingConfig:
+        if self.stale_ms < 2 * self.publish_ms:
+            raise ValueError(f"stale_ms ({self.stale_ms}) must be at least twice publish_ms ({self.publish_ms})")
+        return self
+
+
 class EnsureConfig(_Strict):
     """Ask a pod's sidecar to materialise an adapter before forwarding, when the pod's PodState
     does not list it on GPU, in CPU, on disk or loading."""
@@ -494,6 +517,7 @@ class GatewayConfig(_Strict):
     admin: AdminConfig = AdminConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
     store: StoreConfig = StoreConfig()
+    sharing: SharingConfig = SharingConfig()
     #: a preset name (``default``, ``llm-d``, ``round-robin``, ``random``, ``least-loaded``) or a
     #: full pipeline dict; passed unchanged to ``scorer.build.build_pipeline``
     pipeline: str | dict[str, Any] = "default"

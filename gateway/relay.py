@@ -25,8 +25,10 @@ from gateway.errors import APIError
 from gateway.exchange import Exchange, Send
 from gateway.failures import StreamBroken, UpstreamFailure
 from gateway.service import Gateway
+from gateway.sharing import StateSharing
 from gateway.upstream import Reply
 from scorer.model import Decision
+from scorer.sharing import peer_inflight
 
 log = logging.getLogger("loraroute.gateway")
 
@@ -38,12 +40,16 @@ _JSON = b"application/json"
 EXPLAIN_HEADER_MAX = 16
 
 
-def explain_header(decision: Decision, state_note: str | None = None) -> bytes:
+def explain_header(decision: Decision, state_note: str | None = None, sharing: StateSharing | None = None) -> bytes:
     """The decision as compact JSON; ``state_note`` (``"state"``) says when it was made on a
-    degraded view (the state store unreachable)."""
+    degraded view (the state store unreachable); with shared routing state also ``sharing``: the
+    peers that counted (replica -> age in ms) and the requests they have in flight per pod."""
     data = decision.explain()
     if state_note:
         data["state"] = state_note
+    if sharing is not None:
+        data["sharing"] = {"peers": sharing.describe()["peers"],
+                           "peer_inflight": dict(peer_inflight(sharing.local()))}
     cands, filtered = data["candidates"], data["filtered"]
     if len(cands) > EXPLAIN_HEADER_MAX:
         data["candidates"] = cands[:EXPLAIN_HEADER_MAX]
@@ -78,7 +84,7 @@ async def send_reply(gw: Gateway, ex: Exchange, send: Send, reply: Reply, first:
         (b"x-loraroute-pod", pod.encode("latin-1")),
     ]
     if ex.explain:
-        headers.append((b"x-loraroute-explain", explain_header(ex.decision, ex.record.state_note)))
+        headers.append((b"x-loraroute-explain", explain_header(ex.decision, ex.record.state_note, gw.sharing)))
     rid = reply.headers.get("x-request-id")
     if rid:
         headers.append((b"x-request-id", rid.encode("latin-1")))

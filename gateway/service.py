@@ -40,6 +40,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.placement_metrics import PlacementCollector
 from gateway.placer import Placer
 from gateway.policy import AccessPolicy
+from gateway.sharing import SharingCollector, StateSharing
 from gateway.sidecars import sidecar_auth
 from gateway.store_watch import StoreCollector, StoreWatch
 from gateway.suspects import Suspects
@@ -172,6 +173,12 @@ class Gateway:
                                                           label=self._demand_label))
         self.metrics.registry.register(StoreCollector(self.store_watch))
         self.metrics.registry.register(LimitsCollector(self.limiter))
+        #: routing state shared with the other replicas (None: memory:// or ``sharing.enabled`` off)
+        self.sharing: StateSharing | None = None
+        if config.sharing.enabled and config.store.url.startswith(("redis://", "rediss://")):
+            self.sharing = StateSharing(config.store.url, config.sharing, lambda: self.runtime.pipeline.local,
+                                        key_prefix=config.store.key_prefix)
+        self.metrics.registry.register(SharingCollector(lambda: self.sharing))
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -195,6 +202,8 @@ class Gateway:
             await self.placer.start()
         self.store_watch.start()
         self.limiter.start()
+        if self.sharing is not None:
+            self.sharing.start()
         self.ready = True
 
     async def close(self) -> None:
@@ -208,6 +217,8 @@ class Gateway:
             self._watch_task = None
         if self.placer is not None:
             await self.placer.close()
+        if self.sharing is not None:
+            await self.sharing.close()
         for pod_id in list(self._monitors):
             await self._stop_monitor(pod_id)
         with contextlib.suppress(Exception):
@@ -388,6 +399,7 @@ class Gateway:
                 ("server.host", old.config.server.host, new.server.host),
                 ("server.port", old.config.server.port, new.server.port),
                 ("store", (old.config.store.url, old.config.store.key_prefix), (new.store.url, new.store.key_prefix)),
+                ("sharing", old.config.sharing, new.sharing),
                 ("discovery.kubernetes", old.config.discovery.kubernetes, new.discovery.kubernetes),
                 ("metrics.latency_buckets", old.config.metrics.latency_buckets, new.metrics.latency_buckets),
                 ("server.pool_per_pod", old.config.server.pool_per_pod, new.server.pool_per_pod),

@@ -245,6 +245,10 @@ class CostFit:
         self._pinned = np.array([n in settings.pin or n in unused for n in NAMES])
         self._A = np.zeros((D, D))
         self._b = np.zeros(D)
+        # the other gateway replicas' statistics of this group, summed (scorer.sharing); the fit
+        # solves the pooled system, so every replica learns from every replica's observations
+        self._peer_A = np.zeros((D, D))
+        self._peer_b = np.zeros(D)
         self._theta = self._theta0.copy()
         self._sigma = [0.05, 0.05, 0.1, 0.1]   # running residual scale per tier class, seconds
         self.counts = [0.0] * 4                # decayed observation count per tier class
@@ -308,10 +312,11 @@ class CostFit:
         free = ~self._pinned
         ts = t0s.copy()
         if free.any():
-            A = self._A[np.ix_(free, free)] + rho * np.eye(int(free.sum()))
-            rhs = self._b[free] + rho * t0s[free]
+            AA = self._A + self._peer_A
+            A = AA[np.ix_(free, free)] + rho * np.eye(int(free.sum()))
+            rhs = (self._b + self._peer_b)[free] + rho * t0s[free]
             if self._pinned.any():
-                rhs -= self._A[np.ix_(free, self._pinned)] @ t0s[self._pinned]
+                rhs -= AA[np.ix_(free, self._pinned)] @ t0s[self._pinned]
             try:
                 ts[free] = np.linalg.solve(A, rhs)
             except np.linalg.LinAlgError:
@@ -323,6 +328,23 @@ class CostFit:
         self.constants = CostConstants.from_theta(theta, self.prior, self._version)
         return self.constants
 
+    def own_stats(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """This fit's own sufficient statistics (A, b) and its decayed observation count: what a
+        replica publishes to the others (copies)."""
+        return self._A.copy(), self._b.copy(), float(sum(self.counts))
+
+    @property
+    def has_peer_stats(self) -> bool:
+        return bool(self._peer_A.any())
+
+    def set_peer_stats(self, A: np.ndarray, b: np.ndarray) -> None:
+        """Install the peers' summed statistics and refit (zeros: learn alone again)."""
+        if A.shape != (D, D) or b.shape != (D,) or not (np.isfinite(A).all() and np.isfinite(b).all()):
+            return
+        self._peer_A = A
+        self._peer_b = b
+        self.refit()
+
     def snapshot(self) -> dict[str, object]:
         """The learned constants with the evidence behind them (admin API, metrics)."""
         return {
@@ -330,6 +352,7 @@ class CostFit:
             "defaults": CostConstants.from_theta(self._theta0, self.prior, 0).as_dict(),
             "pinned": sorted(self.settings.pin),
             "observations": self.observed,
+            "peer_weight": round(float(self._peer_A[0, 0]), 1),  # the peers' decayed, weighted count
             "rejected": self.rejected,
             "recent_by_tier": {CLASS_NAMES[k]: round(v, 1) for k, v in enumerate(self.counts)},
             "residual_scale_s": {CLASS_NAMES[k]: round(v, 6) for k, v in enumerate(self._sigma)},
@@ -359,12 +382,16 @@ class CostLearner:
     def observe(self, group: str, obs: Observation) -> None:
         if not self.settings.enabled:
             return
+        self.fit_for(group).observe(obs)
+
+    def fit_for(self, group: str) -> CostFit:
+        """The fit of ``group``, created (at the defaults) when it has none yet."""
         fit = self.fits.get(group)
         if fit is None:
             fit = self.fits[group] = CostFit(self.prior, self.settings)
             while len(self.fits) > MAX_GROUPS:
                 self.fits.popitem(last=False)
-        fit.observe(obs)
+        return fit
 
     def reconfigure(self, prior: CostPrior, settings: LearnSettings) -> CostLearner:
         """The learner for a reloaded config: keeps what was learned when the prior and settings

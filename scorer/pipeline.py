@@ -176,7 +176,7 @@ class Pipeline:
             local.expire_due(now)  # once per pick, before any plugin reads a placement
         views = local.views_of(pods)
         ctx = PickContext(request, now, local.prefix, local.sessions, local.picks, local.kv, local.plan, local.costs,
-                          state_as_of)
+                          state_as_of, local.shared)
         filtered: dict[str, str] = {}
         for fname, flt in self.filters:
             if not views:
@@ -293,21 +293,24 @@ class Pipeline:
     def inflight(self, pod_id: str) -> tuple[int, int]:
         """(requests, tokens) this router has in flight on ``pod_id``."""
         loc = self._local.pods.get(pod_id)
-        return (loc.inflight, loc.inflight_tokens) if loc is not None else (0, 0)
+        return (loc.own_inflight, loc.own_tokens) if loc is not None else (0, 0)
 
     def inflight_counts(self) -> dict[str, int]:
         """Requests this router has in flight, per pod it has dispatched to (for metrics)."""
-        return {pod_id: loc.inflight for pod_id, loc in self._local.pods.items()}
+        return {pod_id: loc.own_inflight for pod_id, loc in self._local.pods.items()}
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per-pod local state for metrics and the admin API (not for the hot path)."""
         out: dict[str, dict[str, Any]] = {}
         for pod_id, loc in self._local.pods.items():
             out[pod_id] = {
-                "inflight": loc.inflight,
-                "inflight_tokens": loc.inflight_tokens,
+                "inflight": loc.own_inflight,
+                "inflight_tokens": loc.own_tokens,
+                "peer_inflight": loc.peer_inflight,
+                "peer_inflight_tokens": loc.peer_tokens,
                 "dispatched": loc.dispatched,
                 "incoming_adapters": sorted(loc.incoming),
+                "sent_adapters": sorted(loc.sent),
                 "prefix_blocks": self._local.prefix.blocks_on(pod_id),
             }
         return out

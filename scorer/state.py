@@ -59,6 +59,10 @@ class LocalState:
         self.picks = 0
         # pods with optimistic incoming adapters, and the earliest time one of them expires
         self.inc_pods: set[str] = set()
+        # pods whose merged figures include other gateway replicas' (scorer.sharing)
+        self.peer_pods: set[str] = set()
+        # True while this router is connected to its peers (max-score's cold-adapter hash)
+        self.shared = False
         self._last_states: list[PodState] = []
         self._last_views: list[PodView] = []
         self.inc_next_check = float("inf")
@@ -118,6 +122,7 @@ class LocalState:
             gpu, loading = view.gpu, view.loading
             for name in [n for n in inc if n in gpu or n in loading]:
                 del inc[name]
+                loc.sent.pop(name, None)
         self._incoming_changed(pod_id, loc)
         return view
 
@@ -172,10 +177,26 @@ class LocalState:
                 inc = loc.incoming
                 for name in [n for n, until in inc.items() if until <= now]:
                     del inc[name]
+                    loc.sent.pop(name, None)
                 self._incoming_changed(pod_id, loc)
             if loc.inc_check_at < nxt:
                 nxt = loc.inc_check_at
         self.inc_next_check = nxt
+
+    def note_incoming(self, pod_id: str, name: str, until: float) -> None:
+        """Another gateway replica has just sent ``name`` to ``pod_id``: count it as incoming
+        there until ``until``, unless the pod's state already shows it on GPU or loading."""
+        view = self.views.get(pod_id)
+        if view is None or name in view.gpu or name in view.loading:
+            return
+        loc = self.pod(pod_id)
+        inc = loc.incoming
+        if inc.get(name, 0.0) >= until:
+            return
+        inc[name] = until
+        while len(inc) > MAX_INCOMING:
+            del inc[next(iter(inc))]
+        self._incoming_changed(pod_id, loc)
 
     # --- updates ---------------------------------------------------------------------------
     def dispatch(self, pod_id: str, request: RoutingRequest, now: float, stall_s: float = 0.0) -> float:
@@ -185,8 +206,11 @@ class LocalState:
         must compute."""
         loc = self.pod(pod_id)
         loc.inflight += 1
+        loc.own_inflight += 1
         loc.dispatched += 1
-        loc.inflight_tokens += max(0, request.prompt_tokens) + max(0, request.max_tokens)
+        tokens = max(0, request.prompt_tokens) + max(0, request.max_tokens)
+        loc.inflight_tokens += tokens
+        loc.own_tokens += tokens
         hashes = request.prefix_hashes
         view = self.views.get(pod_id)
         cap = view.capacity_blocks if view is not None else self._capacity(None)
@@ -196,8 +220,9 @@ class LocalState:
             self.prefix.record(pod_id, hashes, cap)
         else:
             uncached = float(max(0, request.prompt_tokens))
-        start = loc.pending_until if loc.pending_until > now else now
-        loc.pending_until = start + stall_s + uncached * self.prefill_s_per_token
+        work = stall_s + uncached * self.prefill_s_per_token
+        loc.pending_until = (loc.pending_until if loc.pending_until > now else now) + work
+        loc.own_pending_until = (loc.own_pending_until if loc.own_pending_until > now else now) + work
         name = request.adapter.name
         if name is not None and (view is None or name not in view.gpu) and self.incoming_ttl_s > 0:
             inc = loc.incoming
@@ -205,6 +230,11 @@ class LocalState:
             inc[name] = now + self.incoming_ttl_s
             while len(inc) > MAX_INCOMING:
                 del inc[next(iter(inc))]
+            sent = loc.sent
+            sent.pop(name, None)
+            sent[name] = now
+            while len(sent) > MAX_INCOMING:
+                del sent[next(iter(sent))]
             self._incoming_changed(pod_id, loc)
         key = request.session_key
         if key:
@@ -219,15 +249,20 @@ class LocalState:
         """An engine stall this router did not dispatch (a placement load) joins the pod's queue."""
         loc = self.pod(pod_id)
         loc.pending_until = (loc.pending_until if loc.pending_until > now else now) + stall_s
+        loc.own_pending_until = (loc.own_pending_until if loc.own_pending_until > now else now) + stall_s
 
     def complete(self, pod_id: str, request: RoutingRequest, ok: bool) -> None:
         loc = self.pods.get(pod_id)
         if loc is None:
             return
-        loc.inflight = max(0, loc.inflight - 1)
-        loc.inflight_tokens = max(0, loc.inflight_tokens - max(0, request.prompt_tokens) - max(0, request.max_tokens))
+        if loc.own_inflight > 0:
+            loc.own_inflight -= 1
+            loc.own_tokens = max(0, loc.own_tokens - max(0, request.prompt_tokens) - max(0, request.max_tokens))
+            loc.inflight = loc.own_inflight + loc.peer_inflight
+            loc.inflight_tokens = loc.own_tokens + loc.peer_tokens
         if not ok and request.adapter.name is not None:
             # The optimistic belief that the adapter is arriving there is no longer supported.
+            loc.sent.pop(request.adapter.name, None)
             if loc.incoming.pop(request.adapter.name, None) is not None:
                 self._incoming_changed(pod_id, loc)
 
@@ -235,6 +270,7 @@ class LocalState:
         self._last_states = []
         self.pods.pop(pod_id, None)
         self.inc_pods.discard(pod_id)
+        self.peer_pods.discard(pod_id)
         self.views.pop(pod_id, None)
         self.prefix.forget(pod_id)
         self.kv.forget(pod_id)

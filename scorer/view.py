@@ -65,10 +65,17 @@ class PodLocal:
     trigger (each stalls the engine). ``incoming``: adapter → expiry time of the optimistic
     belief that it is being loaded there. ``slot``: the slot state of the pod's current view with
     the incoming adapters counted as occupying slots (kept up to date by ``LocalState``).
+
+    With routing state shared between gateway replicas (``scorer.sharing``) the three figures the
+    scorers read — ``inflight``, ``inflight_tokens``, ``pending_until`` — are the merged ones:
+    this router's own (``own_*``, what it publishes) plus the fresh peers' (``peer_*``), and
+    ``incoming`` holds the peers' marks too (``sent``: the marks this router made, with their
+    time). Without peers the merged figures equal the own ones.
     """
 
     __slots__ = (
         "inflight", "inflight_tokens", "pending_until", "incoming", "dispatched", "inc_check_at", "slot",
+        "own_inflight", "own_tokens", "own_pending_until", "peer_inflight", "peer_tokens", "sent",
     )
 
     def __init__(self) -> None:
@@ -80,6 +87,13 @@ class PodLocal:
         # The earliest expiry among ``incoming`` (inf when empty).
         self.inc_check_at = float("inf")
         self.slot = S_FREE
+        self.own_inflight = 0
+        self.own_tokens = 0
+        self.own_pending_until = 0.0
+        self.peer_inflight = 0
+        self.peer_tokens = 0
+        # adapter -> when this router sent it here (its own incoming marks, for the peers)
+        self.sent: dict[str, float] = {}
 
 
 class PodView:
@@ -233,7 +247,8 @@ class PickContext:
     ``prefix`` and ``sessions`` are the pipeline's prefix index and session bindings, ``kv`` its
     index of the blocks pods reported through KV events, ``plan`` the placement plan a placer
     installed (None without one), ``costs`` the learned cost constants per pod group (None when
-    no scorer learns them) — all read only here; ``seq`` counts the pipeline's earlier picks
+    no scorer learns them) — all read only here; ``shared`` is True while the router shares its
+    routing state with other gateway replicas (``scorer.sharing``); ``seq`` counts the pipeline's earlier picks
     that had candidates (round-robin's counter; it lives in the local state, so it survives a
     config reload). ``state_now`` is the time pod states are judged fresh against: ``now``,
     unless the caller's view stopped being refreshed at an earlier time (its store is
@@ -241,12 +256,14 @@ class PickContext:
     """
 
     __slots__ = ("request", "now", "state_now", "adapter", "prefix", "sessions", "seq", "kv", "plan", "costs",
+                 "shared",
                  "_match", "_codes", "_rank")
 
     def __init__(
         self, request: RoutingRequest, now: float, prefix: PrefixIndex, sessions: Mapping[str, str], seq: int,
         kv: KVBlockIndex | None = None, plan: PlacementPlan | None = None, costs: CostLearner | None = None,
         state_now: float | None = None,
+        shared: bool = False,
     ) -> None:
         self.request = request
         self.now = now
@@ -258,6 +275,7 @@ class PickContext:
         self.kv = kv if kv is not None else KVBlockIndex()
         self.plan = plan
         self.costs = costs
+        self.shared = shared
         self._match: dict[str, int] | None = None
         self._codes: list[int] | None = None
         self._rank: int | None = -1

@@ -73,3 +73,13 @@ def test_two_replicas_share_the_store_and_both_serve(tmp_path: Path) -> None:
     assert cpu["router"]["count"] == 2.0
     assert cpu["router"]["cpu_s"] == pytest.approx(cpu["router:0"]["cpu_s"] + cpu["router:1"]["cpu_s"], abs=0.01)
     assert s["target"] == "default-x2-req"
+    # the replicas shared their routing state: each heard the other, at a few store operations
+    # per request (one pipelined SET + PUBLISH per publication)
+    sh = meta["sharing"]
+    assert sh["received"] > 0 and sh["published"] > 0 and 0 < sh["ops_per_request"] < 50, sh
+
+
+def test_unshared_replicas_label_and_no_sharing_counters() -> None:
+    t = Target("policy", "default", 4, sharing=False)
+    assert t.label == "default-x4+unshared"
+    assert Target.parse(t.label).sharing is False and Target.parse("default").sharing is True

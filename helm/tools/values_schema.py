@@ -98,7 +98,7 @@ schema = obj({
                 "adapters": {"type": "array", "items": {"type": "string", "minLength": 1}},
                 "base_models": B, "limits": LIMITS}, ["name"])},
             "pipeline": {"type": ["string", "object"]},
-            "ensure": MAP, "metrics": MAP, "placement": MAP, "changes": MAP,
+            "ensure": MAP, "metrics": MAP, "placement": MAP, "sharing": MAP, "changes": MAP,
             "limits": obj({"default": LIMITS, "sync_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 10}}),
             "security": obj({"conceal_forbidden": B}),
         }),
