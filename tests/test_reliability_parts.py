@@ -28,7 +28,7 @@ from loraroute.procs import free_port, loraroute_cmd
 from podstate import MemoryStore, redact_url
 from podstate.monitor import MonitorSettings
 from scorer.model import AdapterRef, PodState, RoutingRequest
-from scorer.pipeline import build_pipeline
+from scorer.build import build_pipeline
 from vllm_sidecar.validation import validate_dir
 from vllm_sim.sampling import check_ranges, check_types
 
