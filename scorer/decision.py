@@ -14,7 +14,8 @@ from typing import Any
 from scorer.costmodel import CostConstants
 from scorer.model import Candidate, Decision
 from scorer.plugin import PredictsTTFT
-from scorer.view import PickContext, PodView, code_name, stored_tier
+from scorer.context import PickContext
+from scorer.view import PodView, code_name, stored_tier
 
 _RANKED = Decision.__dict__["ranked"]
 _REASON = Decision.__dict__["reason"]

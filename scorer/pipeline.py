@@ -50,7 +50,9 @@ from scorer.plugin import (
 from scorer.prefix import DEFAULT_BLOCK_CHARS, prompt_block_hashes
 from scorer.presets import PRESETS
 from scorer.state import DEFAULT_PREFILL_S_PER_TOKEN, LocalState
-from scorer.view import PickContext, tier_codes
+from scorer.context import PickContext
+from scorer.view import tier_codes
+from scorer.weights import weighted_sum
 
 __all__ = ["PRESETS", "Pipeline", "ConfigError"]
 
@@ -98,7 +100,7 @@ class Pipeline:
         rate = next((sc for _, sc, _ in self.scorers if isinstance(sc, KnowsPrefillRate)), None)
         self._prefill_s_per_token = rate.prefill_s_per_token if rate is not None else DEFAULT_PREFILL_S_PER_TOKEN
         self._bounded = all(sc.BOUNDED for _, sc, _ in self.scorers)
-        self._sum = _weighted_sum([float(w) for _, _, w in self.scorers])
+        self._sum = weighted_sum([float(w) for _, _, w in self.scorers])
         self._sums: dict[tuple[bool, ...], Any] = {}
         self._local = LocalState(
             block_chars=self.state_config["block_chars"],
@@ -203,7 +205,7 @@ class Pipeline:
             mask = tuple(c is not None for c in cols)
             fn = self._sums.get(mask)
             if fn is None:
-                fn = self._sums[mask] = _weighted_sum([float(w) for (_, _, w), m in zip(self.scorers, mask) if m])
+                fn = self._sums[mask] = weighted_sum([float(w) for (_, _, w), m in zip(self.scorers, mask) if m])
             live = [c for c in cols if c is not None]
             totals = fn(live) if live else [0.0] * len(views)
         else:
@@ -314,23 +316,3 @@ class Pipeline:
                 "prefix_blocks": self._local.prefix.blocks_on(pod_id),
             }
         return out
-
-
-def _weighted_sum(weights: list[float]) -> Any:
-    """A function cols -> [Σ wᵢ·colᵢ[k] for each k], fused into one comprehension.
-
-    Generated once per pipeline from the (validated, finite, float) weights, so a pick walks
-    the candidates once instead of once per scorer. Zero weights are left out of the sum.
-    """
-    if not weights:
-        return lambda cols: []
-    terms = [f"{w!r}*x{i}" if w != 1.0 else f"x{i}" for i, w in enumerate(weights) if w != 0.0] or ["0.0"]
-    if len(weights) == 1:
-        src = f"lambda cols: [{terms[0]} for x0 in cols[0]]"
-    else:
-        xs = ", ".join(f"x{i}" for i in range(len(weights)))
-        src = f"lambda cols: [{' + '.join(terms)} for {xs} in zip(*cols)]"
-    for w in weights:  # defence in depth: only plain finite floats reach the generated source
-        if not isinstance(w, float) or w != w or w in (float("inf"), float("-inf")):
-            raise ValueError(f"invalid weight {w!r}")
-    return eval(src, {"__builtins__": {"zip": zip}})  # noqa: S307 - numeric literals only

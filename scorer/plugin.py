@@ -34,7 +34,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from scorer.costmodel import CostConstants, CostLearner, Ticket
 from scorer.model import RoutingRequest
 from scorer.params import Param, validate_params
-from scorer.view import PickContext, PodView
+from scorer.context import PickContext
+from scorer.view import PodView
 
 
 class ListMemo:

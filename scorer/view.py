@@ -8,7 +8,8 @@
 - ``PodLocal`` is what this router itself knows about one pod, exactly and instantly (requests in
   flight, pending work, adapters it has just sent there). It is mutable and owned by
   ``scorer.state.LocalState``; every view of the pod points to the same ``PodLocal``.
-- ``PickContext`` holds the per-pick values computed at most once and shared by every plugin.
+- ``scorer.context.PickContext`` (its own module) holds the per-pick values computed at most
+  once and shared by every plugin.
 
 Adapter placement of the requested adapter on a pod is one *tier* (``placement``), and together
 with the pod's slot state one *code* ``tier * 3 + slot`` (``tier_codes``):
@@ -33,21 +34,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from scorer.model import (
-    T_BASE, T_CPU, T_DISK, T_GPU, T_INCOMING, T_LOADING, T_REMOTE, TIER_NAMES, PodState, RoutingRequest,
+    T_BASE, T_CPU, T_DISK, T_GPU, T_INCOMING, T_LOADING, T_REMOTE, TIER_NAMES, PodState,
 )
-from scorer.costmodel import CostLearner, group_key
-from scorer.kv_index import KVBlockIndex
-from scorer.prefix import PrefixIndex
-
-if TYPE_CHECKING:
-    from scorer.placement import PlacementPlan
+from scorer.costmodel import group_key
 
 __all__ = [
     "N_CODES", "S_FREE", "S_FREEABLE", "S_SATURATED", "SLOT_NAMES", "T_BASE", "T_CPU", "T_DISK", "T_GPU",
-    "T_INCOMING", "T_LOADING", "T_REMOTE", "TIER_NAMES", "PickContext", "PodLocal", "PodView", "code_name",
+    "T_INCOMING", "T_LOADING", "T_REMOTE", "TIER_NAMES", "PodLocal", "PodView", "code_name",
     "placement", "slot_state", "stored_tier", "tier_codes",
 ]
 
@@ -239,87 +234,3 @@ def tier_codes(adapter: str | None, views: list[PodView]) -> list[int]:
 def code_name(code: int) -> str:
     """Human-readable placement, e.g. ``"cpu/saturated"``."""
     return f"{TIER_NAMES[code // 3]}/{SLOT_NAMES[code % 3]}"
-
-
-class PickContext:
-    """Per-pick values computed at most once and shared by every plugin of the pipeline.
-
-    ``prefix`` and ``sessions`` are the pipeline's prefix index and session bindings, ``kv`` its
-    index of the blocks pods reported through KV events, ``plan`` the placement plan a placer
-    installed (None without one), ``costs`` the learned cost constants per pod group (None when
-    no scorer learns them) — all read only here; ``shared`` is True while the router shares its
-    routing state with other gateway replicas (``scorer.sharing``); ``seq`` counts the pipeline's earlier picks
-    that had candidates (round-robin's counter; it lives in the local state, so it survives a
-    config reload). ``state_now`` is the time pod states are judged fresh against: ``now``,
-    unless the caller's view stopped being refreshed at an earlier time (its store is
-    unreachable), so that the view does not age meanwhile.
-    """
-
-    __slots__ = ("request", "now", "state_now", "adapter", "prefix", "sessions", "seq", "kv", "plan", "costs",
-                 "shared",
-                 "_match", "_codes", "_rank")
-
-    def __init__(
-        self, request: RoutingRequest, now: float, prefix: PrefixIndex, sessions: Mapping[str, str], seq: int,
-        kv: KVBlockIndex | None = None, plan: PlacementPlan | None = None, costs: CostLearner | None = None,
-        state_now: float | None = None,
-        shared: bool = False,
-    ) -> None:
-        self.request = request
-        self.now = now
-        self.state_now = now if state_now is None else state_now
-        self.adapter = request.adapter.name
-        self.prefix = prefix
-        self.sessions = sessions
-        self.seq = seq
-        self.kv = kv if kv is not None else KVBlockIndex()
-        self.plan = plan
-        self.costs = costs
-        self.shared = shared
-        self._match: dict[str, int] | None = None
-        self._codes: list[int] | None = None
-        self._rank: int | None = -1
-
-    def prefix_match(self) -> dict[str, int]:
-        """pod id → leading prompt blocks that pod is believed to hold (absent: 0)."""
-        m = self._match
-        if m is None:
-            m = self._match = self.prefix.match(self.request.prefix_hashes)
-        return m
-
-    def adapter_rank(self, views: list[PodView]) -> int | None:
-        """The adapter's rank: from the request, else from any pod that knows it, else None."""
-        r = self._rank
-        if r == -1:
-            r = self.request.adapter.rank
-            if r is None and self.adapter is not None:
-                name = self.adapter
-                for v in views:
-                    got = v.ranks.get(name)
-                    if got is not None:
-                        r = got
-                        break
-            self._rank = r
-        return r
-
-    def computed_codes(self) -> list[int] | None:
-        return self._codes
-
-    def narrowed(self) -> PickContext:
-        """The same pick for another list of views: what depends only on the request (the prefix
-        match, the adapter's rank) is shared; the per-view placement codes are not."""
-        ctx = PickContext(self.request, self.now, self.prefix, self.sessions, self.seq, self.kv, self.plan,
-                          self.costs, self.state_now)
-        ctx._match = self._match
-        ctx._rank = self._rank
-        return ctx
-
-    def computed_match(self) -> dict[str, int] | None:
-        return self._match
-
-    def codes(self, views: list[PodView]) -> list[int]:
-        """Placement code (tier * 3 + slot) of the requested adapter on each view."""
-        c = self._codes
-        if c is None:
-            c = self._codes = tier_codes(self.adapter, views)
-        return c

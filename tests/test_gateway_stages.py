@@ -26,7 +26,8 @@ from loraroute.procs import free_port
 from scorer.model import PodState
 from scorer.plugin import Scorer
 from scorer.registry import register
-from scorer.view import PickContext, PodView
+from scorer.context import PickContext
+from scorer.view import PodView
 
 BASE = "tsuzumi-base"
 ADMIN = {"Authorization": "Bearer admin-key"}

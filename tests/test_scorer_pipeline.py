@@ -13,7 +13,8 @@ from scorer.pipeline import PRESETS, Pipeline
 from scorer.plugin import Scorer
 from scorer.plugins.max_score import MaxScore
 from scorer.prefix import prompt_block_hashes
-from scorer.view import PickContext, PodView
+from scorer.context import PickContext
+from scorer.view import PodView
 
 NOW = 1_800_000_000.0
 BASE = "llama"

@@ -112,8 +112,9 @@ from scorer.model import RoutingRequest
 from scorer.params import Param
 from scorer.plugin import Scorer
 from scorer.registry import register
+from scorer.context import PickContext
 from scorer.view import (
-    N_CODES, S_SATURATED, T_BASE, T_CPU, T_DISK, T_GPU, T_INCOMING, T_LOADING, T_REMOTE, PickContext, PodView,
+    N_CODES, S_SATURATED, T_BASE, T_CPU, T_DISK, T_GPU, T_INCOMING, T_LOADING, T_REMOTE, PodView,
 )
 
 __all__ = ["DEFAULT_DISK_LOAD_S", "EstimatedTTFT", "Ticket", "interpolate_load"]

@@ -35,7 +35,8 @@ from scorer.model import T_DISK
 from scorer.params import Param
 from scorer.plugin import Picker
 from scorer.registry import register
-from scorer.view import PickContext, PodView
+from scorer.context import PickContext
+from scorer.view import PodView
 
 
 def _seed(value: object) -> object:

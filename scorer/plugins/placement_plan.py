@@ -38,7 +38,8 @@ from scorer.params import Param
 from scorer.placement import TAIL
 from scorer.plugin import Scorer
 from scorer.registry import register
-from scorer.view import PickContext, PodView
+from scorer.context import PickContext
+from scorer.view import PodView
 
 
 @register

@@ -39,7 +39,8 @@ from scorer.kv_index import KVBlockIndex
 from scorer.params import Param
 from scorer.plugin import Scorer
 from scorer.registry import register
-from scorer.view import PickContext, PodView
+from scorer.context import PickContext
+from scorer.view import PodView
 from scorer.vllm_blocks import iter_block_hashes, lora_extra_keys
 
 _MAX_WATCHED = 1024

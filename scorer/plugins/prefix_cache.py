@@ -24,7 +24,8 @@ from __future__ import annotations
 from scorer.params import Param
 from scorer.plugin import Scorer
 from scorer.registry import register
-from scorer.view import PickContext, PodView
+from scorer.context import PickContext
+from scorer.view import PodView
 
 
 @register

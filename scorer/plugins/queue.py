@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from scorer.plugin import ListMemo, Scorer
 from scorer.registry import register
-from scorer.view import PickContext, PodView
+from scorer.context import PickContext
+from scorer.view import PodView
 
 
 @register

@@ -14,7 +14,8 @@ import random
 from scorer.plugin import Picker
 from scorer.plugins.max_score import SEED_PARAM
 from scorer.registry import register
-from scorer.view import PickContext, PodView
+from scorer.context import PickContext
+from scorer.view import PodView
 
 
 @register

@@ -21,7 +21,8 @@ from scorer.params import Param
 from scorer.plugin import Picker
 from scorer.plugins.max_score import SEED_PARAM
 from scorer.registry import register
-from scorer.view import PickContext, PodView
+from scorer.context import PickContext
+from scorer.view import PodView
 
 
 @register
