@@ -248,9 +248,11 @@ def test_a_request_that_waits_for_anothers_resolver_load_is_charged_for_it(procs
 
     root = tmp_path / "resolver"
     make_adapter("big", rank=64, root=root)
+    # loads 4× the profile's (~1.1 s, simulated = wall here): the second request lands well inside
+    # the first's load even when a busy machine delays either by a few hundred milliseconds
     sim = start_sim(procs, "--enable-lora", "--max-loras", "2", "--max-lora-rank", "64", "--adapter-dir", str(root),
-                    "--allow-runtime-lora-updating", "--time-scale", "1")
-    load_s = get_profile().load_api_s(64)  # ~0.31 s, simulated = wall here
+                    "--allow-runtime-lora-updating", "--time-scale", "1", "--cost", "load_scale=4")
+    load_s = get_profile(overrides={"load_scale": 4.0}).load_api_s(64)
 
     def send(rid: str) -> float:
         t0 = time.perf_counter()
