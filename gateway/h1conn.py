@@ -213,12 +213,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._complete = True
-        if self._first_timer is not None:
-            self._first_timer.cancel()
-            self._first_timer = None
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._cancel_body_timers()
         self._wake()
 
     # --- helpers ----------------------------------------------------------------------------------
@@ -252,13 +247,17 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._cancel_body_timers()
+        self._idle_s = None
+
+    def _cancel_body_timers(self) -> None:
+        """The first-byte and idle timers (the body is complete, or the exchange is over)."""
         if self._first_timer is not None:
             self._first_timer.cancel()
             self._first_timer = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        self._idle_s = None
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
