@@ -184,6 +184,7 @@ class FeedStats:
     snapshots: int = 0
     gaps: int = 0
     malformed: int = 0
+    connected: bool = False
     latencies_s: list[float] = field(default_factory=list)
 
 
@@ -191,13 +192,18 @@ class KVBlockFeed(Background):
     """The gateway's side: every pod's deltas and snapshots into one ``KVBlockIndex``.
 
     ``clock`` stamps ``PodKV.last_batch_at`` (Unix seconds); ``record_latency`` keeps
-    ``now − ts`` of each delta (bounded), for the benchmark."""
+    ``now − ts`` of each delta (bounded), for the benchmark; ``on_delta(delay_s, apply_s)`` sees
+    every applied delta (pod time stamp → applied, and the time applying it took); pods for
+    which ``skip(pod_id)`` is true are left alone (the gateway follows their events itself)."""
 
     def __init__(self, url: str, index: KVBlockIndex, *, key_prefix: str = "loraroute",
                  clock: Callable[[], float] = time.time, record_latency: bool = False,
-                 password: str | None = None) -> None:
+                 password: str | None = None, on_delta: Callable[[float, float], None] | None = None,
+                 skip: Callable[[str], bool] | None = None) -> None:
         self.url = url
         self.index = index
+        self.on_delta = on_delta
+        self.skip = skip
         self.prefix = key_prefix
         self.clock = clock
         self.record_latency = record_latency
@@ -222,6 +228,7 @@ class KVBlockFeed(Background):
                 await pubsub.subscribe(channel(self.prefix))
                 self._client = client
                 await self._load_all_snapshots()
+                self.stats.connected = True
                 self.ready.set()
                 if logged:
                     log.info("redis at %s reachable again: KV blocks resynced", redact_url(self.url))
@@ -238,6 +245,7 @@ class KVBlockFeed(Background):
                                 redact_url(self.url), type(e).__name__)
                     logged = True
             finally:
+                self.stats.connected = False
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                 with contextlib.suppress(Exception):
@@ -255,6 +263,8 @@ class KVBlockFeed(Background):
 
     async def _load_snapshot(self, pod_id: str) -> None:
         assert self._client is not None
+        if self.skip is not None and self.skip(pod_id):
+            return
         raw = await self._client.get(snapshot_key(self.prefix, pod_id))
         if raw is None:
             return
@@ -279,6 +289,9 @@ class KVBlockFeed(Background):
         except (ValueError, msgpack.UnpackException, TypeError):
             self.stats.malformed += 1
             return
+        if self.skip is not None and self.skip(pod_id):
+            return
+        t0 = time.perf_counter()
         have = self._versions.get(pod_id)
         if have is not None and have[0] == epoch and version <= have[1]:
             return  # already in the snapshot we loaded
@@ -308,3 +321,5 @@ class KVBlockFeed(Background):
         self.stats.deltas += 1
         if self.record_latency and len(self.stats.latencies_s) < 100_000:
             self.stats.latencies_s.append(time.time() - float(ts))
+        if self.on_delta is not None:
+            self.on_delta(time.time() - float(ts), time.perf_counter() - t0)
