@@ -45,6 +45,7 @@ from gateway.sharing import SharingCollector, StateSharing
 from gateway.sidecars import sidecar_auth
 from gateway.store_watch import StoreCollector, StoreWatch
 from gateway.suspects import Suspects
+from gateway.tokens import PromptTokens
 from gateway.upstream import Upstream
 from podstate.placement_store import open_placement_store
 from podstate.monitor import MonitorSettings, PodMonitor
@@ -180,8 +181,9 @@ class Gateway:
             self.sharing = StateSharing(config.store.url, config.sharing, lambda: self.runtime.pipeline.local,
                                         key_prefix=config.store.key_prefix)
         self.metrics.registry.register(SharingCollector(lambda: self.sharing))
-        #: precise prefix routing: the pods' KV blocks into the pipeline's index
-        #: (gateway/kv_feed.py), idle without precise-prefix
+        #: precise prefix routing: the prompt's token ids (gateway/tokens.py) and the pods' KV
+        #: blocks into the pipeline's index (gateway/kv_feed.py), both idle without precise-prefix
+        self.tokens = PromptTokens(self.metrics.registry)
         self.kv_feeds = KVFeeds(self, self.metrics.registry)
         self.metrics.registry.register(KVFeedCollector(lambda: self.kv_feeds))
 
