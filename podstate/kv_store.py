@@ -159,23 +159,51 @@ class KVBlockRelay(Background):
         if not changed and not snapshot:
             return
         msg = None
+        pending = (self._added, self._removed, self._cleared, self._oldest_ts)
         if changed:
             self.version += 1
             msg = [self.pod_id, self.epoch, self.version, self._cleared, pack_hashes(self._added),
                    pack_hashes(self._removed), self._oldest_ts or time.time()]
             self._added, self._removed, self._cleared, self._oldest_ts = set(), set(), False, None
-        async with self.client.pipeline(transaction=False) as pipe:
-            if snapshot:  # first, so a reader that loads it on seeing the delta finds it
-                body = msgpack.packb([self.epoch, self.version, pack_hashes(self.blocks)], use_bin_type=True)
-                pipe.set(snapshot_key(self.prefix, self.pod_id), body, px=int(self.ttl_s * 1000))
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                if snapshot:  # first, so a reader that loads it on seeing the delta finds it
+                    body = msgpack.packb([self.epoch, self.version, pack_hashes(self.blocks)], use_bin_type=True)
+                    pipe.set(snapshot_key(self.prefix, self.pod_id), body, px=int(self.ttl_s * 1000))
+                if msg is not None:
+                    pipe.publish(channel(self.prefix), msgpack.packb(msg, use_bin_type=True))
+                await pipe.execute()
+        except BaseException:
             if msg is not None:
-                pipe.publish(channel(self.prefix), msgpack.packb(msg, use_bin_type=True))
-            await pipe.execute()
+                self._restore(*pending)
+            raise
         if snapshot:
             self._snapshot_due = False
             self.stats.snapshots += 1
         if msg is not None:
             self.stats.deltas += 1
+
+    def _restore(self, added: set[int], removed: set[int], cleared: bool, oldest: float | None) -> None:
+        """A delta that did not go out is pending again, under the same version: merged with the
+        changes made meanwhile as ``apply`` would have merged them, so no reader misses a block
+        (a reset meanwhile makes the old changes moot)."""
+        self.version -= 1
+        self._wake.set()
+        if self._cleared:
+            return
+        for h in self._added:
+            if h in removed:
+                removed.discard(h)
+            else:
+                added.add(h)
+        for h in self._removed:
+            if h in added:
+                added.discard(h)
+            else:
+                removed.add(h)
+        new_oldest = self._oldest_ts
+        self._added, self._removed, self._cleared = added, removed, cleared
+        self._oldest_ts = oldest if new_oldest is None or (oldest is not None and oldest < new_oldest) else new_oldest
 
 
 @dataclass
