@@ -82,7 +82,7 @@ def sim_ids(kind: Kind, payload: Mapping[str, Any], max_chars: int) -> tuple[int
     return tuple(pseudotok.tokenize(text))
 
 
-class _Lru:
+class IdCache:
     """Token ids by digest, least recently used dropped beyond ``size``."""
 
     def __init__(self, size: int) -> None:
@@ -110,7 +110,7 @@ class PromptTokens:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._config: dict[str, TokenizerConfig] = {}
-        self._caches: dict[str, _Lru] = {}
+        self._caches: dict[str, IdCache] = {}
         self._local: dict[str, Any] = {}
         self._backoff: dict[str, float] = {}
         self._turn = 0
@@ -122,7 +122,7 @@ class PromptTokens:
     def _setup(self, base: str, cfg: TokenizerConfig) -> None:
         if self._config.get(base) != cfg:
             self._config[base] = cfg
-            self._caches[base] = _Lru(cfg.cache_entries)
+            self._caches[base] = IdCache(cfg.cache_entries)
             self._local.pop(base, None)
 
     def _outcome(self, base: str, mode: str, outcome: str, t0: float) -> None:
