@@ -13,7 +13,11 @@ pipeline has a scorer that reads KV events (``Pipeline.kv_reader``: ``precise-pr
   embedded monitors): no sidecar can relay there (a sidecar's ``kv_events`` needs Redis), and a
   single process needs no relay — the index is where the events arrive. With ``memory://`` and
   no ``kv_events`` on a pod, nothing feeds the index: precise-prefix scores that pod by the
-  approximate index (logged once per start or reload).
+  approximate index (logged once).
+
+A feed that starts waits up to ``READY_WAIT_S`` for its first load of every pod's snapshot, so a
+replica that starts (or a reload that adds the scorer) routes on the whole cluster's blocks from
+its first request when Redis answers, and does not hold the start up when it does not.
 
 When the scorer leaves the pipeline the feeds stop and the index is emptied (nothing reads it,
 and a scorer added back later must not read blocks that went stale meanwhile); when it comes
@@ -34,6 +38,7 @@ histograms ``loraroute_kv_feed_delay_seconds`` (pod time stamp → applied) and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -53,6 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("loraroute.kv_feed")
 
+READY_WAIT_S = 2.0
 _DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _APPLY_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 
@@ -114,6 +120,8 @@ class KVFeeds:
             self.feed = KVBlockFeed(cfg.store.url, self.index, key_prefix=cfg.store.key_prefix,
                                     on_delta=self._on_delta, skip=lambda pod_id: pod_id in self.direct)
             self.feed.start()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.feed.ready.wait(), READY_WAIT_S)
         if not redis and not self._warned:
             missing = [p.id for p in cfg.discovery.static if p.kv_events is None]
             if missing or not cfg.discovery.static:
