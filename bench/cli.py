@@ -3,7 +3,8 @@
     loraroute bench workload SPEC --rate R [--requests N] [--out trace.jsonl]
     loraroute bench run SPEC (--policy NAME | --peer NAME | --direct) [--load 0.6 ...]
                          [--requests N] [--time-scale X] [--capacity R] [--remeasure]
-                         [--replicas N [--spread per-connection|per-request]]
+                         [--replicas N [--spread per-connection|per-request]] [--no-sharing]
+                         [--precise-prefix]
     loraroute bench run SPEC --all [--load ...]       every preset and every installed peer
     loraroute bench run SPEC --policy NAME --placement [--no-persisted-demand] [--plan-weight W]
     loraroute bench report RESULTS... [--out DIR]
@@ -70,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-persisted-demand", action="store_true",
                    help="with --placement: start without yesterday's demand (the placer learns it live)")
     r.add_argument("--plan-weight", type=float, default=0.5, help="weight of the placement-plan scorer (0.5)")
+    r.add_argument("--precise-prefix", action="store_true",
+                   help="pods publish KV events; the preset routes with precise-prefix in place of prefix-cache "
+                        "(bench/precise.py; policies default and llm-d; label +precise)")
     r.add_argument("--keep-logs", action="store_true")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -159,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.placement and not args.policy:
             print("--placement needs --policy (peers and direct have no placer)", file=sys.stderr)
             return 2
+        if args.precise_prefix and args.policy not in ("default", "llm-d"):
+            print("--precise-prefix needs --policy default or llm-d (it replaces their prefix-cache scorer)",
+                  file=sys.stderr)
+            return 2
 
         if args.all:
             targets = [Target("policy", p) for p in PRESETS]
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"skipping peer {name}: {reason}", file=sys.stderr)
         elif args.policy:
             targets = [Target("policy", args.policy, args.replicas, args.spread, placement=args.placement,
-                              sharing=not args.no_sharing)]
+                              sharing=not args.no_sharing, precise=args.precise_prefix)]
         elif args.peer:
             targets = [Target("peer", args.peer)]
         else:

@@ -52,7 +52,8 @@ class Target:
     only) runs the placer and the placement-plan scorer (``bench.placement``); the label gains
     ``+placement``. ``sharing`` False (policies only) turns the replicas' shared routing state off
     (``sharing.enabled: false``, each replica routes on what it alone has seen); the label gains
-    ``+unshared``."""
+    ``+unshared``. ``precise`` (policies only) runs the pods with KV events and the preset with
+    ``precise-prefix`` in place of ``prefix-cache`` (``bench.precise``); the label gains ``+precise``."""
 
     kind: str
     name: str
@@ -60,6 +61,7 @@ class Target:
     spread: str = "per-connection"
     placement: bool = False
     sharing: bool = True
+    precise: bool = False
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -68,6 +70,8 @@ class Target:
             raise ValueError(f"--replicas applies to our gateway only, not to {self.kind} targets")
         if self.placement and self.kind != "policy":
             raise ValueError(f"--placement applies to our gateway only, not to {self.kind} targets")
+        if self.precise and self.kind != "policy":
+            raise ValueError(f"--precise-prefix applies to our gateway only, not to {self.kind} targets")
 
     @property
     def label(self) -> str:
@@ -75,6 +79,7 @@ class Target:
         if self.replicas > 1:
             base += f"-x{self.replicas}" + ("-req" if self.spread == "per-request" else "")
         base = f"{base}+placement" if self.placement else base
+        base = f"{base}+precise" if self.precise else base
         return base if self.sharing or self.kind != "policy" else f"{base}+unshared"
 
     @classmethod
@@ -84,10 +89,12 @@ class Target:
         if label == "direct":
             return cls("direct", "direct")
         name = label.removeprefix("policy:")
-        sharing = not name.endswith("+unshared")
-        name = name.removesuffix("+unshared")
-        return cls("policy", name.removesuffix("+placement"), placement=name.endswith("+placement"),
-                   sharing=sharing)
+        flags = {}
+        for flag in ("unshared", "precise", "placement"):
+            flags[flag] = name.endswith(f"+{flag}")
+            name = name.removesuffix(f"+{flag}")
+        return cls("policy", name, placement=flags["placement"], sharing=not flags["unshared"],
+                   precise=flags["precise"])
 
 
 def make_adapters(spec: WorkloadSpec, root: Path) -> Path:
@@ -119,6 +126,8 @@ class BenchCluster:
     sidecars: bool | None = None        # None: use them when the sidecar command exists
     zero_delay: bool = False            # simulator --time-scale 0 (overhead benchmark)
     pods_override: int | None = None
+    kv_events: bool = False             # pods publish KV events, followed by sidecars or the gateway
+    kv_ports: tuple[int, int] | None = None  # first PUB and replay port (pod i: + i)
     procs: list[Proc] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
     redis_url: str | None = None
@@ -143,6 +152,12 @@ class BenchCluster:
             "--max-lora-rank", str(c.max_lora_rank), "--adapter-dir", str(adapter_dir),
             "--time-scale", scale, "--seed", str(self.spec.seed), *sim_profile_args(c), *c.sim_args,
         )
+        if self.kv_events:
+            pub = consecutive_free_ports(n, start=base_port + n)
+            replay = consecutive_free_ports(n, start=pub + n)
+            self.kv_ports = (pub, replay)
+            argv += ["--kv-events-config", json.dumps({"enable_kv_cache_events": True, "endpoint": f"tcp://*:{pub}",
+                                                       "replay_endpoint": f"tcp://*:{replay}"})]
         last = f"http://127.0.0.1:{base_port + n - 1}/health"
         self.sim_proc = start_process("sim", argv, ready_url=last, timeout=90, log_dir=self.log_dir)
         self.procs.append(self.sim_proc)
@@ -180,7 +195,7 @@ class BenchCluster:
                 "--max-lora-rank", str(c.max_lora_rank), *self.sidecar_model_args(),
                 # the simulated pods compile nothing on their first LoRA request (the compiled
                 # profile), and a warm-up would load an adapter before the measured start state
-                "--set", "warmup.enabled=false",
+                "--set", "warmup.enabled=false", *self._sidecar_kv_args(pod),
             )
             proc = start_process(f"sidecar-{pod.id}", argv, port=port,
                                  ready_url=f"http://127.0.0.1:{port}/healthz", timeout=60,
@@ -188,6 +203,17 @@ class BenchCluster:
             self.procs.append(proc)
             pod.sidecar_url = proc.url
         self.state_plane = "sidecars+redis"
+
+    def kv_endpoints(self, pod: Pod) -> tuple[str, str] | None:
+        """(PUB, replay) addresses of a pod's KV events, when the pods publish them."""
+        if self.kv_ports is None:
+            return None
+        i = self.pods.index(pod)
+        return f"tcp://127.0.0.1:{self.kv_ports[0] + i}", f"tcp://127.0.0.1:{self.kv_ports[1] + i}"
+
+    def _sidecar_kv_args(self, pod: Pod) -> list[str]:
+        ends = self.kv_endpoints(pod)
+        return [] if ends is None else ["--kv-events-endpoint", ends[0], "--kv-events-replay-endpoint", ends[1]]
 
     # ------------------------------------------------------------------ routers
     def gateway_config(self, policy: str, port: int) -> dict[str, Any]:
@@ -198,12 +224,17 @@ class BenchCluster:
                                      "max_cpu_loras": c.max_cpu_loras}
             if pod.sidecar_url:
                 entry["sidecar_url"] = pod.sidecar_url
+            ends = self.kv_endpoints(pod)
+            if ends is not None and not self.redis_url:  # one process: the gateway follows the pod itself
+                entry["kv_events"] = {"endpoint": ends[0], "replay_endpoint": ends[1]}
             static.append(entry)
         return {
             "server": {"host": "127.0.0.1", "port": port, "reload_poll_s": 0, "log_level": "warning",
                        "timeouts": {"first_byte_s": 600.0, "total_s": 3600.0}},
             "bases": [{"name": c.base_model, "served_name": c.base_model, "aliases": ["base"],
-                       "adapters": [{"name": n, "rank": r} for n, r in self.spec.adapters.all()]}],
+                       "adapters": [{"name": n, "rank": r} for n, r in self.spec.adapters.all()],
+                       # the pods are simulators: their tokenizer, exactly (read by precise-prefix only)
+                       "tokenizer": {"mode": "sim" if self.kv_events else "none"}}],
             "discovery": {"static": static, "monitor": "never" if self.redis_url else "auto"},
             "store": {"url": self.redis_url or "memory://"},
             "pipeline": policy,

@@ -68,6 +68,7 @@ from bench import peers as peers_mod
 from bench import placement as placement_mod
 from bench.bounds import bound_summary
 from bench.client import ReplayConfig, RequestResult, closed_loop, replay
+from bench import precise as precise_mod
 from bench.cluster import BenchCluster, Target
 from bench.procstats import CpuMeter
 from bench.stats import summarize
@@ -274,6 +275,9 @@ def _start_router(cluster: BenchCluster, target: Target,
             ready_timeout = 300.0  # the warm-up of every pod before it takes traffic
         if not target.sharing:
             gateway_extra = {**(gateway_extra or {}), "sharing": {"enabled": False}}
+        if target.precise:
+            gateway_extra = {**(gateway_extra or {}),
+                             "pipeline": precise_mod.pipeline(target.name, cluster.adapter_dir_for(cluster.pods[0]))}
         if gateway_extra:
             extras = [{**(extras[i] if extras else {}), **gateway_extra} for i in range(target.replicas)]
         procs = cluster.start_gateways(target.name, target.replicas, extras, ready_timeout)
@@ -370,7 +374,7 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
     target = opts.target
     label = f"{target.label} @{int(round(load * 100))}%"
     with BenchCluster(spec, work_dir / f"{target.label.replace(':', '-')}-{load}",
-                      time_scale=opts.time_scale, sidecars=opts.sidecars) as cl:
+                      time_scale=opts.time_scale, sidecars=opts.sidecars, kv_events=target.precise) as cl:
         urls, key = _start_router(cl, target, opts.placement, opts.gateway_extra)
         warmed = 0
         if opts.warmup:
@@ -398,6 +402,7 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
         state_plane = cl.state_plane
         pods = [p.id for p in cl.pods]
         report = placement_mod.leader_report(urls) if target.placement else None
+        precise = precise_mod.feed_meta(urls) if target.precise else None
     loads_after = sum(int(st.get("disk_loads", 0)) for st in states.values())
     profile = sim_profile(spec.cluster)
     rows = request_rows(trace, results)
@@ -419,7 +424,8 @@ def run_point(spec: WorkloadSpec, opts: RunOptions, load: float, capacity: dict[
             "code_version": code_version(),
             "sim_disk_loads": {"before": loads_before, "replay": loads_after - loads_before},
             "placement": opts.placement.to_dict() if target.placement else None,
-            "sharing": _sharing_meta(ops_before, ops_after, len(rows)), **opts.extra_meta,
+            "sharing": _sharing_meta(ops_before, ops_after, len(rows)), "precise_prefix": precise,
+            **opts.extra_meta,
         },
         "requests": rows,
     }

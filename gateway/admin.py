@@ -7,7 +7,9 @@
   incoming adapters, prefix blocks), PodState; ``store``: whether the state store is reachable
   and, during an outage, how the gateway routes meanwhile (``gateway.store_watch``); with shared
   routing state, ``sharing`` (this replica's name, the peers that count and their age in ms,
-  store operations).
+  store operations); while a KV feed runs (precise-prefix, gateway/kv_feed.py), ``kv`` per pod:
+  the feed's source, the blocks the index holds, batches applied, the last one's age, and
+  ``live`` (false: the pod's events are silent and it is scored by the approximate index).
 - ``GET /admin/model`` — the learned cost model (``scorer.costmodel``): per pod group the
   constants in force, their defaults, the pins, observations and residual scales, and which pods
   are in each group.
@@ -70,6 +72,7 @@ def admin_router(gw: Gateway) -> APIRouter:
                 "inflight": pipeline.inflight(pod_id)[0],
                 "state_age_s": round(state.age(now), 3) if state else None,
                 "router": local.get(pod_id),
+                "kv": gw.kv_feeds.pod_status(pod_id, now),
                 "state": state.to_dict() if state else None,
             })
         out: dict[str, Any] = {"object": "list", "data": data, "store": gw.store_watch.describe(now)}

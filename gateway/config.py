@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gateway.placement_config import PlacementConfig
+from gateway.precise_config import StaticKVEvents, TokenizerConfig
 from podstate import check_store_url
 from podstate.envconfig import EnvOverrideError, apply_env_overrides
 
@@ -186,12 +187,15 @@ class AdapterConfig(_Strict):
 class BaseConfig(_Strict):
     """A base model. ``name`` is what clients write before the colon; ``served_name`` what vLLM
     serves (``--served-model-name``, default ``name``); ``aliases`` other names clients may use.
-    ``adapters`` lists the allowed adapters: plain names or ``{name, rank, served_name}``."""
+    ``adapters`` lists the allowed adapters: plain names or ``{name, rank, served_name}``;
+    ``tokenizer`` how the gateway computes a prompt's token ids for precise prefix routing
+    (``gateway.precise_config``)."""
 
     name: str
     served_name: str | None = None
     aliases: tuple[str, ...] = ()
     adapters: tuple[AdapterConfig, ...] = ()
+    tokenizer: TokenizerConfig = TokenizerConfig()
 
     @field_validator("name", "aliases")
     @classmethod
@@ -359,6 +363,8 @@ class StaticPod(_Strict):
     #: engine limits vLLM does not expose, used by the in-process monitor (sidecars know their own)
     max_lora_rank: int = Field(16, ge=1, le=1024)
     max_cpu_loras: int | None = Field(None, ge=0)
+    #: the pod's KV-event sockets: the gateway follows them itself (gateway/kv_feed.py)
+    kv_events: StaticKVEvents | None = None
 
     @field_validator("url", "sidecar_url")
     @classmethod

@@ -13,6 +13,7 @@ docs/gateway.md). One request, top-down:
    ``gateway.drain``); the tenant's request rate and concurrency limits (429, ``gateway.limits``);
 4. ``read_body``: the body with the size limit (413, checked against ``content-length`` first);
 5. ``gateway.parse``, the tenant's prompt-token rate (429) → ``gateway.route.resolve`` →
+   ``gateway.tokens`` (only while the pipeline reads KV events: the prompt's token ids) →
    ``gateway.route.decide``;
 6. ``gateway.forward`` (which sends through ``gateway.relay``), inside ``ClientWatch``: a client
    that disconnects cancels the request at once (the upstream connection closes, so the pod
@@ -88,6 +89,8 @@ class CompletionsEndpoint:
                 ex.request = parse_request(body, self.kind)
                 gw.limiter.admit_tokens(ex.tenant, ex.request.tokens)
                 route.resolve(ex)
+                if ex.runtime.pipeline.kv_reader is not None:
+                    await gw.tokens.fill(gw, ex)
                 route.decide(gw, ex)
             except APIError as e:
                 await send_error(send, ex, e)

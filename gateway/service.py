@@ -35,6 +35,7 @@ from gateway.config import ConfigError, GatewayConfig, StaticPod, load_config
 from gateway.discovery import Discovery, Endpoint, StaticDiscovery, StoreDiscovery
 from gateway.ensure import Ensurer
 from gateway.inflight import Inflight
+from gateway.kv_feed import KVFeedCollector, KVFeeds
 from gateway.limits import LimitsCollector, open_limiter
 from gateway.metrics import GatewayMetrics
 from gateway.placement_metrics import PlacementCollector
@@ -44,6 +45,7 @@ from gateway.sharing import SharingCollector, StateSharing
 from gateway.sidecars import sidecar_auth
 from gateway.store_watch import StoreCollector, StoreWatch
 from gateway.suspects import Suspects
+from gateway.tokens import PromptTokens
 from gateway.upstream import Upstream
 from podstate.placement_store import open_placement_store
 from podstate.monitor import MonitorSettings, PodMonitor
@@ -179,6 +181,11 @@ class Gateway:
             self.sharing = StateSharing(config.store.url, config.sharing, lambda: self.runtime.pipeline.local,
                                         key_prefix=config.store.key_prefix)
         self.metrics.registry.register(SharingCollector(lambda: self.sharing))
+        #: precise prefix routing: the prompt's token ids (gateway/tokens.py) and the pods' KV
+        #: blocks into the pipeline's index (gateway/kv_feed.py), both idle without precise-prefix
+        self.tokens = PromptTokens(self.metrics.registry)
+        self.kv_feeds = KVFeeds(self, self.metrics.registry)
+        self.metrics.registry.register(KVFeedCollector(lambda: self.kv_feeds))
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -204,6 +211,7 @@ class Gateway:
         self.limiter.start()
         if self.sharing is not None:
             self.sharing.start()
+        await self.kv_feeds.sync()
         self.ready = True
 
     async def close(self) -> None:
@@ -219,6 +227,7 @@ class Gateway:
             await self.placer.close()
         if self.sharing is not None:
             await self.sharing.close()
+        await self.kv_feeds.close()
         for pod_id in list(self._monitors):
             await self._stop_monitor(pod_id)
         with contextlib.suppress(Exception):
@@ -419,6 +428,7 @@ class Gateway:
             self._static.update((p.id, p.url, p.sidecar_url) for p in new.discovery.static)
         if self.ready:
             asyncio.get_running_loop().create_task(self._sync_monitors())
+            asyncio.get_running_loop().create_task(self.kv_feeds.sync())
         self._mtime = self._config_mtime()
         self.metrics.reload("ok")
         log.info("config reloaded (generation %d)%s", self.runtime.generation,

@@ -159,23 +159,51 @@ class KVBlockRelay(Background):
         if not changed and not snapshot:
             return
         msg = None
+        pending = (self._added, self._removed, self._cleared, self._oldest_ts)
         if changed:
             self.version += 1
             msg = [self.pod_id, self.epoch, self.version, self._cleared, pack_hashes(self._added),
                    pack_hashes(self._removed), self._oldest_ts or time.time()]
             self._added, self._removed, self._cleared, self._oldest_ts = set(), set(), False, None
-        async with self.client.pipeline(transaction=False) as pipe:
-            if snapshot:  # first, so a reader that loads it on seeing the delta finds it
-                body = msgpack.packb([self.epoch, self.version, pack_hashes(self.blocks)], use_bin_type=True)
-                pipe.set(snapshot_key(self.prefix, self.pod_id), body, px=int(self.ttl_s * 1000))
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                if snapshot:  # first, so a reader that loads it on seeing the delta finds it
+                    body = msgpack.packb([self.epoch, self.version, pack_hashes(self.blocks)], use_bin_type=True)
+                    pipe.set(snapshot_key(self.prefix, self.pod_id), body, px=int(self.ttl_s * 1000))
+                if msg is not None:
+                    pipe.publish(channel(self.prefix), msgpack.packb(msg, use_bin_type=True))
+                await pipe.execute()
+        except BaseException:
             if msg is not None:
-                pipe.publish(channel(self.prefix), msgpack.packb(msg, use_bin_type=True))
-            await pipe.execute()
+                self._restore(*pending)
+            raise
         if snapshot:
             self._snapshot_due = False
             self.stats.snapshots += 1
         if msg is not None:
             self.stats.deltas += 1
+
+    def _restore(self, added: set[int], removed: set[int], cleared: bool, oldest: float | None) -> None:
+        """A delta that did not go out is pending again, under the same version: merged with the
+        changes made meanwhile as ``apply`` would have merged them, so no reader misses a block
+        (a reset meanwhile makes the old changes moot)."""
+        self.version -= 1
+        self._wake.set()
+        if self._cleared:
+            return
+        for h in self._added:
+            if h in removed:
+                removed.discard(h)
+            else:
+                added.add(h)
+        for h in self._removed:
+            if h in added:
+                added.discard(h)
+            else:
+                removed.add(h)
+        new_oldest = self._oldest_ts
+        self._added, self._removed, self._cleared = added, removed, cleared
+        self._oldest_ts = oldest if new_oldest is None or (oldest is not None and oldest < new_oldest) else new_oldest
 
 
 @dataclass
@@ -184,6 +212,7 @@ class FeedStats:
     snapshots: int = 0
     gaps: int = 0
     malformed: int = 0
+    connected: bool = False
     latencies_s: list[float] = field(default_factory=list)
 
 
@@ -191,13 +220,18 @@ class KVBlockFeed(Background):
     """The gateway's side: every pod's deltas and snapshots into one ``KVBlockIndex``.
 
     ``clock`` stamps ``PodKV.last_batch_at`` (Unix seconds); ``record_latency`` keeps
-    ``now − ts`` of each delta (bounded), for the benchmark."""
+    ``now − ts`` of each delta (bounded), for the benchmark; ``on_delta(delay_s, apply_s)`` sees
+    every applied delta (pod time stamp → applied, and the time applying it took); pods for
+    which ``skip(pod_id)`` is true are left alone (the gateway follows their events itself)."""
 
     def __init__(self, url: str, index: KVBlockIndex, *, key_prefix: str = "loraroute",
                  clock: Callable[[], float] = time.time, record_latency: bool = False,
-                 password: str | None = None) -> None:
+                 password: str | None = None, on_delta: Callable[[float, float], None] | None = None,
+                 skip: Callable[[str], bool] | None = None) -> None:
         self.url = url
         self.index = index
+        self.on_delta = on_delta
+        self.skip = skip
         self.prefix = key_prefix
         self.clock = clock
         self.record_latency = record_latency
@@ -222,6 +256,7 @@ class KVBlockFeed(Background):
                 await pubsub.subscribe(channel(self.prefix))
                 self._client = client
                 await self._load_all_snapshots()
+                self.stats.connected = True
                 self.ready.set()
                 if logged:
                     log.info("redis at %s reachable again: KV blocks resynced", redact_url(self.url))
@@ -238,6 +273,7 @@ class KVBlockFeed(Background):
                                 redact_url(self.url), type(e).__name__)
                     logged = True
             finally:
+                self.stats.connected = False
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                 with contextlib.suppress(Exception):
@@ -255,6 +291,8 @@ class KVBlockFeed(Background):
 
     async def _load_snapshot(self, pod_id: str) -> None:
         assert self._client is not None
+        if self.skip is not None and self.skip(pod_id):
+            return
         raw = await self._client.get(snapshot_key(self.prefix, pod_id))
         if raw is None:
             return
@@ -279,6 +317,9 @@ class KVBlockFeed(Background):
         except (ValueError, msgpack.UnpackException, TypeError):
             self.stats.malformed += 1
             return
+        if self.skip is not None and self.skip(pod_id):
+            return
+        t0 = time.perf_counter()
         have = self._versions.get(pod_id)
         if have is not None and have[0] == epoch and version <= have[1]:
             return  # already in the snapshot we loaded
@@ -308,3 +349,5 @@ class KVBlockFeed(Background):
         self.stats.deltas += 1
         if self.record_latency and len(self.stats.latencies_s) < 100_000:
             self.stats.latencies_s.append(time.time() - float(ts))
+        if self.on_delta is not None:
+            self.on_delta(time.time() - float(ts), time.perf_counter() - t0)

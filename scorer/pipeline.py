@@ -45,7 +45,7 @@ from scorer.params import Param, validate_params
 from scorer.placement import PlacementPlan
 from scorer.costmodel import Ticket
 from scorer.plugin import (
-    Filter, HintsReason, KnowsPrefillRate, LearnsCosts, Picker, PredictsTTFT, PricesLoadStall, Scorer,
+    Filter, HintsReason, KnowsPrefillRate, LearnsCosts, Picker, PredictsTTFT, PricesLoadStall, ReadsKVEvents, Scorer,
 )
 from scorer.prefix import DEFAULT_BLOCK_CHARS, prompt_block_hashes
 from scorer.presets import PRESETS
@@ -97,6 +97,9 @@ class Pipeline:
             (sc for _, sc, _ in self.scorers if isinstance(sc, LearnsCosts)), None)
         self._ttft: PredictsTTFT | None = next(
             (sc for _, sc, _ in self.scorers if isinstance(sc, PredictsTTFT)), None)
+        #: the scorer fed by KV events and token ids (precise-prefix), None without one
+        self.kv_reader: ReadsKVEvents | None = next(
+            (sc for _, sc, _ in self.scorers if isinstance(sc, ReadsKVEvents)), None)
         rate = next((sc for _, sc, _ in self.scorers if isinstance(sc, KnowsPrefillRate)), None)
         self._prefill_s_per_token = rate.prefill_s_per_token if rate is not None else DEFAULT_PREFILL_S_PER_TOKEN
         self._bounded = all(sc.BOUNDED for _, sc, _ in self.scorers)

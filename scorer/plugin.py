@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from scorer.costmodel import CostConstants, CostLearner, Ticket
+from scorer.kv_index import KVBlockIndex
 from scorer.model import RoutingRequest
 from scorer.params import Param, validate_params
 from scorer.context import PickContext
@@ -115,6 +116,15 @@ class Picker(Plugin):
 
     def pick(self, totals: list[float], views: list[PodView], ctx: PickContext) -> int:
         raise NotImplementedError
+
+
+@runtime_checkable
+class ReadsKVEvents(Protocol):
+    """A scorer fed by the pods' KV events (``LocalState.kv``) and the request's token ids
+    (``RoutingRequest.prompt_token_ids``): the gateway runs a KV feed and tokenizes prompts
+    only while its pipeline has one. ``live`` says whether a pod's event stream counts now."""
+
+    def live(self, view: PodView, kv: KVBlockIndex, now: float) -> bool: ...
 
 
 @runtime_checkable

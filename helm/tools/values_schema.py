@@ -92,7 +92,13 @@ schema = obj({
                     obj({"name": {"type": "string", "pattern": ADAPTER},
                          "rank": {"type": "integer", "minimum": 1, "maximum": 1024},
                          "served_name": S, "version": {"type": "string", "pattern": "^[0-9a-f]{12}$"}},
-                        ["name"])]}}}, ["name"])},
+                        ["name"])]}},
+                # gateway/precise_config.py TokenizerConfig
+                "tokenizer": obj({"mode": {"enum": ["none", "sim", "pod", "local"]}, "min_chars": I0,
+                                  "timeout_ms": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000},
+                                  "backoff_s": {"type": "number", "minimum": 0},
+                                  "cache_entries": {"type": "integer", "minimum": 0, "maximum": 1000000},
+                                  "path": {"type": ["string", "null"]}})}, ["name"])},
             "tenants": {"type": "array", "items": obj({
                 "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$"},
                 "adapters": {"type": "array", "items": {"type": "string", "minLength": 1}},
