@@ -13,8 +13,7 @@ predicts with::
          + prefill_s_per_token × uncached prompt tokens
          + queue_scale        × queue                       (the scorer's queue term at dispatch)
 
-    disk(rank) = prior_disk(rank) + disk_lo_delta_s × (64 − rank) / 48
-                                  + disk_hi_delta_s × (rank − 16) / 48
+    disk(rank) = disk_scale × prior_disk(rank) + disk_offset_s
 
 The cliff terms are vLLM's compiled mode (real-vllm-0.25.md, "the 512-token cliff"): a step of at
 most ``graph_tokens`` tokens runs in a CUDA graph, a longer one does not, and costs ≈ 30 ms more
@@ -23,20 +22,21 @@ whatever correlates with long prompts (a new conversation's first, cold request:
 ``graph_tokens`` 0 (an eager server) turns them off.
 
 ``prior_disk`` is the scorer's configured table (``disk_load_s`` × ``model_scale``), so with no
-data the learned model *is* the configured one; the data learns an affine correction to it,
-written as its values at two anchor ranks (16 and 64). Real vLLM's disk tier is affine in rank
-(≈ 31 ms + 3.9 ms × rank on an 8B model, real-vllm-0.25.md), and two anchor values, unlike an
-intercept and a slope, are on one scale and barely correlated, so one ridge strength shrinks
-both fairly.
+data (``disk_scale`` 1, ``disk_offset_s`` 0) the learned model *is* the configured one; the data
+learns how much slower or faster every load is (``disk_scale``: another disk, GPU or model size
+scales the whole table) and a fixed part the table lacks (``disk_offset_s``: e.g. the load API's
+own ≈ 32 ms per call, real-vllm-0.25.md). A table off by a factor is then learned exactly, which an
+additive correction affine in rank cannot do (the configured table is not affine: its rank-8 point
+is mostly the fixed part of a load).
 
 Estimator: exponentially weighted ridge regression towards the defaults, with Huber weights::
 
     θ = argmin  Σᵢ λ^(n−i) wᵢ (yᵢ − xᵢ·θ)²  +  ρ Σⱼ (θⱼ − θ0ⱼ)²        (standardised features)
 
-    yᵢ = ttftᵢ − prior_disk(rankᵢ) × [disk or remote]
-    xᵢ = (1, uncached, adapter?, cpu?, disk? × (64 − rank) / 48, disk? × (rank − 16) / 48,
+    yᵢ = ttftᵢ
+    xᵢ = (1, uncached, adapter?, cpu?, disk? × prior_disk(rank), disk?,
           remote? × rank, queue, cliff?, cliff? × adapter?) / scale
-    θ0 = the defaults (disk deltas 0, queue_scale 1)
+    θ0 = the defaults (disk_scale 1, disk_offset_s 0, queue_scale 1)
     λ  = 0.5 ** (1 / half_life)             (observations; 1000 by default)
     ρ  = prior_obs                          (pseudo-observations on each standardised feature)
     wᵢ = min(1, k σ_c / |rᵢ|)               (Huber, k = 2; rᵢ the residual under the current θ,
@@ -74,12 +74,14 @@ CLASS_NAMES = ("gpu", "cpu", "disk", "remote")
 # coefficient order (the standardised regression's columns)
 NAMES = (
     "base_s", "prefill_s_per_token", "lora_s", "cpu_load_s",
-    "disk_lo_delta_s", "disk_hi_delta_s", "fetch_s_per_rank", "queue_scale", "cliff_s", "cliff_lora_s",
+    "disk_scale", "disk_offset_s", "fetch_s_per_rank", "queue_scale", "cliff_s", "cliff_lora_s",
 )
-R_LO, R_HI = 16, 64  # the anchor ranks of the learned disk line
 D = len(NAMES)
+#: the form of the features above; replicas pool statistics (scorer.sharing) only of the same form,
+#: so a rolling upgrade that changes the features never sums two meanings (2: disk_scale/offset)
+FEATURES_FORM = 2
 # typical magnitude of each feature: standardises the columns so one ridge strength fits all
-_SCALE = np.array([1.0, 1000.0, 1.0, 1.0, 1.0, 1.0, 32.0, 0.1, 1.0, 1.0])
+_SCALE = np.array([1.0, 1000.0, 1.0, 1.0, 0.1, 1.0, 32.0, 0.1, 1.0, 1.0])
 MIN_DISK_S = 0.001  # a learned disk load never goes below this (nor below cpu_load_s)
 MAX_DISK_S = 60.0
 # sane ranges of the learned constants (seconds, seconds per token / per rank, or a factor)
@@ -88,8 +90,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "prefill_s_per_token": (1e-7, 1e-3),
     "lora_s": (0.0, 1.0),
     "cpu_load_s": (0.0, 1.0),
-    "disk_lo_delta_s": (-MAX_DISK_S, MAX_DISK_S),
-    "disk_hi_delta_s": (-MAX_DISK_S, MAX_DISK_S),
+    "disk_scale": (0.05, 20.0),
+    "disk_offset_s": (-1.0, 5.0),
     "fetch_s_per_rank": (0.0, 0.1),
     "queue_scale": (0.25, 4.0),
     "cliff_s": (0.0, 1.0),
@@ -141,7 +143,7 @@ class CostPrior:
     def theta0(self) -> np.ndarray:
         return np.array([
             self.base_s, self.prefill_s_per_token, self.lora_s, self.cpu_load_s,
-            0.0, 0.0, self.fetch_s_per_rank, 1.0, self.cliff_s, self.cliff_lora_s,
+            1.0, 0.0, self.fetch_s_per_rank, 1.0, self.cliff_s, self.cliff_lora_s,
         ])
 
 
@@ -196,8 +198,8 @@ class CostConstants:
     prefill_s_per_token: float
     lora_s: float
     cpu_load_s: float
-    disk_lo_delta_s: float
-    disk_hi_delta_s: float
+    disk_scale: float
+    disk_offset_s: float
     fetch_s_per_rank: float
     queue_scale: float
     cliff_s: float
@@ -206,9 +208,8 @@ class CostConstants:
     version: int = 0
 
     def disk_s(self, rank: int) -> float:
-        """Disk-tier seconds for ``rank``: the configured table plus the learned correction."""
-        f = (rank - R_LO) / (R_HI - R_LO)
-        t = self.prior.disk_s(rank) + self.disk_lo_delta_s * (1.0 - f) + self.disk_hi_delta_s * f
+        """Disk-tier seconds for ``rank``: the configured table, scaled, plus the learned fixed part."""
+        t = self.disk_scale * self.prior.disk_s(rank) + self.disk_offset_s
         return min(MAX_DISK_S, max(MIN_DISK_S, self.cpu_load_s, t))
 
     def as_dict(self, ranks: Iterable[int] = (8, 16, 32, 64)) -> dict[str, object]:
@@ -267,14 +268,13 @@ class CostFit:
         cliff = 1.0 if g and obs.uncached_tokens > g else 0.0
         return np.array([
             1.0, obs.uncached_tokens, adapter, 1.0 if obs.tier == C_CPU else 0.0,
-            disk * (R_HI - obs.rank) / (R_HI - R_LO), disk * (obs.rank - R_LO) / (R_HI - R_LO),
+            disk * self.prior.disk_s(obs.rank), disk,
             remote * obs.rank, obs.queue_s, cliff, cliff * adapter,
         ])
 
     def predict(self, obs: Observation) -> float:
         """The current model's TTFT for the observation's features."""
-        prior_disk = self.prior.disk_s(obs.rank) if obs.tier in (C_DISK, C_REMOTE) else 0.0
-        return float(self._features(obs) @ self._theta) + prior_disk
+        return float(self._features(obs) @ self._theta)
 
     def observe(self, obs: Observation) -> bool:
         """Add one observation; False when it was refused as unusable (non-finite, negative)."""
@@ -283,7 +283,7 @@ class CostFit:
             self.rejected += 1
             return False
         x = self._features(obs)
-        y = obs.ttft_s - (self.prior.disk_s(obs.rank) if obs.tier in (C_DISK, C_REMOTE) else 0.0)
+        y = obs.ttft_s
         r = y - float(x @ self._theta)
         self.recent.append((obs, obs.ttft_s - r))
         c = obs.tier

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scorer.costmodel import D, CostLearner
+from scorer.costmodel import D, FEATURES_FORM, CostLearner
 from scorer.state import LocalState
 
 
@@ -145,6 +145,9 @@ def merge_figures(local: LocalState, peers: Iterable[Peer], now: float, stale_s:
     return fresh
 
 
+_FORM = f"#form{FEATURES_FORM}"   # suffix of the published group keys
+
+
 def own_cost_stats(costs: CostLearner | None) -> dict[str, GroupStats]:
     """This replica's own statistics per pod group (groups without observations left out)."""
     if costs is None:
@@ -153,7 +156,7 @@ def own_cost_stats(costs: CostLearner | None) -> dict[str, GroupStats]:
     for group, fit in costs.fits.items():
         A, b, count = fit.own_stats()
         if count > 0:
-            out[group] = GroupStats(A, b, count)
+            out[f"{group}{_FORM}"] = GroupStats(A, b, count)
     return out
 
 
@@ -166,7 +169,10 @@ def merge_costs(costs: CostLearner | None, peers: Iterable[Peer], now: float, st
     for peer in peers:
         if now - peer.costs_at > stale_s:
             continue
-        for group, st in peer.costs.items():
+        for key, st in peer.costs.items():
+            if not key.endswith(_FORM):
+                continue   # another version's features: not summable with ours
+            group = key[: -len(_FORM)]
             acc = sums.get(group)
             if acc is None:
                 sums[group] = (st.A.copy(), st.b.copy())

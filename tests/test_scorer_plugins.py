@@ -451,7 +451,7 @@ def test_pins_learning_off_and_reload_keep_what_they_should() -> None:
     assert fit["constants"]["disk_s_by_rank"] == fit["defaults"]["disk_s_by_rank"]
     assert fit["constants"]["lora_s"] == fit["defaults"]["lora_s"]
     assert fit["constants"]["base_s"] > 10 * fit["defaults"]["base_s"]  # the rest absorbed the 2 s
-    assert sorted(fit["pinned"]) == ["disk_hi_delta_s", "disk_lo_delta_s", "lora_s"]
+    assert sorted(fit["pinned"]) == ["disk_offset_s", "disk_scale", "lora_s"]
 
     off = _learning_pipeline(learn=False)
     teach(off, 20)

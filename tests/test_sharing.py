@@ -121,6 +121,26 @@ def test_cost_statistics_pool_every_replicas_observations() -> None:
     assert pooled["base_s"] == pytest.approx(single["base_s"], abs=0.003)
 
 
+def test_statistics_of_another_feature_form_are_not_pooled() -> None:
+    """A replica of another version (its group keys without our form suffix) publishes
+    statistics of other features: summing them would mix two meanings, so they are ignored."""
+    pls = [build_pipeline("default") for _ in range(2)]
+    for i in range(200):
+        obs = Observation(0.02 + 0.0001 * (50 + i), 50.0 + i, False, C_GPU, 8, 0.0)
+        for pl in pls:
+            assert pl.local.costs is not None
+            pl.local.costs.observe("g", obs)
+    a, b = pls[0].local.costs, pls[1].local.costs
+    assert a is not None and b is not None
+    stats = own_cost_stats(b)
+    assert len(stats) == 1
+    old_form = {key.split("#", 1)[0]: st for key, st in stats.items()}
+    assert merge_costs(a, [Peer("old", costs=old_form, costs_at=NOW)], NOW, 10.0) == 0
+    assert not a.fits["g"].has_peer_stats
+    assert merge_costs(a, [Peer("new", costs=stats, costs_at=NOW)], NOW, 10.0) == 1
+    assert a.fits["g"].has_peer_stats
+
+
 # --- two real gateway replicas on one real Redis ---------------------------------------------------
 ADMIN = {"Authorization": "Bearer admin-key"}
 

@@ -85,8 +85,8 @@ drain_s_per_token, per_running_s, per_waiting_s, cpu_load_s,
 disk_load_s (mapping rank → seconds), model_scale, fetch_s_per_rank, incoming_s, loading_s,
 deferred_wait_s, default_rank, scale_s, normalize ("absolute" | "minmax"), learn, learn_half_life,
 learn_prior_obs, pin (names among ``scorer.costmodel.NAMES``: base_s, prefill_s_per_token,
-lora_s, cpu_load_s, disk_lo_delta_s, disk_hi_delta_s, fetch_s_per_rank, queue_scale, cliff_s,
-cliff_lora_s; ``disk`` pins both disk deltas). The pipeline also uses this scorer's
+lora_s, cpu_load_s, disk_scale, disk_offset_s, fetch_s_per_rank, queue_scale, cliff_s,
+cliff_lora_s; ``disk`` pins both disk terms). The pipeline also uses this scorer's
 ``prefill_s_per_token`` to drain the pending-prefill queue it keeps per pod.
 
 YAML:
@@ -149,13 +149,13 @@ def _rank_table(value: Any) -> dict[int, float]:
 
 
 def _pins(value: Any) -> list[str]:
-    """The pinned constants' names, ``disk`` expanded to both disk deltas (sorted)."""
+    """The pinned constants' names, ``disk`` expanded to both disk terms (sorted)."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"expected a list of constant names, got {value!r}")
     out: set[str] = set()
     for name in value:
         if name == "disk":
-            out |= {"disk_lo_delta_s", "disk_hi_delta_s"}
+            out |= {"disk_scale", "disk_offset_s"}
         elif name in NAMES:
             out.add(name)
         else:
