@@ -154,6 +154,13 @@ def sglang_argv(python: str, port: int, pod_urls: Sequence[str]) -> list[str]:
             "--worker-urls", *pod_urls]
 
 
+def sglang_ready(port: int) -> bool:
+    """sglang-router answers only once it has a healthy worker: its port opens earlier, and a
+    request sent then fails with 503 "no_available_workers" (the first request of a replay on real
+    vLLM did), so ready is ``/v1/models`` answering below 500 through a worker."""
+    return port_open(port) and http_ready(f"http://127.0.0.1:{port}/v1/models")
+
+
 def start_peer(
     name: str,
     pod_urls: Sequence[str],
@@ -176,7 +183,7 @@ def start_peer(
     api_key: str | None = None
     if name == "sglang":
         argv = sglang_argv(str(venv_bin(name, "python", root)), port, pod_urls)
-        ready = lambda: port_open(port)  # noqa: E731
+        ready = lambda: sglang_ready(port)  # noqa: E731
     elif name == "vllm-router":
         argv = [str(venv_bin(name, "vllm-router", root)), "--host", "127.0.0.1", "--port", str(port),
                 "--policy", "cache_aware", "--prometheus-host", "127.0.0.1",

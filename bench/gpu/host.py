@@ -48,12 +48,12 @@ from bench.cluster import BenchCluster, Pod, Target
 from bench.gpu import model, probe, servers
 from bench.gpu.counterpart import estimate_tiers
 from bench.gpu.status import Status
-from bench.peers import sglang_argv
+from bench.peers import sglang_argv, sglang_ready
 from bench.procstats import CpuMeter
 from bench.runner import _group_cpu, code_version, model_name, request_rows, result_path
 from bench.stats import is_ok, percentile, summarize
 from bench.workload import TraceRequest, WorkloadSpec, generate, load_spec
-from loraroute.procs import Proc, free_port, port_open, start_process
+from loraroute.procs import Proc, free_port, start_process
 
 PHASES = ("build", "servers", "warmup", "state", "capacity", "replay", "probe")
 POLICIES = ("default", "llm-d", "round-robin", "sglang")
@@ -279,7 +279,7 @@ class Driver:
             return proc.url, proc
         port = free_port()
         argv = sglang_argv(self.opts.python, port, [s.url for s in self.running])
-        proc = start_process("peer-sglang", argv, port=port, ready=lambda: port_open(port), timeout=90,
+        proc = start_process("peer-sglang", argv, port=port, ready=lambda: sglang_ready(port), timeout=90,
                              log_dir=self.opts.work / "logs")
         self.cluster.procs.append(proc)
         return proc.url, proc
