@@ -302,14 +302,14 @@ def report(out_dir: Path, window: int = 200) -> Path:
         docs.setdefault(scenario, {})[doc["learning"]["mode"]] = doc
     lines = ["# Learning the costs: TTFT and learned constants", ""]
     for scenario, modes in docs.items():
-        any_doc = next(iter(modes.values()))
-        truth = any_doc["learning"]["truth"]
+        any_doc = modes.get("learning") or next(iter(modes.values()))
+        truth = any_doc["learning"]["truth"]   # the learning run's: the runs may come from several versions
         meta = any_doc["meta"]
         lines += [f"## {scenario}", "",
                   f"{meta['requests']} requests at {meta['load']:.0%} of capacity ({meta['rate_rps']} req/s), "
-                  f"time-scale {meta['time_scale']}, code {meta.get('code_version')}, finished "
-                  f"{meta.get('finished_at')}. Times in simulated ms.", ""]
-        lines += ["| mode | p50 | p99 | p99, second half | machine busy |", "|---|---|---|---|---|"]
+                  f"time-scale {meta['time_scale']}. Times in simulated ms.", ""]
+        lines += ["| mode | p50 | p99 | p99, second half | machine busy | code | finished |",
+                  "|---|---|---|---|---|---|---|"]
         for mode in MODES:
             doc = modes.get(mode)
             if doc is None:
@@ -318,7 +318,8 @@ def report(out_dir: Path, window: int = 200) -> Path:
             s = doc["summary"]
             half = percentile(t[len(t) // 2:], 99) or float("nan")
             lines.append(f"| {mode} | {_ms(s['ttft_p50'])} | {_ms(s['ttft_p99'])} | {_ms(half)} | "
-                         f"{s.get('machine_busy_pct') or 0:.0f} % |")
+                         f"{s.get('machine_busy_pct') or 0:.0f} % | {doc['meta'].get('code_version')} | "
+                         f"{doc['meta'].get('finished_at')} |")
         lines += ["", f"TTFT p99 per window of {window} requests (ms):", ""]
         per = {m: window_p99(d, window) for m, d in modes.items()}
         n = max((len(v) for v in per.values()), default=0)
