@@ -318,7 +318,13 @@ class BenchCluster:
         self.procs.clear()
 
     def __enter__(self) -> BenchCluster:
-        return self.start()
+        # a start that fails half-way (a sidecar that does not come up) raises before ``with``
+        # owns the cluster, so __exit__ would not run: stop what did start (Redis, pods) here
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
