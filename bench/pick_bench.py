@@ -10,7 +10,7 @@ marked observed in the future so they never go stale during the run.
 
 Columns (µs per call, median / p99, GC paused while timing):
   pick           ``pick()`` on an unchanged view (views cached per PodState object)
-  pick+dispatch  ``pick()`` + ``on_dispatch()`` + ``on_complete()`` of the result
+  pick+dispatch  ``pick()`` + ``on_dispatch(…, decision)`` + ``on_complete()`` of the result
   pick+explain   ``pick()`` + materialising ``decision.ranked`` (what the explain header costs)
   pick, churn    one pod's PodState replaced before every pick (a state push per decision)
 A machine reference (a 16-element list comprehension) is printed first: numbers from a busy
@@ -21,7 +21,8 @@ rows labelled ``+precise``; presets without prefix-cache are skipped). Every req
 its prompt's token ids (≈ 34 vLLM blocks of 16, the same system prompt for a quarter of them) and
 every dispatch during the warm-up stores the request's vLLM blocks for the picked pod in the
 KV index, as that pod's events would; each pod's stream is live. A pick then hashes the prompt's
-leading blocks (a SHA-256 each) until no candidate holds one.
+leading blocks (a SHA-256 each) until no candidate holds one. The index holds at most 64 pods
+(``scorer.kv_index.MAX_PODS``): at 256 pods the other 192 are scored on the approximate index.
 
 Usage:  python -m bench.pick_bench [--pods 16 256] [--presets default llm-d ...] [--n 20000] [--precise]
 Goals (routing-plane issue): ≤ 20 µs median at 16 pods, ≤ 200 µs at 256 pods.
@@ -133,15 +134,17 @@ def bench(preset: str, n_pods: int, n: int, seed: int, precise: bool = False) ->
     kv = pl.local.kv
     blocks = vllm_blocks(reqs) if precise else []
     if precise:
-        for pid in pods:  # every pod's stream is live from the start
-            kv.pod(pid).batches = 1  # type: ignore[union-attr]
+        for pid in pods:  # every indexed pod's stream is live from the start
+            rec = kv.pod(pid)
+            if rec is not None:
+                rec.batches = 1
     # warm the prefix index and in-flight counts as a running gateway would have them
     for i in range(20000):
         now = t0 + i * tick
         r = reqs[i % len(reqs)]
         d = pl.pick(r, pods, now)
         if d.pod_id is not None:
-            pl.on_dispatch(d.pod_id, r, now)
+            pl.on_dispatch(d.pod_id, r, now, d)
             if precise:
                 kv.store(d.pod_id, blocks[i % len(reqs)])
             if i % 10:
@@ -155,7 +158,7 @@ def bench(preset: str, n_pods: int, n: int, seed: int, precise: bool = False) ->
         r = reqs[i % m]
         now = start + (n + i) * tick
         d = pl.pick(r, pods, now)
-        pl.on_dispatch(d.pod_id, r, now)  # type: ignore[arg-type]
+        pl.on_dispatch(d.pod_id, r, now, d)  # type: ignore[arg-type]
         pl.on_complete(d.pod_id, r, True)  # type: ignore[arg-type]
 
     res["+dispatch"] = stats(timed(with_dispatch, n))

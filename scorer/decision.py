@@ -132,6 +132,12 @@ class LazyDecision(Decision):
         match = self._ctx.computed_match()
         return 0 if match is None else match.get(pod_id, 0)
 
+    def cached_tokens(self, pod_id: str) -> int | None:
+        """Prompt tokens ``pod_id`` held at pick time by its own KV events (M × block_size,
+        ``scorer.kv_match``); None when its stream was not live or no precise match was made."""
+        km = self._ctx.computed_kv_match()
+        return None if km is None else km.cached_tokens.get(pod_id)
+
     def stored_tier(self, pod_id: str) -> int | None:
         """``scorer.view.stored_tier`` of the requested adapter on the candidate ``pod_id``, from
         the view the pick scored (the picked pod is found first); None for a non-candidate."""
