@@ -121,3 +121,26 @@ def test_dispatch_books_the_uncached_tokens_the_prediction_priced() -> None:
     assert ticket is not None and ticket.uncached_tokens == len(TOKENS)  # the approximate index said 0
     ticket = pl.on_dispatch("no-events", request(), NOW + 10.0, d)
     assert ticket is not None and ticket.uncached_tokens == 0  # no live events: the approximate index
+
+
+def test_the_explanation_shows_the_kv_state_the_pick_used() -> None:
+    pl = build_pipeline({"filters": [], "scorers": [
+        {"type": "precise-prefix", "parameters": {"lora_path": "/adapters/{name}"}},
+        {"type": "prefix-cache", "weight": 0.0}]})
+    cluster(pl)
+    d = pl.pick(request(), PODS, NOW + 10.0)
+    pl.on_dispatch(d.pod_id, request(), NOW + 10.0, d)  # must not change what the explanation says
+    kv = {c["pod"]: c["kv"] for c in d.explain()["candidates"]}
+    assert kv == {
+        "holds": {"live": True, "precise": 48, "precise_of": 64, "approx": 0, "approx_of": 10},
+        "evicted": {"live": True, "precise": 0, "precise_of": 64, "approx": 10, "approx_of": 10},
+        "no-events": {"live": False, "precise": None, "precise_of": None, "approx": 10, "approx_of": 10},
+    }
+    assert d.pod_id == "no-events"  # the approximate index's word, its events being silent
+    d = pl.pick(request(), {p: PODS[p] for p in ("holds", "evicted")}, NOW + 10.0)
+    assert d.pod_id == "holds" and "KV events 48/64 blocks" in d.reason
+    # a request without token ids: nothing judged; without a KV reader: no kv entry at all
+    d = pl.pick(request([]), PODS, NOW + 10.0)
+    assert {c["kv"]["live"] for c in d.explain()["candidates"]} == {None}
+    plain = build_pipeline({"filters": [], "scorers": [{"type": "prefix-cache"}]})
+    assert all("kv" not in c for c in plain.pick(request(), PODS, NOW).explain()["candidates"])
