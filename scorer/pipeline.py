@@ -12,6 +12,8 @@
     scorers:                   # replaces the preset's scorers
       - {type: estimated-ttft, weight: 3, parameters: {scale_s: 0.5}}
       - {type: inflight, name: inflight-tokens, weight: 1, parameters: {metric: tokens, capacity: 1e6}}
+    replace:                   # swaps named scorers (same place; the old weight unless given)
+      prefix-cache: {type: precise-prefix}
     weights: {prefix-cache: 5} # re-weights scorers by name (after the above)
     picker: {type: max-score, parameters: {seed: 1}}
     state:                     # the pipeline's own state
