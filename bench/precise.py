@@ -9,7 +9,8 @@ The preset's ``prefix-cache`` scorer is **replaced** by ``precise-prefix`` at th
 not joined by it: ``precise-prefix`` already falls back to the approximate index for a pod whose
 events are not live, and keeping both would count the prefix twice — a different balance
 against the preset's load and adapter scorers, so the comparison would no longer isolate which
-index is right. (``estimated-ttft``'s uncached-prefill term still reads the approximate index.)
+index is right. (``estimated-ttft``'s uncached-prefill term follows: it reads the precise match
+for a pod whose events are live, ``scorer.kv_match``.)
 A preset without ``prefix-cache`` (round-robin, random, least-loaded) has nothing to replace and
 is refused.
 """

@@ -95,7 +95,7 @@ async def _attempt(gw: Gateway, ex: Exchange, send: Send, pod_id: str, endpoint:
     timeouts = ex.runtime.config.server.timeouts
     tier = ex.decision.stored_tier(pod_id)
     predicted = pipeline.predicted_ttft_s(ex.decision, pod_id)  # before the dispatch counts this request
-    ticket = pipeline.on_dispatch(pod_id, ex.routing, time.time())
+    ticket = pipeline.on_dispatch(pod_id, ex.routing, time.time(), ex.decision)
     dispatched = time.perf_counter()
     ok = False
     abort = AbortSignal(pod_id)

@@ -3,8 +3,11 @@
 The mapping's keys are in ``scorer.pipeline``'s docstring. Every key is validated strictly; a
 ``ConfigError`` names the offending path (``pipeline.scorers[2].parameters.wieght: unknown key``).
 A preset is the starting point; ``filters``, ``scorers``, ``picker`` and ``state`` replace its
-parts, ``weights`` re-weights scorers by name afterwards, ``name`` names the policy (default: the
-preset's, ``<preset>+custom`` once anything is overridden, ``custom`` without a preset).
+parts, ``replace`` swaps named scorers for others (``{prefix-cache: {type: precise-prefix}}``: the
+new scorer takes the old one's place and, unless it gives its own, its weight; the Helm chart's
+``precisePrefix.enabled`` uses it on whatever pipeline the values name), ``weights`` re-weights
+scorers by name afterwards, ``name`` names the policy (default: the preset's, ``<preset>+custom``
+once anything is overridden, ``custom`` without a preset).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from scorer.registry import lookup
 
 __all__ = ["build_pipeline"]
 
-_TOP_KEYS = ("preset", "name", "filters", "scorers", "weights", "picker", "state")
+_TOP_KEYS = ("preset", "name", "filters", "scorers", "replace", "weights", "picker", "state")
 _PLUGIN_KEYS = ("type", "name", "parameters")
 _SCORER_KEYS = ("type", "name", "weight", "parameters")
 
@@ -41,6 +44,9 @@ def build_pipeline(spec: str | Mapping[str, Any] | None, *, path: str = "pipelin
             raise unknown_key(path, k, list(_TOP_KEYS))
     name, effective = _effective(spec, path)
     filters = _filters(effective.get("filters") or [], f"{path}.filters")
+    if "replace" in spec:
+        effective["scorers"] = _replaced(effective.get("scorers") or [], spec["replace"], f"{path}.replace")
+        effective["replace"] = copy.deepcopy(dict(spec["replace"]))
     scorers = _scorers(effective.get("scorers") or [], f"{path}.scorers")
     if "weights" in spec:
         _reweight(scorers, spec["weights"], f"{path}.weights")
@@ -58,7 +64,7 @@ def _effective(spec: Mapping[str, Any], path: str) -> tuple[str, dict[str, Any]]
         if not isinstance(pname, str) or pname not in PRESETS:
             raise ConfigError(f"{path}.preset", f"unknown preset {pname!r}; known: {', '.join(sorted(PRESETS))}")
         base = copy.deepcopy(PRESETS[pname])
-        overridden = any(k in spec for k in ("filters", "scorers", "weights", "picker"))
+        overridden = any(k in spec for k in ("filters", "scorers", "replace", "weights", "picker"))
         name = pname if not overridden else f"{pname}+custom"
     if "name" in spec:
         if not isinstance(spec["name"], str) or not spec["name"]:
@@ -96,6 +102,27 @@ def _scorers(raw: Any, path: str) -> list[tuple[str, Scorer, float]]:
         weight = _weight(entry.get("weight", 1.0), f"{p}.weight")
         out.append((name, cls(entry.get("parameters"), f"{p}.parameters"), weight))  # type: ignore[arg-type]
     return out
+
+
+def _replaced(raw: Any, rmap: Any, path: str) -> list[Any]:
+    """The scorer entries with ``replace: {scorer name: new entry}`` applied (same place; the old
+    entry's weight unless the new one has its own)."""
+    if not isinstance(rmap, Mapping):
+        raise ConfigError(path, "expected a mapping of scorer name to a scorer entry")
+    if not isinstance(raw, list):
+        return raw  # _scorers reports it
+    entries = [{"type": e} if isinstance(e, str) else dict(e) if isinstance(e, Mapping) else e for e in raw]
+    names = [e.get("name", e.get("type")) if isinstance(e, dict) else None for e in entries]
+    for sname, new in rmap.items():
+        if sname not in names:
+            known = ", ".join(n for n in names if isinstance(n, str)) or "none"
+            raise ConfigError(f"{path}.{sname}", f"no scorer named {sname!r} to replace; the pipeline's scorers: {known}")
+        entry = _plugin_entry(new, f"{path}.{sname}", _SCORER_KEYS)
+        j = names.index(sname)
+        if "weight" not in entry and "weight" in entries[j]:
+            entry["weight"] = entries[j]["weight"]
+        entries[j] = entry
+    return entries
 
 
 def _reweight(scorers: list[tuple[str, Scorer, float]], wmap: Any, path: str) -> None:

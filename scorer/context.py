@@ -2,8 +2,9 @@
 
 Made by ``Pipeline.pick`` for each request; plugins read the request, the time, the pipeline's
 indexes (prefix blocks, KV-event blocks, sessions, the placement plan, the learned costs) and
-three memoised per-pick results: the prefix match, the adapter's rank, and the placement code of
-the adapter on each candidate (``scorer.view.tier_codes``).
+four memoised per-pick results: the prefix match, the precise KV match (``scorer.kv_match``),
+the adapter's rank, and the placement code of the adapter on each candidate
+(``scorer.view.tier_codes``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from scorer.costmodel import CostLearner
 from scorer.kv_index import KVBlockIndex
+from scorer.kv_match import KVMatch, KVReader
 from scorer.model import RoutingRequest
 from scorer.prefix import PrefixIndex
 from scorer.view import PodView, tier_codes
@@ -34,18 +36,21 @@ class PickContext:
     that had candidates (round-robin's counter; it lives in the local state, so it survives a
     config reload). ``state_now`` is the time pod states are judged fresh against: ``now``,
     unless the caller's view stopped being refreshed at an earlier time (its store is
-    unreachable), so that the view does not age meanwhile.
+    unreachable), so that the view does not age meanwhile. ``kv_reader`` is the pipeline's scorer
+    fed by KV events (``precise-prefix``; None without one): it judges which pods' streams are
+    live and knows the adapters' paths for ``kv_match``.
     """
 
     __slots__ = ("request", "now", "state_now", "adapter", "prefix", "sessions", "seq", "kv", "plan", "costs",
-                 "shared",
-                 "_match", "_codes", "_rank")
+                 "shared", "kv_reader",
+                 "_match", "_codes", "_rank", "_kvm")
 
     def __init__(
         self, request: RoutingRequest, now: float, prefix: PrefixIndex, sessions: Mapping[str, str], seq: int,
         kv: KVBlockIndex | None = None, plan: PlacementPlan | None = None, costs: CostLearner | None = None,
         state_now: float | None = None,
         shared: bool = False,
+        kv_reader: KVReader | None = None,
     ) -> None:
         self.request = request
         self.now = now
@@ -58,6 +63,8 @@ class PickContext:
         self.plan = plan
         self.costs = costs
         self.shared = shared
+        self.kv_reader = kv_reader
+        self._kvm: KVMatch | None = None
         self._match: dict[str, int] | None = None
         self._codes: list[int] | None = None
         self._rank: int | None = -1
@@ -68,6 +75,22 @@ class PickContext:
         if m is None:
             m = self._match = self.prefix.match(self.request.prefix_hashes)
         return m
+
+    def kv_match(self, views: list[PodView]) -> KVMatch | None:
+        """The precise KV match covering ``views`` (``scorer.kv_match``), computed once per pick
+        and extended to views not covered yet; None when there is nothing to match (no KV reader,
+        no token ids, or no pod in the index): read the approximate index then."""
+        m = self._kvm
+        if m is None:
+            tokens = self.request.prompt_token_ids
+            if self.kv_reader is None or not tokens or not self.kv.pods:
+                return None
+            m = self._kvm = KVMatch(self.kv_reader, tokens, self.adapter)
+        return m.cover(views, self.kv, self.now)
+
+    def computed_kv_match(self) -> KVMatch | None:
+        """The precise match as the pick left it (None: no scorer asked for one)."""
+        return self._kvm
 
     def adapter_rank(self, views: list[PodView]) -> int | None:
         """The adapter's rank: from the request, else from any pod that knows it, else None."""
@@ -89,10 +112,12 @@ class PickContext:
 
     def narrowed(self) -> PickContext:
         """The same pick for another list of views: what depends only on the request (the prefix
-        match, the adapter's rank) is shared; the per-view placement codes are not."""
+        match, the precise match with its block hashes, the adapter's rank) is shared; the per-view
+        placement codes are not."""
         ctx = PickContext(self.request, self.now, self.prefix, self.sessions, self.seq, self.kv, self.plan,
-                          self.costs, self.state_now, self.shared)
+                          self.costs, self.state_now, self.shared, self.kv_reader)
         ctx._match = self._match
+        ctx._kvm = self._kvm
         ctx._rank = self._rank
         return ctx
 

@@ -72,6 +72,17 @@ class LazyDecision(Decision):
         rest = sorted((i for i in range(len(totals)) if i != self._picked), key=lambda i: -totals[i])
         return [self._picked, *rest]
 
+    def _kv_state(self, pod_id: str) -> dict[str, Any]:
+        """``Candidate.kv`` for ``pod_id``: what the pick computed, nothing recomputed now."""
+        km = self._ctx.computed_kv_match()
+        approx = self._ctx.computed_match()
+        live = km.live.get(pod_id) if km is not None else None
+        return {"live": live,
+                "precise": km.matched.get(pod_id) if km is not None else None,
+                "precise_of": km.blocks.get(pod_id) if km is not None else None,
+                "approx": approx.get(pod_id, 0) if approx is not None else None,
+                "approx_of": len(self._ctx.request.prefix_hashes) if approx is not None else None}
+
     @property  # type: ignore[override]
     def ranked(self) -> list[Candidate]:
         try:
@@ -79,8 +90,10 @@ class LazyDecision(Decision):
         except AttributeError:
             pass
         views, totals, cols, names = self._views, self._totals, self._cols, self._meta.names
+        kv = self._kv_state if self._ctx.kv_reader is not None else None
         out = [
-            Candidate(views[i].pod_id, totals[i], {n: (col[i] if col is not None else 0.0) for n, col in zip(names, cols)})
+            Candidate(views[i].pod_id, totals[i], {n: (col[i] if col is not None else 0.0) for n, col in zip(names, cols)},
+                      kv(views[i].pod_id) if kv is not None else None)
             for i in self._order()
         ]
         _RANKED.__set__(self, out)
@@ -108,6 +121,9 @@ class LazyDecision(Decision):
         blocks = len(ctx.request.prefix_hashes)
         if blocks and match is not None:
             parts.append(f"prefix {match.get(view.pod_id, 0)}/{blocks} blocks")
+        km = ctx.computed_kv_match()
+        if km is not None and km.live.get(view.pod_id):
+            parts.append(f"KV events {km.matched[view.pod_id]}/{km.blocks[view.pod_id]} blocks")
         for i, hint in self._meta.hints:
             col = self._cols[i]
             phrase = hint(col[self._picked] if col is not None else 0.0)
@@ -131,6 +147,12 @@ class LazyDecision(Decision):
         scorer looked at the prefix index for this decision."""
         match = self._ctx.computed_match()
         return 0 if match is None else match.get(pod_id, 0)
+
+    def cached_tokens(self, pod_id: str) -> int | None:
+        """Prompt tokens ``pod_id`` held at pick time by its own KV events (M × block_size,
+        ``scorer.kv_match``); None when its stream was not live or no precise match was made."""
+        km = self._ctx.computed_kv_match()
+        return None if km is None else km.cached_tokens.get(pod_id)
 
     def stored_tier(self, pod_id: str) -> int | None:
         """``scorer.view.stored_tier`` of the requested adapter on the candidate ``pod_id``, from

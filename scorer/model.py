@@ -171,11 +171,18 @@ class RoutingRequest:
 
 @dataclass(slots=True)
 class Candidate:
-    """One pod's standing in a decision: total and per-scorer raw scores (each in [0, 1])."""
+    """One pod's standing in a decision: total and per-scorer raw scores (each in [0, 1]).
+
+    ``kv``, when the pipeline reads KV events (``precise-prefix``), is the prefix state the pick
+    used for this pod: ``live`` (its event stream counted; None: not judged, the request had no
+    token ids or no pod was in the index), ``precise`` / ``precise_of`` (leading vLLM blocks it
+    held of the prompt's, live pods only) and ``approx`` / ``approx_of`` (the approximate index's
+    leading blocks of the prompt's; None when no scorer consulted it for this pick)."""
 
     pod_id: str
     total: float
     scores: dict[str, float]
+    kv: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -219,7 +226,8 @@ class Decision:
             "picked": self.pod_id,
             "reason": self.reason,
             "candidates": [
-                {"pod": c.pod_id, "total": round(c.total, 6), "scores": {k: round(v, 6) for k, v in c.scores.items()}}
+                {"pod": c.pod_id, "total": round(c.total, 6), "scores": {k: round(v, 6) for k, v in c.scores.items()},
+                 **({"kv": c.kv} if c.kv is not None else {})}
                 for c in self.ranked
             ],
             "filtered": dict(self.filtered),

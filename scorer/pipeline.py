@@ -12,6 +12,8 @@
     scorers:                   # replaces the preset's scorers
       - {type: estimated-ttft, weight: 3, parameters: {scale_s: 0.5}}
       - {type: inflight, name: inflight-tokens, weight: 1, parameters: {metric: tokens, capacity: 1e6}}
+    replace:                   # swaps named scorers (same place; the old weight unless given)
+      prefix-cache: {type: precise-prefix}
     weights: {prefix-cache: 5} # re-weights scorers by name (after the above)
     picker: {type: max-score, parameters: {seed: 1}}
     state:                     # the pipeline's own state
@@ -181,7 +183,7 @@ class Pipeline:
             local.expire_due(now)  # once per pick, before any plugin reads a placement
         views = local.views_of(pods)
         ctx = PickContext(request, now, local.prefix, local.sessions, local.picks, local.kv, local.plan, local.costs,
-                          state_as_of, local.shared)
+                          state_as_of, local.shared, self.kv_reader)
         filtered: dict[str, str] = {}
         for fname, flt in self.filters:
             if not views:
@@ -228,7 +230,8 @@ class Pipeline:
             return None
         return decision.predicted_ttft_s(pod_id, self._ttft)
 
-    def on_dispatch(self, pod_id: str, request: RoutingRequest, now: float) -> Ticket | None:
+    def on_dispatch(self, pod_id: str, request: RoutingRequest, now: float,
+                    decision: Decision | None = None) -> Ticket | None:
         """Record that ``request`` was sent to ``pod_id`` (optimistic update).
 
         In-flight +1 request and + (prompt + max_tokens) tokens; the prompt's blocks are
@@ -239,7 +242,10 @@ class Pipeline:
         first scorer with ``load_stall_s``, i.e. estimated-ttft, under the pod group's learned
         constants; nothing without one); the
         session key binds to the pod; the request counts once in the demand estimate (a retry on
-        another pod does not count again).
+        another pod does not count again). With the ``decision`` the pick returned, a pod whose
+        KV events were live at pick time has its uncached tokens from what it really held
+        (``LazyDecision.cached_tokens``: the estimate estimated-ttft priced), not from the
+        approximate index, in the pending queue and in the learning ticket alike.
 
         Returns the ``Ticket`` to hand back to ``on_complete`` when a scorer learns its constants
         (what it saw at dispatch: the observation's features), else None.
@@ -261,7 +267,8 @@ class Pipeline:
                 ticket = self._learns.ticket(view, request, code, rank, now)
             if self._stall is not None and name is not None:
                 stall = self._stall.load_stall_s(rank, code, costs)
-        uncached = local.dispatch(pod_id, request, now, stall)
+        cached = decision.cached_tokens(pod_id) if isinstance(decision, LazyDecision) else None
+        uncached = local.dispatch(pod_id, request, now, stall, cached)
         if ticket is not None:
             ticket.uncached_tokens = uncached
         return ticket

@@ -37,6 +37,7 @@ from scorer.model import RoutingRequest
 from scorer.params import Param, validate_params
 from scorer.context import PickContext
 from scorer.view import PodView
+from scorer.vllm_blocks import ExtraKeys
 
 
 class ListMemo:
@@ -122,9 +123,12 @@ class Picker(Plugin):
 class ReadsKVEvents(Protocol):
     """A scorer fed by the pods' KV events (``LocalState.kv``) and the request's token ids
     (``RoutingRequest.prompt_token_ids``): the gateway runs a KV feed and tokenizes prompts
-    only while its pipeline has one. ``live`` says whether a pod's event stream counts now."""
+    only while its pipeline has one. ``live`` says whether a pod's event stream counts now;
+    ``extra_keys`` gives the extra keys vLLM hashes into every block of a request for the adapter
+    (``scorer.vllm_blocks``). The pick's ``PickContext.kv_match`` asks it both."""
 
     def live(self, view: PodView, kv: KVBlockIndex, now: float) -> bool: ...
+    def extra_keys(self, adapter: str | None) -> ExtraKeys: ...
 
 
 @runtime_checkable

@@ -199,11 +199,13 @@ class LocalState:
         self._incoming_changed(pod_id, loc)
 
     # --- updates ---------------------------------------------------------------------------
-    def dispatch(self, pod_id: str, request: RoutingRequest, now: float, stall_s: float = 0.0) -> float:
+    def dispatch(self, pod_id: str, request: RoutingRequest, now: float, stall_s: float = 0.0,
+                 cached_tokens: int | None = None) -> float:
         """Count ``request`` as sent to ``pod_id``; ``stall_s``: engine seconds its adapter load
         will stall the pod (joins the pending queue ahead of its prefill, which drains at the
-        pipeline's prefill rate). Returns the prompt tokens the prefix index believes the pod
-        must compute."""
+        pipeline's prefill rate). Returns the prompt tokens the pod must compute: prompt −
+        ``cached_tokens`` (the pod's own KV events said it holds them, ``scorer.kv_match``) when
+        given, else what the approximate prefix index believes."""
         loc = self.pod(pod_id)
         loc.inflight += 1
         loc.own_inflight += 1
@@ -214,12 +216,17 @@ class LocalState:
         hashes = request.prefix_hashes
         view = self.views.get(pod_id)
         cap = view.capacity_blocks if view is not None else self._capacity(None)
-        if hashes:
+        prompt = max(0, request.prompt_tokens)
+        if cached_tokens is not None:
+            uncached = float(max(0, prompt - cached_tokens))
+            if hashes:
+                self.prefix.record(pod_id, hashes, cap)
+        elif hashes:
             matched = self.prefix.match_one(pod_id, hashes)
-            uncached = max(0, request.prompt_tokens) * (1.0 - matched / len(hashes))
+            uncached = prompt * (1.0 - matched / len(hashes))
             self.prefix.record(pod_id, hashes, cap)
         else:
-            uncached = float(max(0, request.prompt_tokens))
+            uncached = float(prompt)
         work = stall_s + uncached * self.prefill_s_per_token
         loc.pending_until = (loc.pending_until if loc.pending_until > now else now) + work
         loc.own_pending_until = (loc.own_pending_until if loc.own_pending_until > now else now) + work

@@ -44,6 +44,11 @@ def low64(block_hash: bytes) -> int:
     return int.from_bytes(block_hash[-8:], "big")
 
 
+def next_block_hash(parent: bytes, block_tokens: Sequence[int], extra_keys: ExtraKeys) -> bytes:
+    """H_i from H_{i-1} (``parent``; ``NONE_HASH`` for the first block) and block i's tokens."""
+    return _sha256((parent, tuple(block_tokens), extra_keys))
+
+
 def iter_block_hashes(token_ids: Sequence[int], block_size: int, extra_keys: ExtraKeys) -> Iterator[int]:
     """vLLM's hash (low 64 bits) of each full block of ``token_ids``, first block first."""
     if block_size <= 0:

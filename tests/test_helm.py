@@ -370,6 +370,9 @@ BAD_VALUES = [
      "gateway.config.tenants.0.limits.requests_per_minute"),
     (["--set", "gateway.auth.metricsAuth=true", "--set", "monitoring.serviceMonitor.enabled=true"],
      "bearerTokenSecret"),
+    (["--set", "precisePrefix.eventsPort=0"], "precisePrefix.eventsPort"),
+    (["--set", "precisePrefix.tokenizer.mode=guess"], "precisePrefix.tokenizer.mode"),
+    (["--set", "precisePrefix.enable=true"], "precisePrefix"),
 ]
 
 
@@ -783,3 +786,70 @@ def test_metrics_auth_through_the_chart(tmp_path: Path) -> None:
     assert auth.required and auth.api_key_sha256 == (scraper,)
     endpoint = one(docs, "ServiceMonitor", "-gateway")["spec"]["endpoints"][0]
     assert endpoint["bearerTokenSecret"] == {"name": "prom-key", "key": "key"}
+
+
+# --------------------------------------------------------------------------------------------
+# precise prefix routing (precisePrefix.enabled)
+# --------------------------------------------------------------------------------------------
+def kv_events_config(args: list[str]) -> dict[str, Any] | None:
+    found = [a.split("=", 1)[1] for a in args if a.startswith("--kv-events-config=")]
+    assert len(found) <= 1
+    return json.loads(found[0]) if found else None
+
+
+@pytest.mark.parametrize("value_set", ["minimal", "kserve"])
+def test_precise_prefix_switch_wires_vllm_sidecar_and_gateway(value_set: str, tmp_path: Path) -> None:
+    """On: vLLM publishes KV events on the pod, the sidecar relays them from localhost (its own
+    settings loader accepts them), the gateway's pipeline has precise-prefix where prefix-cache
+    was, at its weight, hashing adapters at the sidecar's folder, and every base tokenizes through
+    the pod. Every manifest still validates. Off (the default): none of it."""
+    import kubernetes_validate
+    from gateway.config import load_config
+    from scorer.build import build_pipeline
+    from vllm_sidecar.cli import build_parser, settings_from_args
+
+    values = load_values(value_set)
+    docs = render_with("-f", str(CI / f"{value_set}-values.yaml"), "--set", "precisePrefix.enabled=true",
+                       "--set", "precisePrefix.eventsPort=6557", "--kube-version", KUBE_VERSION)
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    name = "kserve-container" if values["vllm"]["mode"] == "kserve" else "vllm"
+    events = kv_events_config(container(vllm_pod_spec(docs), name)["args"])
+    assert events == {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:6557",
+                      "replay_endpoint": "tcp://*:5558", "topic": "kv"}
+    args, env = sidecar_invocation(docs, tmp_path)
+    kv = settings_from_args(build_parser().parse_args(args[1:]), env=env).kv_events
+    assert kv is not None and (kv.endpoint, kv.replay_endpoint, kv.topic) == (
+        "tcp://127.0.0.1:6557", "tcp://127.0.0.1:5558", "kv")
+    cfg_path, genv = materialise_gateway(docs, tmp_path / "gw", {f: "" for f in (
+        "admin.sha256", "tenant-acme.sha256", "tenant-labs.sha256")})
+    cfg = load_config(cfg_path, env=genv)
+    assert {b.name: b.tokenizer.mode for b in cfg.bases} == {b["name"]: "pod" for b in values["gateway"]["config"]["bases"]}
+    pipeline = build_pipeline(cfg.pipeline)
+    preset = values["gateway"]["config"].get("pipeline", "default")
+    plain = [(n, w) for n, _, w in build_pipeline(preset).scorers]
+    assert [(n, w) for n, _, w in pipeline.scorers] == [
+        ("precise-prefix" if n == "prefix-cache" else n, w) for n, w in plain]
+    assert pipeline.name == f"{preset}+precise" and pipeline.kv_reader is not None
+    lora_path = next(sc for n, sc, _ in pipeline.scorers if n == "precise-prefix").params["lora_path"]
+    assert lora_path == values["sidecar"]["adapterDir"].rstrip("/") + "/{name}"
+
+    off = render_with("-f", str(CI / f"{value_set}-values.yaml"))
+    assert kv_events_config(container(vllm_pod_spec(off), name)["args"]) is None
+    assert "kv_events" not in yaml.safe_load(configmap_file(off, "-sidecar", "sidecar.yaml"))
+    gw = yaml.safe_load(configmap_file(off, "-gateway", "gateway.yaml"))
+    assert gw["pipeline"] == preset and all("tokenizer" not in b for b in gw["bases"])
+
+
+def test_precise_prefix_keeps_a_pipeline_that_has_it_and_a_base_tokenizer_given() -> None:
+    pipeline = {"filters": ["healthy-fresh"], "scorers": [{"type": "precise-prefix", "weight": 4,
+                                                           "parameters": {"lora_path": "/x/{name}"}}]}
+    bases = [{"name": "base", "served_name": "base", "tokenizer": {"mode": "local", "path": "/models/tok"}},
+             {"name": "other", "served_name": "other"}]
+    docs = render_with("--set", "precisePrefix.enabled=true", "--set-json", f"gateway.config.pipeline={json.dumps(pipeline)}",
+                       "--set-json", f"gateway.config.bases={json.dumps(bases)}",
+                       "--set-json", 'precisePrefix.tokenizer={"mode": "pod", "timeout_ms": 50}')
+    gw = yaml.safe_load(configmap_file(docs, "-gateway", "gateway.yaml"))
+    assert gw["pipeline"] == pipeline
+    assert [b.get("tokenizer") for b in gw["bases"]] == [bases[0]["tokenizer"], {"mode": "pod", "timeout_ms": 50}]

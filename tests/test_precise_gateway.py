@@ -50,6 +50,16 @@ def chat(url: str, model: str, messages: list[dict[str, str]], request_id: str |
          headers={"x-request-id": request_id} if request_id else None)
 
 
+def explained(url: str, model: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+    """The x-loraroute-explain header of a chat request sent as admin."""
+    req = urllib.request.Request(url + "/v1/chat/completions", method="POST",
+                                 data=json.dumps({"model": model, "messages": messages, "max_tokens": 2}).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN}",
+                                          "x-loraroute-debug": "1"})
+    with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - loopback
+        return json.loads(resp.headers["x-loraroute-explain"])
+
+
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -198,6 +208,13 @@ def test_routing_follows_what_the_pods_hold_through_redis(procs, make_adapter, t
         assert rec["picked"] == y, rec
         assert precise[y] == pytest.approx(shared / total2, abs=1e-6) and precise[x] < precise[y]
         assert approx[x] > 0.5 and approx.get(y, 0.0) < approx[x]  # the approximate index is wrong here
+        # /admin/decisions shows the KV state each candidate was scored on: both streams live, Y
+        # holding the conversation's blocks, X none of them, the approximate index saying otherwise
+        kv = {c["pod"]: c["kv"] for c in rec["candidates"]}
+        assert kv[x]["live"] is True and kv[y]["live"] is True
+        assert kv[y]["precise"] == shared and kv[y]["precise_of"] == total2 and kv[x]["precise"] < shared
+        assert kv[x]["approx"] > kv[y]["approx"] and kv[x]["approx_of"] == kv[y]["approx_of"] > 0
+        assert f"KV events {shared}/{total2} blocks" in rec["reason"]
         assert metric(g, "loraroute_kv_feed_deltas_total") > 0
         assert metric(g, "loraroute_kv_feed_delay_seconds_count") > 0
         assert metric(g, "loraroute_tokenize_total", mode="sim", outcome="ok") >= 3
@@ -260,6 +277,19 @@ def test_one_process_follows_the_pods_events_itself_and_tokenizes_through_the_po
         assert scores(rec, "prefix-cache").get("pod-0", 0.0) == 0.0
     assert metric(g, "loraroute_tokenize_total", mode="pod", outcome="ok") == 1
     assert metric(g, "loraroute_tokenize_total", mode="pod", outcome="cached") == 1
+    # the explain header carries the KV state per candidate: pod-1 holds more than the shared
+    # blocks now (a's and b's); pod-0 has published no event yet, so it is not live and the
+    # approximate index (empty there) spoke for it
+    header = explained(g, "base:sql", follow)
+    kv = {c["pod"]: c["kv"] for c in header["candidates"]}
+    assert header["picked"] == "pod-1"
+    held = kv["pod-1"]["precise"]
+    assert shared < held <= total and held / total == pytest.approx(
+        scores(header, "precise-prefix")["pod-1"], abs=1e-6)
+    assert kv["pod-1"] == {"live": True, "precise": held, "precise_of": total,
+                           "approx": kv["pod-1"]["approx_of"], "approx_of": kv["pod-1"]["approx_of"]}
+    assert kv["pod-0"] == {"live": False, "precise": None, "precise_of": None, "approx": 0,
+                           "approx_of": kv["pod-1"]["approx_of"]}
     # a short prompt is not worth a call
     chat(g, "base:sql", [{"role": "user", "content": "hi"}], "short")
     assert metric(g, "loraroute_tokenize_total", mode="pod", outcome="short") == 1

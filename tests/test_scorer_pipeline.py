@@ -63,6 +63,11 @@ def cluster(n: int, **kw: object) -> dict[str, PodState]:
         ({"picker": "best"}, "pipeline.picker.type", "unknown picker"),
         ({"state": {"block_chars": 8}}, "pipeline.state.block_chars", ">= 16"),
         ({"scorers": [{"weight": 1}]}, "pipeline.scorers[0].type", "missing"),
+        ({"preset": "round-robin", "replace": {"prefix-cache": {"type": "precise-prefix"}}},
+         "pipeline.replace.prefix-cache", "no scorer named 'prefix-cache'"),
+        ({"preset": "llm-d", "replace": {"prefix-cache": {"type": "precise-prefix", "weigth": 1}}},
+         "pipeline.replace.prefix-cache.weigth", "unknown key"),
+        ({"preset": "llm-d", "replace": ["prefix-cache"]}, "pipeline.replace", "expected a mapping"),
     ],
 )
 def test_config_errors_name_the_key(spec: dict, path: str, words: str) -> None:
@@ -94,6 +99,22 @@ def test_preset_overrides_and_describe() -> None:
     assert desc["scorers"][0]["parameters"] == {"min_blocks": 1}
     assert build_pipeline({"preset": "default", "name": "ours"}).name == "ours"
     assert len(pl.hash_prompt(BASE, "a", "x" * 300)) == 2
+
+
+def test_replace_swaps_a_scorer_in_place_keeping_its_weight() -> None:
+    pl = build_pipeline({"preset": "default", "replace": {"prefix-cache": {
+        "type": "precise-prefix", "parameters": {"lora_path": "/a/{name}"}}}})
+    names = [n for n, _, _ in pl.scorers]
+    default = [n for n, _, _ in build_pipeline("default").scorers]
+    assert names == [("precise-prefix" if n == "prefix-cache" else n) for n in default]
+    assert pl.name == "default+custom" and pl.kv_reader is not None
+    assert {n: w for n, _, w in pl.scorers}["precise-prefix"] == 1.0
+    llmd = build_pipeline({"preset": "llm-d", "replace": {"prefix-cache": {"type": "precise-prefix"}}})
+    assert [(n, w) for n, _, w in llmd.scorers][0] == ("precise-prefix", 3.0)
+    given = build_pipeline({"preset": "llm-d", "replace": {"prefix-cache": {"type": "precise-prefix", "weight": 5}},
+                            "weights": {"queue": 4}})
+    assert {n: w for n, _, w in given.scorers} == {"precise-prefix": 5.0, "queue": 4.0, "kv-usage": 2.0,
+                                                   "lora-affinity": 1.0}
 
 
 # --- explanations ------------------------------------------------------------------------------

@@ -35,7 +35,12 @@ Prediction for pod p, in seconds (all terms ≥ 0):
   disk_load(rank) = model_scale × piecewise-linear interpolation of ``disk_load_s`` over rank
       (flat below the smallest rank, proportional above the largest); unknown rank →
       ``default_rank``.
-  matched(p) / blocks: the prefix index's consecutive leading block match (0 with no blocks).
+  matched(p) / blocks: the prefix index's consecutive leading block match (0 with no blocks),
+      or, where the pick has a precise KV match and p's event stream is live (the pipeline's
+      ``precise-prefix`` judges it: ``scorer.kv_match``, the same rules as that scorer's), the
+      tokens p really holds: matched(p) / blocks = min(1, M(p) × block_size(p) / prompt_tokens),
+      M(p) the prompt's leading vLLM blocks in p's KV cache (its own events). A pod that
+      evicted the prefix is then priced at the full prefill the approximate index would miss.
 
 Learned constants (``learn: true``, the default). The parameters below are the *defaults*: each
 router learns base_s, prefill_s_per_token, lora_s, cpu_load_s, disk_load (an affine correction of
@@ -323,8 +328,11 @@ class EstimatedTTFT(Scorer):
         per_waiting = self.per_waiting
         tokens = max(0, req.prompt_tokens)
         hashes = req.prefix_hashes
-        match = ctx.prefix_match() if hashes else None
+        km = ctx.kv_match(views)
+        precise = km.cached_tokens.get if km is not None and km.cached_tokens else None
+        match = ctx.prefix_match() if hashes and (km is None or not km.all_live) else None
         frac_per_block = 1.0 / len(hashes) if hashes else 0.0
+        frac_per_token = 1.0 / tokens if tokens else 0.0
         k = self.scale
         lora = ctx.adapter is not None
         defer = self.params["deferred_wait_s"]
@@ -358,9 +366,15 @@ class EstimatedTTFT(Scorer):
             kt = base + ((q if q > w else w) + (i if i > n else n) * per_running) * qs + table[code]
             if v.num_deferred and code in _DEFERRED_CODES:
                 kt += defer * (v.defer_factor - 1.0)
-            m = get(v.pod_id)
-            if m:
-                cached = m * frac_per_block
+            held = precise(v.pod_id) if precise is not None else None
+            if held is not None:  # a live event stream: what the pod really holds
+                cached = held * frac_per_token
+                if cached > 1.0:
+                    cached = 1.0
+            else:
+                m = get(v.pod_id)
+                cached = m * frac_per_block if m else 0.0
+            if cached:
                 kt -= cached * full
                 if cliff_possible and tokens * (1.0 - cached) > graph:
                     kt += cliff

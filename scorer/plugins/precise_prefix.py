@@ -16,7 +16,9 @@ least ``silence_tokens`` uncached prompt tokens (``prefix_cache_queries − pref
 its PodState) and ``silence_s`` seconds passed without a new batch. A pod that is merely idle
 publishes nothing and stays live. A request without token ids (the caller could not tokenize it)
 is scored by the approximate index for every pod. The hashes are computed lazily and the walk
-stops at the first block no live candidate holds (each block costs a SHA-256).
+stops at the first block no live candidate holds (each block costs a SHA-256); liveness, hashes
+and M(p) are the pick's ``PickContext.kv_match`` (``scorer.kv_match``), which ``estimated-ttft``
+reads too, so a pick hashes each block at most once.
 
 Parameters:
   lora_path (str, default "/var/lib/loraroute/adapters/{name}"): the path the pods loaded each
@@ -41,7 +43,7 @@ from scorer.plugin import Scorer
 from scorer.registry import register
 from scorer.context import PickContext
 from scorer.view import PodView
-from scorer.vllm_blocks import iter_block_hashes, lora_extra_keys
+from scorer.vllm_blocks import ExtraKeys, lora_extra_keys
 
 _MAX_WATCHED = 1024
 
@@ -89,34 +91,27 @@ class PrecisePrefix(Scorer):
             return True
         return not (computed - seen[1] >= self.silence_tokens and now - seen[2] >= self.silence_s)
 
+    def extra_keys(self, adapter: str | None) -> ExtraKeys:
+        """vLLM's extra keys of every block of a request for ``adapter`` (its path: ``lora_path``)."""
+        return lora_extra_keys(adapter, self.lora_path.replace("{name}", adapter) if adapter is not None else None)
+
     def score(self, views: list[PodView], ctx: PickContext) -> list[float] | None:
-        kv = ctx.kv
-        request = ctx.request
-        tokens = request.prompt_token_ids
-        live = [self.live(v, kv, ctx.now) for v in views] if tokens and kv.pods else [False] * len(views)
+        km = ctx.kv_match(views)
         out = [0.0] * len(views)
-        if any(live):
-            by_size: dict[int, list[int]] = {}
+        live = km.live if km is not None else None
+        if km is not None:
+            matched, blocks, floor = km.matched, km.blocks, self.min_blocks
             for i, v in enumerate(views):
-                if live[i]:
-                    by_size.setdefault(max(1, v.state.block_size), []).append(i)
-            name = ctx.adapter
-            extra = lora_extra_keys(name, self.lora_path.replace("{name}", name) if name is not None else None)
-            for block_size, idx in by_size.items():
-                total = len(tokens) // block_size
-                if total < self.min_blocks:
-                    continue
-                match = kv.match(iter_block_hashes(tokens, block_size, extra), [views[i].pod_id for i in idx])
-                inv = 1.0 / total
-                for i in idx:
-                    out[i] = match.get(views[i].pod_id, 0) * inv
-        if self.fallback and not all(live):
-            total = len(request.prefix_hashes)
+                total = blocks.get(v.pod_id, 0)
+                if total >= floor:
+                    out[i] = matched[v.pod_id] / total
+        if self.fallback and (km is None or not km.all_live):
+            total = len(ctx.request.prefix_hashes)
             if total >= self.min_blocks:
                 approx = ctx.prefix_match()
                 if approx:
                     inv = 1.0 / total
                     for i, v in enumerate(views):
-                        if not live[i]:
+                        if live is None or not live[v.pod_id]:
                             out[i] = approx.get(v.pod_id, 0) * inv
         return out if any(out) else None

@@ -167,9 +167,18 @@ imagePullSecrets:
 {{- if .Values.vllm.maxModelLen }}
 - --max-model-len={{ .Values.vllm.maxModelLen }}
 {{- end }}
+{{- with .Values.precisePrefix }}{{ if .enabled }}
+- {{ printf "--kv-events-config=%s" (dict "enable_kv_cache_events" true "publisher" "zmq" "endpoint" (printf "tcp://*:%d" (int .eventsPort)) "replay_endpoint" (printf "tcp://*:%d" (int .replayPort)) "topic" .topic | toJson) | quote }}
+{{- end }}{{ end }}
 {{- range .Values.vllm.extraArgs }}
 - {{ . | quote }}
 {{- end }}
+{{- end -}}
+
+{{/* The sidecar's kv_events settings (precise prefix routing): vLLM's sockets in the same pod. */}}
+{{- define "loraroute.sidecarKVEvents" -}}
+{{- $p := .Values.precisePrefix -}}
+{{- toJson (dict "endpoint" (printf "tcp://127.0.0.1:%d" (int $p.eventsPort)) "replay_endpoint" (printf "tcp://127.0.0.1:%d" (int $p.replayPort)) "topic" $p.topic) -}}
 {{- end -}}
 
 {{/* The vLLM container's environment. */}}
