@@ -42,7 +42,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -53,8 +53,8 @@ from podstate.kv_events import IndexSink, KVBatch, KVEventSubscriber
 from podstate.kv_store import KVBlockFeed
 from scorer.kv_index import KVBlockIndex
 
-if TYPE_CHECKING:
-    from gateway.service import Gateway
+
+Gateway = Any  # gateway.service.Gateway: not imported, it imports this module
 
 log = logging.getLogger("loraroute.kv_feed")
 

@@ -34,7 +34,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import xxhash
@@ -44,9 +44,9 @@ import pseudotok
 from gateway.parse import Kind
 from gateway.precise_config import TokenizerConfig
 
-if TYPE_CHECKING:
-    from gateway.exchange import Exchange
-    from gateway.service import Gateway
+
+Exchange = Any  # gateway.exchange.Exchange: not imported, it imports this module
+Gateway = Any  # gateway.service.Gateway: not imported, it imports this module
 
 log = logging.getLogger("loraroute.tokens")
 
