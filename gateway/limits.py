@@ -48,7 +48,6 @@ from prometheus_client.registry import Collector
 
 from gateway.errors import APIError
 from gateway.policy import Tenant
-from gateway.config import GatewayConfig
 from podstate import redact_url
 from podstate.background import Background
 
@@ -153,13 +152,14 @@ class Limiter(Background):
             if counts is not None and counts.inflight > 0:
                 counts.inflight -= 1
 
-    def track(self, names: Iterable[str]) -> None:
+    def track(self, tenants: Iterable[Tenant]) -> None:
         """Share these tenants' counts from the start: a replica syncs only the tenants it knows,
         so one that had not yet served a tenant admitted it on its own count alone — up to a
         sync period's worth of requests over the shared budget (every configured tenant with
         limits is known from the start, and again after a reload)."""
-        for name in names:
-            self._counts(name)
+        for tenant in tenants:
+            if tenant.limits is not None:
+                self._counts(tenant.name)
 
     def _counts(self, name: str) -> _Counts:
         counts = self._tenants.get(name)
@@ -306,12 +306,6 @@ class Limiter(Background):
                 del counts.shared[key]
             for key in [k for k in counts.local if k[1] < minute - 1]:
                 del counts.local[key]
-
-
-def limited_tenants(config: GatewayConfig) -> list[str]:
-    """The configured tenants some limit applies to (their own, or ``limits.default``)."""
-    return [t.name for t in config.tenants
-            if (t.limits if t.limits is not None else config.limits.default).any]
 
 
 def open_limiter(store_url: str, key_prefix: str, sync_s: Callable[[], float]) -> Limiter:

@@ -36,7 +36,7 @@ from gateway.discovery import Discovery, Endpoint, StaticDiscovery, StoreDiscove
 from gateway.ensure import Ensurer
 from gateway.inflight import Inflight
 from gateway.kv_feed import KVFeedCollector, KVFeeds
-from gateway.limits import LimitsCollector, limited_tenants, open_limiter
+from gateway.limits import LimitsCollector, open_limiter
 from gateway.metrics import GatewayMetrics
 from gateway.placement_metrics import PlacementCollector
 from gateway.placer import Placer
@@ -175,7 +175,7 @@ class Gateway:
                                                           label=self._demand_label))
         self.metrics.registry.register(StoreCollector(self.store_watch))
         self.metrics.registry.register(LimitsCollector(self.limiter))
-        self.limiter.track(limited_tenants(config))
+        self.limiter.track(self.runtime.policy.tenants.values())
         #: routing state shared with the other replicas (None: memory:// or ``sharing.enabled`` off)
         self.sharing: StateSharing | None = None
         if config.sharing.enabled and config.store.url.startswith(("redis://", "rediss://")):
@@ -420,7 +420,7 @@ class Gateway:
         if bool(old.config.discovery.static) != bool(new.discovery.static):
             restart.append("discovery.static (switching discovery kinds)")
         self.runtime = Runtime(new, AccessPolicy(new), pipeline, old.generation + 1)
-        self.limiter.track(limited_tenants(new))
+        self.limiter.track(self.runtime.policy.tenants.values())
         self._configure_demand(new)
         self.base_config = base
         self.upstream.configure(new.server)
