@@ -16,7 +16,7 @@ import jinja2
 import pytest
 from tokenizers import Tokenizer
 
-from bench.gpu import counterpart, model, parts, probe, status, wheelhouse
+from bench.gpu import counterpart, model, parts, probe, share_probe, status, wheelhouse
 from bench.report import build_report, collect
 from bench.runner import prompt_tokens_of
 from bench.workload import generate, load_spec
@@ -215,7 +215,7 @@ def driver_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp / "work"
     started = _host("run", "--work", str(work), "--spec", str(spec), "--shape", "tiny", "--policies",
                     "default,round-robin,sglang", "--ramp-rates", "4", "--ramp-step-s", "2", "--poll-cost-s", "1",
-                    "--probe-trials", "1", "--probe-rank", "8", "--server-cmd", SIM_SERVER, "--detach")
+                    "--probe-trials", "1", "--probe-rank", "8", "--share-trials", "1", "--server-cmd", SIM_SERVER, "--detach")
     assert started.returncode == 0, started.stderr
     waited = _host("wait", "--work", str(work), "--max-s", "150", timeout=170)
     assert waited.returncode == 0, (work / "driver.log").read_text()[-3000:]
@@ -232,7 +232,7 @@ def test_driver_end_to_end_on_simulated_pods(driver_run: Path) -> None:
     st = status.read_status(work)
     assert st is not None and st["state"] == "done"
     names = [p["name"] for p in st["phases"]]
-    assert names[:7] == ["build", "servers", "warmup", "state", "capacity", "replay default",
+    assert names[:8] == ["build", "servers", "warmup", "share", "state", "capacity", "replay default",
                          "replay round-robin"] and names[-1] == "probe" and all(p["ok"] for p in st["phases"])
 
     results = work / "results"
@@ -247,6 +247,13 @@ def test_driver_end_to_end_on_simulated_pods(driver_run: Path) -> None:
     assert json.loads((results / "servers" / "default" / "s1-after-models.json").read_text())["object"] == "list"
     probe_doc = json.loads((results / "probe.json").read_text())
     assert {r["condition"] for r in probe_doc["rows"]} == set(probe.CONDITIONS)
+    share_doc = json.loads((results / "share.json").read_text())
+    assert {(r["busy_neighbours"], r["kind"]) for r in share_doc["rows"]} == {
+        (k, kind) for k in (0, 1) for kind in share_probe.KINDS}
+    assert all(r["ms"] and r["ms"] > 0 for r in share_doc["rows"]), share_doc["rows"]
+    assert set(share_doc["factors"]) == set(share_probe.KINDS)
+    assert all(seq[0] == 1.0 and len(seq) == 2 and seq[1] > 0 for seq in share_doc["factors"].values())
+    assert "share: slow-down with 0 … N-1 busy neighbours: prefill 1 / " in log
     run = json.loads((results / "run.json").read_text())
     assert run["api_server_cpu_pct_idle"]["with_sidecars"].keys() == {"s0", "s1"}
     assert run["threads_per_server"] == max(1, (os.cpu_count() or 1) // 2)
@@ -275,6 +282,16 @@ def test_simulated_counterpart_and_comparison(driver_run: Path, tmp_path: Path) 
     text = counterpart.report(real, sim)
     assert "| default | 12 / 12 |" in text and "| default | all | 12 |" in text
     assert "default p50: sim" in text
+    # the same through the command line, with the simulated pods sharing one GPU as the servers did
+    out = subprocess.run([sys.executable, "-m", "bench.gpu", "sim", str(driver_run / "results" / "replays"),
+                          "--spec", str(spec), "--profile", "8b", "--time-scale", "0.2", "--out", str(tmp_path / "shared"),
+                          "--gpu-share", str(driver_run / "results" / "share.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shared = collect([tmp_path / "shared"])
+    assert {d["meta"]["target"] for d in shared} >= {"default", "round-robin"}
+    sim_args = shared[0]["meta"]["cluster"]["sim_args"]
+    assert sim_args[sim_args.index("--pods-per-gpu") + 1] == "2" and "--gpu-share" in sim_args
 
 
 def test_a_server_that_dies_at_start_fails_the_run_with_its_log(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -29,11 +30,11 @@ def start_sim(procs, *args: str) -> Proc:  # type: ignore[no-untyped-def]
                        ready_url=f"http://127.0.0.1:{port}/health", timeout=30)
 
 
-def state(sim: Proc) -> dict:  # type: ignore[type-arg]
+def state(sim: Proc | SimpleNamespace) -> dict:  # type: ignore[type-arg]
     return httpx.get(sim.url + "/sim/state", timeout=10).json()
 
 
-def record(sim: Proc, request_id: str) -> dict:  # type: ignore[type-arg]
+def record(sim: Proc | SimpleNamespace, request_id: str) -> dict:  # type: ignore[type-arg]
     return next(r for r in state(sim)["requests"] if r["request_id"] == request_id)
 
 
@@ -55,7 +56,7 @@ def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condi
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def send(sim: Proc, model: str, content: str, max_tokens: int, request_id: str, may_be_cut: bool = False) -> threading.Thread:
+def send(sim: Proc | SimpleNamespace, model: str, content: str, max_tokens: int, request_id: str, may_be_cut: bool = False) -> threading.Thread:
     """Fire one chat request in a thread (the caller joins it, unless the test ends first:
     ``may_be_cut`` then tolerates the server going away)."""
     messages = [{"role": "user", "content": content}]
@@ -269,3 +270,52 @@ def test_cluster_pods_are_independent(procs, make_adapter) -> None:  # type: ign
     assert states[1]["now"] > 300 * PROFILE.decode_step_s  # simulated time advanced with zero delay
     page = httpx.get(urls[1] + "/sim/state", params={"since_request": 1}, timeout=10).json()
     assert page["requests"] == [] and page["last_seq"] == 1
+
+
+def test_pods_sharing_a_gpu_slow_each_other_by_the_measured_factors(procs, make_adapter, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Pods 0 and 1 share a GPU, pod 2 has its own: the same requests on pod 0 (while pod 1
+    decodes) and on pod 2 differ by the share file's factors, in simulated ground truth."""
+    root = make_adapter("cold-a", rank=16).parent
+    make_adapter("cold-b", rank=16)
+    share = tmp_path / "share.json"
+    share.write_text('{"factors": {"short": [1, 2.0], "prefill": [1, 2.5], "decode": [1, 3.0], "load": [1, 4.0],'
+                     ' "lora_short": [1, 9]}, "rows": []}')
+    base_port = consecutive_free_ports(3)
+    procs.start("cluster", loraroute_cmd("sim", "cluster", "--pods", "3", "--base-port", str(base_port), "--enable-lora",
+                                         "--max-lora-rank", "64", "--adapter-dir", str(root),
+                                         "--allow-runtime-lora-updating", "--time-scale", "0.1",
+                                         "--pods-per-gpu", "2", "--gpu-share", str(share)),
+                ready=lambda: all(http_ready(f"http://127.0.0.1:{base_port + i}/health") for i in range(3)), timeout=30)
+    p0, p1, p2 = (SimpleNamespace(url=f"http://127.0.0.1:{base_port + i}") for i in range(3))
+    busy = send(p1, BASE, "keep decoding", 1500, "busy")
+    wait_for(lambda: state(p1)["running"] == 1, what="pod 1 decoding")
+    for name, pod in (("cold-a", p0), ("cold-b", p2)):
+        send(pod, name, "short prompt", 40, f"L-{name}").join(30)
+    for pod in (p0, p2):
+        send(pod, BASE, "short prompt", 40, "S").join(30)
+    assert state(p1)["running"] == 1, "pod 1 must still be busy for the comparison to hold"
+    shared, alone = record(p0, "S"), record(p2, "S")
+    assert shared["prefill"] == pytest.approx(2.0 * alone["prefill"], rel=1e-6)
+    assert shared["e2e"] - shared["ttft"] == pytest.approx(3.0 * (alone["e2e"] - alone["ttft"]), rel=1e-6)
+    la, lb = record(p0, "L-cold-a"), record(p2, "L-cold-b")
+    assert la["adapter_tier"] == lb["adapter_tier"] == "disk"
+    assert la["adapter_load"] == pytest.approx(4.0 * lb["adapter_load"], rel=1e-6)
+    busy.join(60)
+    # alone again: pod 0 runs at the profile's own speed
+    send(p0, BASE, "other prompt", 40, "S2").join(30)
+    assert record(p0, "S2")["prefill"] == pytest.approx(alone["prefill"], rel=1e-6)
+
+
+def test_pods_per_gpu_needs_a_valid_share_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    base = ["sim", "cluster", "--pods", "2", "--base-port", "1", "--pods-per-gpu", "2"]
+    out = subprocess.run(loraroute_cmd(*base), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "needs --gpu-share" in out.stderr
+    bad = tmp_path / "bad.json"
+    for doc, error in (('{"factors": {"short": [1, 2], "prefill": [1, 2], "decode": [1, 2]}}', "no factors for 'load'"),
+                       ('{"short": [1], "prefill": [1], "decode": [1, 0], "load": [1]}', "'decode' factors must be > 0"),
+                       ('[1, 2]', "must hold a JSON object")):
+        bad.write_text(doc)
+        out = subprocess.run(loraroute_cmd(*base, "--gpu-share", str(bad)), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and error in out.stderr, out.stderr

@@ -31,7 +31,9 @@ from aiohttp import web
 
 from .adapters import AdapterInvalid, AdapterNotFound
 from .costs import PROFILES, ProfileError, get_profile, parse_override
+from . import gpushare
 from .engine import Engine, EngineConfig
+from .gpushare import GpuShare, GpuShareError
 from .kvevents import KVEventPublisher, KVEventsConfig
 from .server import Pod, PodConfig, create_app, dev_mode_from_env, runtime_updating_from_env
 
@@ -116,6 +118,11 @@ def build_parser(cluster: bool) -> argparse.ArgumentParser:
                         '\'{"enable_kv_cache_events":true,"endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558"}\'')
     p.add_argument("--profile", default="8b", choices=sorted(PROFILES),
                    help="cost profile: 8b (compiled vLLM 0.25.1 on an H200, the default) or 8b-eager")
+    if cluster:
+        p.add_argument("--pods-per-gpu", type=int, default=1,
+                       help="consecutive groups of N pods share one GPU (default 1: a GPU each); needs --gpu-share")
+        p.add_argument("--gpu-share", default=None, metavar="FILE",
+                       help="slow-down factors of pods that share a GPU: the GPU kit's share.json (vllm_sim.gpushare)")
     p.add_argument("--cost", action="append", default=[], metavar="KEY=VALUE", type=_cost_override,
                    help="override one constant of the profile (seconds; repeatable), e.g. --cost load_scale=3")
     return p
@@ -145,6 +152,15 @@ def _check(args: argparse.Namespace) -> str | None:
         get_profile(args.profile, dict(args.cost))
     except ProfileError as e:
         return str(e)
+    if getattr(args, "pods_per_gpu", 1) < 1:
+        return "--pods-per-gpu must be >= 1"
+    if getattr(args, "pods_per_gpu", 1) > 1 and not args.gpu_share:
+        return "--pods-per-gpu > 1 needs --gpu-share FILE (the slow-down factors of pods sharing a GPU)"
+    if getattr(args, "gpu_share", None):
+        try:
+            GpuShare.load(args.gpu_share)
+        except GpuShareError as e:
+            return str(e)
     return None
 
 
@@ -175,6 +191,8 @@ def make_pods(args: argparse.Namespace, ports: list[int], names: list[str], loop
         pod = Pod(config, engine, publisher)
         pod.load_static()
         pods.append(pod)
+    if getattr(args, "gpu_share", None) and args.pods_per_gpu > 1:
+        gpushare.group([p.engine for p in pods], args.pods_per_gpu, GpuShare.load(args.gpu_share))
     return pods
 
 

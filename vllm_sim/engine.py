@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .costs import CostProfile, ideal_ttft
+from .gpushare import SharedGpu
 from .kvcache import BlockPool, block_hashes, chain_seed
 from .lora_cache import LoraRef, LoraTiers
 from .stats import EngineStats
@@ -212,6 +213,11 @@ class Engine:
         self._block_bytes = config.block_size * BYTES_PER_TOKEN
         self._jit_pending = self.profile.first_lora_jit_s > 0
         self.steps = 0
+        self.gpu: SharedGpu | None = None   # set when pods share one GPU (``vllm_sim.gpushare``)
+
+    def gpu_busy(self) -> bool:
+        """Running requests or loading an adapter: using the GPU, as a neighbour sees it."""
+        return bool(self.running) or self._utility_future is not None
 
     # -- clock ---------------------------------------------------------------------------------
     def now(self) -> float:
@@ -307,6 +313,8 @@ class Engine:
                     fut.set_exception(e)
                 self.loop.call_soon(self._begin_step)
                 return
+            if self.gpu is not None:
+                self._utility_result *= self.gpu.factor(self, "load")
             self._scheduled = []
             for req in self.running:  # the engine loop is blocked: prefills in flight feel it
                 if req.first_token is None:
@@ -431,12 +439,19 @@ class Engine:
                 kv_tokens += req.num_computed
             else:
                 prefill_tokens += n
-            if stall and req.first_token is None:
-                req.load_felt += stall
+        step = self.profile.step_time(prefill_tokens, decode_seqs, kv_tokens, bool(batch_loras))
+        if self.gpu is not None:  # other pods on this GPU are busy: this step time-slices with them
+            step *= self.gpu.factor(self, self.gpu.share.step_kind(prefill_tokens))
+            if stall:
+                stall *= self.gpu.factor(self, "load")
+        if stall:
+            for req, _n in scheduled:
+                if req.first_token is None:
+                    req.load_felt += stall
         self.stats.iteration_tokens.observe(float(prefill_tokens + decode_seqs))
         self._scheduled = scheduled
         self.steps += 1
-        self._arm(self.profile.step_time(prefill_tokens, decode_seqs, kv_tokens, bool(batch_loras)) + stall)
+        self._arm(step + stall)
 
     def _preempt(self, req: Request) -> None:
         self.pool.free(req.blocks)

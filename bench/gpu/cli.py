@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="OMP/MKL threads of each server (default: the host's cores / servers)")
     hr.add_argument("--poll-cost-s", type=float, default=10.0)
     hr.add_argument("--probe-trials", type=int, default=2)
+    hr.add_argument("--share-trials", type=int, default=3, help="trials per busy-neighbour count of the sharing probe")
     hr.add_argument("--probe-rank", type=int, default=64)
     hr.add_argument("--code-version", default=None, help="recorded in the results (git describe of the copied code)")
     hr.add_argument("--detach", action="store_true", help="run detached from this shell; watch with host status/wait")
@@ -110,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     si.add_argument("--spec", type=Path, default=None, help="default: each result's spec_path")
     si.add_argument("--profile", required=True, help="the simulator cost profile (cluster.profile)")
     si.add_argument("--sim-arg", action="append", default=[], help="extra `loraroute sim cluster` flag (repeatable)")
+    si.add_argument("--gpu-share", type=Path, default=None, metavar="SHARE_JSON",
+                    help="the run's share.json: the simulated pods share one GPU as the real servers did "
+                         "(--pods-per-gpu = the run's servers, slowed by the factors its sharing probe measured)")
     si.add_argument("--time-scale", type=float, default=1.0)
     si.add_argument("--out", type=Path, default=Path("bench/results/gpu-sim"))
 
@@ -121,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 POLICY_NAMES = ("default", "llm-d", "round-robin", "sglang")
-PHASE_NAMES = ("build", "servers", "warmup", "state", "capacity", "replay", "probe")
+PHASE_NAMES = ("build", "servers", "warmup", "share", "state", "capacity", "replay", "probe")
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -204,6 +208,7 @@ def _host(args: argparse.Namespace, argv: list[str]) -> int:
         ramp_ttft_p90_s=args.ramp_ttft_p90_s, budget_s=args.budget_s, reserve_s=args.reserve_s, drain_s=args.drain_s,
         server_start_s=args.server_start_s, server_cmd=args.server_cmd,
         server_timeout_s=args.server_timeout_s, threads_per_server=args.threads_per_server, poll_cost_s=args.poll_cost_s, probe_trials=args.probe_trials,
+        share_trials=args.share_trials,
         probe_rank=args.probe_rank, code_version=args.code_version)
     unknown = set(opts.phases) - set(PHASE_NAMES) or set(opts.policies) - set(POLICY_NAMES)
     if unknown:
@@ -251,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if args.cmd == "sim":
             spec = args.spec or Path(real[0]["meta"]["spec_path"])
+            sim_args = list(args.sim_arg)
+            if args.gpu_share:
+                sim_args += ["--pods-per-gpu", str(len(real[0]["meta"]["pods"])), "--gpu-share", str(args.gpu_share.absolute())]
             try:
-                paths = counterpart.simulate(real, spec, args.profile, args.out, sim_args=args.sim_arg,
+                paths = counterpart.simulate(real, spec, args.profile, args.out, sim_args=sim_args,
                                              time_scale=args.time_scale)
             except ValueError as e:
                 print(f"sim: {e}", file=sys.stderr)

@@ -10,20 +10,23 @@ Phases, in order (``--phases`` picks a subset; each prints progress lines and is
    ``/health`` (``bench.gpu.servers``); a server that dies prints its last log lines;
 3. ``warmup``: one LoRA request per server (an eager engine JIT-compiles its LoRA kernels on the
    first one), then the warm-up adapter is unloaded;
-4. ``state``: Redis and one sidecar per server; the API servers' CPU is measured for
+4. ``share``: the sharing probe (``bench.gpu.share_probe``; needs two servers): how much slower
+   s0's prefill, decode and adapter load are with 0 … N-1 other servers busy on the GPU, the
+   factors ``loraroute sim cluster --gpu-share`` reads (``<work>/results/share.json``);
+5. ``state``: Redis and one sidecar per server; the API servers' CPU is measured for
    ``poll_cost_s`` before and after the sidecars start polling ``/metrics`` and ``/v1/models``;
-5. ``capacity``: a short ramp through the gateway with the ``least-loaded`` preset (open-loop
+6. ``capacity``: a short ramp through the gateway with the ``least-loaded`` preset (open-loop
    steps of ``ramp_step_s`` at rising rates, each drained; a step passes when every request
    succeeds and TTFT p90 ≤ ``ramp_ttft_p90_s``); capacity = the last passing rate, and the replay
    rate = ``load`` × capacity (``--rate`` skips the ramp);
-6. ``replay <policy>`` for each policy (``default``, ``llm-d``, ``round-robin``, and ``sglang`` when
+7. ``replay <policy>`` for each policy (``default``, ``llm-d``, ``round-robin``, and ``sglang`` when
    sglang-router is importable): every server reset (adapters unloaded, prefix cache reset), the
    router started, the same trace replayed open-loop with streaming requests, the result written
    with ``bench run``'s schema to ``<work>/results/replays/<spec>/<target>-loadNN.json``, each
    server's ``/metrics`` and ``/v1/models`` to ``<work>/results/servers/<target>/``;
-7. ``probe``: the load probe (``bench.gpu.probe``; needs two servers), last so that a tight budget
+8. ``probe``: the load probe (``bench.gpu.probe``; needs two servers), last so that a tight budget
    cuts it rather than a replay;
-8. everything stopped; ``<work>/results/run.json`` holds the run's facts.
+9. everything stopped; ``<work>/results/run.json`` holds the run's facts.
 
 ``--budget-s``: before a phase starts the driver checks the time left; a replay's trace is cut to
 what fits; when the budget is spent the driver stops everything and keeps what it has
@@ -45,7 +48,7 @@ from typing import Any
 
 from bench.client import ReplayConfig, RequestResult, replay
 from bench.cluster import BenchCluster, Pod, Target
-from bench.gpu import model, probe, servers
+from bench.gpu import model, probe, servers, share_probe
 from bench.gpu.counterpart import estimate_tiers
 from bench.gpu.status import Status
 from bench.peers import sglang_argv, sglang_ready
@@ -55,7 +58,7 @@ from bench.stats import is_ok, percentile, summarize
 from bench.workload import TraceRequest, WorkloadSpec, generate, load_spec
 from loraroute.procs import Proc, free_port, start_process
 
-PHASES = ("build", "servers", "warmup", "state", "capacity", "replay", "probe")
+PHASES = ("build", "servers", "warmup", "share", "state", "capacity", "replay", "probe")
 POLICIES = ("default", "llm-d", "round-robin", "sglang")
 WARMUP_ADAPTER = "warmup"
 CAPACITY_POLICY = "least-loaded"
@@ -97,6 +100,7 @@ class HostOptions:
     threads_per_server: int | None = None      # default: the host's cores / servers
     poll_cost_s: float = 10.0
     probe_trials: int = 2
+    share_trials: int = 3
     probe_rank: int = 64
     request_timeout_s: float = 300.0
     code_version: str | None = None            # recorded when the copy of the code has no git history
@@ -259,6 +263,20 @@ class Driver:
             self.say(f"{line['condition']}: load median {line['load_ms_median']} ms (max {line['load_ms_max']}), "
                      f"first use {line['first_use_ms_median']} ms, n={line['n']}")
 
+    def share(self) -> None:
+        if len(self.running) < 2:
+            self.say("skipped: the sharing probe needs two servers")
+            return
+        sp = share_probe.ShareProbe(self.running, self.opts.work / "share", served=self.c.base_model,
+                                    model_arg=self.model_arg, shape=model.SHAPES[self.opts.shape],
+                                    rank=self.opts.probe_rank, trials=self.opts.share_trials, say=self.say)
+        rows = sp.run()
+        doc = {"factors": share_probe.factors(rows), "rows": rows, "mode": self.facts["mode"],
+               "servers": len(self.running), "rank": self.opts.probe_rank}
+        _write_json(self.results / "share.json", doc)
+        self.say("slow-down with 0 … N-1 busy neighbours: "
+                 + "; ".join(f"{kind} {' / '.join(f'{x:g}' for x in seq)}" for kind, seq in doc["factors"].items()))
+
     def reset_servers(self) -> None:
         notes = []
         for s in self.running:
@@ -414,6 +432,9 @@ class Driver:
                 self._phase("servers", self.start_servers)
             if "warmup" in ph and self.running:
                 self._phase("warmup", self.warmup)
+            if "share" in ph and len(self.running) > 1:
+                self._need(60.0, "the sharing probe")
+                self._phase("share", self.share)
             if ({"state", "capacity", "replay"} & ph) and self.running:
                 self._phase("state", self.state_plane)
             if "replay" in ph and self.running:

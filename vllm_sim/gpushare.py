@@ -1,0 +1,115 @@
+"""Pods that share one GPU: each engine's work is slower while the other engines on its GPU are busy.
+
+A production cluster gives every vLLM pod a GPU of its own, and so does the simulator by default.
+A benchmark host with one GPU and several vLLM servers does not: the servers' CUDA contexts
+time-slice the GPU, so a step takes longer whenever another server is running one (run 3 of
+docs/real-gpu.md: a ``max_tokens 1`` request 249 ms while a second server streamed, 28 ms while it
+was idle). ``loraroute sim cluster --pods-per-gpu N --gpu-share FILE`` models that: consecutive
+groups of N pods share a GPU, and when a pod starts a step (or a load) while k other pods of its
+group are busy (running requests or loading an adapter), its duration is multiplied by the
+factor measured for k busy neighbours:
+
+- ``short``: a step with prefill tokens, fewer than ``LONG_PREFILL`` of them;
+- ``prefill``: a step with ``LONG_PREFILL`` prefill tokens or more;
+- ``decode``: a step with decodes only;
+- ``load``: an adapter load (a step's load stall, or ``/v1/load_lora_adapter``).
+
+The factors come from the GPU kit's sharing probe (``bench.gpu.share_probe``: medians with
+0 … N-1 busy neighbours over the median with none), read from its ``share.json``; a file with
+just ``{"factors": {...}}`` works too. k beyond the measured range takes the last factor. The
+factor is fixed when the step starts: a neighbour that becomes busy mid-step does not slow it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+KINDS = ("short", "prefill", "decode", "load")
+LONG_PREFILL = 256   # prefill tokens from which a step counts as a long prefill (the probe: ~20 vs ~1,000)
+
+
+class GpuShareError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class GpuShare:
+    """Slow-down factor per kind of work, indexed by the number of busy neighbours (index 0 = 1.0)."""
+
+    factors: Mapping[str, tuple[float, ...]]
+    source: str = ""
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any], source: str = "") -> GpuShare:
+        raw = doc.get("factors", doc)
+        if not isinstance(raw, Mapping):
+            raise GpuShareError(f"{source or 'gpu share'}: 'factors' must be a mapping of kind to a list")
+        factors: dict[str, tuple[float, ...]] = {}
+        for kind in KINDS:
+            seq = raw.get(kind)
+            if seq is None:
+                raise GpuShareError(f"{source or 'gpu share'}: no factors for {kind!r} (need {', '.join(KINDS)})")
+            try:
+                values = tuple(float(x) for x in seq)
+            except (TypeError, ValueError):
+                raise GpuShareError(f"{source or 'gpu share'}: {kind!r} must be a list of numbers") from None
+            if not values or any(not 0 < v < 1000 for v in values):
+                raise GpuShareError(f"{source or 'gpu share'}: {kind!r} factors must be > 0, got {list(values)}")
+            factors[kind] = (1.0, *values[1:])   # alone is the calibrated profile itself
+        return cls(factors, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> GpuShare:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise GpuShareError(f"cannot read the gpu share file {path}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise GpuShareError(f"the gpu share file {path} is not JSON: {e}") from None
+        if not isinstance(doc, Mapping):
+            raise GpuShareError(f"the gpu share file {path} must hold a JSON object")
+        return cls.from_doc(doc, str(path))
+
+    def factor(self, kind: str, busy_neighbours: int) -> float:
+        seq = self.factors[kind]
+        return seq[min(max(busy_neighbours, 0), len(seq) - 1)]
+
+    def step_kind(self, prefill_tokens: int) -> str:
+        if prefill_tokens <= 0:
+            return "decode"
+        return "prefill" if prefill_tokens >= LONG_PREFILL else "short"
+
+
+class _Busy(Protocol):
+    def gpu_busy(self) -> bool: ...
+
+
+@dataclass
+class SharedGpu:
+    """The engines on one GPU (set on each engine as ``engine.gpu``)."""
+
+    share: GpuShare
+    engines: list[_Busy] = field(default_factory=list)
+
+    def busy_neighbours(self, engine: object) -> int:
+        return sum(1 for e in self.engines if e is not engine and e.gpu_busy())
+
+    def factor(self, engine: object, kind: str) -> float:
+        return self.share.factor(kind, self.busy_neighbours(engine))
+
+
+def group(engines: Sequence[Any], pods_per_gpu: int, share: GpuShare) -> list[SharedGpu]:
+    """Consecutive groups of ``pods_per_gpu`` engines on one GPU each; sets ``engine.gpu``."""
+    if pods_per_gpu < 1:
+        raise GpuShareError("--pods-per-gpu must be >= 1")
+    gpus = []
+    for start in range(0, len(engines), pods_per_gpu):
+        gpu = SharedGpu(share, list(engines[start:start + pods_per_gpu]))
+        for e in gpu.engines:
+            e.gpu = gpu
+        gpus.append(gpu)
+    return gpus
