@@ -300,6 +300,7 @@ def test_pods_sharing_a_gpu_slow_each_other_by_the_measured_factors(procs, make_
     la, lb = record(p0, "L-cold-a"), record(p2, "L-cold-b")
     assert la["adapter_tier"] == lb["adapter_tier"] == "disk"
     assert la["adapter_load"] == pytest.approx(4.0 * lb["adapter_load"], rel=1e-6)
+    assert la["prefill"] == pytest.approx(9.0 * lb["prefill"], rel=1e-6)  # the first step with a fresh slot
     busy.join(60)
     # alone again: pod 0 runs at the profile's own speed
     send(p0, BASE, "other prompt", 40, "S2").join(30)

@@ -441,7 +441,10 @@ class Engine:
                 prefill_tokens += n
         step = self.profile.step_time(prefill_tokens, decode_seqs, kv_tokens, bool(batch_loras))
         if self.gpu is not None:  # other pods on this GPU are busy: this step time-slices with them
-            step *= self.gpu.factor(self, self.gpu.share.step_kind(prefill_tokens))
+            first_use = bool(batch_loras) and self.loras.first_use(set(batch_loras))
+            kind = "first_use" if first_use and "first_use" in self.gpu.share.factors else \
+                self.gpu.share.step_kind(prefill_tokens)
+            step *= self.gpu.factor(self, kind)
             if stall:
                 stall *= self.gpu.factor(self, "load")
         if stall:

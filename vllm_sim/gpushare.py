@@ -12,7 +12,13 @@ factor measured for k busy neighbours:
 - ``short``: a step with prefill tokens, fewer than ``LONG_PREFILL`` of them;
 - ``prefill``: a step with ``LONG_PREFILL`` prefill tokens or more;
 - ``decode``: a step with decodes only;
-- ``load``: an adapter load (a step's load stall, or ``/v1/load_lora_adapter``).
+- ``load``: an adapter load (a step's load stall, or ``/v1/load_lora_adapter``);
+- ``first_use`` (optional; the probe's ``lora_short``): the first step that uses an adapter after
+  it got a GPU slot (a load or a CPU-to-GPU activation). The probe found this one far slower than
+  any other step while neighbours are busy (23 ms alone, 261 ms with one busy neighbour, on four
+  compiled servers); without it such a step counts as ``short`` / ``prefill`` / ``decode``.
+  The probe measured it after a load only; applying it after an activation from the CPU cache
+  too is this model's assumption.
 
 The factors come from the GPU kit's sharing probe (``bench.gpu.share_probe``: medians with
 0 … N-1 busy neighbours over the median with none), read from its ``share.json``; a file with
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 KINDS = ("short", "prefill", "decode", "load")
+OPTIONAL = {"first_use": ("first_use", "lora_short")}   # kind: the names it may have in the file
 LONG_PREFILL = 256   # prefill tokens from which a step counts as a long prefill (the probe: ~20 vs ~1,000)
 
 
@@ -45,21 +52,19 @@ class GpuShare:
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any], source: str = "") -> GpuShare:
+        where = source or "gpu share"
         raw = doc.get("factors", doc)
         if not isinstance(raw, Mapping):
-            raise GpuShareError(f"{source or 'gpu share'}: 'factors' must be a mapping of kind to a list")
+            raise GpuShareError(f"{where}: 'factors' must be a mapping of kind to a list")
         factors: dict[str, tuple[float, ...]] = {}
         for kind in KINDS:
-            seq = raw.get(kind)
-            if seq is None:
-                raise GpuShareError(f"{source or 'gpu share'}: no factors for {kind!r} (need {', '.join(KINDS)})")
-            try:
-                values = tuple(float(x) for x in seq)
-            except (TypeError, ValueError):
-                raise GpuShareError(f"{source or 'gpu share'}: {kind!r} must be a list of numbers") from None
-            if not values or any(not 0 < v < 1000 for v in values):
-                raise GpuShareError(f"{source or 'gpu share'}: {kind!r} factors must be > 0, got {list(values)}")
-            factors[kind] = (1.0, *values[1:])   # alone is the calibrated profile itself
+            if raw.get(kind) is None:
+                raise GpuShareError(f"{where}: no factors for {kind!r} (need {', '.join(KINDS)})")
+            factors[kind] = _factors(raw[kind], kind, where)
+        for kind, names in OPTIONAL.items():
+            name = next((n for n in names if raw.get(n) is not None), None)
+            if name is not None:
+                factors[kind] = _factors(raw[name], name, where)
         return cls(factors, source)
 
     @classmethod
@@ -75,13 +80,25 @@ class GpuShare:
         return cls.from_doc(doc, str(path))
 
     def factor(self, kind: str, busy_neighbours: int) -> float:
-        seq = self.factors[kind]
+        seq = self.factors.get(kind)
+        if seq is None:
+            return 1.0
         return seq[min(max(busy_neighbours, 0), len(seq) - 1)]
 
     def step_kind(self, prefill_tokens: int) -> str:
         if prefill_tokens <= 0:
             return "decode"
         return "prefill" if prefill_tokens >= LONG_PREFILL else "short"
+
+
+def _factors(seq: Any, name: str, where: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in seq)
+    except (TypeError, ValueError):
+        raise GpuShareError(f"{where}: {name!r} must be a list of numbers") from None
+    if not values or any(not 0 < v < 1000 for v in values):
+        raise GpuShareError(f"{where}: {name!r} factors must be > 0, got {list(values)}")
+    return (1.0, *values[1:])   # alone is the calibrated profile itself
 
 
 class _Busy(Protocol):

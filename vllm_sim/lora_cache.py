@@ -40,6 +40,7 @@ class LoraTiers:
         self.gpu: OrderedDict[int, LoraRef] = OrderedDict()
         self.loads_disk = 0
         self.loads_gpu = 0
+        self.fresh: set[int] = set()   # put in a GPU slot, not yet used by a step (a subset of gpu)
 
     def tier(self, lora_id: int) -> str:
         if lora_id in self.gpu:
@@ -61,18 +62,28 @@ class LoraTiers:
             if len(cpu) + 1 > self.max_cpu_loras:
                 old, _ = cpu.popitem(last=False)
                 gpu.pop(old, None)
+                self.fresh.discard(old)
             cpu[ref.lora_id] = ref
         else:
             cpu.move_to_end(ref.lora_id)
         if ref.lora_id not in gpu:
             if len(gpu) >= self.max_loras:
-                gpu.popitem(last=False)
+                self.fresh.discard(gpu.popitem(last=False)[0])
             stall += self.profile.cpu_to_gpu_s
             self.loads_gpu += 1
             gpu[ref.lora_id] = ref
+            self.fresh.add(ref.lora_id)
         else:
             gpu.move_to_end(ref.lora_id)
         return stall
+
+    def first_use(self, lora_ids: list[int] | set[int]) -> bool:
+        """Whether a step with these adapters is the first to use one since it got its GPU slot
+        (and mark them used)."""
+        hit = bool(self.fresh.intersection(lora_ids))
+        if hit:
+            self.fresh.difference_update(lora_ids)
+        return hit
 
     def apply(self, batch: list[LoraRef]) -> tuple[float, list[str]]:
         """Activate a batch's adapters (vLLM ``set_active_adapters``); (stall, names loaded)."""
