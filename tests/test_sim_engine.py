@@ -278,8 +278,8 @@ def test_pods_sharing_a_gpu_slow_each_other_by_the_measured_factors(procs, make_
     root = make_adapter("cold-a", rank=16).parent
     make_adapter("cold-b", rank=16)
     share = tmp_path / "share.json"
-    share.write_text('{"factors": {"short": [1, 2.0], "prefill": [1, 2.5], "decode": [1, 3.0], "load": [1, 4.0],'
-                     ' "lora_short": [1, 9]}, "rows": []}')
+    share.write_text('{"factors": {"short": [1, 2.0], "prefill": [1, 2.5], "decode": [1, 3.0], "load": [1, 4.0]},'
+                     ' "first_use_extra_ms": [0, 150]}')
     base_port = consecutive_free_ports(3)
     procs.start("cluster", loraroute_cmd("sim", "cluster", "--pods", "3", "--base-port", str(base_port), "--enable-lora",
                                          "--max-lora-rank", "64", "--adapter-dir", str(root),
@@ -300,7 +300,8 @@ def test_pods_sharing_a_gpu_slow_each_other_by_the_measured_factors(procs, make_
     la, lb = record(p0, "L-cold-a"), record(p2, "L-cold-b")
     assert la["adapter_tier"] == lb["adapter_tier"] == "disk"
     assert la["adapter_load"] == pytest.approx(4.0 * lb["adapter_load"], rel=1e-6)
-    assert la["prefill"] == pytest.approx(9.0 * lb["prefill"], rel=1e-6)  # the first step with a fresh slot
+    # the first step with a fresh GPU slot: the short-step factor and 150 ms on top
+    assert la["prefill"] == pytest.approx(2.0 * lb["prefill"] + 0.150, rel=1e-6)
     busy.join(60)
     # alone again: pod 0 runs at the profile's own speed
     send(p0, BASE, "other prompt", 40, "S2").join(30)

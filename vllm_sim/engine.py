@@ -441,10 +441,9 @@ class Engine:
                 prefill_tokens += n
         step = self.profile.step_time(prefill_tokens, decode_seqs, kv_tokens, bool(batch_loras))
         if self.gpu is not None:  # other pods on this GPU are busy: this step time-slices with them
-            first_use = bool(batch_loras) and self.loras.first_use(set(batch_loras))
-            kind = "first_use" if first_use and "first_use" in self.gpu.share.factors else \
-                self.gpu.share.step_kind(prefill_tokens)
-            step *= self.gpu.factor(self, kind)
+            step *= self.gpu.factor(self, self.gpu.share.step_kind(prefill_tokens))
+            if batch_loras and self.loras.first_use(set(batch_loras)):
+                step += self.gpu.first_use_s(self)
             if stall:
                 stall *= self.gpu.factor(self, "load")
         if stall:

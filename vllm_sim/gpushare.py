@@ -13,12 +13,17 @@ factor measured for k busy neighbours:
 - ``prefill``: a step with ``LONG_PREFILL`` prefill tokens or more;
 - ``decode``: a step with decodes only;
 - ``load``: an adapter load (a step's load stall, or ``/v1/load_lora_adapter``);
-- ``first_use`` (optional; the probe's ``lora_short``): the first step that uses an adapter after
-  it got a GPU slot (a load or a CPU-to-GPU activation). The probe found this one far slower than
-  any other step while neighbours are busy (23 ms alone, 261 ms with one busy neighbour, on four
-  compiled servers); without it such a step counts as ``short`` / ``prefill`` / ``decode``.
-  The probe measured it after a load only; applying it after an activation from the CPU cache
-  too is this model's assumption.
+
+and one added time, not a factor: ``first_use_extra_ms`` (optional), milliseconds added to the
+first step that uses an adapter after it got a GPU slot (a load or a CPU-to-GPU activation), per
+number of busy neighbours. The probe found that request far slower than any other while
+neighbours are busy (23 ms alone, 261 ms with one busy neighbour, on four compiled servers: the
+probe's ``lora_short``), so the file's value is the probe's ``lora_short`` median at k minus the
+one at 0 (computed from its ``rows`` when the file has no ``first_use_extra_ms``). Added, not
+multiplied: the probe timed that request alone on its server, and a factor on a replay's
+batched step (every sequence of the batch in it) would multiply much more than that request's
+own time. Applying it after an activation from the CPU cache as after a load (the probe measured
+a load) is this model's assumption.
 
 The factors come from the GPU kit's sharing probe (``bench.gpu.share_probe``: medians with
 0 … N-1 busy neighbours over the median with none), read from its ``share.json``; a file with
@@ -29,13 +34,13 @@ factor is fixed when the step starts: a neighbour that becomes busy mid-step doe
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 KINDS = ("short", "prefill", "decode", "load")
-OPTIONAL = {"first_use": ("first_use", "lora_short")}   # kind: the names it may have in the file
 LONG_PREFILL = 256   # prefill tokens from which a step counts as a long prefill (the probe: ~20 vs ~1,000)
 
 
@@ -48,6 +53,7 @@ class GpuShare:
     """Slow-down factor per kind of work, indexed by the number of busy neighbours (index 0 = 1.0)."""
 
     factors: Mapping[str, tuple[float, ...]]
+    first_use_extra_s: tuple[float, ...] = ()
     source: str = ""
 
     @classmethod
@@ -61,11 +67,12 @@ class GpuShare:
             if raw.get(kind) is None:
                 raise GpuShareError(f"{where}: no factors for {kind!r} (need {', '.join(KINDS)})")
             factors[kind] = _factors(raw[kind], kind, where)
-        for kind, names in OPTIONAL.items():
-            name = next((n for n in names if raw.get(n) is not None), None)
-            if name is not None:
-                factors[kind] = _factors(raw[name], name, where)
-        return cls(factors, source)
+        extra = doc.get("first_use_extra_ms")
+        if extra is None:
+            extra = _extra_from_rows(doc.get("rows") or [], "lora_short")
+        elif not isinstance(extra, list) or not all(isinstance(x, (int, float)) and 0 <= x < 60_000 for x in extra):
+            raise GpuShareError(f"{where}: 'first_use_extra_ms' must be a list of milliseconds >= 0")
+        return cls(factors, tuple(x / 1000 for x in extra), source)
 
     @classmethod
     def load(cls, path: str | Path) -> GpuShare:
@@ -85,6 +92,10 @@ class GpuShare:
             return 1.0
         return seq[min(max(busy_neighbours, 0), len(seq) - 1)]
 
+    def first_use_s(self, busy_neighbours: int) -> float:
+        seq = self.first_use_extra_s
+        return seq[min(max(busy_neighbours, 0), len(seq) - 1)] if seq else 0.0
+
     def step_kind(self, prefill_tokens: int) -> str:
         if prefill_tokens <= 0:
             return "decode"
@@ -101,6 +112,21 @@ def _factors(seq: Any, name: str, where: str) -> tuple[float, ...]:
     return (1.0, *values[1:])   # alone is the calibrated profile itself
 
 
+def _extra_from_rows(rows: Sequence[Mapping[str, Any]], kind: str) -> list[float]:
+    """Per busy-neighbour count, the median ms of ``kind`` minus its median alone (>= 0)."""
+    by_k: dict[int, list[float]] = {}
+    for r in rows:
+        if r.get("kind") == kind and isinstance(r.get("ms"), (int, float)):
+            by_k.setdefault(int(r.get("busy_neighbours", 0)), []).append(float(r["ms"]))
+    if 0 not in by_k:
+        return []
+    alone = statistics.median(by_k[0])
+    out: list[float] = []
+    for k in range(max(by_k) + 1):
+        out.append(max(0.0, statistics.median(by_k[k]) - alone) if k in by_k else (out[-1] if out else 0.0))
+    return out
+
+
 class _Busy(Protocol):
     def gpu_busy(self) -> bool: ...
 
@@ -111,6 +137,9 @@ class SharedGpu:
 
     share: GpuShare
     engines: list[_Busy] = field(default_factory=list)
+
+    def first_use_s(self, engine: object) -> float:
+        return self.share.first_use_s(self.busy_neighbours(engine))
 
     def busy_neighbours(self, engine: object) -> int:
         return sum(1 for e in self.engines if e is not engine and e.gpu_busy())
