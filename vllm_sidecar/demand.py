@@ -90,6 +90,7 @@ class DemandView:
         self.demand_evictions = 0
         self.events: collections.deque[DemandEvent] = collections.deque(maxlen=_EVENTS_KEPT)
         self._retry_at: dict[str, float] = {}  # adapter -> monotonic time it may be tried again
+        self._no_room: str | None = None  # the adapter the last pass stopped at for the budget
         self._task: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -195,8 +196,10 @@ class DemandView:
                     self._failed(entry, "not in the adapter source")
                     continue
                 if not self._fits(size, entry.log_rate):
-                    self._record(entry, "prefetch_no_room", f"{size} bytes would evict adapters at least as demanded")
-                    self.prefetches["no_room"] += 1
+                    if self._no_room != name:  # once per stop, not once per pass
+                        self._no_room = name
+                        self._record(entry, "prefetch_no_room", f"{size} bytes would evict adapters at least as demanded")
+                        self.prefetches["no_room"] += 1
                     break
                 await self.adapters.ensure(name)
             except StoreUnreachable as exc:
@@ -207,6 +210,7 @@ class DemandView:
                 self._failed(entry, exc.code)
                 continue
             fetched.append(name)
+            self._no_room = None
             self.prefetches["downloaded"] += 1
             self._record(entry, "prefetched", f"{size} bytes")
             log.info("prefetched adapter %s (share %.4f of its base's demand)", name, entry.share)

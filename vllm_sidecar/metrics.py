@@ -17,7 +17,8 @@
   bases with demand; 0: eviction is least recently used), ``_demand_age_seconds`` (since the
   last read that found demand; absent without one), counters ``_demand_evictions_total``
   (evictions ordered by demand) and ``_prefetches_total{outcome}`` (downloaded | failed |
-  no_room: a pass ended because the adapter fits only by evicting more demanded ones).
+  no_room: a pass stopped at an adapter that fits only by evicting more demanded ones, counted
+  once until a prefetch succeeds or it stops at another).
 """
 
 from __future__ import annotations
