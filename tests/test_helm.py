@@ -587,6 +587,9 @@ def test_rendered_sidecar_settings_are_accepted_by_the_sidecar(value_set: str, t
     assert f"--model={settings.base_model}" in vllm_args  # the resolver compares these exactly
     assert f"--served-model-name={settings.served_model_name}" in vllm_args
     assert settings.adapter_dir == values["sidecar"]["adapterDir"]
+    demand = values["sidecar"]["demand"]
+    assert (settings.demand.enabled, settings.demand.refresh_s, settings.demand.prefetch) == (
+        demand["enabled"], demand["refreshSeconds"], demand["prefetch"])
     s3 = settings.source.s3
     assert settings.source.type == "s3" and s3.layout == values["sidecar"]["s3"]["layout"]
     if values["sidecar"]["s3"]["fromDataConnection"]:

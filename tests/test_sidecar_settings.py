@@ -27,6 +27,7 @@ HELM_LIKE = {
     "source": {"type": "s3", "s3": {"bucket": "adapters", "region": "us-east-1", "layout": "adapters/{base}/{adapter}/",
                                     "endpoint_url": "https://minio.internal:9000", "ca_bundle": "/etc/loraroute/ca/ca.crt"}},
     "store": {"type": "redis", "url": "redis://redis:6379/0", "password_env": "LORAROUTE_REDIS_PASSWORD"},
+    "demand": {"enabled": True, "refresh_s": 30, "prefetch": 4},
 }
 
 
@@ -36,6 +37,7 @@ def test_helm_rendered_file_validates(tmp_path: Path) -> None:
     s = load_settings(path, overrides={"pod_id": "vllm-0", "vllm_url": "http://127.0.0.1:8000"})
     assert s.source.s3.ca_bundle == "/etc/loraroute/ca/ca.crt" and s.store.password_env == "LORAROUTE_REDIS_PASSWORD"
     assert s.base_key == "llama-3.1-8b" and s.public_sidecar_url == "http://127.0.0.1:8081"
+    assert s.demand.refresh_s == 30.0 and s.demand.prefetch == 4
 
 
 @pytest.mark.parametrize(("patch", "needle"), [

@@ -19,8 +19,10 @@
    atomically (vLLM never sees half an adapter). The folder keeps the manifest (one is computed
    when the store had none), so the local version is always known;
 4. the disk budget is enforced: while the folder's adapters exceed ``disk_budget_bytes``, the
-   least recently used adapter not in use (``in_use()``: on GPU, running, loading, being
-   ensured) is removed — after ``before_evict(name)`` (the sidecar unloads it from vLLM).
+   first adapter in ``eviction_order(local())`` not in use (``in_use()``: on GPU, running,
+   loading, being ensured) is removed — after ``before_evict(name)`` (the sidecar unloads it
+   from vLLM). Without an ``eviction_order`` that is the least recently used; the sidecar
+   passes the cluster's demand (``vllm_sidecar.demand``).
 
 Concurrent ensures of one name with the same arguments share one task (one download;
 ``on_download(seconds, bytes)`` is called once per download); ensures of one name with
@@ -141,6 +143,7 @@ class AdapterStore:
         in_use: Callable[[], Iterable[str]] | None = None,
         before_evict: Callable[[str], Awaitable[None]] | None = None,
         on_download: Callable[[float, int], None] | None = None,
+        eviction_order: Callable[[list[LocalAdapter]], list[LocalAdapter]] | None = None,
     ) -> None:
         self.dir = Path(adapter_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +158,7 @@ class AdapterStore:
         self._in_use = in_use or (lambda: ())
         self._before_evict = before_evict
         self._on_download = on_download
+        self._eviction_order = eviction_order
         self.fetched_bytes = 0
         self._inflight: dict[tuple[str, str | None, bool], asyncio.Task[EnsureResult]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -421,12 +425,14 @@ class AdapterStore:
 
     # --- disk budget ---------------------------------------------------------------------------
     async def enforce_budget(self, keep: str | None = None) -> list[str]:
-        """Remove least recently used adapters not in use until under ``disk_budget_bytes``."""
+        """Remove adapters not in use, in ``eviction_order`` (default: least recently used
+        first), until under ``disk_budget_bytes``."""
         removed: list[str] = []
         if self.disk_bytes() <= self.disk_budget_bytes:
             return removed
         busy = set(self._in_use()) | set(self.inflight()) | ({keep} if keep else set())
-        for adapter in self.local():
+        order = self.local() if self._eviction_order is None else self._eviction_order(self.local())
+        for adapter in order:
             if self.disk_bytes() <= self.disk_budget_bytes:
                 break
             if adapter.name in busy:

@@ -18,6 +18,11 @@
   "error": {"code", "message", "layer"} | null, "adapters": {name: {"present", "version",
   "versions", "rank", "size_bytes", "sha256", "problems": [{"code", "message"}]}}}`` (at most 100
   names; ``@<version>`` looks at that version's immutable copy instead of the live folder).
+- ``GET /demand?limit=N`` -> 200 the cluster's demand as this sidecar read it (``DemandView.to_dict``):
+  ``{"enabled", "refresh_s", "prefetch", "bases", "reads", "read_at", "age_s", "writers",
+  "adapters_with_demand", "top": [{"adapter", "base", "share", "rate_rps", "on_disk"}],
+  "prefetches", "demand_evictions", "events": [{"at", "adapter", "action", "share", "detail"}]}``,
+  newest event first.
 
 With a control token (``control_token_env``), every route but ``/healthz`` and ``/metrics`` needs
 ``Authorization: Bearer <token>`` (compared in constant time): 401 ``invalid_control_token``
@@ -85,6 +90,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def list_adapters(request: web.Request) -> web.Response:
     return web.json_response(request.app[SIDECAR_KEY].adapters())
+
+
+async def demand(request: web.Request) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "20"))
+    except ValueError:
+        raise BadRequest("limit must be an integer", param="limit") from None
+    return web.json_response(request.app[SIDECAR_KEY].demand.to_dict(max(0, min(limit, 1000))))
 
 
 async def _body(request: web.Request, fields: dict[str, str]) -> dict[str, object]:
@@ -161,4 +174,5 @@ def create_app(sidecar: Sidecar, token: str | None = None) -> web.Application:
     app.router.add_post("/adapters/{name:.+}/ensure", ensure)
     app.router.add_post("/adapters/{name:.+}/refresh", refresh)
     app.router.add_get("/store", store)
+    app.router.add_get("/demand", demand)
     return app

@@ -13,6 +13,12 @@
   with ``kv_events``: ``_kv_blocks`` (blocks the pod holds, from its events), counters
   ``_kv_batches_total`` (event batches applied) and ``_kv_resets_total`` (restarts and
   unrecoverable gaps that reset the pod's block set).
+- the cluster's demand (``vllm_sidecar.demand``): ``_demand_adapters`` (adapters of the pod's
+  bases with demand; 0: eviction is least recently used), ``_demand_age_seconds`` (since the
+  last read that found demand; absent without one), counters ``_demand_evictions_total``
+  (evictions ordered by demand) and ``_prefetches_total{outcome}`` (downloaded | failed |
+  no_room: a pass stopped at an adapter that fits only by evicting more demanded ones, counted
+  once until a prefetch succeeds or it stops at another).
 """
 
 from __future__ import annotations
@@ -40,10 +46,23 @@ class _StateCollector:
              s["residency_exact"]),
             ("loraroute_sidecar_vllm_healthy", "1 when the last scrape of vLLM succeeded", s["vllm_healthy"]),
             ("loraroute_sidecar_kv_blocks", "KV blocks the pod holds, from its KV-cache events", s["kv_blocks"]),
+            ("loraroute_sidecar_demand_adapters", "Adapters of the pod's bases with cluster demand",
+             s["demand_adapters"]),
         ):
             g = GaugeMetricFamily(name, help_)
             g.add_metric([], float(value))
             yield g
+        if s["demand_age_s"] is not None:
+            age = GaugeMetricFamily("loraroute_sidecar_demand_age_seconds",
+                                    "Seconds since the sidecar last read the cluster's demand")
+            age.add_metric([], float(s["demand_age_s"]))
+            yield age
+        prefetches = CounterMetricFamily("loraroute_sidecar_prefetches",
+                                         "Adapters fetched to disk ahead of use for their demand, by outcome",
+                                         labels=["outcome"])
+        for outcome in ("downloaded", "failed", "no_room"):
+            prefetches.add_metric([outcome], float(s["prefetches"].get(outcome, 0)))
+        yield prefetches
         tiers = GaugeMetricFamily("loraroute_sidecar_estimated_adapters", "Adapters estimated per tier",
                                   labels=["tier"])
         tiers.add_metric(["gpu"], float(len(s["gpu"])))
@@ -59,6 +78,8 @@ class _StateCollector:
             ("loraroute_sidecar_scrapes", "Scrapes of vLLM /metrics and /v1/models", s["scrapes"]),
             ("loraroute_sidecar_scrape_failures", "Failed scrapes of vLLM", s["scrape_failures"]),
             ("loraroute_sidecar_evictions", "Adapters removed from local disk for the budget", s["evictions"]),
+            ("loraroute_sidecar_demand_evictions", "Evictions ordered by the cluster's demand",
+             s["demand_evictions"]),
             ("loraroute_sidecar_kv_batches", "KV-cache event batches applied", s["kv_batches"]),
             ("loraroute_sidecar_kv_resets", "Restarts and lost event history that reset the pod's KV blocks",
              s["kv_resets"]),

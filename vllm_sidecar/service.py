@@ -28,6 +28,11 @@ and after each vLLM restart): one LoRA completion of one token on the engine, th
 loaded first if vLLM does not have it; until it completes PodState says ``lora_ready: false``
 and the gateways send the pod no adapter request (an eager vLLM compiles its LoRA kernels on the
 first one, ≈ 3.7 s on a real vLLM 0.25.1).
+
+``demand`` (a ``DemandView``, with a redis:// store): the gateways' shared adapter demand, read
+in the background; the disk budget evicts the least demanded adapters first and, with
+``demand.prefetch``, the most demanded ones of the pod's base are fetched to disk ahead of their
+first load (``vllm_sidecar.demand``).
 """
 
 from __future__ import annotations
@@ -45,8 +50,10 @@ import podstate
 from podstate.kv_events import KVEventSubscriber
 from podstate.kv_store import KVBlockRelay
 from podstate.monitor import MonitorSettings, PodMonitor
+from podstate.placement_store import open_placement_store
 from podstate.store import PodStateStore
-from vllm_sidecar.adapter_store import AdapterStore
+from vllm_sidecar.adapter_store import AdapterStore, LocalAdapter
+from vllm_sidecar.demand import DemandView
 from vllm_sidecar.errors import AdapterNotFound, BadRequest, InvalidName, LoadRefused, SidecarError, StoreUnreachable
 from vllm_sidecar.loader import VllmLoader
 from vllm_sidecar.metrics import SidecarMetrics
@@ -83,7 +90,11 @@ class Sidecar:
             s.adapter_dir, source, layout=layout, base_key=s.base_key, max_lora_rank=s.max_lora_rank,
             base_model=s.base_model, max_adapter_bytes=s.max_adapter_bytes, disk_budget_bytes=s.disk_budget_bytes,
             fetch_timeout_s=s.fetch_timeout_s, in_use=self._in_use, before_evict=self._before_evict, on_download=self._on_download,
+            eviction_order=self._eviction_order,
         )
+        shared = None if s.store.url.startswith("memory:") else open_placement_store(
+            s.store.url, key_prefix=s.store.key_prefix, password=store_password(s))
+        self.demand = DemandView(s.demand, shared, self.adapter_store, bases=self._bases, in_use=self._in_use)
         self.monitor = PodMonitor(
             s.pod_id, s.vllm_url, store,
             MonitorSettings(interval_s=s.poll_interval_s, ttl_s=s.ttl_s, heartbeat_s=s.heartbeat_s,
@@ -117,6 +128,7 @@ class Sidecar:
             sidecar._warmup_task = asyncio.create_task(sidecar._warmup_forever(), name="sidecar-warmup")
         if settings.kv_events is not None:
             sidecar._start_kv_relay()
+        sidecar.demand.start()
         log.info("sidecar for pod %s watching %s; adapters in %s from %s", settings.pod_id, settings.vllm_url,
                  settings.adapter_dir, sidecar.adapter_store.source.describe())
         if settings.store.url.startswith("memory:") and own_store:
@@ -157,6 +169,7 @@ class Sidecar:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._touch_task = self._warmup_task = None
+        await self.demand.close()
         await self.monitor.close()
         await self.session.close()
         if self._own_store:
@@ -235,12 +248,23 @@ class Sidecar:
             return set()
         return set(state.gpu_adapters) | set(state.running_adapters) | set(state.loading_adapters)
 
+    def _bases(self) -> set[str]:
+        """The base names the gateways count this pod's demand under: what vLLM serves, and the
+        configured names (before vLLM has answered)."""
+        state = self.monitor.state
+        names = set(state.base_models) if state is not None else set()
+        return names | {n for n in (self.settings.served_model_name, self.settings.base_model) if n}
+
+    def _eviction_order(self, local: list[LocalAdapter]) -> list[LocalAdapter]:
+        return self.demand.eviction_order(local)
+
     def _on_download(self, seconds: float, nbytes: int) -> None:
         self.metrics.fetch_seconds.labels(self.adapter_store.source.kind).observe(seconds)
         self.metrics.fetched_bytes.inc(nbytes)
 
     async def _before_evict(self, name: str) -> None:
         """An adapter leaving the disk must not stay registered in vLLM under a dead path."""
+        self.demand.note_evicted(name)
         monitor = self.monitor
         if monitor.models is not None and name in monitor.models.adapters:
             if await self.loader.unload(name):
@@ -379,6 +403,10 @@ class Sidecar:
             "disk_budget_bytes": self.settings.disk_budget_bytes,
             "disk_adapters": len(store.names()),
             "evictions": store.evictions,
+            "demand_evictions": self.demand.demand_evictions,
+            "demand_adapters": len(self.demand.top()),
+            "demand_age_s": self.demand.age_s(),
+            "prefetches": dict(self.demand.prefetches),
             "residency_exact": 1 if state is not None and state.residency_source == "exact" else 0,
             "vllm_healthy": 1 if state is not None and state.healthy else 0,
             "gpu": list(state.gpu_adapters) if state else [],

@@ -16,7 +16,8 @@ Strict: an unknown key is an error that names itself. Example (every key, with i
     max_cpu_loras: null                 # vLLM's --max-cpu-loras (default: max_loras)
     adapter_dir: adapters               # VLLM_LORA_RESOLVER_CACHE_DIR as this sidecar sees it
     vllm_adapter_dir: null              # the same folder as vLLM sees it (default: adapter_dir)
-    disk_budget_bytes: 10737418240      # LRU eviction of unused adapters beyond this
+    disk_budget_bytes: 10737418240      # eviction of unused adapters beyond this (least
+                                        # demanded first, then least recently used)
     max_adapter_bytes: 2147483648       # refuse bigger adapters
     poll_interval_s: 0.05
     ttl_s: 3.0
@@ -30,6 +31,9 @@ Strict: an unknown key is an error that names itself. Example (every key, with i
     warmup: {enabled: true, adapter: null, timeout_s: 60.0, retry_s: 5.0, attempts: 3}
                                         # a LoRA request on every fresh engine before adapter
                                         # requests are routed to it (docs/sidecar.md)
+    demand: {enabled: true, refresh_s: 30.0, prefetch: 0}
+                                        # the gateways' shared adapter demand, read from a
+                                        # redis:// store: eviction order and prefetch
     kv_events: null                     # relay the pod's KV-cache events to the store, e.g.
                                         # {endpoint: "tcp://127.0.0.1:5557", replay_endpoint:
                                         #  "tcp://127.0.0.1:5558", topic: "", flush_interval_s: 0.005,
@@ -169,6 +173,19 @@ class WarmupSettings(_Strict):
     attempts: int = Field(3, ge=1)
 
 
+class DemandSettings(_Strict):
+    """The cluster's adapter demand, as the gateways share it through a redis:// store
+    (``vllm_sidecar.demand``). Read every ``refresh_s`` (off the request path); the disk budget
+    then evicts the least demanded adapters first. ``prefetch``: the N most demanded adapters of
+    the pod's base are kept on local disk (fetched and validated, not loaded into vLLM), so a
+    first load does not wait for the source; 0 = off. Without a shared store, or with nothing
+    read, eviction is least recently used as without it."""
+
+    enabled: bool = True
+    refresh_s: float = Field(30.0, gt=0)
+    prefetch: int = Field(0, ge=0, le=10000)
+
+
 class SourceSettings(_Strict):
     type: Literal["local", "s3"] = "local"
     local: LocalSourceSettings = LocalSourceSettings()
@@ -218,6 +235,7 @@ class SidecarSettings(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: SourceSettings = SourceSettings()
     warmup: WarmupSettings = WarmupSettings()
+    demand: DemandSettings = DemandSettings()
     kv_events: KVEventsSettings | None = None
 
     @field_validator("vllm_url", "advertise_url", "sidecar_url")

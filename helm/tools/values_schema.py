@@ -143,6 +143,7 @@ schema = obj({
         "port": PORT, "logLevel": {"enum": ["debug", "info", "warning", "error"]}, "resources": RES,
         "adapterDir": {"type": "string", "pattern": "^/"}, "adapterDirSizeLimit": QTY,
         "diskBudgetBytes": I1, "pollIntervalSeconds": {"type": "number", "exclusiveMinimum": 0},
+        "demand": obj({"enabled": B, "refreshSeconds": {"type": "number", "exclusiveMinimum": 0}, "prefetch": I0}),
         "extraEnv": ENV,
         "controlToken": obj({"enabled": B, "existingSecret": S, "key": {"type": "string", "minLength": 1}}),
         "s3": obj({"endpoint": {"type": "string", "pattern": "^(|https?://.+)$"},
