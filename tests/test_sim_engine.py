@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -321,3 +322,21 @@ def test_pods_per_gpu_needs_a_valid_share_file(tmp_path) -> None:  # type: ignor
         bad.write_text(doc)
         out = subprocess.run(loraroute_cmd(*base, "--gpu-share", str(bad)), capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and error in out.stderr, out.stderr
+
+
+def test_gpu_share_reads_the_probe_file_and_derives_the_first_use_extra(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from vllm_sim.gpushare import GpuShare
+
+    rows = [{"busy_neighbours": 0, "kind": "lora_short", "ms": ms} for ms in (20.0, 30.0, 25.0)]
+    rows += [{"busy_neighbours": 1, "kind": "lora_short", "ms": 100.0},
+             {"busy_neighbours": 3, "kind": "lora_short", "ms": 300.0},
+             {"busy_neighbours": 3, "kind": "decode", "ms": 1.0}]
+    factors = {"short": [1, 1.5, 2, 2.5], "prefill": [1, 1.2], "decode": [1, 2, 3, 4], "load": [1, 1, 1, 1]}
+    share = GpuShare.from_doc({"factors": factors, "rows": rows})
+    # medians minus the median alone (25 ms); k = 2 was not measured: it keeps k = 1's
+    assert share.first_use_extra_s == pytest.approx((0.0, 0.075, 0.075, 0.275))
+    assert share.first_use_s(7) == pytest.approx(0.275) and share.factor("prefill", 3) == 1.2
+    assert [share.step_kind(n) for n in (0, 255, 256)] == ["decode", "short", "prefill"]
+    # the kit's own file (run 5 of docs/real-gpu.md) loads
+    probe = GpuShare.load(Path(__file__).parents[1] / "docs" / "benchmarks" / "gpu-real" / "run5-share.json")
+    assert len(probe.factors["decode"]) == 4 and probe.first_use_extra_s[0] == 0.0 and probe.first_use_extra_s[1] > 0.1
