@@ -209,3 +209,19 @@ def test_a_placement_load_joins_the_pods_queue() -> None:
     k = 0.5  # scale_s: the score reads back as seconds, t = k / score - k
     assert (k / after["p0"] - k) - (k / after["p1"] - k) == pytest.approx(1.0, rel=1e-6)
     assert pl.pick(r, cluster, NOW + 1.5).ranked[0].scores["estimated-ttft"] == pytest.approx(before["p0"])
+
+
+def test_stall_estimate_is_the_recent_maximum_per_rank_never_below_the_configured_cost() -> None:
+    from gateway.placer import StallEstimates
+
+    est = StallEstimates(keep=3)
+    assert est.estimate(16, 0.2) == 0.2                      # nothing seen: the configured cost
+    for s in (0.25, 0.4, 0.3):
+        est.observe(16, s)
+    est.observe(64, 0.0)                                     # a load that stalled nothing teaches nothing
+    assert est.estimate(16, 0.2) == 0.4 and est.estimate(64, 0.5) == 0.5
+    est.observe(16, 0.3)                                     # 0.25 falls out of the last three ...
+    assert est.estimate(16, 0.2) == 0.4
+    for s in (0.3, 0.3):                                     # ... and then the 0.4 too
+        est.observe(16, s)
+    assert est.estimate(16, 0.2) == 0.3 and est.estimate(16, 0.35) == 0.35
