@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import logging
 import math
@@ -40,6 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from podstate.background import Background
 from podstate.placement_store import PlacementStore
 from scorer.demand import AdapterDemand, merge_demand
 from vllm_sidecar.adapter_store import AdapterStore, LocalAdapter
@@ -71,7 +71,7 @@ class DemandEvent:
                 "share": None if self.share is None else round(self.share, 6), "detail": self.detail}
 
 
-class DemandView:
+class DemandView(Background):
     """The merged demand of the pod's bases, refreshed in the background (see the module
     docstring). ``store`` None: nothing is shared (memory://), the view stays empty."""
 
@@ -91,23 +91,20 @@ class DemandView:
         self.events: collections.deque[DemandEvent] = collections.deque(maxlen=_EVENTS_KEPT)
         self._retry_at: dict[str, float] = {}  # adapter -> monotonic time it may be tried again
         self._no_room: str | None = None  # the adapter the last pass stopped at for the budget
-        self._task: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
+    task_name = "sidecar-demand"
+
     def start(self) -> None:
-        if self.store is not None and self._task is None:
-            self._task = asyncio.create_task(self._forever(), name="sidecar-demand")
+        if self.store is not None:
+            super().start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().close()
         if self.store is not None:
             await self.store.close()
 
-    async def _forever(self) -> None:
+    async def _run(self) -> None:
         while True:
             try:
                 await self.refresh()
