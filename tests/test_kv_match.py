@@ -144,3 +144,46 @@ def test_the_explanation_shows_the_kv_state_the_pick_used() -> None:
     assert {c["kv"]["live"] for c in d.explain()["candidates"]} == {None}
     plain = build_pipeline({"filters": [], "scorers": [{"type": "prefix-cache"}]})
     assert all("kv" not in c for c in plain.pick(request(), PODS, NOW).explain()["candidates"])
+
+
+def test_a_prompt_just_sent_counts_as_held_until_its_events_can_show_it() -> None:
+    """The precise index learns a prompt's blocks only when the pod publishes them; a prompt the
+    router has just sent counts as held on its pod for ``in_flight_s`` (scorer.kv_inflight)."""
+    pl = pipeline()
+    events(pl, "holds", [1])      # both live, neither holds any block of this prompt
+    events(pl, "evicted", [2])
+    pods = {p: PODS[p] for p in ("holds", "evicted")}
+    first = pl.pick(request(), pods, NOW)
+    assert all(c.scores["precise-prefix"] == 0 for c in first.ranked)
+    pl.on_dispatch("evicted", request(), NOW, first)
+    follow = TOKENS[:40 * 16] + list(range(1, 200))   # shares the first 40 blocks, then differs
+    blocks = len(follow) // 16
+
+    def scores(req: RoutingRequest, at: float) -> dict[str, float]:
+        return {c.pod_id: c.scores["precise-prefix"] for c in pl.pick(req, pods, at).ranked}
+
+    assert scores(request(follow), NOW + 1.0) == {"holds": 0.0, "evicted": pytest.approx(40 / blocks)}
+    other = RoutingRequest(AdapterRef(BASE, "other", 8), prompt_tokens=len(follow), prompt_token_ids=tuple(follow),
+                           prefix_hashes=prompt_block_hashes(BASE, "other", TEXT, 256))
+    assert set(scores(other, NOW + 1.0).values()) == {0.0}    # another adapter's blocks differ
+    assert set(scores(request(follow), NOW + 2.5).values()) == {0.0}  # in_flight_s (2 s) is over
+    # the events arrive: the precise index holds them, in-flight or not
+    events(pl, "evicted", block_hashes(TOKENS, 16, lora_extra_keys("sql", "/adapters/sql"))[:40])
+    assert scores(request(follow), NOW + 3.0)["evicted"] == pytest.approx(40 / blocks)
+
+
+def test_common_blocks_and_the_in_flight_bound() -> None:
+    from scorer.kv_inflight import InFlightPrompts, common_blocks
+
+    a = list(range(100))
+    assert common_blocks(a, a, 16) == 6 and common_blocks(a, a[:47], 16) == 2
+    assert common_blocks(a, [*a[:33], -1, *a[34:]], 16) == 2 and common_blocks(a, [-1, *a[1:]], 16) == 0
+    flight = InFlightPrompts(per_pod=2)
+    for i, until in enumerate((10.0, 11.0, 12.0)):
+        flight.add("p", "sql", [i, *a], until)
+    assert len(flight) == 2                                   # the oldest prompt was dropped
+    assert flight.matched_blocks("p", "sql", [0, *a], 16, 5.0) == 0
+    assert flight.matched_blocks("p", "sql", [1, *a], 16, 5.0) == 6
+    assert flight.matched_blocks("p", "sql", [1, *a], 16, 11.0) == 0 and len(flight) == 1  # expired, dropped
+    flight.forget("p")
+    assert "p" not in flight and len(flight) == 0
