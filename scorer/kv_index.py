@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scorer.kv_inflight import InFlightPrompts
-
 MAX_PODS = 64
 _MIN_CAPACITY = 1 << 10
 _MAX_LOAD = 0.75
@@ -68,8 +66,6 @@ class KVBlockIndex:
         self._alloc(cap)
         self.pods: dict[str, PodKV] = {}
         self._bit_pod: list[str | None] = [None] * MAX_PODS
-        # prompts the router sent and the pods have not reported yet (scorer.kv_inflight)
-        self.in_flight = InFlightPrompts()
 
     def _alloc(self, cap: int) -> None:
         # array('Q') storage for fast scalar reads on the request path, numpy views over the same
@@ -98,7 +94,6 @@ class KVBlockIndex:
 
     def forget(self, pod_id: str) -> None:
         """Drop a pod entirely (it left the cluster); its bit is reused."""
-        self.in_flight.forget(pod_id)
         rec = self.pods.pop(pod_id, None)
         if rec is not None:
             self._clear_bit(rec.bit)

@@ -6,10 +6,7 @@ ask ``PickContext.kv_match(views)``, which builds one ``KVMatch`` per pick. For 
   live(p)  = the pipeline's KV reader (``precise-prefix``) judges p's event stream live
              (``PrecisePrefix.live``: events seen, and not silent while computing)
   T(p)     = ⌊|token ids| / block_size(p)⌋, the prompt's full vLLM blocks at p's block size
-  M(p)     = the leading blocks of T(p) that ``local.kv`` says p holds (live pods only), or more
-             when a prompt this router sent p in the last ``in_flight_s`` shares more leading
-             blocks with this one (``scorer.kv_inflight``: p will hold them before its events
-             can say so)
+  M(p)     = the leading blocks of T(p) that ``local.kv`` says p holds (live pods only)
 
 The block hashes (vLLM's: ``scorer.vllm_blocks``, a pickle and a SHA-256 each) are computed
 lazily by a ``HashChain`` per block size and kept, so a block is hashed at most once per pick
@@ -34,8 +31,6 @@ __all__ = ["HashChain", "KVMatch", "KVReader"]
 
 class KVReader(Protocol):
     """What a ``KVMatch`` asks of the pipeline's KV-event scorer (``precise-prefix``)."""
-
-    in_flight_s: float
 
     def live(self, view: PodView, kv: KVBlockIndex, now: float) -> bool: ...
     def extra_keys(self, adapter: str | None) -> ExtraKeys: ...
@@ -87,7 +82,7 @@ class KVMatch:
     so far is live (no scorer then needs the approximate index)."""
 
     __slots__ = ("live", "matched", "blocks", "cached_tokens", "all_live", "_reader", "_tokens", "_extra",
-                 "_chains", "_views", "_adapter")
+                 "_chains", "_views")
 
     def __init__(self, reader: KVReader, token_ids: Sequence[int], adapter: str | None) -> None:
         self.live: dict[str, bool] = {}
@@ -98,7 +93,6 @@ class KVMatch:
         self._reader = reader
         self._tokens = token_ids
         self._extra = reader.extra_keys(adapter)
-        self._adapter = adapter
         self._chains: dict[int, HashChain] = {}
         self._views: list[PodView] | None = None
 
@@ -131,14 +125,11 @@ class KVMatch:
             else:
                 self.all_live = False
         n = len(self._tokens)
-        flight = kv.in_flight
         for size, ids in by_size.items():
             total = n // size
             got = kv.match(self.chain(size), ids) if total else {}
             for pid in ids:
                 m = got.get(pid, 0)
-                if total and pid in flight:
-                    m = max(m, min(total, flight.matched_blocks(pid, self._adapter, self._tokens, size, now)))
                 self.matched[pid] = m
                 self.blocks[pid] = total
                 self.cached_tokens[pid] = m * size

@@ -245,9 +245,7 @@ class Pipeline:
         another pod does not count again). With the ``decision`` the pick returned, a pod whose
         KV events were live at pick time has its uncached tokens from what it really held
         (``LazyDecision.cached_tokens``: the estimate estimated-ttft priced), not from the
-        approximate index, in the pending queue and in the learning ticket alike. With a KV reader
-        (``precise-prefix``) the prompt's token ids are kept on the pod for its ``in_flight_s``
-        (``scorer.kv_inflight``): the pod holds those blocks before its events can say so.
+        approximate index, in the pending queue and in the learning ticket alike.
 
         Returns the ``Ticket`` to hand back to ``on_complete`` when a scorer learns its constants
         (what it saw at dispatch: the observation's features), else None.
@@ -271,9 +269,6 @@ class Pipeline:
                 stall = self._stall.load_stall_s(rank, code, costs)
         cached = decision.cached_tokens(pod_id) if isinstance(decision, LazyDecision) else None
         uncached = local.dispatch(pod_id, request, now, stall, cached)
-        reader = self.kv_reader
-        if reader is not None and reader.in_flight_s > 0 and request.prompt_token_ids:
-            local.kv.in_flight.add(pod_id, name, request.prompt_token_ids, now + reader.in_flight_s)
         if ticket is not None:
             ticket.uncached_tokens = uncached
         return ticket

@@ -125,11 +125,7 @@ class ReadsKVEvents(Protocol):
     (``RoutingRequest.prompt_token_ids``): the gateway runs a KV feed and tokenizes prompts
     only while its pipeline has one. ``live`` says whether a pod's event stream counts now;
     ``extra_keys`` gives the extra keys vLLM hashes into every block of a request for the adapter
-    (``scorer.vllm_blocks``). The pick's ``PickContext.kv_match`` asks it both. ``in_flight_s``:
-    how long a dispatched prompt counts as held on its pod before its events show it
-    (``scorer.kv_inflight``; 0: not at all)."""
-
-    in_flight_s: float
+    (``scorer.vllm_blocks``). The pick's ``PickContext.kv_match`` asks it both."""
 
     def live(self, view: PodView, kv: KVBlockIndex, now: float) -> bool: ...
     def extra_keys(self, adapter: str | None) -> ExtraKeys: ...

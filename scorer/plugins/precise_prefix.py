@@ -27,9 +27,6 @@ Parameters:
   min_blocks (int, default 1): prompts with fewer full blocks score 0 everywhere.
   silence_tokens (int, default 2048), silence_s (float, default 2.0): see above.
   fallback (bool, default true): score pods without live events by the approximate index.
-  in_flight_s (float, default 2.0): a prompt this router sent a live pod counts as held there for
-    this long, until the pod's events can show it (``scorer.kv_inflight``); 0: only what the
-    events say.
 
 YAML:
   scorers:
@@ -68,7 +65,6 @@ class PrecisePrefix(Scorer):
         "silence_tokens": Param(2048, int, min=1, doc="uncached tokens a pod computes without events before it is silent"),
         "silence_s": Param(2.0, float, min=0.0, doc="seconds without events before a busy pod is silent"),
         "fallback": Param(True, bool, doc="score pods without live events by the approximate index"),
-        "in_flight_s": Param(2.0, float, min=0.0, doc="seconds a dispatched prompt counts as held on its pod"),
     }
 
     def setup(self) -> None:
@@ -77,7 +73,6 @@ class PrecisePrefix(Scorer):
         self.silence_tokens: int = self.params["silence_tokens"]
         self.silence_s: float = self.params["silence_s"]
         self.fallback: bool = self.params["fallback"]
-        self.in_flight_s: float = self.params["in_flight_s"]
         # pod -> (batches seen, its uncached-token counter then, when): the silence watch
         self._watch: dict[str, tuple[int, float, float]] = {}
 
