@@ -323,3 +323,15 @@ def test_budget_stops_cleanly_and_keeps_the_results(tmp_path: Path) -> None:
     assert all(len(d["requests"]) < 12 for d in kept)
     assert json.loads((work / "results" / "run.json").read_text())["servers"] == 1
     assert (work / "results" / "servers" / "final" / "s0-final-models.json").is_file()
+
+
+def test_the_sharing_probe_prompts_are_distinct_token_sequences_for_the_kit_tokenizer(tmp_path: Path) -> None:
+    """A nonce the kit's tokenizer maps to <unk> (digits) made every trial the same prompt: a
+    prefix-cache hit after the first. The probe's words are all in the vocabulary."""
+    model.write_model(tmp_path / "m", model.SHAPES["tiny"])
+    tok = Tokenizer.from_file(str(tmp_path / "m" / "tokenizer.json"))
+    first = tok.encode(f"{share_probe.word(1)} {share_probe.LONG_PROMPT}").ids
+    second = tok.encode(f"{share_probe.word(2)} {share_probe.LONG_PROMPT}").ids
+    assert 990 <= len(first) <= 1010 and first.count(0) <= 1     # ≈ 1,000 known tokens
+    assert first[0] != second[0]                                 # they differ from the first block on
+    assert len({share_probe.word(n) for n in range(26 ** 3)}) == 26 ** 3

@@ -9,9 +9,9 @@ factors it needs, on the host, before the replays.
 For k = 0 … N-1 busy neighbours (servers s1 … sk each answering two streams of back-to-back
 base-model requests of ``busy_tokens`` tokens until the measurement ends), on s0:
 
-- ``prefill``: a ``max_tokens 1`` request with a ~1,000-token prompt (a fresh prefix each time, so
-  no prefix-cache hit), median of ``trials``;
-- ``short``: the same with a ~20-token prompt;
+- ``prefill``: a ``max_tokens 1`` request with a ~1,000-token prompt (a fresh prefix each time: a
+  leading nonce word, so no prefix-cache hit), median of ``trials``;
+- ``short``: the same with a ~20-token prompt (the chat template's markers and three words);
 - ``decode``: ((time of a ``max_tokens`` ``1 + decode_tokens`` request) − (its ``max_tokens 1``
   twin)) / ``decode_tokens``: one decode step;
 - ``load``: ``POST /v1/load_lora_adapter`` of a never-used rank-``rank`` adapter (its own file),
@@ -33,7 +33,18 @@ from bench.gpu import model
 from bench.gpu.servers import Server, chat, http, unload
 
 KINDS = ("prefill", "short", "decode", "load", "lora_short")
-LONG_PROMPT = " ".join(f"w{i % 97}" for i in range(900))   # ≈ 1,000 tokens with the kit's tokenizer
+
+
+def word(n: int) -> str:
+    """A three-letter lowercase word for ``n`` (base 26). The kit's tokenizer knows every piece of
+    such words and spaces and maps anything else (digits, brackets) to ``<unk>``: a nonce made of
+    digits left every trial's prompt the same token sequence, a prefix-cache hit after the first."""
+    n %= 26 ** 3
+    return "".join(chr(97 + (n // 26 ** k) % 26) for k in (2, 1, 0))
+
+
+LONG_PROMPT = " ".join(word(i * 7 + 1) for i in range(1000))   # 4,000 bytes: ≈ 1,000 tokens
+SHORT_PROMPT = "say one yes"
 
 
 class _Neighbours:
@@ -50,7 +61,7 @@ class _Neighbours:
 
     def _loop(self, url: str) -> None:
         while not self._stop.is_set():
-            chat(url, self.served, max_tokens=self.tokens, content="keep the GPU busy", timeout=120)
+            chat(url, self.served, max_tokens=self.tokens, content="run the gpu hot", timeout=120)
             self.requests += 1
 
     def __enter__(self) -> _Neighbours:
@@ -84,7 +95,7 @@ class ShareProbe:
     def _timed(self, model_name: str, content: str, max_tokens: int) -> float | None:
         self._nonce += 1
         status, secs = chat(self.servers[0].url, model_name, max_tokens=max_tokens,
-                            content=f"[{self._nonce}] {content}", timeout=120)
+                            content=f"{word(self._nonce * 131 + 17)} {content}", timeout=120)
         return secs * 1000 if status == 200 else None
 
     def _row(self, k: int, kind: str, ms: float | None, note: str = "") -> None:
@@ -94,9 +105,9 @@ class ShareProbe:
     def _measure(self, k: int) -> None:
         for _ in range(self.trials):
             self._row(k, "prefill", self._timed(self.served, LONG_PROMPT, 1))
-            self._row(k, "short", self._timed(self.served, "say one word", 1))
-            one = self._timed(self.served, "count slowly", 1)
-            many = self._timed(self.served, "count slowly", 1 + self.decode_tokens)
+            self._row(k, "short", self._timed(self.served, SHORT_PROMPT, 1))
+            one = self._timed(self.served, SHORT_PROMPT, 1)
+            many = self._timed(self.served, SHORT_PROMPT, 1 + self.decode_tokens)
             self._row(k, "decode", None if one is None or many is None else (many - one) / self.decode_tokens)
         name = f"share-probe-{k}"
         path = model.write_adapter(self.root / name, base_model=self.model_arg, rank=self.rank, shape=self.shape)
@@ -106,7 +117,7 @@ class ShareProbe:
         load_ms = (time.monotonic() - start) * 1000
         if status == 200:
             self._row(k, "load", load_ms)
-            self._row(k, "lora_short", self._timed(name, "say one word", 1))
+            self._row(k, "lora_short", self._timed(name, SHORT_PROMPT, 1))
             unload(self.servers[0].url, name)
         else:
             self._row(k, "load", None, f"HTTP {status}: {body[:160].decode('utf-8', 'replace')}")
