@@ -31,9 +31,8 @@ from aiohttp import web
 
 from .adapters import AdapterInvalid, AdapterNotFound
 from .costs import PROFILES, ProfileError, get_profile, parse_override
-from . import gpushare
 from .engine import Engine, EngineConfig
-from .gpushare import GpuShare, GpuShareError
+from .gpushare import GpuShare, GpuShareError, group
 from .kvevents import KVEventPublisher, KVEventsConfig
 from .server import Pod, PodConfig, create_app, dev_mode_from_env, runtime_updating_from_env
 
@@ -192,7 +191,7 @@ def make_pods(args: argparse.Namespace, ports: list[int], names: list[str], loop
         pod.load_static()
         pods.append(pod)
     if getattr(args, "gpu_share", None) and args.pods_per_gpu > 1:
-        gpushare.group([p.engine for p in pods], args.pods_per_gpu, GpuShare.load(args.gpu_share))
+        group([p.engine for p in pods], args.pods_per_gpu, GpuShare.load(args.gpu_share))
     return pods
 
 

@@ -87,19 +87,20 @@ class GpuShare:
         return cls.from_doc(doc, str(path))
 
     def factor(self, kind: str, busy_neighbours: int) -> float:
-        seq = self.factors.get(kind)
-        if seq is None:
-            return 1.0
-        return seq[min(max(busy_neighbours, 0), len(seq) - 1)]
+        return _at(self.factors[kind], busy_neighbours)
 
     def first_use_s(self, busy_neighbours: int) -> float:
-        seq = self.first_use_extra_s
-        return seq[min(max(busy_neighbours, 0), len(seq) - 1)] if seq else 0.0
+        return _at(self.first_use_extra_s, busy_neighbours) if self.first_use_extra_s else 0.0
 
     def step_kind(self, prefill_tokens: int) -> str:
         if prefill_tokens <= 0:
             return "decode"
         return "prefill" if prefill_tokens >= LONG_PREFILL else "short"
+
+
+def _at(seq: tuple[float, ...], busy_neighbours: int) -> float:
+    """The entry for ``busy_neighbours``; beyond the measured range, the last one."""
+    return seq[min(max(busy_neighbours, 0), len(seq) - 1)]
 
 
 def _factors(seq: Any, name: str, where: str) -> tuple[float, ...]:

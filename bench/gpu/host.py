@@ -267,6 +267,7 @@ class Driver:
         if len(self.running) < 2:
             self.say("skipped: the sharing probe needs two servers")
             return
+        self._need(60.0, "the sharing probe")
         sp = share_probe.ShareProbe(self.running, self.opts.work / "share", served=self.c.base_model,
                                     model_arg=self.model_arg, shape=model.SHAPES[self.opts.shape],
                                     rank=self.opts.probe_rank, trials=self.opts.share_trials, say=self.say)
@@ -432,8 +433,7 @@ class Driver:
                 self._phase("servers", self.start_servers)
             if "warmup" in ph and self.running:
                 self._phase("warmup", self.warmup)
-            if "share" in ph and len(self.running) > 1:
-                self._need(60.0, "the sharing probe")
+            if "share" in ph and self.running:
                 self._phase("share", self.share)
             if ({"state", "capacity", "replay"} & ph) and self.running:
                 self._phase("state", self.state_plane)
