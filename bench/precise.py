@@ -50,23 +50,31 @@ FEED_SERIES = {
 
 def feed_meta(urls: list[str]) -> dict[str, Any]:
     """The KV feed's and the tokenizer's counters over every replica, from their /metrics, with
-    the mean pod → index delay and the mean tokenizing time per request."""
+    the mean pod → index delay and the mean tokenizing time per request; ``deltas_by_replica``:
+    each replica's own delta count (None: its /metrics could not be read)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
+    by_replica: list[float | None] = []
     for url in urls:
         try:
             with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=5) as resp:  # noqa: S310 - loopback
                 text = resp.read().decode()
         except OSError:
+            by_replica.append(None)
             continue
+        mine = 0.0
         for fam in text_string_to_metric_families(text):
             for sample in fam.samples:
                 key = FEED_SERIES.get(sample.name)
                 if key is not None:
                     out[key] = out.get(key, 0.0) + float(sample.value)
+                    if key == "deltas":
+                        mine += float(sample.value)
+        by_replica.append(mine)
+    out["deltas_by_replica"] = by_replica
     if out.get("delay_count"):
         out["delay_mean_ms"] = round(1000.0 * out["delay_sum_s"] / out["delay_count"], 3)
     if out.get("tokenized"):

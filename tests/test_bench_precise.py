@@ -45,6 +45,7 @@ def test_precise_replicas_run_with_their_feeds(tmp_path: Path) -> None:
     assert s["ok"] == 40 and meta["state_plane"] == "sidecars+redis"
     feed = meta["precise_prefix"]
     # every request's prompt tokenized once by the replica that routed it; both replicas'
-    # feeds applied the sidecars' deltas
-    assert feed["tokenized"] == 40 and feed["deltas"] > 40 and feed["gaps"] == 0, feed
+    # feeds applied the sidecars' deltas (how many depends on how the relays coalesced bursts)
+    assert feed["tokenized"] == 40 and feed["gaps"] == 0, feed
+    assert len(feed["deltas_by_replica"]) == 2 and all(d and d > 0 for d in feed["deltas_by_replica"]), feed
     assert meta["sharing"] is None
